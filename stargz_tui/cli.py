@@ -1,0 +1,101 @@
+"""The ``stargz-tui`` command line.
+
+Each group of subcommands lives in its own module under ``stargz_tui.commands``
+and exposes ``register(subparsers)``; every subcommand sets ``func`` to a
+callable taking the parsed ``args`` and returning an exit code (an ``async``
+function is run under anyio). Errors from the core (:class:`core.errors.CoreError`)
+become one line on stderr and exit status 1 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import sys
+
+import anyio
+
+from core.errors import CoreError
+
+# Modules providing subcommands, in the order they appear in --help.
+COMMAND_MODULES = [
+    "stargz_tui.commands.image",     # inspect, ls, cat, verify, convert
+    "stargz_tui.commands.registry",  # repos, tags, login, logout
+    "stargz_tui.commands.mount",     # mount, unmount, mounts, cache
+    "stargz_tui.commands.app",       # tui
+]
+
+EPILOG = """\
+IMAGE is a registry reference (ubuntu, ghcr.io/org/app:tag, localhost:5000/repo@sha256:...)
+or an OCI layout as skopeo spells it (oci:DIR[:TAG]).
+
+Run without arguments to open the terminal app.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line plus exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="stargz-tui",
+        description="Inspect, verify and lazily mount eStargz / zstd:chunked container images.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version="stargz-tui 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that group is not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def run_command(func, args) -> int:
+    if inspect.iscoroutinefunction(func):
+        return anyio.run(func, args) or 0
+    return func(args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        argv = ["tui"]
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return run_command(func, args)
+    except CoreError as e:
+        print(f"stargz-tui: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stargz-tui: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `stargz-tui cat ... | head`: the reader went away; that is not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        print(f"stargz-tui: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
