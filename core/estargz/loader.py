@@ -1,0 +1,139 @@
+"""Fetching and parsing a layer's footer and TOC from a blob source.
+
+One range request reads the blob's tail (footer and, usually, the whole TOC);
+a second is made only when the TOC starts before that tail. Decompressing and
+parsing run in a worker thread so an event loop serving FUSE stays free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+
+import anyio.to_thread
+import zstandard
+from isal import isal_zlib
+
+from ..errors import DigestMismatchError, FormatError
+from ..source import BlobSource
+from .footer import MAX_FOOTER_SIZE, Footer, Format, parse_footer
+from .toc import TOC_TAR_NAME, LayerIndex, build_index
+
+# How much of the tail to read in the first request: most TOCs fit.
+TAIL_READ = 1 << 20
+# The largest TOC we agree to inflate (a 1M-entry TOC is ~300 MB of JSON).
+MAX_TOC_BYTES = 512 << 20
+HEAD_READ = 512
+
+
+async def read_footer(source: BlobSource) -> Footer:
+    """Detect the blob's format (one or two small range reads)."""
+    tail_len = min(source.size, MAX_FOOTER_SIZE)
+    tail = await source.read_range(source.size - tail_len, tail_len)
+    try:
+        return parse_footer(tail, source.size)
+    except FormatError:
+        head = await source.read_range(0, min(source.size, HEAD_READ))
+        return parse_footer(tail, source.size, head)
+
+
+def _inflate_gzip_toc(region: bytes) -> bytes:
+    d = isal_zlib.decompressobj(31)
+    try:
+        out = d.decompress(region, MAX_TOC_BYTES + 1)
+    except isal_zlib.error as e:
+        raise FormatError(f"TOC is not valid gzip: {e}") from None
+    if len(out) > MAX_TOC_BYTES:
+        raise FormatError(f"TOC inflates to more than {MAX_TOC_BYTES >> 20} MiB; refused")
+    if len(out) < 512:
+        raise FormatError("TOC member is too short to hold a tar header")
+    try:
+        info = tarfile.TarInfo.frombuf(out[:512], "utf-8", "surrogateescape")
+    except tarfile.TarError as e:
+        raise FormatError(f"TOC tar header is invalid: {e}") from None
+    if info.name != TOC_TAR_NAME:
+        raise FormatError(f"TOC member is {info.name!r}, not {TOC_TAR_NAME!r}")
+    if 512 + info.size > len(out):
+        raise FormatError("TOC member is truncated")
+    return out[512 : 512 + info.size]
+
+
+def _inflate_zstd_toc(region: bytes, uncompressed_size: int | None) -> bytes:
+    limit = min(uncompressed_size or MAX_TOC_BYTES, MAX_TOC_BYTES)
+    if uncompressed_size and uncompressed_size > MAX_TOC_BYTES:
+        raise FormatError(f"TOC inflates to more than {MAX_TOC_BYTES >> 20} MiB; refused")
+    try:
+        d = zstandard.ZstdDecompressor().decompressobj()
+        out = d.decompress(region)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"TOC is not valid zstd: {e}") from None
+    if len(out) > limit:
+        raise FormatError("TOC inflates to more than its footer says; refused")
+    return out
+
+
+def parse_toc_region(footer: Footer, region: bytes, *, blob_digest: str, blob_size: int,
+                     expected_toc_digest: str | None = None,
+                     expected_manifest_checksum: str | None = None) -> LayerIndex:
+    """Inflate, check and index a TOC region (blocking; run in a thread)."""
+    if footer.format == Format.ZSTDCHUNKED:
+        if expected_manifest_checksum:
+            got = "sha256:" + hashlib.sha256(region).hexdigest()
+            if got != expected_manifest_checksum:
+                raise DigestMismatchError(
+                    f"zstd:chunked manifest checksum mismatch: annotated "
+                    f"{expected_manifest_checksum}, computed {got}"
+                )
+        toc_json = _inflate_zstd_toc(region, footer.toc_uncompressed_size)
+    else:
+        toc_json = _inflate_gzip_toc(region)
+    toc_digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
+    if expected_toc_digest and toc_digest != expected_toc_digest:
+        raise DigestMismatchError(
+            f"TOC digest mismatch: annotated {expected_toc_digest}, computed {toc_digest}"
+        )
+    ix = build_index(toc_json, format=footer.format, blob_digest=blob_digest,
+                     blob_size=blob_size, toc_digest=toc_digest, toc_offset=footer.toc_offset)
+    ix.toc_size = len(region)
+    return ix
+
+
+async def load_layer_index(source: BlobSource, *, expected_toc_digest: str | None = None,
+                           require_toc_digest: bool = False,
+                           expected_manifest_checksum: str | None = None) -> LayerIndex:
+    """Fetch, verify and index a layer's TOC (see docs/CONTRACTS.md)."""
+    if require_toc_digest and not expected_toc_digest:
+        raise DigestMismatchError(
+            "layer has no TOC digest annotation (containerd.io/snapshot/stargz/toc.digest); "
+            "refusing to trust its TOC"
+        )
+    size = source.size
+    tail_len = min(size, TAIL_READ)
+    tail_start = size - tail_len
+    tail = await source.read_range(tail_start, tail_len)
+    try:
+        footer = parse_footer(tail[-MAX_FOOTER_SIZE:], size)
+    except FormatError:
+        head = tail[:HEAD_READ] if tail_start == 0 else await source.read_range(0, min(size, HEAD_READ))
+        footer = parse_footer(tail[-MAX_FOOTER_SIZE:], size, head)
+    if footer.format not in Format.LAZY:
+        raise FormatError(
+            f"layer {source.digest[:19]} is plain {footer.format}: it has no TOC and "
+            "cannot be read lazily (convert it to eStargz)"
+        )
+    region_end = size - footer.footer_size
+    if footer.toc_size is not None:
+        region_end = footer.toc_offset + footer.toc_size
+    if region_end - footer.toc_offset > MAX_TOC_BYTES:
+        raise FormatError(f"TOC region is larger than {MAX_TOC_BYTES >> 20} MiB; refused")
+    if footer.toc_offset >= tail_start:
+        region = tail[footer.toc_offset - tail_start : region_end - tail_start]
+    else:
+        region = await source.read_range(footer.toc_offset, region_end - footer.toc_offset)
+    return await anyio.to_thread.run_sync(
+        lambda: parse_toc_region(
+            footer, region, blob_digest=source.digest, blob_size=size,
+            expected_toc_digest=expected_toc_digest,
+            expected_manifest_checksum=expected_manifest_checksum,
+        )
+    )
