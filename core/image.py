@@ -1,0 +1,362 @@
+"""Images: manifests, indexes, configs and layers, from any store.
+
+An :class:`ImageStore` is where manifests and blobs come from: an OCI layout
+on disk (:class:`OCILayoutStore`) or a registry (``core.registry``). Everything
+above this module (CLI, app, mounts) works with :class:`Image`, whichever
+store it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform as _platform
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .errors import DigestMismatchError, FormatError, NotFoundError
+from .reference import Reference, parse_reference
+from .source import BlobSource, LocalBlobSource
+
+# Media types.
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+ACCEPTED_MANIFEST_TYPES = INDEX_TYPES + MANIFEST_TYPES
+LAYER_TYPES = (
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+)
+
+# Annotations.
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+ZSTD_MANIFEST_CHECKSUM_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
+ZSTD_MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-position"
+REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+
+# Manifests and configs are small; refuse to buffer anything larger.
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def check_digest(data: bytes, digest: str, what: str) -> None:
+    algo, _, _ = digest.partition(":")
+    if algo != "sha256":
+        raise FormatError(f"unsupported digest algorithm in {digest!r}")
+    got = sha256_digest(data)
+    if got != digest:
+        raise DigestMismatchError(f"{what} does not match its digest: expected {digest}, got {got}")
+
+
+class ImageStore(Protocol):
+    """Where manifests and blobs come from (see docs/CONTRACTS.md)."""
+
+    async def get_manifest(self, ref: Reference) -> tuple[bytes, str, str]: ...
+
+    async def get_blob_bytes(self, digest: str, size: int | None = None, *,
+                             limit: int = MAX_CONFIG_BYTES) -> bytes: ...
+
+    def blob_source(self, digest: str, size: int) -> BlobSource: ...
+
+    async def aclose(self) -> None: ...
+
+
+def _blob_path(root: str, digest: str) -> str:
+    algo, _, hexpart = digest.partition(":")
+    if not algo.isalnum() or not hexpart or not all(c in "0123456789abcdef" for c in hexpart):
+        raise FormatError(f"invalid digest {digest!r}")
+    return os.path.join(root, "blobs", algo, hexpart)
+
+
+class OCILayoutStore:
+    """An OCI image layout directory (``index.json`` + ``blobs/``)."""
+
+    def __init__(self, layout_dir: str):
+        self.root = layout_dir
+        index_path = os.path.join(layout_dir, "index.json")
+        try:
+            with open(index_path, "rb") as f:
+                self.index = json.loads(f.read(MAX_MANIFEST_BYTES))
+        except FileNotFoundError:
+            raise NotFoundError(f"no OCI layout at {layout_dir} (index.json not found)") from None
+        except (OSError, ValueError) as e:
+            raise FormatError(f"cannot read {index_path}: {e}") from None
+        if not isinstance(self.index, dict) or not isinstance(self.index.get("manifests"), list):
+            raise FormatError(f"{index_path} is not an OCI image index")
+
+    def tags(self) -> list[str]:
+        out = []
+        for m in self.index["manifests"]:
+            name = (m.get("annotations") or {}).get(REF_NAME_ANNOTATION)
+            if name:
+                out.append(name)
+        return out
+
+    def _read_blob(self, digest: str, limit: int) -> bytes:
+        path = _blob_path(self.root, digest)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {digest} is missing from {self.root}") from None
+        except OSError as e:
+            raise FormatError(f"cannot read blob {digest}: {e.strerror}") from None
+        if len(data) > limit:
+            raise FormatError(f"blob {digest} is larger than {limit} bytes; refused")
+        check_digest(data, digest, f"blob {digest[:19]}")
+        return data
+
+    async def get_manifest(self, ref: Reference) -> tuple[bytes, str, str]:
+        desc = None
+        if ref.digest:
+            desc = {"digest": ref.digest}
+            for m in self.index["manifests"]:
+                if m.get("digest") == ref.digest:
+                    desc = m
+        else:
+            manifests = self.index["manifests"]
+            if ref.tag:
+                matches = [m for m in manifests
+                           if (m.get("annotations") or {}).get(REF_NAME_ANNOTATION) == ref.tag]
+                if not matches:
+                    tags = ", ".join(self.tags()[:12]) or "none"
+                    raise NotFoundError(f"tag '{ref.tag}' not found in {self.root} (tags: {tags})")
+                desc = matches[0]
+            elif len(manifests) == 1:
+                desc = manifests[0]
+            else:
+                raise NotFoundError(
+                    f"{self.root} holds {len(manifests)} images; name one as oci:{self.root}:TAG"
+                )
+        digest = desc.get("digest")
+        if not isinstance(digest, str):
+            raise FormatError(f"{self.root}/index.json has a manifest without a digest")
+        data = self._read_blob(digest, MAX_MANIFEST_BYTES)
+        media_type = desc.get("mediaType") or _sniff_media_type(data)
+        return data, media_type, digest
+
+    async def get_blob_bytes(self, digest: str, size: int | None = None, *,
+                             limit: int = MAX_CONFIG_BYTES) -> bytes:
+        return self._read_blob(digest, limit)
+
+    def blob_source(self, digest: str, size: int) -> BlobSource:
+        path = _blob_path(self.root, digest)
+        if not os.path.exists(path):
+            raise NotFoundError(f"blob {digest} is missing from {self.root}")
+        return LocalBlobSource(path, digest, size)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _sniff_media_type(data: bytes) -> str:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise FormatError("manifest is not valid JSON") from None
+    mt = doc.get("mediaType") if isinstance(doc, dict) else None
+    if mt:
+        return mt
+    if isinstance(doc, dict) and "manifests" in doc:
+        return OCI_INDEX
+    return OCI_MANIFEST
+
+
+def open_store(ref: Reference, **registry_options) -> ImageStore:
+    """The store that serves ``ref``: a layout for ``oci:``, a registry otherwise."""
+    if ref.is_oci_layout:
+        return OCILayoutStore(ref.layout_dir)
+    from .registry.store import RegistryStore
+
+    return RegistryStore(ref, **registry_options)
+
+
+@dataclass
+class LayerDescriptor:
+    index: int
+    digest: str
+    media_type: str
+    size: int
+    annotations: dict = field(default_factory=dict)
+    diff_id: str | None = None
+
+    @property
+    def toc_digest_annotation(self) -> str | None:
+        return self.annotations.get(TOC_DIGEST_ANNOTATION)
+
+    @property
+    def uncompressed_size_annotation(self) -> int | None:
+        v = self.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION)
+        try:
+            return int(v) if v is not None else None
+        except ValueError:
+            return None
+
+    @property
+    def zstd_manifest_checksum(self) -> str | None:
+        return self.annotations.get(ZSTD_MANIFEST_CHECKSUM_ANNOTATION)
+
+
+@dataclass
+class Image:
+    reference: Reference
+    store: ImageStore
+    manifest_digest: str
+    manifest: dict
+    config: dict
+    config_digest: str
+    layers: list[LayerDescriptor]
+    manifest_media_type: str = OCI_MANIFEST
+    index: dict | None = None
+    index_digest: str | None = None
+    platform: str | None = None
+    platforms: list[str] = field(default_factory=list)
+    manifest_bytes: bytes = b""
+
+    def layer(self, selector) -> LayerDescriptor:
+        """A layer by index (``0``, ``"1"``, ``"-1"``) or digest (full or unique prefix)."""
+        s = str(selector).strip()
+        try:
+            i = int(s)
+        except ValueError:
+            pass
+        else:
+            n = len(self.layers)
+            if -n <= i < n:
+                return self.layers[i]
+            raise NotFoundError(f"layer {i} out of range: the image has {n} layers (0..{n - 1})")
+        key = s if s.startswith("sha256:") else "sha256:" + s
+        found = [layer for layer in self.layers if layer.digest.startswith(key)]
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise NotFoundError(f"no layer with digest {s} in {self.reference}")
+        raise NotFoundError(f"digest prefix {s} matches {len(found)} layers; give more of it")
+
+    @property
+    def os_arch(self) -> str:
+        c = self.config
+        p = f"{c.get('os', '?')}/{c.get('architecture', '?')}"
+        if c.get("variant"):
+            p += "/" + c["variant"]
+        return p
+
+
+def host_platform() -> str:
+    machine = _platform.machine().lower()
+    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
+            "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}.get(
+        machine, machine)
+    return f"linux/{arch}"
+
+
+def _platform_str(p: dict | None) -> str:
+    if not isinstance(p, dict):
+        return "unknown"
+    s = f"{p.get('os', '?')}/{p.get('architecture', '?')}"
+    if p.get("variant"):
+        s += "/" + p["variant"]
+    return s
+
+
+def _platform_matches(want: str, have: str) -> bool:
+    w, h = want.split("/"), have.split("/")
+    if w[:2] != h[:2]:
+        return False
+    return len(w) < 3 or (len(h) >= 3 and w[2] == h[2])
+
+
+def _load_json(data: bytes, what: str) -> dict:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise FormatError(f"{what} is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"{what} is not a JSON object")
+    return doc
+
+
+def pick_manifest(index: dict, platform: str | None) -> dict:
+    """Choose the index entry for ``platform`` (default: this machine's)."""
+    entries = [m for m in index.get("manifests", []) if isinstance(m, dict)]
+    images = [m for m in entries
+              if (m.get("platform") or {}).get("os") not in (None, "unknown")
+              or not m.get("platform")]
+    if not images:
+        raise NotFoundError("the image index lists no manifests")
+    want = platform or host_platform()
+    for m in images:
+        if m.get("platform") and _platform_matches(want, _platform_str(m["platform"])):
+            return m
+    if platform is None and len(images) == 1:
+        return images[0]
+    avail = ", ".join(_platform_str(m.get("platform")) for m in images)
+    raise NotFoundError(f"no manifest for platform {want} in the index (available: {avail})")
+
+
+async def open_image(ref: Reference | str, *, store: ImageStore | None = None,
+                     platform: str | None = None, **registry_options) -> Image:
+    """Resolve ``ref`` to one image manifest, its config and layers."""
+    if isinstance(ref, str):
+        ref = parse_reference(ref)
+    if store is None:
+        store = open_store(ref, **registry_options)
+    data, media_type, digest = await store.get_manifest(ref)
+    doc = _load_json(data, f"manifest {digest[:19]}")
+    media_type = doc.get("mediaType") or media_type
+    index = index_digest = None
+    platforms: list[str] = []
+    if media_type in INDEX_TYPES or ("manifests" in doc and "layers" not in doc):
+        index, index_digest = doc, digest
+        platforms = [_platform_str(m.get("platform")) for m in doc.get("manifests", [])
+                     if isinstance(m, dict)]
+        chosen = pick_manifest(doc, platform)
+        child = ref.with_digest(chosen["digest"])
+        data, media_type, digest = await store.get_manifest(child)
+        doc = _load_json(data, f"manifest {digest[:19]}")
+        media_type = doc.get("mediaType") or chosen.get("mediaType") or media_type
+    if media_type not in MANIFEST_TYPES:
+        raise FormatError(f"unsupported manifest media type {media_type!r}")
+    cfg_desc = doc.get("config")
+    if not isinstance(cfg_desc, dict) or not isinstance(cfg_desc.get("digest"), str):
+        raise FormatError(f"manifest {digest[:19]} has no config descriptor")
+    cfg_bytes = await store.get_blob_bytes(cfg_desc["digest"], cfg_desc.get("size"))
+    config = _load_json(cfg_bytes, "image config")
+    diff_ids = ((config.get("rootfs") or {}).get("diff_ids")) or []
+    layers = []
+    raw_layers = doc.get("layers")
+    if not isinstance(raw_layers, list):
+        raise FormatError(f"manifest {digest[:19]} has no layers list")
+    for i, ld in enumerate(raw_layers):
+        if not isinstance(ld, dict) or not isinstance(ld.get("digest"), str):
+            raise FormatError(f"layer {i} of manifest {digest[:19]} has no digest")
+        size = ld.get("size")
+        if not isinstance(size, int) or size < 0:
+            raise FormatError(f"layer {i} of manifest {digest[:19]} has no valid size")
+        layers.append(LayerDescriptor(
+            index=i, digest=ld["digest"], media_type=ld.get("mediaType", ""), size=size,
+            annotations=dict(ld.get("annotations") or {}),
+            diff_id=diff_ids[i] if i < len(diff_ids) else None,
+        ))
+    return Image(
+        reference=ref, store=store, manifest_digest=digest, manifest=doc, config=config,
+        config_digest=cfg_desc["digest"], layers=layers, manifest_media_type=media_type,
+        index=index, index_digest=index_digest,
+        platform=_platform_str(config),
+        platforms=platforms, manifest_bytes=data,
+    )
