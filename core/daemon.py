@@ -1,0 +1,302 @@
+"""The mount daemon: one process serves one layer over FUSE.
+
+pyfuse3 supports one mount per process, so :mod:`core.mount` starts one
+``python -m core.daemon`` per layer it mounts. The daemon resolves the layer
+(footer + TOC, verified against the manifest annotation), mounts it
+read-only (``ro,nosuid,nodev``; ``allow_other`` only when asked), starts
+prefetch and background fetch, and answers JSON lines on a Unix control
+socket (0600)::
+
+    {"op": "ping"}                       -> {"ok": true, "pid": ...}
+    {"op": "stats"}                      -> {"ok": true, "stats": {...}}
+    {"op": "chunkmap"}                   -> {"ok": true, "map": "<hex, one char per chunk>"}
+    {"op": "shutdown", "unmount": true}  -> {"ok": true}; the daemon exits
+
+It reports readiness (``ok``) or the reason it failed (``error <message>``)
+as one line on ``--ready-fd``, then keeps serving until the mount goes away,
+it is asked to shut down, or it gets SIGTERM/SIGINT (then it unmounts).
+It logs to ``--log``; ``--debug`` adds a trace of every FUSE request.
+This module never imports ``stargz_tui``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+log = logging.getLogger("core.daemon")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m core.daemon",
+                                description="Serve one lazily fetched image layer over FUSE.")
+    p.add_argument("--image", required=True, help="image reference (oci:/abs/dir:tag or registry)")
+    p.add_argument("--layer", required=True, help="layer index or digest")
+    p.add_argument("--mountpoint", required=True)
+    p.add_argument("--control", help="control socket path")
+    p.add_argument("--log", help="log file (default: stderr)")
+    p.add_argument("--ready-fd", type=int, help="write 'ok' or 'error MSG' here once mounted")
+    p.add_argument("--cache-dir")
+    p.add_argument("--cache-size", type=int)
+    p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--no-background-fetch", action="store_true")
+    p.add_argument("--prefetch-size", type=int, default=0)
+    p.add_argument("--wait-prefetch", action="store_true")
+    p.add_argument("--no-pre-resolve", action="store_true",
+                   help="do not resolve the image's other layers in the background")
+    p.add_argument("--allow-other", action="store_true")
+    p.add_argument("--allow-unverified", action="store_true")
+    p.add_argument("--silence", type=float, default=None,
+                   help="seconds background work waits after the last on-demand read")
+    p.add_argument("--attr-timeout", type=float, default=1.0)
+    p.add_argument("--resolve-timeout", type=float, default=30.0)
+    p.add_argument("--platform")
+    p.add_argument("--fsname", default="stargz")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+class Daemon:
+    def __init__(self, args):
+        self.args = args
+        self.ready_fd = args.ready_fd
+        self.started = time.time()
+        self.unmount_on_exit = True
+        self.fs = None
+        self.reader = None
+        self.resolver = None
+        self.image = None
+        self.desc = None
+        self.store = None
+
+    # -- readiness -----------------------------------------------------
+    def _report(self, line: str) -> None:
+        if self.ready_fd is None:
+            return
+        try:
+            os.write(self.ready_fd, (line.replace("\n", " ") + "\n").encode())
+            os.close(self.ready_fd)
+        except OSError:
+            pass
+        self.ready_fd = None
+
+    # -- control socket --------------------------------------------------
+    def stats(self) -> dict:
+        out = {
+            "pid": os.getpid(),
+            "mountpoint": self.args.mountpoint,
+            "image": self.args.image,
+            "layer": self.desc.index if self.desc else None,
+            "digest": self.desc.digest if self.desc else None,
+            "startedAt": self.started,
+            "openFiles": self.fs.open_files if self.fs else 0,
+        }
+        if self.reader is not None:
+            out.update(self.reader.stats())
+        if self.resolver is not None:
+            out["preResolved"] = self.resolver.pre_resolved
+        return out
+
+    async def _handle(self, stream) -> None:
+        import anyio
+        import pyfuse3
+        from anyio.streams.buffered import BufferedByteReceiveStream
+
+        buf = BufferedByteReceiveStream(stream)
+        async with stream:
+            for _ in range(1000):
+                try:
+                    with anyio.fail_after(30):
+                        line = await buf.receive_until(b"\n", 65536)
+                except (anyio.EndOfStream, anyio.IncompleteRead, anyio.DelimiterNotFound,
+                        TimeoutError, anyio.BrokenResourceError, OSError):
+                    return
+                try:
+                    req = json.loads(line)
+                    op = req.get("op")
+                except (ValueError, AttributeError):
+                    req, op = {}, None
+                if op == "ping":
+                    resp = {"ok": True, "pid": os.getpid()}
+                elif op == "stats":
+                    resp = {"ok": True, "stats": self.stats()}
+                elif op == "chunkmap":
+                    m = self.reader.cached_map() if self.reader else b""
+                    resp = {"ok": True, "map": m.hex()}
+                elif op == "shutdown":
+                    self.unmount_on_exit = bool(req.get("unmount", True))
+                    resp = {"ok": True}
+                else:
+                    resp = {"ok": False, "error": f"unknown op {op!r}"}
+                try:
+                    await stream.send((json.dumps(resp) + "\n").encode())
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    return
+                if op == "shutdown":
+                    log.info("shutdown requested over the control socket")
+                    pyfuse3.terminate()
+                    return
+
+    async def _serve_control(self, task_status) -> None:
+        import anyio
+
+        path = self.args.control
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)
+        try:
+            listener = await anyio.create_unix_listener(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        task_status.started()
+        async with listener:
+            await listener.serve(self._handle)
+
+    async def _signals(self) -> None:
+        import anyio
+        import pyfuse3
+
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                log.info("signal %s: unmounting and exiting", sig)
+                self.unmount_on_exit = True
+                pyfuse3.terminate()
+                return
+
+    # -- main ----------------------------------------------------------
+    async def run(self) -> int:
+        import anyio
+        import pyfuse3
+
+        from .cache import ChunkCache
+        from .errors import CoreError, MountError
+        from .fusefs import LayerFS
+        from .image import open_image
+        from .layer import LayerReader
+        from .resolver import Resolver
+        from .tasks import DEFAULT_SILENCE, TaskManager
+
+        a = self.args
+        try:
+            with anyio.fail_after(a.resolve_timeout + 5):
+                self.image = await open_image(a.image, platform=a.platform)
+            self.store = self.image.store
+            self.desc = self.image.layer(a.layer)
+            self.resolver = Resolver(timeout=a.resolve_timeout)
+            layer = await self.resolver.resolve(self.store, self.desc,
+                                                allow_unverified=a.allow_unverified)
+            for w in layer.warnings:
+                log.warning(w)
+            cache = ChunkCache(a.cache_dir, max_bytes=a.cache_size)
+            tasks = TaskManager(DEFAULT_SILENCE if a.silence is None else a.silence)
+            desc = self.desc
+            store = self.store
+
+            async def refresh(old):
+                r = getattr(old, "refresh", None)
+                if r is not None:
+                    await r()
+                    return old
+                try:
+                    await old.aclose()
+                except Exception:  # noqa: BLE001
+                    pass
+                return store.blob_source(desc.digest, desc.size)
+
+            self.reader = LayerReader(layer.index, layer.source, cache, tasks, refresh=refresh,
+                                      prefetch_size=a.prefetch_size,
+                                      name=f"layer {desc.index} {desc.digest[:19]}")
+            self.fs = LayerFS(layer.index, self.reader, attr_timeout=a.attr_timeout,
+                              entry_timeout=a.attr_timeout, debug=a.debug)
+            options = set(pyfuse3.default_options)
+            options |= {f"fsname={a.fsname}", "subtype=stargz", "ro", "nosuid", "nodev"}
+            if a.allow_other:
+                options.add("allow_other")
+            try:
+                pyfuse3.init(self.fs, a.mountpoint, options)
+            except RuntimeError as e:
+                raise MountError(f"cannot mount {a.mountpoint}: {e}") from None
+        except TimeoutError:
+            self._report(f"error opening {a.image} timed out")
+            return 1
+        except CoreError as e:
+            self._report(f"error {e}")
+            log.error("%s", e)
+            return 1
+        except Exception as e:  # noqa: BLE001 - reported to the parent, logged with traceback
+            log.exception("daemon failed to start")
+            self._report(f"error {type(e).__name__}: {e}")
+            return 1
+        log.info("serving %s layer %s (%s, %d entries, %d chunks) at %s",
+                 a.image, self.desc.index, layer.index.format, len(layer.index),
+                 layer.index.num_chunks, a.mountpoint)
+        try:
+            async with anyio.create_task_group() as tg:
+                if a.control:
+                    await tg.start(self._serve_control)
+                tg.start_soon(self._signals)
+                await self.reader.start(tg, prefetch=not a.no_prefetch,
+                                        background=not a.no_background_fetch)
+                if not a.no_pre_resolve and len(self.image.layers) > 1:
+                    others = [d for d in self.image.layers if d.digest != self.desc.digest]
+                    tg.start_soon(self._pre_resolve, others, tasks)
+                if a.wait_prefetch:
+                    with anyio.move_on_after(max(60.0, a.resolve_timeout * 4)):
+                        await self.reader.wait_prefetch()
+                self._report("ok")
+                await pyfuse3.main()
+                tg.cancel_scope.cancel()
+        finally:
+            log.info("stopping (unmount=%s)", self.unmount_on_exit)
+            try:
+                pyfuse3.close(unmount=self.unmount_on_exit)
+            except Exception as e:  # noqa: BLE001
+                log.warning("closing the FUSE session: %s", e)
+            if a.control:
+                try:
+                    os.unlink(a.control)
+                except OSError:
+                    pass
+        return 0
+
+    async def _pre_resolve(self, others, tasks) -> None:
+        await self.resolver.pre_resolve(self.store, others, tasks,
+                                        allow_unverified=self.args.allow_unverified)
+        log.info("pre-resolved %d other layers", self.resolver.pre_resolved)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = None
+    if args.log:
+        fd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        handlers = [logging.StreamHandler(os.fdopen(fd, "a", buffering=1))]
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+        handlers=handlers,
+    )
+    import anyio
+
+    d = Daemon(args)
+    # when the mount is unmounted from outside, pyfuse3.main() returns and
+    # the session is already gone: do not unmount again
+    try:
+        rc = anyio.run(d.run, backend="trio")
+    except BaseException:
+        log.exception("daemon crashed")
+        d._report("error the mount daemon crashed; see its log")
+        raise
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

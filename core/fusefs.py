@@ -1,0 +1,353 @@
+"""A read-only pyfuse3 filesystem over one layer.
+
+Inodes are ``entry.id + 1`` (the root entry 0 is FUSE's root inode 1); a
+hardlink answers with its target's inode, so all names of one file share an
+inode and ``st_nlink``. Whiteouts are shown the way overlayfs expects a lower
+dir to carry them: ``.wh.NAME`` is a character device 0/0 called ``NAME``,
+and a directory holding ``.wh..wh..opq`` carries the xattr
+``trusted.overlay.opaque=y`` (and ``user.overlay.opaque=y``); the marker file
+itself is hidden.
+
+The request handlers do no CPU-heavy work: file data comes from
+:class:`core.layer.LayerReader`, which decompresses and hashes in worker
+threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+import pyfuse3
+
+from .errors import ChunkDigestError, CoreError
+from .estargz import LayerIndex
+from .estargz.toc import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, WHITEOUT_PREFIX
+from .layer import LayerReader
+
+log = logging.getLogger("core.fusefs")
+
+BLKSIZE = 1 << 20
+OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+_WHITEOUT_BIT = 1 << 40  # inode flag: the char-device view of a whiteout entry
+
+_TYPE_BITS = {DIR: stat.S_IFDIR, REG: stat.S_IFREG, SYMLINK: stat.S_IFLNK,
+              HARDLINK: stat.S_IFREG, CHAR: stat.S_IFCHR, BLOCK: stat.S_IFBLK,
+              FIFO: stat.S_IFIFO}
+
+
+def _erofs():
+    return pyfuse3.FUSEError(errno.EROFS)
+
+
+class LayerFS(pyfuse3.Operations):
+    """pyfuse3 operations serving one :class:`LayerIndex` read-only."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, index: LayerIndex, reader: LayerReader, *,
+                 attr_timeout: float = 1.0, entry_timeout: float = 1.0,
+                 debug: bool = False):
+        super().__init__()
+        self.index = index
+        self.reader = reader
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+        self.debug = debug
+        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self._opaque: set[int] = set()
+        self._open: dict[int, int] = {}  # fh -> entry id
+        self._next_fh = 1
+        self.open_files = 0
+        ix = index
+        for e in ix.iter_entries():
+            if e.is_opaque_marker:
+                self._opaque.add(e.parent_id)
+        self._dir_nlink: dict[int, int] = {}
+
+    # -- helpers -------------------------------------------------------
+    def _trace(self, op: str, *args) -> None:
+        if self.debug:
+            log.debug("%s %s", op, " ".join(repr(a) for a in args))
+
+    def _entry_id(self, inode: int) -> int:
+        return (inode & ~_WHITEOUT_BIT) - 1
+
+    def _inode_of(self, entry_id: int) -> int:
+        e = self.index.entry(entry_id)
+        if e.is_whiteout:
+            return (entry_id + 1) | _WHITEOUT_BIT
+        tid = e.target_id
+        return (tid if tid is not None else entry_id) + 1
+
+    def _check(self, inode: int) -> int:
+        eid = self._entry_id(inode)
+        if not 0 <= eid < len(self.index):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return eid
+
+    def _listing(self, dir_id: int) -> list[tuple[bytes, int]]:
+        lst = self._dirs.get(dir_id)
+        if lst is None:
+            ix = self.index
+            names: dict[bytes, int] = {}
+            for cid in ix.child_ids(dir_id):
+                e = ix.entry(cid)
+                if e.is_opaque_marker:
+                    continue
+                if e.is_whiteout:
+                    shown = e.whiteout_target
+                    key = os.fsencode(shown)
+                    if key in names or not shown or "/" in shown:
+                        continue  # a real entry of that name wins
+                    names[key] = cid
+                else:
+                    names[os.fsencode(e.name)] = cid
+            lst = sorted(names.items())
+            self._dirs[dir_id] = lst
+        return lst
+
+    def _nlink_dir(self, dir_id: int) -> int:
+        n = self._dir_nlink.get(dir_id)
+        if n is None:
+            ix = self.index
+            n = 2 + sum(1 for c in ix.child_ids(dir_id) if ix._types[c] == DIR)
+            self._dir_nlink[dir_id] = n
+        return n
+
+    def _attr(self, entry_id: int) -> pyfuse3.EntryAttributes:
+        ix = self.index
+        e = ix.entry(entry_id)
+        a = pyfuse3.EntryAttributes()
+        mt = int(e.mtime * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mt
+        a.st_blksize = BLKSIZE
+        a.generation = 0
+        a.attr_timeout = self.attr_timeout
+        a.entry_timeout = self.entry_timeout
+        if e.is_whiteout:
+            a.st_ino = (entry_id + 1) | _WHITEOUT_BIT
+            a.st_mode = stat.S_IFCHR
+            a.st_nlink = 1
+            a.st_uid, a.st_gid = e.uid, e.gid
+            a.st_rdev = 0
+            a.st_size = 0
+            a.st_blocks = 0
+            return a
+        t = e
+        tid = e.target_id
+        if tid is not None:
+            t = ix.entry(tid)
+        code = t.type_code
+        a.st_ino = t.id + 1
+        a.st_mode = _TYPE_BITS.get(code, stat.S_IFREG) | (t.mode & 0o7777)
+        a.st_uid, a.st_gid = t.uid, t.gid
+        if code == DIR:
+            a.st_nlink = self._nlink_dir(t.id)
+            a.st_size = 4096
+        else:
+            a.st_nlink = max(1, t.num_link)
+            a.st_size = t.size if code == REG else (
+                len(os.fsencode(t.link_name)) if code == SYMLINK else 0)
+        if code in (CHAR, BLOCK):
+            a.st_rdev = os.makedev(t.dev_major, t.dev_minor)
+        else:
+            a.st_rdev = 0
+        a.st_blocks = (a.st_size + 511) // 512
+        mt = int(t.mtime * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mt
+        return a
+
+    # -- lookups ---------------------------------------------------------
+    async def lookup(self, parent_inode, name, ctx=None):
+        self._trace("lookup", parent_inode, name)
+        pid = self._check(parent_inode)
+        ix = self.index
+        if ix._types[pid] != DIR:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name == b".":
+            return self._attr(pid)
+        if name == b"..":
+            return self._attr(ix._parents[pid] if pid else 0)
+        sname = os.fsdecode(name)
+        e = ix.child(pid, sname)
+        if e is not None and not e.is_opaque_marker:
+            return self._attr(e.id)
+        if not sname.startswith(WHITEOUT_PREFIX):
+            w = ix.child(pid, WHITEOUT_PREFIX + sname)
+            if w is not None and w.is_whiteout:
+                return self._attr(w.id)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def forget(self, inode_list):
+        return None
+
+    async def getattr(self, inode, ctx=None):
+        self._trace("getattr", inode)
+        eid = self._check(inode)
+        if inode & _WHITEOUT_BIT:
+            return self._attr(eid)
+        return self._attr(eid)
+
+    async def readlink(self, inode, ctx):
+        self._trace("readlink", inode)
+        e = self.index.entry(self._check(inode))
+        if e.type_code != SYMLINK or inode & _WHITEOUT_BIT:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(e.link_name)
+
+    # -- directories -----------------------------------------------------
+    async def opendir(self, inode, ctx):
+        self._trace("opendir", inode)
+        eid = self._check(inode)
+        if self.index._types[eid] != DIR or inode & _WHITEOUT_BIT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return eid
+
+    async def readdir(self, fh, start_id, token):
+        self._trace("readdir", fh, start_id)
+        lst = self._listing(fh)
+        for i in range(start_id, len(lst)):
+            name, cid = lst[i]
+            if not pyfuse3.readdir_reply(token, name, self._attr(cid), i + 1):
+                break
+
+    async def releasedir(self, fh):
+        return None
+
+    async def fsyncdir(self, fh, datasync):
+        return None
+
+    # -- files -------------------------------------------------------------
+    async def open(self, inode, flags, ctx):
+        self._trace("open", inode, flags)
+        eid = self._check(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise _erofs()
+        e = self.index.entry(eid)
+        tid = e.target_id
+        code = self.index._types[tid if tid is not None else eid]
+        if inode & _WHITEOUT_BIT or code not in (REG, HARDLINK):
+            if code == DIR:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._open[fh] = tid if tid is not None else eid
+        self.open_files += 1
+        # contents never change for the life of the mount: the page cache may keep them
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        self._trace("read", fh, off, size)
+        eid = self._open.get(fh)
+        if eid is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            return await self.reader.read(eid, off, size, stream=fh)
+        except ChunkDigestError as e:
+            log.error("read %s: %s", self.index.path_of(eid), e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except CoreError as e:
+            log.error("read %s: %s", self.index.path_of(eid), e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def release(self, fh):
+        self._trace("release", fh)
+        if self._open.pop(fh, None) is not None:
+            self.open_files -= 1
+        self.reader.forget_stream(fh)
+
+    async def flush(self, fh):
+        return None
+
+    async def fsync(self, fh, datasync):
+        return None
+
+    async def access(self, inode, mode, ctx):
+        self._check(inode)
+        if mode & os.W_OK:
+            raise _erofs()
+        return True
+
+    # -- xattrs ------------------------------------------------------------
+    def _xattrs(self, inode: int) -> dict[bytes, bytes]:
+        eid = self._check(inode)
+        if inode & _WHITEOUT_BIT:
+            return {}
+        e = self.index.entry(eid)
+        tid = e.target_id
+        if tid is not None:
+            e = self.index.entry(tid)
+        out = {os.fsencode(k): v for k, v in e.xattrs.items()}
+        if e.id in self._opaque:
+            for k in OPAQUE_XATTRS:
+                out[k] = b"y"
+        return out
+
+    async def getxattr(self, inode, name, ctx):
+        self._trace("getxattr", inode, name)
+        v = self._xattrs(inode).get(name)
+        if v is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return v
+
+    async def listxattr(self, inode, ctx):
+        self._trace("listxattr", inode)
+        return list(self._xattrs(inode))
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        ix = self.index
+        s.f_bsize = BLKSIZE
+        s.f_frsize = 4096
+        total = sum(ix._sizes) // 4096 + len(ix)
+        s.f_blocks = total
+        s.f_bfree = 0
+        s.f_bavail = 0
+        s.f_files = len(ix)
+        s.f_ffree = 0
+        s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- everything that writes ---------------------------------------------
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        raise _erofs()
+
+    async def setxattr(self, inode, name, value, ctx):
+        raise _erofs()
+
+    async def removexattr(self, inode, name, ctx):
+        raise _erofs()
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise _erofs()
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise _erofs()
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise _erofs()
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise _erofs()
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise _erofs()
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise _erofs()
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise _erofs()
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise _erofs()
+
+    async def write(self, fh, off, buf):
+        raise _erofs()

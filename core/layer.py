@@ -1,0 +1,498 @@
+"""The lazy, cached reader of one layer (what a FUSE mount reads through).
+
+A read maps to the chunks covering it. Chunks in the memory cache are served
+at once; chunks on disk are loaded (and re-verified) in a worker thread;
+missing chunks are fetched with their missing neighbours (blob order, within
+a bounded window) in one range request. Sequential reads of a file start the
+next windows early, so several requests are in flight ahead of the reader.
+Every fetched chunk is decompressed and checked against its ``chunkDigest``
+in a worker thread; a chunk that fails is never cached or served (the read
+fails with :class:`ChunkDigestError`, which the FUSE layer turns into EIO).
+
+Single flight: a chunk being fetched has a :class:`_Flight` that later
+readers wait on, so two readers of one chunk cause one request.
+
+Also here: prefetch (the region before ``.prefetch.landmark`` in one request)
+and background fetch of everything else at low priority through the
+:class:`core.tasks.TaskManager`. If the blob source fails (expired token,
+registry restart) the reader refreshes it and retries once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+import anyio.to_thread
+
+from .cache import ChunkCache, chunk_key
+from .errors import BlobReadError, ChunkDigestError, CoreError, DigestMismatchError
+from .estargz import Chunk, LayerIndex, decode_chunk
+from .source import BlobSource
+from .tasks import TaskManager
+
+log = logging.getLogger("core.layer")
+
+DEFAULT_WINDOW = 2 << 20      # largest coalesced range request
+MAX_GAP = 64 << 10            # join chunks separated by at most this many bytes
+DEFAULT_READAHEAD = 3         # windows fetched ahead of a sequential reader
+
+
+class _Flight:
+    __slots__ = ("event", "data", "error")
+
+    def __init__(self):
+        self.event = anyio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class LayerReader:
+    """Cached, coalescing, verifying reads of one layer (see module docs).
+
+    Use inside an event loop. ``await reader.start(tg)`` loads the cache
+    state and (optionally) starts prefetch and background fetch in ``tg``.
+    """
+
+    def __init__(self, index: LayerIndex, source: BlobSource, cache: ChunkCache,
+                 tasks: TaskManager | None = None, *,
+                 refresh: Callable[[BlobSource], Awaitable[BlobSource]] | None = None,
+                 window: int = DEFAULT_WINDOW, readahead: int = DEFAULT_READAHEAD,
+                 prefetch_size: int = 0, name: str = ""):
+        self.index = index
+        self.source = source
+        self.cache = cache
+        self.tasks = tasks or TaskManager()
+        self._refresh_cb = refresh
+        self.window = max(64 << 10, window)
+        self.readahead = readahead
+        self.prefetch_size = prefetch_size
+        self.name = name or index.blob_digest[:19]
+        n = index.num_chunks
+        self._keys = [chunk_key(index.blob_digest, index.chunk(i)) for i in range(n)]
+        self._cached = bytearray(n)
+        self._ncached = 0
+        self._inflight: dict[int, _Flight] = {}
+        self._seq: dict[object, int] = {}
+        self._tg = None
+        self._pending: list = []
+        # live stats
+        self.bytes_fetched = 0
+        self.requests = 0
+        self.chunks_fetched = 0
+        self.digest_errors = 0
+        self.read_errors = 0
+        self.retries = 0
+        self.reads = 0
+        self.prefetch_enabled = False
+        self.prefetch_done = False
+        self.prefetch_bytes = 0
+        self.prefetch_chunks = 0
+        self.background_enabled = False
+        self.background_done = False
+        self.background_started = False
+        self.last_error: str | None = None
+        self.started_at = time.time()
+        self._prefetch_event: anyio.Event | None = None
+        self._background_event: anyio.Event | None = None
+
+    # -- setup ---------------------------------------------------------
+    def _scan_cache(self) -> None:
+        has = self.cache.has
+        for i, key in enumerate(self._keys):
+            if not self._cached[i] and has(key):
+                self._cached[i] = 1
+                self._ncached += 1
+
+    async def start(self, tg, *, prefetch: bool = True, background: bool = True) -> None:
+        """Load the cache state; start prefetch / background fetch in ``tg``."""
+        self._tg = tg
+        self._prefetch_event = anyio.Event()
+        self._background_event = anyio.Event()
+        await anyio.to_thread.run_sync(self._scan_cache)
+        self.prefetch_enabled = prefetch
+        self.background_enabled = background
+        if prefetch:
+            tg.start_soon(self._run_prefetch)
+        else:
+            self._finish_prefetch()
+        if background:
+            tg.start_soon(self._run_background)
+
+    def _finish_prefetch(self) -> None:
+        self.prefetch_done = True
+        if self._prefetch_event is not None:
+            self._prefetch_event.set()
+
+    async def wait_prefetch(self) -> None:
+        if self._prefetch_event is not None:
+            await self._prefetch_event.wait()
+
+    async def wait_background(self) -> None:
+        if self._background_event is not None:
+            await self._background_event.wait()
+
+    # -- the blob ------------------------------------------------------
+    async def _refresh(self) -> None:
+        if self._refresh_cb is not None:
+            old = self.source
+            self.source = await self._refresh_cb(old)
+        else:
+            refresh = getattr(self.source, "refresh", None)
+            if refresh is not None:
+                await refresh()
+
+    async def _read_blob(self, offset: int, length: int) -> bytes:
+        try:
+            data = await self.source.read_range(offset, length)
+        except DigestMismatchError:
+            raise
+        except (CoreError, OSError) as e:
+            log.warning("%s: range read %d+%d failed (%s); refreshing and retrying once",
+                        self.name, offset, length, e)
+            self.retries += 1
+            try:
+                await self._refresh()
+            except (CoreError, OSError) as e2:
+                log.warning("%s: refreshing the blob source failed: %s", self.name, e2)
+            try:
+                data = await self.source.read_range(offset, length)
+            except (CoreError, OSError) as e3:
+                self.read_errors += 1
+                self.last_error = str(e3)
+                raise BlobReadError(f"cannot read {self.index.blob_digest[:19]}: {e3}") from None
+        self.requests += 1
+        self.bytes_fetched += len(data)
+        return data
+
+    # -- fetching ------------------------------------------------------
+    def _plan(self, need: list[Chunk], extend: bool = True) -> list[list[Chunk]]:
+        """Group missing chunks (blob order) into range requests, adding
+        missing neighbours that fit the window."""
+        ix = self.index
+        n = ix.num_chunks
+        taken: set[int] = set()
+        groups: list[list[Chunk]] = []
+        for c in sorted(need, key=lambda c: c.index):
+            if c.index in taken:
+                continue
+            g = groups[-1] if groups else None
+            if (g is not None and c.offset <= max(x.end for x in g) + MAX_GAP
+                    and c.end - g[0].offset <= self.window):
+                g.append(c)
+            else:
+                g = [c]
+                groups.append(g)
+            taken.add(c.index)
+        if extend:
+            for g in groups:
+                j = g[-1].index + 1
+                gend = max(x.end for x in g)
+                while j < n:
+                    if self._cached[j] or j in self._inflight or j in taken:
+                        break
+                    nc = ix.chunk(j)
+                    if nc.offset > gend + MAX_GAP or nc.end - g[0].offset > self.window:
+                        break
+                    g.append(nc)
+                    taken.add(j)
+                    gend = max(gend, nc.end)
+                    j += 1
+        return groups
+
+    def _decode_group(self, blob: bytes, start: int, group: list[Chunk]):
+        """Worker thread: decompress, verify and cache each chunk."""
+        out = []
+        fmt = self.index.format
+        for c in group:
+            piece = blob[c.offset - start : c.end - start]
+            path = self.index.path_of(c.entry_id)
+            try:
+                data = decode_chunk(fmt, piece, c, path)
+            except ChunkDigestError as e:
+                out.append((c, None, e))
+                continue
+            self.cache.put(self._keys[c.index], data)
+            out.append((c, data, None))
+        return out
+
+    def _launch(self, group: list[Chunk], prioritized: bool) -> None:
+        """Register flights for ``group`` and fetch it in the reader's task group."""
+        flights = {}
+        for c in group:
+            f = _Flight()
+            self._inflight[c.index] = f
+            flights[c.index] = f
+        if self._tg is not None:
+            self._tg.start_soon(self._fetch_group, group, flights, prioritized)
+        else:  # no long-lived task group: caller awaits the flights itself
+            self._pending.append((group, flights, prioritized))
+
+    async def _fetch_group(self, group: list[Chunk], flights: dict[int, _Flight],
+                           prioritized: bool) -> None:
+        try:
+            if prioritized:
+                async with self.tasks.prioritized():
+                    await self._fetch_group_inner(group, flights)
+            else:
+                await self._fetch_group_inner(group, flights)
+        except BaseException as e:  # incl. cancellation: never leave waiters hanging
+            for idx, f in flights.items():
+                if not f.event.is_set():
+                    f.error = e if isinstance(e, Exception) else BlobReadError("fetch cancelled")
+                    self._inflight.pop(idx, None)
+                    f.event.set()
+            if not isinstance(e, Exception):
+                raise
+
+    async def _fetch_group_inner(self, group, flights) -> None:
+        start = min(c.offset for c in group)
+        end = max(c.end for c in group)
+        blob = await self._read_blob(start, end - start)
+        if len(blob) != end - start:
+            raise BlobReadError(f"short read of {self.index.blob_digest[:19]} at {start}")
+        results = await anyio.to_thread.run_sync(self._decode_group, blob, start, group)
+        for c, data, err in results:
+            f = flights[c.index]
+            if err is not None:
+                self.digest_errors += 1
+                self.last_error = str(err)
+                log.error("%s: %s", self.name, err)
+                f.error = err
+            else:
+                self.chunks_fetched += 1
+                if not self._cached[c.index]:
+                    self._cached[c.index] = 1
+                    self._ncached += 1
+                f.data = data
+            self._inflight.pop(c.index, None)
+            f.event.set()
+
+    async def _get_chunks(self, chunks: list[Chunk], prioritized: bool = True) -> dict[int, bytes]:
+        out: dict[int, bytes] = {}
+        on_disk: list[Chunk] = []
+        missing: list[Chunk] = []
+        for c in chunks:
+            d = self.cache.get_memory(self._keys[c.index])
+            if d is not None:
+                out[c.index] = d
+            elif self._cached[c.index]:
+                on_disk.append(c)
+            else:
+                missing.append(c)
+        if on_disk:
+            loaded = await anyio.to_thread.run_sync(
+                lambda: [(c, self.cache.get(self._keys[c.index])) for c in on_disk])
+            for c, d in loaded:
+                if d is None:  # evicted or damaged since: fetch again
+                    if self._cached[c.index]:
+                        self._cached[c.index] = 0
+                        self._ncached -= 1
+                    missing.append(c)
+                else:
+                    out[c.index] = d
+        if missing:
+            waits: dict[int, _Flight] = {}
+            need = []
+            for c in missing:
+                f = self._inflight.get(c.index)
+                if f is not None:
+                    waits[c.index] = f
+                else:
+                    need.append(c)
+            for g in self._plan(need):
+                self._launch(g, prioritized)
+                for c in g:
+                    waits[c.index] = self._inflight[c.index]
+            pending, self._pending = self._pending, []
+            if pending:
+                async with anyio.create_task_group() as tg:
+                    for group, flights, prio in pending:
+                        tg.start_soon(self._fetch_group, group, flights, prio)
+            for c in missing:
+                f = waits[c.index]
+                await f.event.wait()
+                if f.error is not None:
+                    if isinstance(f.error, CoreError):
+                        raise f.error
+                    raise BlobReadError(f"reading {self.index.path_of(c.entry_id)}: {f.error}")
+                out[c.index] = f.data
+        return out
+
+    # -- reading -------------------------------------------------------
+    def _target(self, entry_id: int):
+        e = self.index.entry(entry_id)
+        tid = e.target_id
+        return self.index.entry(tid) if tid is not None else e
+
+    async def read(self, entry_id: int, offset: int, size: int, *, stream: object = None) -> bytes:
+        """Bytes ``[offset, offset+size)`` of a regular file (clipped at EOF).
+
+        ``stream`` identifies a reader (a FUSE file handle) for sequential
+        read-ahead. Raises :class:`ChunkDigestError` / :class:`BlobReadError`."""
+        target = self._target(entry_id)
+        fsize = target.size
+        end = min(fsize, offset + size)
+        if offset >= end:
+            return b""
+        self.reads += 1
+        chunks = self.index.chunks_for_range(target, offset, end - offset)
+        async with self.tasks.prioritized():
+            got = await self._get_chunks(chunks)
+        if len(chunks) == 1 and chunks[0].chunk_offset <= offset and \
+                chunks[0].chunk_offset + chunks[0].chunk_size >= end:
+            c = chunks[0]
+            result = got[c.index][offset - c.chunk_offset : end - c.chunk_offset]
+        else:
+            buf = bytearray(end - offset)  # gaps (sparse-looking files) stay zero
+            for c in chunks:
+                d = got[c.index]
+                lo = max(offset, c.chunk_offset)
+                hi = min(end, c.chunk_offset + len(d))
+                if hi > lo:
+                    buf[lo - offset : hi - offset] = d[lo - c.chunk_offset : hi - c.chunk_offset]
+            result = bytes(buf)
+        if stream is not None:
+            key = (stream, target.id)
+            sequential = self._seq.get(key) == offset or offset == 0
+            self._seq[key] = end
+            if sequential and end < fsize and self.readahead and self._tg is not None:
+                self._read_ahead(target, end)
+        return result
+
+    def _read_ahead(self, target, pos: int) -> None:
+        span = self.window * self.readahead
+        ahead = self.index.chunks_for_range(target, pos, span)
+        need = [c for c in ahead if not self._cached[c.index] and c.index not in self._inflight]
+        if not need:
+            return
+        for g in self._plan(need, extend=False):
+            self._launch(g, True)
+
+    def forget_stream(self, stream: object) -> None:
+        for key in [k for k in self._seq if k[0] == stream]:
+            del self._seq[key]
+
+    # -- prefetch and background fetch ------------------------------------
+    def prefetch_chunk_list(self) -> list[Chunk]:
+        ix = self.index
+        if ix.no_prefetch:
+            return []
+        if ix.prefetch_end is not None:
+            n = ix.prefetch_chunk_count
+        elif self.prefetch_size > 0:
+            n = 0
+            while n < ix.num_chunks and ix.chunk(n).end <= self.prefetch_size:
+                n += 1
+        else:
+            return []
+        return [ix.chunk(i) for i in range(n)]
+
+    async def prefetch(self) -> None:
+        """Fetch the prefetch region's missing chunks in one request."""
+        todo = [c for c in self.prefetch_chunk_list()
+                if not self._cached[c.index] and c.index not in self._inflight]
+        self.prefetch_chunks = len(todo)
+        if not todo:
+            return
+        flights = {}
+        for c in todo:
+            f = _Flight()
+            self._inflight[c.index] = f
+            flights[c.index] = f
+        before = self.bytes_fetched
+        await self._fetch_group(todo, flights, False)
+        self.prefetch_bytes = self.bytes_fetched - before
+
+    async def _run_prefetch(self) -> None:
+        try:
+            await self.prefetch()
+        except CoreError as e:
+            self.last_error = f"prefetch: {e}"
+            log.warning("%s: prefetch failed: %s", self.name, e)
+        finally:
+            self._finish_prefetch()
+
+    async def background_fetch(self) -> None:
+        """Fetch every chunk not yet cached, one window per background slot."""
+        self.background_started = True
+        n = self.index.num_chunks
+        i = 0
+        failed: set[int] = set()
+        while i < n:
+            while i < n and (self._cached[i] or i in self._inflight or i in failed):
+                i += 1
+            if i >= n:
+                break
+            async with self.tasks.background():
+                if self._cached[i] or i in self._inflight:
+                    continue
+                group = self._plan([self.index.chunk(i)])[0]
+                flights = {}
+                for c in group:
+                    f = _Flight()
+                    self._inflight[c.index] = f
+                    flights[c.index] = f
+                try:
+                    await self._fetch_group(group, flights, False)
+                except CoreError as e:
+                    log.warning("%s: background fetch: %s", self.name, e)
+                    await anyio.sleep(1.0)
+                for c in group:
+                    if not self._cached[c.index]:
+                        failed.add(c.index)
+        # wait for fetches others started, bounded by their own requests
+        for f in list(self._inflight.values()):
+            await f.event.wait()
+
+    async def _run_background(self) -> None:
+        try:
+            await self.wait_prefetch()
+            await self.background_fetch()
+        except CoreError as e:
+            self.last_error = f"background fetch: {e}"
+            log.warning("%s: background fetch failed: %s", self.name, e)
+        finally:
+            self.background_done = self._ncached >= self.index.num_chunks
+            if self._background_event is not None:
+                self._background_event.set()
+
+    # -- state -----------------------------------------------------------
+    def is_cached(self, chunk_index: int) -> bool:
+        return bool(self._cached[chunk_index])
+
+    def cached_map(self) -> bytes:
+        """One byte per chunk (blob order): 1 when cached."""
+        return bytes(self._cached)
+
+    def stats(self) -> dict:
+        """Live numbers for ``mounts`` and the app (JSON-ready, camelCase)."""
+        ix = self.index
+        return {
+            "blobDigest": ix.blob_digest,
+            "blobSize": ix.blob_size,
+            "format": ix.format,
+            "entries": len(ix),
+            "bytesFetched": self.bytes_fetched,
+            "requests": self.requests,
+            "reads": self.reads,
+            "chunksCached": self._ncached,
+            "chunksTotal": ix.num_chunks,
+            "chunksFetched": self.chunks_fetched,
+            "chunksInFlight": len(self._inflight),
+            "prefetchEnabled": self.prefetch_enabled,
+            "prefetchDone": self.prefetch_done,
+            "prefetchChunks": self.prefetch_chunks,
+            "prefetchBytes": self.prefetch_bytes,
+            "backgroundFetchEnabled": self.background_enabled,
+            "backgroundFetchDone": self.background_done,
+            "digestErrors": self.digest_errors,
+            "readErrors": self.read_errors,
+            "retries": self.retries,
+            "errors": self.digest_errors + self.read_errors,
+            "lastError": self.last_error,
+            "cache": self.cache.stats(),
+            "tasks": self.tasks.stats(),
+        }
