@@ -37,6 +37,7 @@ log = logging.getLogger("core.layer")
 
 DEFAULT_WINDOW = 2 << 20      # largest coalesced range request
 MAX_GAP = 64 << 10            # join chunks separated by at most this many bytes
+DEFAULT_NEIGHBOURS = 256 << 10  # missing neighbours fetched along with a miss
 DEFAULT_READAHEAD = 3         # windows fetched ahead of a sequential reader
 
 
@@ -60,7 +61,8 @@ class LayerReader:
                  tasks: TaskManager | None = None, *,
                  refresh: Callable[[BlobSource], Awaitable[BlobSource]] | None = None,
                  window: int = DEFAULT_WINDOW, readahead: int = DEFAULT_READAHEAD,
-                 prefetch_size: int = 0, name: str = ""):
+                 prefetch_size: int = 0, neighbours: int = DEFAULT_NEIGHBOURS,
+                 name: str = ""):
         self.index = index
         self.source = source
         self.cache = cache
@@ -68,6 +70,7 @@ class LayerReader:
         self._refresh_cb = refresh
         self.window = max(64 << 10, window)
         self.readahead = readahead
+        self.neighbours = neighbours
         self.prefetch_size = prefetch_size
         self.name = name or index.blob_digest[:19]
         n = index.num_chunks
@@ -186,15 +189,16 @@ class LayerReader:
                 g = [c]
                 groups.append(g)
             taken.add(c.index)
-        if extend:
+        if extend and self.neighbours > 0:
             for g in groups:
                 j = g[-1].index + 1
                 gend = max(x.end for x in g)
+                limit = min(g[0].offset + self.window, gend + self.neighbours)
                 while j < n:
                     if self._cached[j] or j in self._inflight or j in taken:
                         break
                     nc = ix.chunk(j)
-                    if nc.offset > gend + MAX_GAP or nc.end - g[0].offset > self.window:
+                    if nc.offset > gend + MAX_GAP or nc.end > limit:
                         break
                     g.append(nc)
                     taken.add(j)

@@ -1,0 +1,679 @@
+"""The mount manager: daemons, mount records, merged views, unmount.
+
+Python API (the CLI and the Textual app both use it):
+
+* ``await mount_image(image, mountpoint, *, layer=None, ...) -> dict`` mounts
+  one raw layer (``layer`` = index or digest) or, without ``layer``, the
+  merged image: every layer mounted privately under the state dir by its own
+  daemon, then an overlay at ``mountpoint`` (kernel overlayfs as root,
+  ``fuse-overlayfs`` otherwise). Returns the mount record.
+* ``unmount(mountpoint, *, force=False) -> dict``: overlay first, then the
+  layers, then the daemons stop. Busy without ``force`` raises
+  :class:`MountError` naming the processes that hold it; ``force`` uses
+  MNT_FORCE then a lazy detach. Idempotent; cleans up after killed daemons.
+* ``list_mounts() -> list[dict]``: every record with live stats from the
+  daemons' control sockets; ``state`` is ``"serving"`` or ``"stale"``.
+* ``daemon_request(socket_path, op) -> dict``, ``cache_usage()``,
+  ``cache_prune()``; paths: ``state_dir()``, ``runtime_dir()``.
+
+Directories come from ``$STARGZ_TUI_STATE_DIR`` / ``$STARGZ_TUI_RUNTIME_DIR``
+/ ``$STARGZ_TUI_CACHE_DIR`` when set (tests use them), else platformdirs.
+State and runtime dirs are 0700; control sockets 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from .errors import MountError
+
+log = logging.getLogger("core.mount")
+
+MNT_FORCE = 1
+MNT_DETACH = 2
+READY_TIMEOUT = 120.0
+STOP_TIMEOUT = 5.0
+FUSE_FSTYPE = "fuse.stargz"
+
+
+# -- directories ----------------------------------------------------------
+def _private_dir(path: str) -> str:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid != os.getuid():
+        raise MountError(f"{path} is owned by uid {st.st_uid}, not us; refusing to use it")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def state_dir() -> str:
+    env = os.environ.get("STARGZ_TUI_STATE_DIR")
+    if env:
+        return _private_dir(env)
+    import platformdirs
+
+    return _private_dir(platformdirs.user_state_dir("stargz-tui"))
+
+
+def runtime_dir() -> str:
+    env = os.environ.get("STARGZ_TUI_RUNTIME_DIR")
+    if env:
+        return _private_dir(env)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return _private_dir(os.path.join(xdg, "stargz-tui"))
+    return _private_dir(os.path.join(tempfile.gettempdir(), f"stargz-tui-{os.getuid()}"))
+
+
+def _records_dir() -> str:
+    return _private_dir(os.path.join(state_dir(), "mounts"))
+
+
+def _mount_id(mountpoint: str) -> str:
+    return hashlib.sha256(mountpoint.encode()).hexdigest()[:16]
+
+
+def _socket_path(mid: str, n: int) -> str:
+    path = os.path.join(runtime_dir(), f"{mid}-{n}.sock")
+    if len(path.encode()) > 100:  # sun_path limit
+        short = _private_dir(os.path.join("/tmp", f"sgz-{os.getuid()}"))
+        path = os.path.join(short, f"{mid}-{n}.sock")
+    return path
+
+
+# -- records ---------------------------------------------------------------
+def _record_path(mid: str) -> str:
+    return os.path.join(_records_dir(), mid + ".json")
+
+
+def _write_record(rec: dict) -> None:
+    path = _record_path(rec["id"])
+    fd, tmp = tempfile.mkstemp(prefix=".rec-", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        json.dump(rec, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _read_records() -> list[dict]:
+    out = []
+    d = _records_dir()
+    for name in sorted(os.listdir(d)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(d, name)) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and "mountpoint" in rec:
+            out.append(rec)
+    return out
+
+
+def _find_record(mountpoint: str) -> dict | None:
+    real = os.path.realpath(mountpoint)
+    for rec in _read_records():
+        if rec["mountpoint"] in (real, os.path.abspath(mountpoint)):
+            return rec
+    return None
+
+
+# -- processes ---------------------------------------------------------------
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int | None, start: str | None) -> bool:
+    if not pid:
+        return False
+    st = _start_time(pid)
+    if st is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return False
+    except OSError:
+        return False
+    return start is None or st == start
+
+
+def _wait_gone(pid: int, start: str | None, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)  # reap our own children
+        if not _alive(pid, start):
+            return True
+        time.sleep(0.05)
+    return not _alive(pid, start)
+
+
+def _stop_daemon(layer: dict, unmount: bool = False) -> None:
+    pid, start = layer.get("pid"), layer.get("startTime")
+    if not _alive(pid, start):
+        return
+    sock = layer.get("control")
+    if sock:
+        with contextlib.suppress(MountError):
+            daemon_request(sock, "shutdown", unmount=unmount, timeout=2.0)
+    if _wait_gone(pid, start, STOP_TIMEOUT):
+        return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGTERM)
+    if _wait_gone(pid, start, STOP_TIMEOUT):
+        return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+    _wait_gone(pid, start, STOP_TIMEOUT)
+
+
+def daemon_request(sock_path: str, op: str, timeout: float = 3.0, **fields) -> dict:
+    """One JSON-lines request to a daemon's control socket."""
+    msg = dict(fields, op=op)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(sock_path)
+            s.sendall((json.dumps(msg) + "\n").encode())
+            buf = b""
+            while not buf.endswith(b"\n") and len(buf) < (64 << 20):
+                piece = s.recv(1 << 16)
+                if not piece:
+                    break
+                buf += piece
+    except OSError as e:
+        raise MountError(f"daemon at {sock_path} does not answer: {e.strerror or e}") from None
+    try:
+        resp = json.loads(buf)
+    except ValueError:
+        raise MountError(f"daemon at {sock_path} sent a bad answer") from None
+    if not resp.get("ok"):
+        raise MountError(f"daemon at {sock_path}: {resp.get('error', 'request failed')}")
+    return resp
+
+
+# -- the mount table -----------------------------------------------------------
+def _unescape(s: str) -> str:
+    return s.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape") \
+        if "\\" in s else s
+
+
+def mount_table() -> dict[str, str]:
+    """Mountpoint -> filesystem type, from /proc/self/mountinfo."""
+    out = {}
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                parts = left.split()
+                if len(parts) >= 5:
+                    out[_unescape(parts[4])] = right.split()[0] if right else ""
+    except OSError:
+        pass
+    return out
+
+
+def is_mounted(path: str) -> bool:
+    return os.path.abspath(path) in mount_table()
+
+
+_libc = None
+
+
+def _umount2(path: str, flags: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if _libc.umount2(os.fsencode(path), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+
+
+def find_holders(path: str) -> list[dict]:
+    """Processes with an open file, cwd or root under ``path``."""
+    path = os.path.abspath(path)
+    prefix = path.rstrip("/") + "/"
+    me = os.getpid()
+    out = []
+    for pid_s in os.listdir("/proc"):
+        if not pid_s.isdigit() or int(pid_s) == me:
+            continue
+        how = []
+        base = f"/proc/{pid_s}"
+        for what in ("cwd", "root"):
+            try:
+                t = os.readlink(f"{base}/{what}")
+            except OSError:
+                continue
+            if t == path or t.startswith(prefix):
+                how.append(what)
+        try:
+            fds = os.listdir(f"{base}/fd")
+        except OSError:
+            fds = []
+        for fd in fds:
+            try:
+                t = os.readlink(f"{base}/fd/{fd}")
+            except OSError:
+                continue
+            if t == path or t.startswith(prefix):
+                how.append(f"fd {fd} ({t})")
+                break
+        if how:
+            try:
+                with open(f"{base}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                comm = "?"
+            out.append({"pid": int(pid_s), "command": comm, "uses": how})
+    return out
+
+
+def _holders_text(holders: list[dict]) -> str:
+    if not holders:
+        return "no process found holding it (a nested mount or the kernel?)"
+    return "held by " + ", ".join(
+        f"pid {h['pid']} ({h['command']}: {', '.join(h['uses'])})" for h in holders[:8])
+
+
+def _fusermount_unmount(path: str, lazy: bool) -> None:
+    exe = shutil.which("fusermount3") or shutil.which("fusermount")
+    if not exe:
+        raise OSError(errno.EPERM, "not permitted and no fusermount3", path)
+    r = subprocess.run([exe, "-uz" if lazy else "-u", path], capture_output=True, text=True,
+                       timeout=30)
+    if r.returncode != 0:
+        msg = r.stderr.strip()
+        code = errno.EBUSY if "busy" in msg.lower() else errno.EPERM
+        raise OSError(code, msg or "fusermount3 failed", path)
+
+
+def _unmount_path(path: str, force: bool) -> str:
+    """Unmount one mount; returns how ("unmounted", "detached", "not-mounted")."""
+    if not is_mounted(path):
+        return "not-mounted"
+    try:
+        try:
+            _umount2(path, 0)
+        except OSError as e:
+            if e.errno == errno.EPERM:
+                _fusermount_unmount(path, lazy=False)
+            else:
+                raise
+        return "unmounted"
+    except OSError as e:
+        if e.errno == errno.EINVAL and not is_mounted(path):
+            return "not-mounted"
+        if e.errno != errno.EBUSY:
+            raise MountError(f"cannot unmount {path}: {e.strerror}") from None
+    if not force:
+        raise MountError(f"{path} is busy: {_holders_text(find_holders(path))}; "
+                         "close them or use --force")
+    with contextlib.suppress(OSError):
+        _umount2(path, MNT_FORCE)
+        if not is_mounted(path):
+            return "unmounted"
+    try:
+        _umount2(path, MNT_DETACH)
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            try:
+                _fusermount_unmount(path, lazy=True)
+            except OSError as e2:
+                raise MountError(f"cannot detach {path}: {e2.strerror}") from None
+        elif is_mounted(path):
+            raise MountError(f"cannot detach {path}: {e.strerror}") from None
+    return "detached"
+
+
+# -- mounting ------------------------------------------------------------------
+def _normalise_image(image: str) -> str:
+    """Make ``oci:DIR`` absolute so the daemon (cwd /) finds it."""
+    if image.startswith("oci:"):
+        from .reference import parse_reference
+
+        ref = parse_reference(image)
+        rest = image[4 + len(ref.layout_dir):]
+        return "oci:" + os.path.abspath(ref.layout_dir) + rest
+    return image
+
+
+def _daemon_env() -> dict:
+    env = dict(os.environ)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logfile: str,
+                  options: dict) -> tuple[subprocess.Popen, int]:
+    """Start one daemon; returns (process, read end of its ready pipe)."""
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "core.daemon", "--image", image, "--layer", str(layer),
+           "--mountpoint", mountpoint, "--control", control, "--log", logfile,
+           "--ready-fd", str(w)]
+    o = options
+    if o.get("cache_dir"):
+        cmd += ["--cache-dir", os.path.abspath(o["cache_dir"])]
+    if o.get("cache_size") is not None:
+        cmd += ["--cache-size", str(o["cache_size"])]
+    for key, flag in (("no_prefetch", "--no-prefetch"),
+                      ("no_background_fetch", "--no-background-fetch"),
+                      ("wait_prefetch", "--wait-prefetch"), ("allow_other", "--allow-other"),
+                      ("allow_unverified", "--allow-unverified"), ("debug", "--debug"),
+                      ("no_pre_resolve", "--no-pre-resolve")):
+        if o.get(key):
+            cmd.append(flag)
+    if o.get("silence") is not None:
+        cmd += ["--silence", str(o["silence"])]
+    if o.get("prefetch_size"):
+        cmd += ["--prefetch-size", str(o["prefetch_size"])]
+    if o.get("platform"):
+        cmd += ["--platform", o["platform"]]
+    if o.get("resolve_timeout"):
+        cmd += ["--resolve-timeout", str(o["resolve_timeout"])]
+    logfd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd,
+                                pass_fds=(w,), cwd="/", env=_daemon_env(),
+                                start_new_session=True)
+    finally:
+        os.close(logfd)
+        os.close(w)
+    return proc, r
+
+
+def _wait_ready(proc: subprocess.Popen, rfd: int, timeout: float, logfile: str) -> None:
+    deadline = time.monotonic() + timeout
+    buf = b""
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([rfd], [], [], min(0.5, max(0.0, deadline - time.monotonic())))
+            if ready:
+                piece = os.read(rfd, 4096)
+                if not piece:
+                    break
+                buf += piece
+                if buf.endswith(b"\n"):
+                    break
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(rfd)
+    line = buf.decode(errors="replace").strip()
+    if line == "ok":
+        return
+    if line.startswith("error"):
+        raise MountError(line[5:].strip())
+    if proc.poll() is None:
+        raise MountError(f"the mount daemon did not become ready in {timeout:g} s (log: {logfile})")
+    raise MountError(f"the mount daemon exited with status {proc.returncode} (log: {logfile})")
+
+
+def _overlay_mount(lowers: list[str], mountpoint: str, allow_other: bool) -> str:
+    """Mount an overlay of ``lowers`` (top first) at ``mountpoint``; returns the kind."""
+    if len(lowers) == 1:  # overlayfs needs two lower dirs without an upper
+        empty = _private_dir(os.path.join(state_dir(), "empty"))
+        lowers = lowers + [empty]
+    lowerdir = ":".join(p.replace(":", "\\:").replace(",", "\\,") for p in lowers)
+    if os.geteuid() == 0:
+        opts = f"lowerdir={lowerdir}"
+        r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts + ",ro,nosuid,nodev",
+                            mountpoint], capture_output=True, text=True, timeout=60)
+        if r.returncode == 0:
+            return "overlay"
+        log.warning("kernel overlay mount failed (%s); trying fuse-overlayfs", r.stderr.strip())
+    exe = shutil.which("fuse-overlayfs")
+    if not exe:
+        raise MountError("cannot build the merged view: kernel overlayfs needs root and "
+                         "fuse-overlayfs is not installed")
+    opts = f"lowerdir={lowerdir},ro,nosuid,nodev"
+    if allow_other:
+        opts += ",allow_other"
+    r = subprocess.run([exe, "-o", opts, mountpoint], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise MountError(f"fuse-overlayfs failed: {r.stderr.strip() or r.returncode}")
+    return "fuse-overlayfs"
+
+
+async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = None,
+                      prefetch: bool = True, background_fetch: bool = True,
+                      wait_prefetch: bool = False, allow_other: bool = False,
+                      allow_unverified: bool = False, cache_dir: str | None = None,
+                      cache_size: int | None = None, debug: bool = False,
+                      silence: float | None = None, prefetch_size: int = 0,
+                      platform: str | None = None, timeout: float = READY_TIMEOUT) -> dict:
+    """Mount ``image`` (one layer with ``layer``, else the merged view) at
+    ``mountpoint``; returns the mount record once it is served."""
+    import anyio.to_thread
+
+    from .image import open_image
+
+    mp = os.path.realpath(mountpoint)
+    if not os.path.isdir(mp):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    existing = _find_record(mp)
+    if existing is not None:
+        raise MountError(f"{mp} is already a stargz-tui mount of {existing['image']} "
+                         "(unmount it first)")
+    if is_mounted(mp):
+        raise MountError(f"{mp} is already a mountpoint")
+    image = _normalise_image(image)
+    img = await open_image(image, platform=platform)
+    try:
+        if layer is not None:
+            descs = [img.layer(layer)]
+        else:
+            descs = list(img.layers)
+        if not descs:
+            raise MountError(f"{image} has no layers")
+    finally:
+        with contextlib.suppress(Exception):
+            await img.store.aclose()
+    mid = _mount_id(mp)
+    sd = state_dir()
+    logs = _private_dir(os.path.join(sd, "logs"))
+    rec = {
+        "id": mid, "mountpoint": mp, "image": image, "manifestDigest": img.manifest_digest,
+        "kind": "layer" if layer is not None else "merged",
+        "overlay": None, "created": time.time(), "layers": [],
+        "cacheDir": os.path.abspath(cache_dir) if cache_dir else None,
+        "options": {"prefetch": prefetch, "backgroundFetch": background_fetch,
+                    "allowOther": allow_other, "allowUnverified": allow_unverified,
+                    "debug": debug},
+    }
+    options = {"cache_dir": cache_dir, "cache_size": cache_size,
+               "no_prefetch": not prefetch, "no_background_fetch": not background_fetch,
+               "wait_prefetch": wait_prefetch, "allow_other": allow_other,
+               "allow_unverified": allow_unverified, "debug": debug, "silence": silence,
+               "prefetch_size": prefetch_size, "platform": platform,
+               "no_pre_resolve": layer is None}
+    procs = []
+    fds: list[int] = []
+    try:
+        for d in descs:
+            if layer is not None:
+                lmp = mp
+            else:
+                lmp = _private_dir(os.path.join(sd, "layers", mid, str(d.index)))
+            entry = {"index": d.index, "digest": d.digest, "mountpoint": lmp,
+                     "control": _socket_path(mid, d.index),
+                     "log": os.path.join(logs, f"{mid}-{d.index}.log"), "pid": None,
+                     "startTime": None}
+            proc, rfd = _spawn_daemon(image=image, layer=d.digest, mountpoint=lmp,
+                                      control=entry["control"], logfile=entry["log"],
+                                      options=options)
+            procs.append(proc)
+            fds.append(rfd)
+            entry["pid"] = proc.pid
+            entry["startTime"] = _start_time(proc.pid)
+            rec["layers"].append(entry)
+            _write_record(rec)
+        # wait for all daemons (they resolve in parallel)
+        while procs:
+            proc, rfd, entry = procs[0], fds[0], rec["layers"][len(rec["layers"]) - len(procs)]
+            procs.pop(0)
+            fds.pop(0)
+            await anyio.to_thread.run_sync(_wait_ready, proc, rfd, timeout, entry["log"])
+        if layer is None:
+            lowers = [e["mountpoint"] for e in reversed(rec["layers"])]  # top first
+            rec["overlay"] = await anyio.to_thread.run_sync(_overlay_mount, lowers, mp,
+                                                            allow_other)
+        rec["pid"] = rec["layers"][0]["pid"]
+        _write_record(rec)
+        return rec
+    except BaseException:
+        await anyio.to_thread.run_sync(_cleanup_failed, rec, fds)
+        raise
+
+
+def _cleanup_failed(rec: dict, fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    with contextlib.suppress(MountError):
+        _teardown(rec, force=True)
+
+
+def _teardown(rec: dict, force: bool) -> list[str]:
+    done = []
+    mp = rec["mountpoint"]
+    if rec.get("kind") == "merged":
+        done.append(f"{mp}: {_unmount_path(mp, force)}")
+    # after a lazily detached overlay, the layers stay busy until it is released
+    layer_force = force or any("detached" in d for d in done)
+    for e in reversed(rec["layers"]):
+        try:
+            how = _unmount_path(e["mountpoint"], layer_force)
+        except MountError:
+            if rec.get("kind") == "merged" and not force:
+                how = _unmount_path(e["mountpoint"], True)
+            else:
+                raise
+        done.append(f"{e['mountpoint']}: {how}")
+    for e in rec["layers"]:
+        _stop_daemon(e, unmount=False)
+        with contextlib.suppress(OSError):
+            if e.get("control"):
+                os.unlink(e["control"])
+    if rec.get("kind") == "merged":
+        shutil.rmtree(os.path.join(state_dir(), "layers", rec["id"]), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.unlink(_record_path(rec["id"]))
+    return done
+
+
+def unmount(mountpoint: str, *, force: bool = False) -> dict:
+    """Unmount a stargz-tui mount (see module docs). Idempotent."""
+    mp = os.path.realpath(mountpoint) if os.path.exists(mountpoint) or not os.path.isabs(
+        mountpoint) else mountpoint
+    rec = _find_record(mp)
+    if rec is None:
+        mp_abs = os.path.abspath(mountpoint)
+        fstype = mount_table().get(mp_abs)
+        if fstype is None:
+            return {"mountpoint": mp_abs, "status": "not-mounted", "steps": []}
+        if fstype != FUSE_FSTYPE:
+            raise MountError(f"{mp_abs} is a {fstype} mount not made by stargz-tui; not touching it")
+        return {"mountpoint": mp_abs, "status": "unmounted",
+                "steps": [f"{mp_abs}: {_unmount_path(mp_abs, force)}"]}
+    # a merged mount: the overlay must go first and, if busy, nothing else moves
+    if rec.get("kind") == "merged" and not force and is_mounted(rec["mountpoint"]):
+        _unmount_path(rec["mountpoint"], False)
+    elif rec.get("kind") == "layer" and not force:
+        _unmount_path(rec["mountpoint"], False)
+    steps = _teardown(rec, force)
+    return {"mountpoint": rec["mountpoint"], "status": "unmounted", "steps": steps}
+
+
+# -- listing ---------------------------------------------------------------------
+_SUM_FIELDS = ("bytesFetched", "requests", "chunksCached", "chunksTotal", "digestErrors",
+               "readErrors", "blobSize", "prefetchBytes")
+
+
+def _layer_status(e: dict, mounted: dict[str, str]) -> dict:
+    out = {"index": e["index"], "digest": e["digest"], "pid": e.get("pid"),
+           "mountpoint": e["mountpoint"], "log": e.get("log"), "state": "stale"}
+    if not _alive(e.get("pid"), e.get("startTime")):
+        out["reason"] = "daemon is not running"
+        return out
+    if e["mountpoint"] not in mounted:
+        out["reason"] = "layer is not mounted"
+        return out
+    try:
+        resp = daemon_request(e["control"], "stats", timeout=2.0)
+    except MountError as err:
+        out["reason"] = str(err)
+        return out
+    out["state"] = "serving"
+    out["stats"] = resp["stats"]
+    return out
+
+
+def mount_status(rec: dict, mounted: dict[str, str] | None = None) -> dict:
+    """A record plus live state and summed stats (the ``mounts --json`` object)."""
+    if mounted is None:
+        mounted = mount_table()
+    layers = [_layer_status(e, mounted) for e in rec["layers"]]
+    serving = all(lay["state"] == "serving" for lay in layers) and rec["mountpoint"] in mounted
+    out = {
+        "mountpoint": rec["mountpoint"], "image": rec["image"], "kind": rec.get("kind"),
+        "overlay": rec.get("overlay"), "manifestDigest": rec.get("manifestDigest"),
+        "pid": layers[0]["pid"] if layers else None, "pids": [lay["pid"] for lay in layers],
+        "state": "serving" if serving else "stale", "created": rec.get("created"),
+        "layers": layers,
+    }
+    for k in _SUM_FIELDS:
+        out[k] = sum((lay.get("stats") or {}).get(k, 0) or 0 for lay in layers)
+    out["prefetchDone"] = bool(layers) and all(
+        (lay.get("stats") or {}).get("prefetchDone", False) for lay in layers)
+    out["backgroundFetchDone"] = bool(layers) and all(
+        (lay.get("stats") or {}).get("backgroundFetchDone", False) for lay in layers)
+    if not serving:
+        reasons = [f"layer {lay['index']}: {lay['reason']}" for lay in layers if lay.get("reason")]
+        if rec["mountpoint"] not in mounted:
+            reasons.insert(0, "mountpoint is not mounted")
+        out["reason"] = "; ".join(reasons)
+    return out
+
+
+def list_mounts() -> list[dict]:
+    """Every recorded mount with live state (see :func:`mount_status`)."""
+    mounted = mount_table()
+    return [mount_status(rec, mounted) for rec in _read_records()]
+
+
+# -- the cache ---------------------------------------------------------------------
+def cache_usage(cache_dir: str | None = None) -> dict:
+    from .cache import ChunkCache
+
+    return ChunkCache(cache_dir).usage()
+
+
+def cache_prune(cache_dir: str | None = None) -> dict:
+    from .cache import ChunkCache
+
+    return ChunkCache(cache_dir).prune()

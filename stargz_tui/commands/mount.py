@@ -1,0 +1,211 @@
+"""``mount``, ``unmount``, ``mounts`` and ``cache``: thin clients of core.mount."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+from core import mount as m
+from core.cache import parse_size
+from core.errors import MountError
+
+MOUNT_EXAMPLES = """\
+examples:
+  stargz-tui mount localhost:5000/app:esgz /mnt/app          merged image (overlay of all layers)
+  stargz-tui mount oci:./layout:mini-esgz /mnt/l0 --layer 0  one raw layer
+  stargz-tui mount ghcr.io/org/app:esgz /mnt/app --wait-prefetch --cache-size 2G
+
+The mount is served by a background daemon per layer; `stargz-tui mounts` shows
+live state and `stargz-tui unmount MOUNTPOINT` stops it.
+"""
+
+UNMOUNT_EXAMPLES = """\
+examples:
+  stargz-tui unmount /mnt/app            fails (naming the processes) while files are in use
+  stargz-tui unmount /mnt/app --force    force, then lazy detach; also cleans stale mounts
+"""
+
+MOUNTS_EXAMPLES = """\
+examples:
+  stargz-tui mounts
+  stargz-tui mounts --json | jq '.[] | {mountpoint, state, bytesFetched}'
+
+--json prints a list of objects with mountpoint, image, kind, layers, pid, pids,
+state ("serving" or "stale"), bytesFetched, requests, chunksCached, chunksTotal,
+prefetchDone, backgroundFetchDone, digestErrors, readErrors (and reason when stale).
+"""
+
+CACHE_EXAMPLES = """\
+examples:
+  stargz-tui cache             usage of the chunk cache
+  stargz-tui cache --json
+  stargz-tui cache prune       delete every cached chunk
+"""
+
+
+def _human(n: int) -> str:
+    f = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if f < 1024 or unit == "TiB":
+            return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
+        f /= 1024
+    return str(n)
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+async def cmd_mount(args) -> int:
+    rec = await m.mount_image(
+        args.image, args.mountpoint, layer=args.layer, prefetch=not args.no_prefetch,
+        background_fetch=not args.no_background_fetch, wait_prefetch=args.wait_prefetch,
+        allow_other=args.allow_other, allow_unverified=args.allow_unverified,
+        cache_dir=args.cache_dir, cache_size=args.cache_size, debug=args.debug,
+        prefetch_size=args.prefetch_size or 0, platform=args.platform,
+    )
+    if args.allow_unverified:
+        print("stargz-tui: warning: layers without a TOC digest are mounted unverified",
+              file=sys.stderr)
+    what = f"layer {rec['layers'][0]['index']}" if rec["kind"] == "layer" else \
+        f"{len(rec['layers'])} layers ({rec['overlay']})"
+    pids = ", ".join(str(e["pid"]) for e in rec["layers"])
+    print(f"mounted {rec['image']} ({what}) at {rec['mountpoint']} [daemon pid {pids}]")
+    if args.foreground:
+        return _foreground(rec)
+    return 0
+
+
+def _foreground(rec: dict) -> int:
+    """Stay attached until the mount goes away or we are told to stop."""
+    stop = []
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stop:
+            st = m.mount_status(rec)
+            if st["state"] != "serving":
+                print(f"stargz-tui: mount is no longer served: {st.get('reason', '')}",
+                      file=sys.stderr)
+                break
+            time.sleep(1.0)
+    finally:
+        m.unmount(rec["mountpoint"], force=True)
+    return 0
+
+
+def cmd_unmount(args) -> int:
+    res = m.unmount(args.mountpoint, force=args.force)
+    if res["status"] == "not-mounted":
+        print(f"{res['mountpoint']}: not mounted")
+    else:
+        print(f"unmounted {res['mountpoint']}")
+    return 0
+
+
+def cmd_mounts(args) -> int:
+    mounts = m.list_mounts()
+    if args.json:
+        print(json.dumps(mounts, indent=2))
+        return 0
+    if not mounts:
+        print("no mounts")
+        return 0
+    for st in mounts:
+        pf = "done" if st["prefetchDone"] else "running"
+        total = st["chunksTotal"] or 0
+        pct = 100.0 * st["chunksCached"] / total if total else 100.0
+        bg = "done" if st["backgroundFetchDone"] else f"{pct:.0f}%"
+        print(f"{st['mountpoint']}  {st['state']}")
+        print(f"  image   {st['image']}  ({st['kind']}, {len(st['layers'])} layer(s)"
+              + (f", {st['overlay']}" if st.get("overlay") else "") + ")")
+        print(f"  pids    {', '.join(str(p) for p in st['pids'])}")
+        if st["state"] == "serving":
+            print(f"  fetched {_human(st['bytesFetched'])} in {st['requests']} requests; "
+                  f"chunks {st['chunksCached']}/{total} cached; prefetch {pf}; "
+                  f"background fetch {bg}")
+            if st["digestErrors"] or st["readErrors"]:
+                print(f"  errors  {st['digestErrors']} digest, {st['readErrors']} read")
+        else:
+            print(f"  stale:  {st.get('reason', '')} (`stargz-tui unmount --force "
+                  f"{st['mountpoint']}` cleans it up)")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    if args.action == "prune":
+        res = m.cache_prune(args.cache_dir)
+        if args.json:
+            print(json.dumps(res))
+        else:
+            print(f"removed {res['removedChunks']} chunks ({_human(res['removedBytes'])}) "
+                  f"from {res['dir']}")
+        return 0
+    u = m.cache_usage(args.cache_dir)
+    if args.json:
+        print(json.dumps(u))
+    else:
+        print(f"{u['dir']}: {u['chunks']} chunks, {_human(u['bytes'])} "
+              f"(budget {_human(u['maxBytes'])})")
+    return 0
+
+
+def register(subparsers) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser("mount", help="lazily mount an image or one layer (FUSE)",
+                              description="Mount an image (merged) or one layer read-only; "
+                                          "files are fetched on demand.",
+                              epilog=MOUNT_EXAMPLES, formatter_class=fmt)
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--layer", metavar="N|DIGEST", help="mount one raw layer (index or digest)")
+    p.add_argument("--foreground", action="store_true",
+                   help="stay attached; unmount on Ctrl-C / SIGTERM")
+    p.add_argument("--no-prefetch", action="store_true", help="skip the prefetch region")
+    p.add_argument("--no-background-fetch", action="store_true",
+                   help="fetch only what is read")
+    p.add_argument("--wait-prefetch", action="store_true",
+                   help="return only after prefetch finished")
+    p.add_argument("--prefetch-size", type=_size_arg, metavar="SIZE",
+                   help="prefetch this many blob bytes when a layer has no landmark")
+    p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="mount layers without a TOC digest annotation (warns)")
+    p.add_argument("--cache-dir", metavar="DIR", help="chunk cache directory")
+    p.add_argument("--cache-size", type=_size_arg, metavar="SIZE",
+                   help="chunk cache budget (e.g. 2G; default 4G)")
+    p.add_argument("--platform", help="os/arch of a multi-platform image")
+    p.add_argument("--debug", action="store_true", help="trace FUSE requests in the daemon log")
+    p.set_defaults(func=cmd_mount)
+
+    p = subparsers.add_parser("unmount", aliases=["umount"], help="unmount a stargz-tui mount",
+                              epilog=UNMOUNT_EXAMPLES, formatter_class=fmt)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--force", "-f", action="store_true",
+                   help="force / lazily detach a busy mount and stop its daemons")
+    p.set_defaults(func=cmd_unmount)
+
+    p = subparsers.add_parser("mounts", help="list mounts with live fetch state",
+                              epilog=MOUNTS_EXAMPLES, formatter_class=fmt)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_mounts)
+
+    p = subparsers.add_parser("cache", help="chunk cache usage; `cache prune` empties it",
+                              epilog=CACHE_EXAMPLES, formatter_class=fmt)
+    p.add_argument("action", nargs="?", choices=["show", "prune"], default="show")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--cache-dir", metavar="DIR")
+    p.set_defaults(func=cmd_cache)
+
+
+__all__ = ["register", "MountError"]
