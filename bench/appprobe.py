@@ -1,23 +1,82 @@
-"""B8 probe: time until the app's layer screen shows the tree of a layer.
+"""B8 probe: the app opens the layer screen of a big layer.
 
     python -m bench.appprobe IMAGE_REF
 
-Prints one JSON line. Filled in against ``stargz_tui.app`` once it exists.
+Runs :class:`stargz_tui.app.StargzApp` headless (Textual's ``run_test``) on
+the image, waits until the image screen has the layer (its TOC loaded), then
+opens layer 0 the way Enter does and waits until the layer screen's tree is
+mounted, has its first level and the screen has refreshed. Prints one JSON
+line: ``seconds`` (open -> tree painted, the figure) and
+``from_start_seconds`` (app start -> tree painted, TOC fetch included).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
+import time
+
+LIMIT = 120.0
+
+
+async def _until(pilot, pred, what: str, limit: float = LIMIT):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        await pilot.pause(0.005)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _tree(screen):
+    from textual.widgets import Tree
+
+    for w in screen.query(Tree):
+        if w.is_mounted and w.root is not None and (w.root.children or w.root.is_expanded):
+            return w
+    return None
+
+
+async def probe(ref: str) -> dict:
+    from stargz_tui.app import StargzApp
+
+    t_start = time.perf_counter()
+    app = StargzApp(ref)
+    async with app.run_test(size=(140, 45), headless=True) as pilot:
+        def image_ready():
+            s = app.screen
+            if type(s).__name__ != "ImageScreen":
+                return None
+            session = getattr(s, "session", None)
+            views = getattr(session, "views", None)
+            if views and views[0] is not None and getattr(views[0], "index", None) is not None:
+                return s
+            return None
+
+        screen = await _until(pilot, image_ready, "the image screen with layer 0 loaded")
+        t_loaded = time.perf_counter()
+        t0 = time.perf_counter()
+        screen.action_open_layer()
+        await _until(pilot, lambda: type(app.screen).__name__ == "LayerScreen", "the layer screen")
+        tree = await _until(pilot, lambda: _tree(app.screen), "the layer screen's tree")
+        await pilot.pause()  # one refresh: the first paint
+        t1 = time.perf_counter()
+        nodes = len(tree.root.children)
+    return {"seconds": t1 - t0, "from_start_seconds": t1 - t_start,
+            "image_loaded_seconds": t_loaded - t_start, "first_level_nodes": nodes}
 
 
 def main(argv: list[str]) -> int:
     try:
-        import stargz_tui.app  # noqa: F401
+        import stargz_tui.screens.layer  # noqa: F401
     except ImportError as e:
-        print(f"stargz_tui.app is not there yet ({e})", file=sys.stderr)
+        print(f"the app's layer screen is not there yet ({e})", file=sys.stderr)
         return 1
-    print("app probe not written yet", file=sys.stderr)
-    return 1
+    out = asyncio.run(probe(argv[0]))
+    print(json.dumps(out), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

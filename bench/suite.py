@@ -439,7 +439,8 @@ def b8(ctx: Ctx) -> dict:
 
 
 def _probe_app(ctx: Ctx) -> dict:
-    p = subprocess.run([PY, "-m", "bench.appprobe", ctx.refs["many"]], capture_output=True,
+    ref = ctx.refs["many"] if ctx.source == "registry" else ctx.oci_refs["many"]
+    p = subprocess.run([PY, "-m", "bench.appprobe", ref], capture_output=True,
                        timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     if p.returncode != 0:
         tail = (p.stderr.decode().strip().splitlines() or ["?"])[-1]
