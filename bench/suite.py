@@ -421,6 +421,19 @@ def b7(ctx: Ctx) -> dict:
         out["met"] = out["ratio"] >= 1.0
     else:
         out["notes"].append("ratarmount not installed")
+    # Context: what a pyfuse3 filesystem answering from memory does here.
+    cmp_ = ctx.mp("ceiling")
+    size = ctx.layers["text"]["file_size"]
+    with fsutil.MountProcess([PY, "-m", "bench.ceilingfs", cmp_, str(size)], cmp_, ready="line",
+                             env={**os.environ, "PYTHONPATH": ROOT}):
+        path = os.path.join(cmp_, gen.TEXT_FILE)
+        iops = []
+        for i in range(ctx.runs):
+            fsutil.drop_caches()
+            iops.append(fsutil.random_reads([(path, size)], count, seed=i))
+    out["ceiling_iops"] = median(iops)
+    out["notes"].append(f"pyfuse3 memory ceiling for the same access pattern: "
+                        f"{out['ceiling_iops']:.0f} IOPS")
     out["target"] = ">= ratarmount"
     return out
 
