@@ -171,7 +171,8 @@ class LayerReader:
         return data
 
     # -- fetching ------------------------------------------------------
-    def _plan(self, need: list[Chunk], extend: bool = True) -> list[list[Chunk]]:
+    def _plan(self, need: list[Chunk], extend: bool = True,
+              neighbours: int | None = None) -> list[list[Chunk]]:
         """Group missing chunks (blob order) into range requests, adding
         missing neighbours that fit the window."""
         ix = self.index
@@ -189,11 +190,12 @@ class LayerReader:
                 g = [c]
                 groups.append(g)
             taken.add(c.index)
-        if extend and self.neighbours > 0:
+        neighbours = self.neighbours if neighbours is None else neighbours
+        if extend and neighbours > 0:
             for g in groups:
                 j = g[-1].index + 1
                 gend = max(x.end for x in g)
-                limit = min(g[0].offset + self.window, gend + self.neighbours)
+                limit = min(g[0].offset + self.window, gend + neighbours)
                 while j < n:
                     if self._cached[j] or j in self._inflight or j in taken:
                         break
@@ -433,7 +435,7 @@ class LayerReader:
             async with self.tasks.background():
                 if self._cached[i] or i in self._inflight:
                     continue
-                group = self._plan([self.index.chunk(i)])[0]
+                group = self._plan([self.index.chunk(i)], neighbours=self.window)[0]
                 flights = {}
                 for c in group:
                     f = _Flight()
