@@ -8,6 +8,7 @@ parsing run in a worker thread so an event loop serving FUSE stays free.
 from __future__ import annotations
 
 import hashlib
+import io
 import tarfile
 
 import anyio.to_thread
@@ -23,6 +24,10 @@ from .toc import TOC_TAR_NAME, LayerIndex, build_index
 TAIL_READ = 1 << 20
 # The largest TOC we agree to inflate (a 1M-entry TOC is ~300 MB of JSON).
 MAX_TOC_BYTES = 512 << 20
+# TOC JSON (names, hex digests) compresses a few times over, never 100x:
+# a TOC claiming more than this ratio (above a small floor) is a bomb.
+MAX_TOC_RATIO = 100
+TOC_RATIO_FLOOR = 16 << 20
 HEAD_READ = 512
 
 
@@ -38,38 +43,61 @@ async def read_footer(source: BlobSource) -> Footer:
 
 
 def _inflate_gzip_toc(region: bytes) -> bytes:
+    # Inflate the tar header first and trust nothing past the size it states:
+    # a TOC member that inflates to gigabytes (a gzip bomb) is refused after
+    # 512 bytes of output, not after MAX_TOC_BYTES of memory.
     d = isal_zlib.decompressobj(31)
     try:
-        out = d.decompress(region, MAX_TOC_BYTES + 1)
+        head = d.decompress(region, 512)
     except isal_zlib.error as e:
         raise FormatError(f"TOC is not valid gzip: {e}") from None
-    if len(out) > MAX_TOC_BYTES:
-        raise FormatError(f"TOC inflates to more than {MAX_TOC_BYTES >> 20} MiB; refused")
-    if len(out) < 512:
+    if len(head) < 512:
         raise FormatError("TOC member is too short to hold a tar header")
     try:
-        info = tarfile.TarInfo.frombuf(out[:512], "utf-8", "surrogateescape")
+        info = tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
     except tarfile.TarError as e:
         raise FormatError(f"TOC tar header is invalid: {e}") from None
     if info.name != TOC_TAR_NAME:
         raise FormatError(f"TOC member is {info.name!r}, not {TOC_TAR_NAME!r}")
-    if 512 + info.size > len(out):
+    if info.size > MAX_TOC_BYTES:
+        raise FormatError(
+            f"TOC says it inflates to {info.size} bytes, more than {MAX_TOC_BYTES >> 20} MiB; refused"
+        )
+    if info.size > max(TOC_RATIO_FLOOR, MAX_TOC_RATIO * len(region)):
+        raise FormatError(
+            f"TOC says it inflates {len(region)} compressed bytes to {info.size} "
+            f"(over {MAX_TOC_RATIO}x); refused as a decompression bomb"
+        )
+    try:
+        out = d.decompress(d.unconsumed_tail, info.size) if info.size else b""
+    except isal_zlib.error as e:
+        raise FormatError(f"TOC is not valid gzip: {e}") from None
+    if len(out) < info.size:
         raise FormatError("TOC member is truncated")
-    return out[512 : 512 + info.size]
+    return out
 
 
 def _inflate_zstd_toc(region: bytes, uncompressed_size: int | None) -> bytes:
-    limit = min(uncompressed_size or MAX_TOC_BYTES, MAX_TOC_BYTES)
     if uncompressed_size and uncompressed_size > MAX_TOC_BYTES:
         raise FormatError(f"TOC inflates to more than {MAX_TOC_BYTES >> 20} MiB; refused")
+    limit = min(uncompressed_size or MAX_TOC_BYTES, MAX_TOC_BYTES,
+                max(TOC_RATIO_FLOOR, MAX_TOC_RATIO * len(region)))
+    # Read at most limit + 1 bytes: a frame that inflates further (a zstd
+    # bomb, or a footer that lies) is refused without holding all of it.
     try:
-        d = zstandard.ZstdDecompressor().decompressobj()
-        out = d.decompress(region)
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(region))
+        parts, got = [], 0
+        while got <= limit:
+            piece = reader.read(min(16 << 20, limit + 1 - got))
+            if not piece:
+                break
+            parts.append(piece)
+            got += len(piece)
     except zstandard.ZstdError as e:
         raise FormatError(f"TOC is not valid zstd: {e}") from None
-    if len(out) > limit:
+    if got > limit:
         raise FormatError("TOC inflates to more than its footer says; refused")
-    return out
+    return b"".join(parts)
 
 
 def parse_toc_region(footer: Footer, region: bytes, *, blob_digest: str, blob_size: int,
