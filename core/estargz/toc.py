@@ -439,6 +439,10 @@ def build_index(toc_json: bytes, *, format: str, blob_digest: str, blob_size: in
     """Parse TOC JSON bytes into a :class:`LayerIndex`. CPU-heavy: run it in a
     worker thread from async code. Raises :class:`FormatError` on a TOC that
     is not valid or makes claims outside the blob."""
+    # Every entry is one JSON object (two with xattrs): far more braces than
+    # that is a TOC built to exhaust memory in the parser; refuse it unparsed.
+    if toc_json.count(b"{") > 2 * MAX_ENTRIES + 16:
+        raise FormatError(f"TOC holds more objects than {MAX_ENTRIES} entries could; refused")
     try:
         doc = json.loads(toc_json)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -473,13 +477,19 @@ def build_index(toc_json: bytes, *, format: str, blob_digest: str, blob_size: in
     add("", DIR, 0)
 
     def ensure_dir(path: str) -> int:
+        # Iterative, not recursive: a 1000-deep implicit path must not hit
+        # Python's recursion limit.
+        missing = []
         id = by_path.get(path)
-        if id is not None:
-            if types[id] != DIR:
-                raise FormatError(f"TOC entry {path!r} is used as a directory but is a {TYPES[types[id]]}")
-            return id
-        parent = ensure_dir(posixpath.dirname(path)) if "/" in path else 0
-        return add(path, DIR, parent)
+        while id is None:
+            missing.append(path)
+            path = posixpath.dirname(path) if "/" in path else ""
+            id = by_path.get(path)
+        if types[id] != DIR:
+            raise FormatError(f"TOC entry {path!r} is used as a directory but is a {TYPES[types[id]]}")
+        for p in reversed(missing):
+            id = add(p, DIR, id)
+        return id
 
     # Raw chunk records: (entry_id, file_off, size, offset, end_hint, inner, digest-bytes|None)
     raw_chunks: list[tuple] = []
