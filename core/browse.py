@@ -1,0 +1,494 @@
+"""View models for browsing an image: what the app (and any other front end)
+shows about layers, entries and chunks, computed from the core's models.
+
+Pure core: no Textual here. Everything that knows formats (chunks, prefetch
+regions, TOC digests, whiteouts) lives here or below; the screens only render
+what these functions return.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.to_thread
+
+from .errors import ChunkDigestError, CoreError, DigestMismatchError, FormatError
+from .estargz import LayerIndex, decode_chunk, load_layer_index, read_file_range
+from .estargz.toc import DIR, REG, Chunk, Entry
+from .image import Image, LayerDescriptor
+from .overlay import MergedTree, layer_status
+
+# TOC digest states of a layer.
+TOC_VERIFIED = "verified"
+TOC_MISMATCH = "mismatch"
+TOC_ABSENT = "absent"      # no toc.digest annotation: the TOC cannot be trusted
+TOC_NONE = "-"             # the layer has no TOC at all (plain gzip/zstd/tar)
+
+# Chunk states, in order of precedence when several share one map cell.
+CHUNK_FAILED = "failed"
+CHUNK_CACHED = "cached"
+CHUNK_PREFETCH = "prefetch"
+CHUNK_MISSING = "missing"
+_PRECEDENCE = {CHUNK_FAILED: 3, CHUNK_CACHED: 2, CHUNK_PREFETCH: 1, CHUNK_MISSING: 0}
+
+FORMAT_LABELS = {
+    "estargz": "eStargz", "zstdchunked": "zstd:chunked", "stargz": "stargz",
+    "gzip": "gzip", "zstd": "zstd", "tar": "tar",
+}
+
+# Change markers (dive-style) against the layers below.
+ADDED, MODIFIED, REMOVED = "added", "modified", "removed"
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def short_digest(d: str | None, n: int = 12) -> str:
+    if not d:
+        return "-"
+    algo, _, hexd = d.partition(":")
+    return f"{algo}:{hexd[:n]}" if hexd else d[:n]
+
+
+def format_from_media_type(media_type: str) -> str:
+    if media_type.endswith("+zstd"):
+        return "zstd"
+    if media_type.endswith("gzip"):
+        return "gzip"
+    return "tar"
+
+
+# ---------------------------------------------------------------- layers
+@dataclass
+class LayerView:
+    """One row of the image's layers table, plus the loaded index (if any)."""
+
+    desc: LayerDescriptor
+    index: LayerIndex | None = None
+    format: str = "-"
+    toc_state: str = TOC_NONE
+    error: str | None = None
+    cached_chunks: int = 0
+    failed_chunks: set[int] = field(default_factory=set)
+    verified: str | None = None  # None, "toc", "full"
+
+    @property
+    def entries(self) -> int | None:
+        return len(self.index) if self.index is not None else None
+
+    @property
+    def chunks(self) -> int | None:
+        return self.index.num_chunks if self.index is not None else None
+
+    @property
+    def prefetch_bytes(self) -> int | None:
+        ix = self.index
+        if ix is None:
+            return None
+        return ix.prefetch_end if ix.prefetch_end is not None else 0
+
+    @property
+    def cached_percent(self) -> float | None:
+        if self.index is None or not self.index.num_chunks:
+            return None
+        return 100.0 * self.cached_chunks / self.index.num_chunks
+
+    @property
+    def format_label(self) -> str:
+        return FORMAT_LABELS.get(self.format, self.format)
+
+
+async def open_layer(image: Image, desc: LayerDescriptor, cache=None) -> LayerView:
+    """Load a layer's TOC and classify it. Never raises for a bad layer: the
+    problem is recorded in ``error`` (one sentence) so a table can show it."""
+    view = LayerView(desc=desc)
+    try:
+        source = image.store.blob_source(desc.digest, desc.size)
+        index = await load_layer_index(source)
+    except FormatError as e:
+        view.format = format_from_media_type(desc.media_type)
+        view.error = str(e)
+        return view
+    except CoreError as e:
+        view.error = str(e)
+        return view
+    view.index = index
+    view.format = index.format
+    ann = desc.toc_digest_annotation
+    if not ann:
+        view.toc_state = TOC_ABSENT
+    elif ann == index.toc_digest:
+        view.toc_state = TOC_VERIFIED
+    else:
+        view.toc_state = TOC_MISMATCH
+        view.error = (f"the TOC digest {short_digest(index.toc_digest)} does not match the "
+                      f"annotation {short_digest(ann)}")
+    if cache is not None:
+        view.cached_chunks = await anyio.to_thread.run_sync(count_cached, index, cache)
+    return view
+
+
+def default_cache():
+    """The chunk cache the mounts share (None if the cache module is absent)."""
+    try:
+        from .cache import ChunkCache
+    except ImportError:  # pragma: no cover - the cache is optional for browsing
+        return None
+    try:
+        return ChunkCache()
+    except OSError:
+        return None
+
+
+def _cache_key(index: LayerIndex, chunk: Chunk) -> str:
+    from .cache import chunk_key
+
+    return chunk_key(index.blob_digest, chunk)
+
+
+def count_cached(index: LayerIndex, cache) -> int:
+    """How many of the layer's chunks the cache holds (blocking: disk stats)."""
+    if cache is None:
+        return 0
+    return sum(1 for c in index.all_chunks() if cache.has(_cache_key(index, c)))
+
+
+def chunk_states(index: LayerIndex, chunks: list[Chunk], *, cache=None,
+                 failed: set[int] | frozenset = frozenset()) -> list[str]:
+    """The state of each chunk: failed verification, cached, in the prefetch
+    region (not yet cached) or missing."""
+    pf = index.prefetch_end
+    out = []
+    for c in chunks:
+        if c.index in failed:
+            out.append(CHUNK_FAILED)
+        elif cache is not None and cache.has(_cache_key(index, c)):
+            out.append(CHUNK_CACHED)
+        elif pf is not None and c.offset < pf:
+            out.append(CHUNK_PREFETCH)
+        else:
+            out.append(CHUNK_MISSING)
+    return out
+
+
+def layer_chunk_states(index: LayerIndex, *, cache=None,
+                       failed: set[int] | frozenset = frozenset()) -> list[str]:
+    return chunk_states(index, list(index.all_chunks()), cache=cache, failed=failed)
+
+
+def chunk_map(states: list[str], width: int) -> list[str]:
+    """Bucket chunk states into ``width`` cells (or fewer for few chunks); each
+    cell shows its most important state (failed > cached > prefetch > missing)."""
+    n = len(states)
+    if n == 0 or width <= 0:
+        return []
+    if n <= width:
+        return list(states)
+    cells = []
+    for i in range(width):
+        lo = i * n // width
+        hi = max(lo + 1, (i + 1) * n // width)
+        cells.append(max(states[lo:hi], key=_PRECEDENCE.__getitem__))
+    return cells
+
+
+def prefetch_progress(index: LayerIndex, states: list[str]) -> tuple[int, int]:
+    """(cached, total) chunks of the prefetch region; ``states`` in blob order."""
+    total = index.prefetch_chunk_count
+    done = sum(1 for s in states[:total] if s == CHUNK_CACHED)
+    return done, total
+
+
+# ---------------------------------------------------------------- entries
+TYPE_SYMBOLS = {"dir": "d", "reg": "-", "symlink": "l", "hardlink": "h",
+                "char": "c", "block": "b", "fifo": "p"}
+
+
+def mode_string(entry: Entry) -> str:
+    m = entry.mode
+    bits = stat.filemode(m & 0o7777)[1:]
+    return TYPE_SYMBOLS.get(entry.type, "?") + bits
+
+
+def entry_details(index: LayerIndex, entry: Entry) -> list[tuple[str, str]]:
+    """Label/value pairs for an entry's detail pane."""
+    import datetime
+
+    rows = [("path", "/" + entry.path), ("type", entry.type), ("mode", mode_string(entry)),
+            ("owner", f"{entry.uname or entry.uid}:{entry.gname or entry.gid}"
+                      f" ({entry.uid}:{entry.gid})")]
+    if entry.type in ("reg", "hardlink"):
+        rows.append(("size", f"{human_size(entry.size)} ({entry.size} bytes)"))
+    if entry.mtime:
+        ts = datetime.datetime.fromtimestamp(entry.mtime, datetime.UTC)
+        rows.append(("mtime", ts.strftime("%Y-%m-%d %H:%M:%S UTC")))
+    if entry.link_name:
+        rows.append(("link", entry.link_name))
+    if entry.type in ("char", "block"):
+        rows.append(("device", f"{entry.dev_major}:{entry.dev_minor}"))
+    if entry.num_link > 1:
+        rows.append(("links", str(entry.num_link)))
+    if entry.digest:
+        rows.append(("digest", entry.digest))
+    for k, v in sorted(entry.xattrs.items()):
+        try:
+            text = v.decode()
+        except UnicodeDecodeError:
+            text = v.hex()
+        rows.append((f"xattr {k}", text))
+    if entry.is_whiteout:
+        rows.append(("whiteout", f"hides {entry.whiteout_target} in lower layers"))
+    if entry.is_opaque_marker:
+        rows.append(("opaque", "hides everything lower layers have in this directory"))
+    chunks = index.chunks(entry)
+    if chunks:
+        rows.append(("chunks", str(len(chunks))))
+    return rows
+
+
+@dataclass(frozen=True)
+class Node:
+    """A tree node: an entry of layer ``layer_no`` shown at ``path``."""
+
+    path: str
+    name: str
+    layer_no: int
+    entry_id: int
+    is_dir: bool
+    marker: str | None = None  # added / modified / removed
+
+
+class LayerBrowser:
+    """The tree model of one layer: raw (this layer's TOC) or merged (the
+    image as it looks with this layer on top), with dive-style markers."""
+
+    def __init__(self, indexes: list[LayerIndex | None], n: int):
+        self.indexes = indexes
+        self.n = n
+        self.index = indexes[n]
+        lower = [ix for ix in indexes[:n] if ix is not None]
+        self._all_loaded = len(lower) == n
+        self.markers: dict[str, str] = (
+            layer_status(lower + [self.index], len(lower)) if self.index is not None else {})
+        self._merged = MergedTree(lower + [self.index]) if self._all_loaded else None
+
+    @property
+    def can_merge(self) -> bool:
+        return self._merged is not None
+
+    def _layer_of(self, merged_layer_no: int) -> int:
+        return merged_layer_no
+
+    def children(self, path: str, *, merged: bool = False) -> list[Node]:
+        if merged and self._merged is not None:
+            out = []
+            for name, li, e in self._merged.children(path):
+                p = f"{path}/{name}" if path else name
+                mk = self.markers.get(p) if li == self.n else None
+                out.append(Node(p, name, li, e.id, e.type_code == DIR, mk))
+            return out
+        ix = self.index
+        d = ix.lookup(path) if path else ix.root
+        if d is None or d.type_code != DIR:
+            return []
+        out = []
+        for e in ix.children(d):
+            p = f"{path}/{e.name}" if path else e.name
+            if e.is_whiteout:
+                parent = path
+                target = (parent + "/" if parent else "") + e.whiteout_target
+                mk = REMOVED if self.markers.get(target) == REMOVED else None
+            else:
+                mk = self.markers.get(p)
+            out.append(Node(p, e.name, self.n, e.id, e.type_code == DIR, mk))
+        return out
+
+    def entry(self, node: Node) -> Entry:
+        ix = self.indexes[node.layer_no]
+        return ix.entry(node.entry_id)
+
+    def search(self, text: str = "", *, types: set[str] | None = None,
+               min_size: int = 0, limit: int = 5000) -> list[str]:
+        """Paths of raw entries whose name contains ``text`` (case-insensitive)
+        and match the type and size filters; at most ``limit``."""
+        ix = self.index
+        needle = text.lower()
+        out = []
+        names, tcodes, sizes = ix._names, ix._types, ix._sizes
+        from .estargz.toc import TYPES
+
+        want = {TYPES.index(t) for t in types} if types else None
+        for i in range(1, len(names)):
+            if needle and needle not in names[i].lower():
+                continue
+            if want is not None and tcodes[i] not in want:
+                continue
+            if min_size and sizes[i] < min_size:
+                continue
+            out.append(ix.path_of(i))
+            if len(out) >= limit:
+                break
+        return out
+
+    def wasted(self) -> tuple[int, list[tuple[str, int]]]:
+        """Bytes of this layer's regular files that upper layers replace or
+        remove (they are still downloaded), with the paths, biggest first."""
+        uppers = self.indexes[self.n:]
+        if any(ix is None for ix in uppers) or not self._all_loaded or len(uppers) <= 1:
+            return 0, []
+        lower = self.indexes[: self.n]
+        top = MergedTree(list(lower) + list(uppers))
+        ix = self.index
+        items = []
+        for e in ix.iter_entries():
+            if e.type_code != REG or e.size == 0:
+                continue
+            hit = top.lookup(e.path)
+            if hit is None or hit[0] != self.n:
+                items.append((e.path, e.size))
+        items.sort(key=lambda t: (-t[1], t[0]))
+        return sum(s for _, s in items), items
+
+
+def ancestors_of(paths: list[str]) -> set[str]:
+    """Every directory path on the way to ``paths`` (for a filtered tree)."""
+    out: set[str] = {""}
+    for p in paths:
+        parts = p.split("/")
+        for k in range(1, len(parts)):
+            out.add("/".join(parts[:k]))
+    return out
+
+
+# ---------------------------------------------------------------- actions
+ProgressFn = Callable[[int, int, str], None]
+
+
+async def verify_layer_chunks(index: LayerIndex, source, *, progress: ProgressFn | None = None,
+                              window: int = 4 << 20) -> tuple[set[int], list[str]]:
+    """Fetch and check every chunk of the layer. Returns the indexes of the
+    chunks that fail and one message per failure; ``progress(done, total, msg)``
+    is called as chunks complete. Cancel by cancelling the calling task."""
+    chunks = list(index.all_chunks())
+    total = len(chunks)
+    failed: set[int] = set()
+    errors: list[str] = []
+    done = 0
+    i = 0
+    while i < total:
+        j = i + 1
+        start = chunks[i].offset
+        end = chunks[i].end
+        while j < total and chunks[j].offset <= end and chunks[j].end - start <= window:
+            end = max(end, chunks[j].end)
+            j += 1
+        blob = await source.read_range(start, end - start)
+        for c in chunks[i:j]:
+            piece = blob[c.offset - start : c.end - start]
+            path = index.path_of(c.entry_id)
+            try:
+                await anyio.to_thread.run_sync(decode_chunk, index.format, piece, c, path)
+            except ChunkDigestError as e:
+                failed.add(c.index)
+                errors.append(str(e))
+            done += 1
+        if progress:
+            progress(done, total, index.path_of(chunks[j - 1].entry_id))
+        i = j
+    return failed, errors
+
+
+async def verify_toc(image: Image, desc: LayerDescriptor) -> LayerIndex:
+    """Load the layer's TOC requiring it to match its annotation."""
+    source = image.store.blob_source(desc.digest, desc.size)
+    return await load_layer_index(source, expected_toc_digest=desc.toc_digest_annotation,
+                                  require_toc_digest=True)
+
+
+TEXT_VIEW_LIMIT = 256 << 10
+
+
+async def read_text(index: LayerIndex, source, entry: Entry,
+                    limit: int = TEXT_VIEW_LIMIT) -> tuple[str, bool]:
+    """The start of a regular file as text (fetching only the chunks needed)
+    and whether it was cut at ``limit``. Raises FormatError for binary data."""
+    target = index.entry(entry.target_id) if entry.target_id is not None else entry
+    if target.type_code != REG:
+        raise FormatError(f"/{entry.path} is a {entry.type}, not a regular file")
+    data = await read_file_range(index, source, target, 0, min(limit, target.size))
+    if b"\0" in data[:8192]:
+        raise FormatError(f"/{entry.path} looks binary; extract it instead")
+    return data.decode("utf-8", errors="replace"), target.size > limit
+
+
+async def extract(index: LayerIndex, source, entry: Entry, dest: str, *,
+                  progress: ProgressFn | None = None) -> int:
+    """Write ``entry`` (a file, or a directory with everything below it) under
+    the directory ``dest``, fetching only the chunks of the files written.
+    Returns the number of bytes written."""
+    dest = os.path.abspath(dest)
+    os.makedirs(dest, exist_ok=True)
+    base = entry.path.rsplit("/", 1)[0] if "/" in entry.path else ""
+    todo: list[Entry] = []
+    stack = [entry]
+    while stack:
+        e = stack.pop()
+        if e.is_whiteout or e.is_opaque_marker:
+            continue
+        todo.append(e)
+        if e.type_code == DIR:
+            stack.extend(reversed(index.children(e)))
+    total = sum(e.size for e in todo if e.type in ("reg",))
+    written = 0
+    for e in todo:
+        rel = e.path[len(base):].lstrip("/") if base else e.path
+        out = os.path.join(dest, rel or e.name or ".")
+        if not os.path.abspath(out).startswith(dest):
+            raise FormatError(f"refusing to write {e.path} outside {dest}")
+        if e.type == "dir":
+            os.makedirs(out, exist_ok=True)
+        elif e.type in ("reg", "hardlink"):
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            target = index.entry(e.target_id) if e.target_id is not None else e
+            with open(out, "wb") as f:
+                pos = 0
+                while pos < target.size:
+                    n = min(8 << 20, target.size - pos)
+                    data = await read_file_range(index, source, target, pos, n)
+                    f.write(data)
+                    pos += n
+                    written += len(data)
+                    if progress:
+                        progress(written, total, e.path)
+            os.chmod(out, e.mode & 0o777)
+        elif e.type == "symlink":
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            if os.path.lexists(out):
+                os.unlink(out)
+            os.symlink(e.link_name, out)
+        # devices and fifos are skipped: they need privileges and carry no data
+    if progress:
+        progress(written, total, "")
+    return written
+
+
+__all__ = [
+    "ADDED", "CHUNK_CACHED", "CHUNK_FAILED", "CHUNK_MISSING", "CHUNK_PREFETCH",
+    "DigestMismatchError", "LayerBrowser", "LayerView", "MODIFIED", "Node", "REMOVED",
+    "TOC_ABSENT", "TOC_MISMATCH", "TOC_NONE", "TOC_VERIFIED", "ancestors_of", "chunk_map",
+    "chunk_states", "count_cached", "default_cache", "entry_details", "extract",
+    "human_size", "layer_chunk_states", "mode_string", "open_layer", "prefetch_progress",
+    "read_text", "short_digest", "verify_layer_chunks", "verify_toc",
+]

@@ -1,0 +1,288 @@
+"""Image: manifest / index, platform picker, config summary, layers table."""
+
+from __future__ import annotations
+
+import json
+
+from rich.table import Table
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.widgets import (
+    DataTable,
+    Footer,
+    Header,
+    LoadingIndicator,
+    Select,
+    Static,
+    TabbedContent,
+    TabPane,
+)
+
+from core import browse
+
+from .base import BaseScreen
+
+TOC_STYLE = {browse.TOC_VERIFIED: "green", browse.TOC_MISMATCH: "bold red",
+             browse.TOC_ABSENT: "yellow", browse.TOC_NONE: "dim"}
+
+
+class ImageScreen(BaseScreen):
+    BINDINGS = [
+        Binding("enter", "open_layer", "Open layer", id="open_layer", show=False),
+        Binding("v", "verify", "Verify", id="verify"),
+        Binding("c", "copy_digest", "Copy digest", id="copy"),
+        Binding("m", "mount_layer", "Mount layer", id="mount_layer"),
+        Binding("i", "mount_image", "Mount image", id="mount_image"),
+        Binding("p", "platform", "Platform", id="platform"),
+        Binding("r", "reload", "Reload", id="reload"),
+    ]
+
+    def __init__(self, ref_text: str, platform: str | None = None):
+        super().__init__()
+        self.ref_text = ref_text
+        self.platform = platform
+        self.session = None
+        self.mounts: list[dict] = []
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(id="image-info")
+        yield Select([], prompt="platform", id="platform", allow_blank=True)
+        with TabbedContent(id="image-tabs"):
+            with TabPane("Layers", id="tab-layers"):
+                yield DataTable(id="layers", cursor_type="row", zebra_stripes=True)
+            with TabPane("Config", id="tab-config"):
+                yield VerticalScroll(Static(id="config"))
+            with TabPane("History", id="tab-history"):
+                yield DataTable(id="history", cursor_type="row")
+            with TabPane("Manifest", id="tab-manifest"):
+                yield VerticalScroll(Static(id="manifest"))
+        yield LoadingIndicator(id="loading")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = self.ref_text
+        self.query_one("#platform").display = False
+        t = self.query_one("#layers", DataTable)
+        t.add_column("#", key="n")
+        t.add_column("digest", key="digest")
+        t.add_column("size", key="size")
+        t.add_column("format", key="format")
+        t.add_column("TOC", key="toc")
+        t.add_column("entries", key="entries")
+        t.add_column("chunks", key="chunks")
+        t.add_column("prefetch", key="prefetch")
+        t.add_column("cached", key="cached")
+        t.add_column("mounted", key="mounted")
+        h = self.query_one("#history", DataTable)
+        h.add_columns("#", "created by", "empty")
+        self.load()
+        self.refresh_mounts()
+        self.query_one("#layers", DataTable).focus()
+
+    def on_screen_resume(self) -> None:
+        if self.session is not None:
+            self.refresh_layers()
+        self.refresh_mounts()
+
+    # -- loading ---------------------------------------------------------------------
+    @work(exclusive=True, group="load")
+    async def load(self) -> None:
+        self.query_one("#loading").display = True
+        try:
+            self.session = await self.services.open_image(self.ref_text, self.platform)
+        except Exception as e:  # noqa: BLE001 - shown as one sentence
+            self.query_one("#loading").display = False
+            self.query_one("#image-info", Static).update(Text(f"Cannot open {self.ref_text}", "red"))
+            self.fail(e)
+            return
+        self.show_image()
+        for n in range(len(self.session.image.layers)):
+            await self.services.load_layer(self.session, n)
+            self.refresh_layers()
+        self.query_one("#loading").display = False
+        bad = [v for v in self.session.views if v is not None and v.toc_state == browse.TOC_MISMATCH]
+        if bad:
+            self.notify(f"Layer {bad[0].desc.index}: {bad[0].error}.", severity="error", timeout=8)
+
+    def show_image(self) -> None:
+        img = self.session.image
+        info = Table.grid(padding=(0, 1))
+        info.add_column(style="bold")
+        info.add_column()
+        info.add_row("image", str(img.reference))
+        if img.index_digest:
+            info.add_row("index", f"{img.index_digest}  ({len(img.platforms)} platforms)")
+        info.add_row("manifest", f"{img.manifest_digest}  {img.manifest_media_type.rsplit('.', 1)[-1]}")
+        total = sum(d.size for d in img.layers)
+        info.add_row("platform", f"{img.os_arch}   {len(img.layers)} layers, "
+                                 f"{browse.human_size(total)} compressed")
+        self.query_one("#image-info", Static).update(info)
+        sel = self.query_one("#platform", Select)
+        if len(img.platforms) > 1:
+            sel.set_options([(p, p) for p in img.platforms])
+            sel.display = True
+            if img.platform in img.platforms:
+                sel.value = img.platform
+        self.show_config()
+
+    def show_config(self) -> None:
+        img = self.session.image
+        c = img.config.get("config") or {}
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(style="bold", no_wrap=True)
+        grid.add_column()
+
+        def cmd(v):
+            return " ".join(json.dumps(x) if " " in x else x for x in v) if isinstance(v, list) else "-"
+
+        grid.add_row("config", img.config_digest)
+        grid.add_row("created", str(img.config.get("created", "-")))
+        grid.add_row("entrypoint", cmd(c.get("Entrypoint")))
+        grid.add_row("cmd", cmd(c.get("Cmd")))
+        grid.add_row("workdir", c.get("WorkingDir") or "/")
+        grid.add_row("user", c.get("User") or "root")
+        for i, e in enumerate(c.get("Env") or []):
+            grid.add_row("env" if i == 0 else "", e)
+        for i, p in enumerate(sorted((c.get("ExposedPorts") or {}).keys())):
+            grid.add_row("ports" if i == 0 else "", p)
+        for i, (k, v) in enumerate(sorted((c.get("Labels") or {}).items())):
+            grid.add_row("labels" if i == 0 else "", f"{k}={v}")
+        self.query_one("#config", Static).update(grid)
+        h = self.query_one("#history", DataTable)
+        h.clear()
+        for i, item in enumerate(img.config.get("history") or []):
+            h.add_row(str(i), (item.get("created_by") or "").strip()[:200],
+                      "yes" if item.get("empty_layer") else "")
+        self.query_one("#manifest", Static).update(
+            json.dumps(img.manifest, indent=2, sort_keys=True))
+
+    def refresh_layers(self) -> None:
+        t = self.query_one("#layers", DataTable)
+        keep = t.cursor_row
+        t.clear()
+        mounted = self._mounted_digests()
+        for n, d in enumerate(self.session.image.layers):
+            v = self.session.views[n]
+            if v is None:
+                t.add_row(str(n), browse.short_digest(d.digest), browse.human_size(d.size),
+                          "…", "…", "", "", "", "", "", key=str(n))
+                continue
+            toc = Text(v.toc_state, TOC_STYLE.get(v.toc_state, ""))
+            if v.failed_chunks:
+                toc = Text(f"{len(v.failed_chunks)} bad chunks", "bold red")
+            elif v.verified == "full":
+                toc = Text("verified+data", "green")
+            pct = v.cached_percent
+            t.add_row(
+                str(n), browse.short_digest(d.digest), browse.human_size(d.size),
+                v.format_label, toc,
+                "-" if v.entries is None else str(v.entries),
+                "-" if v.chunks is None else str(v.chunks),
+                "-" if v.prefetch_bytes is None else browse.human_size(v.prefetch_bytes),
+                "-" if pct is None else f"{pct:.0f}%",
+                Text("yes", "green") if d.digest in mounted else Text("no", "dim"),
+                key=str(n),
+            )
+        if keep is not None and keep < t.row_count:
+            t.move_cursor(row=keep)
+
+    def _mounted_digests(self) -> set[str]:
+        return {lay.get("digest") for m in self.mounts for lay in m.get("layers") or []
+                if isinstance(lay, dict) and m.get("state") == "serving"}
+
+    @work(exclusive=True, group="mounts", thread=True)
+    def refresh_mounts(self) -> None:
+        try:
+            mounts = self.services.list_mounts()
+        except Exception:  # noqa: BLE001 - a broken mount record must not break the table
+            mounts = []
+        self.app.call_from_thread(self._set_mounts, mounts)
+
+    def _set_mounts(self, mounts) -> None:
+        changed = self._mounted_digests()
+        self.mounts = mounts
+        if self.session is not None and changed != self._mounted_digests():
+            self.refresh_layers()
+
+    # -- actions ------------------------------------------------------------------
+    def _selected(self) -> int | None:
+        if self.session is None:
+            return None
+        t = self.query_one("#layers", DataTable)
+        if t.row_count == 0 or t.cursor_row is None:
+            return None
+        return t.cursor_row
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if event.data_table.id == "layers":
+            self.action_open_layer()
+
+    def action_open_layer(self) -> None:
+        n = self._selected()
+        if n is None:
+            return
+        v = self.session.views[n]
+        if v is None:
+            self.notify("That layer is still loading.")
+            return
+        if v.index is None:
+            self.notify(f"Layer {n} cannot be browsed: {v.error}", severity="warning", timeout=8)
+            return
+        from .layer import LayerScreen
+
+        self.app.push_screen(LayerScreen(self.session, n))
+
+    def action_verify(self) -> None:
+        n = self._selected()
+        if n is None:
+            return
+        from .modals import VerifyScreen
+
+        def done(_result) -> None:
+            self.refresh_layers()
+
+        self.app.push_screen(VerifyScreen(self.session, n), done)
+
+    def action_mount_layer(self) -> None:
+        n = self._selected()
+        if n is not None:
+            self._mount(n)
+
+    def action_mount_image(self) -> None:
+        if self.session is not None:
+            self._mount(None)
+
+    def _mount(self, layer: int | None) -> None:
+        from .modals import MountDialog
+
+        self.app.push_screen(MountDialog(self.session.ref_text, layer),
+                             lambda _r: self.refresh_mounts())
+
+    def action_copy_digest(self) -> None:
+        n = self._selected()
+        if n is None:
+            return
+        d = self.session.image.layers[n].digest
+        self.app.copy_to_clipboard(d)
+        self.notify(f"Copied {browse.short_digest(d)}.")
+
+    def action_platform(self) -> None:
+        sel = self.query_one("#platform", Select)
+        if sel.display:
+            sel.focus()
+        else:
+            self.notify("This image has a single platform.")
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        if self.session is None or event.value in (Select.BLANK, None):
+            return
+        if event.value != self.session.image.platform:
+            self.platform = str(event.value)
+            self.load()
+
+    def action_reload(self) -> None:
+        self.load()

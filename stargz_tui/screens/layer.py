@@ -1,0 +1,457 @@
+"""Layer: the TOC as a lazy tree, a detail pane with chunks, chunk maps."""
+
+from __future__ import annotations
+
+import asyncio
+
+from rich.table import Table
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import DataTable, Footer, Header, Input, Static, Tree
+from textual.widgets.tree import TreeNode
+
+from core import browse
+
+from ..widgets import MARKER_GLYPH, MARKER_STYLE, ChunkMap, legend
+from .base import BaseScreen
+
+BATCH = 500          # tree children added per expansion step
+MAX_MATCHES = 5000   # search results kept (the tree shows them and their parents)
+TYPE_CYCLE = [None, {"reg"}, {"dir"}, {"symlink"}, {"hardlink"}, {"char", "block", "fifo"}]
+TYPE_NAMES = {None: "all", "reg": "files", "dir": "dirs", "symlink": "symlinks",
+              "hardlink": "hardlinks", "char": "devices"}
+
+
+class More:
+    """A placeholder node: select it to load the next batch of a directory."""
+
+    def __init__(self, path: str, offset: int, total: int):
+        self.path, self.offset, self.total = path, offset, total
+
+
+def _size(text: str) -> int:
+    text = text.strip().lower().rstrip("b").rstrip("i")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:], 1)
+    try:
+        return int(float(text.rstrip("kmg") or 0) * mult)
+    except ValueError:
+        return 0
+
+
+def parse_query(text: str) -> tuple[str, set[str] | None, int]:
+    """``name type:reg size>1M`` -> (name, types, min_size)."""
+    name, types, min_size = [], None, 0
+    for tok in text.split():
+        low = tok.lower()
+        if low.startswith(("type:", "t:")):
+            kinds = low.split(":", 1)[1]
+            types = {"file": "reg", "f": "reg", "d": "dir", "l": "symlink", "link": "symlink",
+                     "dev": "char"}.get(kinds, kinds)
+            types = {types} if types != "char" else {"char", "block", "fifo"}
+        elif low.startswith(("size>", ">")):
+            min_size = _size(low.split(">", 1)[1])
+        else:
+            name.append(tok)
+    return " ".join(name), types, min_size
+
+
+class LayerScreen(BaseScreen):
+    BINDINGS = [
+        Binding("slash", "search", "Search", id="search", key_display="/"),
+        Binding("t", "cycle_type", "Type", id="type_filter"),
+        Binding("m", "toggle_merged", "Merged/raw", id="merged"),
+        Binding("o", "view", "View", id="view"),
+        Binding("x", "extract", "Extract", id="extract"),
+        Binding("v", "verify", "Verify", id="verify_layer"),
+        Binding("c", "copy_digest", "Copy digest", id="copy_entry"),
+        Binding("w", "wasted", "Wasted", id="wasted"),
+        Binding("right_square_bracket", "next_layer", "Next layer", id="next_layer",
+                show=False, key_display="]"),
+        Binding("left_square_bracket", "prev_layer", "Prev layer", id="prev_layer",
+                show=False, key_display="["),
+    ]
+    COMMAND_HELP = {
+        "search": "Filter the tree by name, type:reg|dir|symlink, size>1M",
+        "toggle_merged": "Switch between this layer's TOC and the merged image view",
+        "view": "Show a text file in place (fetches only its chunks)",
+        "extract": "Write the selected file or directory to a local path",
+        "verify": "Verify the TOC digest, then every chunk",
+        "wasted": "Files of this layer that upper layers replace or remove",
+    }
+
+    def __init__(self, session, n: int):
+        super().__init__()
+        self.session = session
+        self.n = n
+        self.view = session.views[n]
+        self.index = self.view.index
+        self.browser: browse.LayerBrowser | None = None
+        self.merged = False
+        self.query_text = ""
+        self.types: set[str] | None = None
+        self.type_pos = 0
+        self.min_size = 0
+        self.allowed: set[str] | None = None
+        self.matches: set[str] = set()
+        self.layer_states: list[str] = []
+        self.wasted_bytes: int | None = None
+        self.wasted_items: list[tuple[str, int]] = []
+        self.current: browse.Node | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Vertical(id="layer-top"):
+            yield Static(id="layer-head")
+            yield ChunkMap("chunks ", id="layer-map")
+            yield Static(id="layer-status")
+        with Horizontal(id="layer-body"):
+            yield Tree("/", id="toc")
+            with Vertical(id="detail"):
+                yield VerticalScroll(Static(id="entry-info"), id="entry-scroll")
+                yield ChunkMap("file   ", id="entry-map")
+                yield DataTable(id="chunks", cursor_type="row", zebra_stripes=True)
+        yield Input(placeholder="search: name  type:reg|dir|symlink|dev  size>1M   (Esc clears)",
+                    id="filter")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        d = self.session.image.layers[self.n]
+        self.sub_title = f"{self.session.ref_text} · layer {self.n}"
+        self.query_one("#filter").display = False
+        tree = self.query_one("#toc", Tree)
+        tree.show_root = True
+        tree.guide_depth = 3
+        tree.root.data = browse.Node("", "/", self.n, 0, True)
+        ct = self.query_one("#chunks", DataTable)
+        ct.add_columns("#", "file offset", "size", "blob range", "state", "digest")
+        self.update_head()
+        self.query_one("#entry-info", Static).update(Text("Loading the TOC tree…", "dim"))
+        self.query_one("#layer-status", Static).update(legend())
+        self.prepare()
+        self.set_interval(5.0, self.refresh_states)
+        tree.focus()
+        del d
+
+    # -- model -------------------------------------------------------------------------
+    @work(exclusive=True, group="prepare")
+    async def prepare(self) -> None:
+        self.browser = await asyncio.to_thread(self.session.browser, self.n)
+        self.reload_tree()
+        self.refresh_states()
+        self.compute_wasted()
+
+    @work(exclusive=True, group="wasted", thread=True)
+    def compute_wasted(self) -> None:
+        total, items = self.browser.wasted()
+        self.app.call_from_thread(self._set_wasted, total, items)
+
+    def _set_wasted(self, total, items) -> None:
+        self.wasted_bytes, self.wasted_items = total, items
+        self.update_head()
+
+    @work(exclusive=True, group="states", thread=True)
+    def refresh_states(self) -> None:
+        states = self.app.services.chunk_states(self.session, self.n)
+        self.app.call_from_thread(self._set_states, states)
+
+    def _set_states(self, states) -> None:
+        self.layer_states = states
+        self.query_one("#layer-map", ChunkMap).set_states(states)
+        self.update_status()
+        if self.current is not None:
+            self.show_chunks(self.current)
+
+    def update_head(self) -> None:
+        v, ix = self.view, self.index
+        d = self.session.image.layers[self.n]
+        t = Text()
+        t.append(f"layer {self.n}/{len(self.session.image.layers) - 1} ", "bold")
+        t.append(f"{v.format_label} ", "cyan")
+        t.append(browse.short_digest(d.digest) + " ")
+        t.append(f"TOC {v.toc_state}", "green" if v.toc_state == browse.TOC_VERIFIED else "yellow")
+        t.append(f" · {len(ix)} entries · {ix.num_chunks} chunks · {browse.human_size(d.size)}")
+        if self.wasted_bytes:
+            t.append(f" · wasted {browse.human_size(self.wasted_bytes)}", "red")
+        t.append(f" · view: {'merged' if self.merged else 'raw'}", "bold magenta")
+        if self.allowed is not None:
+            t.append(f" · filter: {len(self.matches)} match", "bold yellow")
+            if len(self.matches) >= MAX_MATCHES:
+                t.append("+", "bold yellow")
+        self.query_one("#layer-head", Static).update(t)
+
+    def update_status(self) -> None:
+        t = legend()
+        states = self.layer_states
+        cached = sum(1 for s in states if s == browse.CHUNK_CACHED)
+        failed = sum(1 for s in states if s == browse.CHUNK_FAILED)
+        t.append(f"│ cached {cached}/{len(states)}")
+        done, total = browse.prefetch_progress(self.index, states)
+        if total:
+            t.append(f" · prefetch {done}/{total} ({browse.human_size(self.index.prefetch_end)})")
+        elif self.index.no_prefetch:
+            t.append(" · no prefetch")
+        if failed:
+            t.append(f" · {failed} failed", "bold red")
+        self.query_one("#layer-status", Static).update(t)
+
+    # -- tree ----------------------------------------------------------------------------
+    def label(self, node: browse.Node) -> Text:
+        e = self.browser.entry(node)
+        t = Text(no_wrap=True, overflow="ellipsis")
+        mk = node.marker
+        t.append(MARKER_GLYPH.get(mk, " ") + " ", MARKER_STYLE.get(mk, ""))
+        name = node.name
+        if e.is_whiteout:
+            t.append(e.whiteout_target, "red strike")
+            t.append(" (whiteout)", "red")
+            return t
+        if e.is_opaque_marker:
+            t.append("(opaque directory marker)", "magenta")
+            return t
+        style = "bold blue" if node.is_dir else {"symlink": "cyan", "hardlink": "cyan",
+                                                   "char": "yellow", "block": "yellow",
+                                                   "fifo": "yellow"}.get(e.type, "")
+        if mk == browse.REMOVED:
+            style += " strike"
+        if node.path in self.matches:
+            style += " reverse"
+        t.append(name + ("/" if node.is_dir else ""), style.strip())
+        if e.type == "symlink":
+            t.append(f" → {e.link_name}", "dim cyan")
+        elif e.type == "hardlink":
+            t.append(f" ⇒ /{e.link_name}", "dim cyan")
+        elif e.type == "reg":
+            t.append(f"  {browse.human_size(e.size)}", "dim")
+        if self.merged and node.layer_no != self.n:
+            t.append(f"  L{node.layer_no}", "dim italic")
+        return t
+
+    def reload_tree(self) -> None:
+        tree = self.query_one("#toc", Tree)
+        tree.clear()
+        tree.root.data = browse.Node("", "/", self.n, 0, True)
+        self.fill(tree.root, 0)
+        tree.root.expand()
+        if self.allowed is not None:
+            self._expand_matches(tree.root)
+        self.update_head()
+        if tree.root.children:
+            tree.move_cursor(tree.root.children[0])
+
+    def _expand_matches(self, node: TreeNode, depth: int = 0) -> None:
+        """With a filter on, open every directory on the way to a match."""
+        for child in node.children:
+            data = child.data
+            if isinstance(data, browse.Node) and data.is_dir and data.path in self.allowed:
+                self.fill(child, 0)
+                child.expand()
+                if depth < 64:
+                    self._expand_matches(child, depth + 1)
+
+    def children_of(self, path: str) -> list[browse.Node]:
+        kids = self.browser.children(path, merged=self.merged)
+        if self.allowed is not None:
+            kids = [k for k in kids if k.path in self.allowed or k.path in self.matches]
+        return kids
+
+    def fill(self, node: TreeNode, offset: int) -> None:
+        data = node.data
+        if offset == 0:
+            if getattr(node, "_filled", False):
+                return
+            node.remove_children()
+            node._filled = True  # type: ignore[attr-defined]
+        kids = self.children_of(data.path)
+        for k in kids[offset : offset + BATCH]:
+            if k.is_dir:
+                node.add(self.label(k), data=k, allow_expand=True)
+            else:
+                node.add_leaf(self.label(k), data=k)
+        rest = len(kids) - offset - BATCH
+        if rest > 0:
+            node.add_leaf(Text(f"  … {rest} more (Enter to load)", "dim italic"),
+                          data=More(data.path, offset + BATCH, len(kids)))
+
+    def on_tree_node_expanded(self, event: Tree.NodeExpanded) -> None:
+        if isinstance(event.node.data, browse.Node) and self.browser is not None:
+            self.fill(event.node, 0)
+
+    def on_tree_node_selected(self, event: Tree.NodeSelected) -> None:
+        data = event.node.data
+        if isinstance(data, More):
+            parent = event.node.parent
+            event.node.remove()
+            self.fill(parent, data.offset)
+
+    def on_tree_node_highlighted(self, event: Tree.NodeHighlighted) -> None:
+        data = event.node.data
+        if isinstance(data, browse.Node) and self.browser is not None:
+            self.current = data
+            self.show_entry(data)
+
+    # -- detail ------------------------------------------------------------------------
+    def show_entry(self, node: browse.Node) -> None:
+        e = self.browser.entry(node)
+        ix = self.session.views[node.layer_no].index
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(style="bold", no_wrap=True)
+        grid.add_column(overflow="fold")
+        for k, v in browse.entry_details(ix, e):
+            grid.add_row(k, v)
+        if node.marker:
+            grid.add_row("change", Text(node.marker, MARKER_STYLE[node.marker]))
+        if node.layer_no != self.n:
+            grid.add_row("from", f"layer {node.layer_no}")
+        self.query_one("#entry-info", Static).update(grid)
+        self.show_chunks(node)
+
+    def show_chunks(self, node: browse.Node) -> None:
+        view = self.session.views[node.layer_no]
+        ix = view.index
+        e = ix.entry(node.entry_id)
+        chunks = ix.chunks(e)
+        states = self.app.services.chunk_states(self.session, node.layer_no, chunks)
+        self.query_one("#entry-map", ChunkMap).set_states(states)
+        ct = self.query_one("#chunks", DataTable)
+        ct.clear()
+        style = {browse.CHUNK_FAILED: "bold red", browse.CHUNK_CACHED: "green",
+                 browse.CHUNK_PREFETCH: "cyan", browse.CHUNK_MISSING: "dim"}
+        for i, (c, s) in enumerate(zip(chunks[:2000], states, strict=False)):
+            ct.add_row(str(i), str(c.chunk_offset), browse.human_size(c.chunk_size),
+                       f"{c.offset}-{c.end}", Text(s, style[s]),
+                       browse.short_digest(c.digest, 10))
+
+    # -- search ------------------------------------------------------------------------
+    def action_search(self) -> None:
+        f = self.query_one("#filter", Input)
+        f.display = True
+        f.focus()
+
+    @on(Input.Changed, "#filter")
+    def filter_changed(self, event: Input.Changed) -> None:
+        self.query_text = event.value
+        self.run_search()
+
+    @on(Input.Submitted, "#filter")
+    def filter_submitted(self, event: Input.Submitted) -> None:
+        self.query_one("#toc", Tree).focus()
+
+    def action_cycle_type(self) -> None:
+        self.type_pos = (self.type_pos + 1) % len(TYPE_CYCLE)
+        self.types = TYPE_CYCLE[self.type_pos]
+        name = TYPE_NAMES[next(iter(self.types))] if self.types else "all"
+        self.notify(f"Showing {name}.", timeout=2)
+        self.run_search()
+
+    @work(exclusive=True, group="search")
+    async def run_search(self) -> None:
+        await asyncio.sleep(0.15)  # debounce typing
+        text, types, min_size = parse_query(self.query_text)
+        types = types or self.types
+        if not text and not types and not min_size:
+            self.allowed = None
+            self.matches = set()
+        else:
+            paths = await asyncio.to_thread(self.browser.search, text, types=types,
+                                            min_size=min_size, limit=MAX_MATCHES)
+            self.matches = set(paths)
+            self.allowed = browse.ancestors_of(paths)
+        self.reload_tree()
+
+    def clear_filter(self) -> bool:
+        f = self.query_one("#filter", Input)
+        if self.allowed is None and not f.display:
+            return False
+        f.value = ""
+        f.display = False
+        self.types, self.type_pos = None, 0
+        self.query_text = ""
+        self.allowed, self.matches = None, set()
+        self.reload_tree()
+        self.query_one("#toc", Tree).focus()
+        return True
+
+    def action_back(self) -> None:
+        if any(w.is_running and w.group == "task" for w in self.workers):
+            super().action_back()
+            return
+        if self.clear_filter():
+            return
+        super().action_back()
+
+    # -- actions -------------------------------------------------------------------------
+    def action_toggle_merged(self) -> None:
+        if self.browser is None:
+            return
+        if not self.browser.can_merge:
+            self.notify("The merged view needs every lower layer's TOC.", severity="warning")
+            return
+        self.merged = not self.merged
+        self.reload_tree()
+
+    def _entry(self):
+        if self.current is None or self.browser is None:
+            return None, None
+        return self.current, self.browser.entry(self.current)
+
+    def action_view(self) -> None:
+        node, e = self._entry()
+        if e is None:
+            return
+        if e.type not in ("reg", "hardlink"):
+            self.notify(f"/{e.path} is a {e.type}; only files can be viewed.", severity="warning")
+            return
+        from .modals import FileViewer
+
+        self.app.push_screen(FileViewer(self.session, node))
+
+    def action_extract(self) -> None:
+        node, e = self._entry()
+        if e is None:
+            return
+        from .modals import ExtractScreen
+
+        self.app.push_screen(ExtractScreen(self.session, node))
+
+    def action_verify(self) -> None:
+        from .modals import VerifyScreen
+
+        self.app.push_screen(VerifyScreen(self.session, self.n), lambda _r: self.refresh_states())
+
+    def action_copy_digest(self) -> None:
+        node, e = self._entry()
+        digest = (e.digest if e is not None else None) or self.session.image.layers[self.n].digest
+        self.app.copy_to_clipboard(digest)
+        self.notify(f"Copied {browse.short_digest(digest)}.")
+
+    def action_wasted(self) -> None:
+        from .modals import TextModal
+
+        if self.wasted_bytes is None:
+            self.notify("Still computing wasted bytes.")
+            return
+        t = Table(box=None, padding=(0, 1), expand=True)
+        t.add_column("size", justify="right", style="red")
+        t.add_column("path")
+        for p, s in self.wasted_items[:500]:
+            t.add_row(browse.human_size(s), "/" + p)
+        title = (f"Layer {self.n} wastes {browse.human_size(self.wasted_bytes)} on "
+                 f"{len(self.wasted_items)} files that upper layers replace or remove")
+        if not self.wasted_items:
+            title = f"Layer {self.n} wastes nothing: no upper layer replaces its files"
+        self.app.push_screen(TextModal(title, t))
+
+    def _switch(self, step: int) -> None:
+        k = self.n + step
+        views = self.session.views
+        if 0 <= k < len(views) and views[k] is not None and views[k].index is not None:
+            self.app.switch_screen(LayerScreen(self.session, k))
+
+    def action_next_layer(self) -> None:
+        self._switch(1)
+
+    def action_prev_layer(self) -> None:
+        self._switch(-1)

@@ -1,0 +1,312 @@
+"""Modal screens: verify progress, file viewer, extract, login, text."""
+
+from __future__ import annotations
+
+import os
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, ProgressBar, Static, TextArea
+
+from core import browse
+from core.errors import CoreError
+
+from ..services import one_line
+
+
+class TaskModal(ModalScreen):
+    """A modal running one cancellable task; Escape cancels it (or closes)."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel / close", id="cancel")]
+
+    def action_cancel(self) -> None:
+        running = [w for w in self.workers if w.is_running]
+        for w in running:
+            w.cancel()
+        if running:
+            self.notify("Cancelled.")
+        self.dismiss(None)
+
+
+class VerifyScreen(TaskModal):
+    """Verify a layer: the TOC against its annotation, then every chunk."""
+
+    def __init__(self, session, n: int):
+        super().__init__()
+        self.session = session
+        self.n = n
+
+    def compose(self) -> ComposeResult:
+        d = self.session.image.layers[self.n]
+        with Vertical(classes="dialog", id="verify-box"):
+            yield Label(f"[b]Verify layer {self.n}[/b]  {browse.short_digest(d.digest)}")
+            yield Static("TOC digest: checking…", id="verify-toc")
+            yield ProgressBar(total=None, show_eta=False, id="verify-progress")
+            yield Static("", id="verify-file")
+            yield Static("", id="verify-result")
+            yield Label("[dim]Esc cancels / closes[/dim]")
+
+    def on_mount(self) -> None:
+        self.run_verify()
+
+    @work(exclusive=True, group="task")
+    async def run_verify(self) -> None:
+        toc = self.query_one("#verify-toc", Static)
+        bar = self.query_one("#verify-progress", ProgressBar)
+        result = self.query_one("#verify-result", Static)
+        view = self.session.views[self.n]
+        desc = self.session.image.layers[self.n]
+        try:
+            index = await browse.verify_toc(self.session.image, desc)
+        except CoreError as e:
+            toc.update(Text(f"TOC digest: {one_line(e)}", "bold red"))
+            self.notify(f"Layer {self.n}: {one_line(e)}", severity="error", timeout=8)
+            if view is None or view.index is None:
+                return
+            index = view.index
+        else:
+            toc.update(Text(f"TOC digest: verified ({browse.short_digest(index.toc_digest)})",
+                            "green"))
+        fname = self.query_one("#verify-file", Static)
+
+        def progress(done: int, total: int, path: str) -> None:
+            bar.update(total=total, progress=done)
+            fname.update(Text(f"/{path}", "dim"))
+
+        source = self.session.source(self.n)
+        failed, errors = await browse.verify_layer_chunks(index, source, progress=progress)
+        if view is not None:
+            view.failed_chunks = failed
+            view.verified = "full" if not failed else None
+        fname.update("")
+        if failed:
+            msg = f"Layer {self.n}: {len(failed)} of {index.num_chunks} chunks fail verification"
+            result.update(Text(msg + "\n" + "\n".join(errors[:5]), "bold red"))
+            self.notify(msg + ".", severity="error", timeout=10)
+        else:
+            msg = f"Layer {self.n}: all {index.num_chunks} chunks verified"
+            result.update(Text(msg + ".", "bold green"))
+            self.notify(msg + ".")
+
+
+class FileViewer(ModalScreen):
+    """Show a text file in place (only its chunks are fetched)."""
+
+    BINDINGS = [Binding("escape,q", "dismiss", "Close", id="close_viewer")]
+
+    def __init__(self, session, node: browse.Node):
+        super().__init__()
+        self.session = session
+        self.node = node
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog wide", id="viewer-box"):
+            yield Label(f"[b]/{self.node.path}[/b]", id="viewer-title")
+            yield TextArea("", read_only=True, show_line_numbers=True, id="viewer-text")
+            yield Label("[dim]Esc closes[/dim]")
+
+    def on_mount(self) -> None:
+        self.load()
+
+    @work(exclusive=True, group="task")
+    async def load(self) -> None:
+        ix = self.session.views[self.node.layer_no].index
+        entry = ix.entry(self.node.entry_id)
+        source = self.session.source(self.node.layer_no)
+        area = self.query_one("#viewer-text", TextArea)
+        try:
+            text, cut = await browse.read_text(ix, source, entry)
+        except CoreError as e:
+            self.notify(one_line(e), severity="error", timeout=8)
+            self.dismiss(None)
+            return
+        area.load_text(text)
+        if cut:
+            self.query_one("#viewer-title", Label).update(
+                f"[b]/{self.node.path}[/b] [dim](first {browse.human_size(browse.TEXT_VIEW_LIMIT)})[/dim]")
+        area.focus()
+
+
+class ExtractScreen(TaskModal):
+    """Extract the selected file or directory to a local directory."""
+
+    def __init__(self, session, node: browse.Node, dest: str | None = None):
+        super().__init__()
+        self.session = session
+        self.node = node
+        self.dest = dest or os.getcwd()
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="extract-box"):
+            yield Label(f"[b]Extract[/b] /{self.node.path or ''}  into directory:")
+            yield Input(self.dest, id="extract-dest")
+            yield ProgressBar(total=None, show_eta=False, id="extract-progress")
+            yield Static("", id="extract-status")
+            with Horizontal(classes="buttons"):
+                yield Button("Extract", variant="primary", id="extract-go")
+                yield Button("Cancel", id="extract-cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#extract-progress").display = False
+        self.query_one("#extract-dest", Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.run_extract(event.value)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "extract-go":
+            self.run_extract(self.query_one("#extract-dest", Input).value)
+        else:
+            self.action_cancel()
+
+    @work(exclusive=True, group="task")
+    async def run_extract(self, dest: str) -> None:
+        dest = os.path.expanduser(dest.strip() or ".")
+        bar = self.query_one("#extract-progress", ProgressBar)
+        bar.display = True
+        status = self.query_one("#extract-status", Static)
+        ix = self.session.views[self.node.layer_no].index
+        entry = ix.entry(self.node.entry_id)
+        source = self.session.source(self.node.layer_no)
+
+        def progress(done: int, total: int, path: str) -> None:
+            bar.update(total=max(total, 1), progress=done)
+            status.update(Text(f"/{path}", "dim"))
+
+        try:
+            n = await browse.extract(ix, source, entry, dest, progress=progress)
+        except (CoreError, OSError) as e:
+            status.update(Text(one_line(e), "red"))
+            self.notify(f"Extract failed: {one_line(e)}", severity="error", timeout=8)
+            return
+        self.notify(f"Extracted /{self.node.path} ({browse.human_size(n)}) into {dest}.")
+        self.dismiss(dest)
+
+
+class TextModal(ModalScreen):
+    BINDINGS = [Binding("escape,q", "dismiss", "Close")]
+
+    def __init__(self, title: str, body):
+        super().__init__()
+        self.title_text = title
+        self.body = body
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog wide"):
+            yield Label(f"[b]{self.title_text}[/b]")
+            yield VerticalScroll(Static(self.body))
+            yield Label("[dim]Esc closes[/dim]")
+
+
+class LoginScreen(ModalScreen):
+    """Store credentials for a registry in the keyring (through core)."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Cancel")]
+
+    def __init__(self, registry: str = ""):
+        super().__init__()
+        self.registry = registry
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="login-box"):
+            yield Label("[b]Log in to a registry[/b]")
+            yield Input(self.registry, placeholder="registry (ghcr.io, localhost:5000)", id="login-registry")
+            yield Input(placeholder="user", id="login-user")
+            yield Input(placeholder="password or token", password=True, id="login-password")
+            yield Static("", id="login-error")
+            with Horizontal(classes="buttons"):
+                yield Button("Log in", variant="primary", id="login-go")
+                yield Button("Cancel", id="login-cancel")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "login-go":
+            self.submit()
+        else:
+            self.dismiss(None)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.submit()
+
+    @work(exclusive=True, group="task")
+    async def submit(self) -> None:
+        reg = self.query_one("#login-registry", Input).value.strip()
+        user = self.query_one("#login-user", Input).value
+        pw = self.query_one("#login-password", Input).value
+        err = self.query_one("#login-error", Static)
+        if not reg or not user:
+            err.update(Text("Give a registry and a user.", "red"))
+            return
+        err.update(Text("Checking…", "dim"))
+        try:
+            await self.app.services.login(reg, user, pw)
+        except Exception as e:  # noqa: BLE001 - shown in place, in one sentence
+            err.update(Text(one_line(e), "red"))
+            return
+        self.app.config.remember_registry(reg)
+        self.notify(f"Logged in to {reg}.")
+        self.dismiss(reg)
+
+
+class MountDialog(ModalScreen):
+    """Mount a layer (or the merged image) at a chosen mountpoint."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, image: str = "", layer: int | None = None, mountpoint: str = ""):
+        super().__init__()
+        self.image = image
+        self.layer = layer
+        self.mountpoint = mountpoint
+
+    def compose(self) -> ComposeResult:
+        what = "the merged image" if self.layer is None else f"layer {self.layer}"
+        with Vertical(classes="dialog", id="mount-box"):
+            yield Label(f"[b]Mount {what}[/b]")
+            yield Input(self.image, placeholder="image reference", id="mount-image")
+            yield Input("" if self.layer is None else str(self.layer),
+                        placeholder="layer index or digest (empty: merged image)", id="mount-layer")
+            yield Input(self.mountpoint, placeholder="mountpoint (an existing directory)",
+                        id="mount-point")
+            yield Static("", id="mount-error")
+            with Horizontal(classes="buttons"):
+                yield Button("Mount", variant="primary", id="mount-go")
+                yield Button("Cancel", id="mount-cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#mount-point" if self.image else "#mount-image", Input).focus()
+
+    def action_cancel(self) -> None:
+        for w in self.workers:
+            w.cancel()
+        self.dismiss(None)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "mount-go":
+            self.submit()
+        else:
+            self.action_cancel()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.submit()
+
+    @work(exclusive=True, group="task")
+    async def submit(self) -> None:
+        image = self.query_one("#mount-image", Input).value.strip()
+        layer = self.query_one("#mount-layer", Input).value.strip() or None
+        mp = os.path.expanduser(self.query_one("#mount-point", Input).value.strip())
+        err = self.query_one("#mount-error", Static)
+        if not image or not mp:
+            err.update(Text("Give an image and a mountpoint.", "red"))
+            return
+        err.update(Text("Mounting… (Esc cancels)", "dim"))
+        try:
+            rec = await self.app.services.mount(image, mp, layer)
+        except Exception as e:  # noqa: BLE001 - shown in place, in one sentence
+            err.update(Text(one_line(e), "red"))
+            return
+        self.notify(f"Mounted at {rec['mountpoint']}.")
+        self.dismiss(rec)

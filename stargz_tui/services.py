@@ -1,0 +1,164 @@
+"""The thin layer the screens call. It holds sessions (an opened image and its
+layers) and forwards to ``core``; it knows no formats or protocols itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from core import browse
+from core.errors import CoreError, NotFoundError
+from core.image import Image, OCILayoutStore, open_image
+from core.reference import parse_reference
+
+
+def _optional(module: str):
+    """A core module another part of the project provides (None until it lands)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return None
+        raise
+
+
+@dataclass
+class ImageSession:
+    """An opened image and what the app has learned about its layers."""
+
+    ref_text: str
+    image: Image
+    views: list[browse.LayerView | None] = field(default_factory=list)
+    _browsers: dict[int, browse.LayerBrowser] = field(default_factory=dict)
+
+    @property
+    def indexes(self):
+        return [v.index if v is not None else None for v in self.views]
+
+    def source(self, n: int):
+        d = self.image.layers[n]
+        return self.image.store.blob_source(d.digest, d.size)
+
+    def browser(self, n: int) -> browse.LayerBrowser:
+        b = self._browsers.get(n)
+        if b is None:
+            b = self._browsers[n] = browse.LayerBrowser(self.indexes, n)
+        return b
+
+
+class Services:
+    def __init__(self, config=None, cache=None):
+        self.config = config
+        self.cache = cache if cache is not None else browse.default_cache()
+        self._mounts = None
+
+    # -- targets -------------------------------------------------------------
+    @staticmethod
+    def classify(text: str) -> str:
+        """``image`` or ``registry`` for what the user typed."""
+        text = text.strip()
+        if text.startswith("oci:"):
+            ref = parse_reference(text)
+            return "image" if (ref.tag or ref.digest) else "registry"
+        if "/" in text or "@" in text:
+            return "image"
+        host = text.split(":")[0]
+        return "registry" if ("." in host or host == "localhost") else "image"
+        return "image"
+
+    # -- images --------------------------------------------------------------
+    async def open_image(self, ref_text: str, platform: str | None = None) -> ImageSession:
+        image = await open_image(ref_text, platform=platform)
+        if self.config is not None:
+            self.config.remember_image(ref_text)
+        return ImageSession(ref_text=ref_text, image=image, views=[None] * len(image.layers))
+
+    async def load_layer(self, session: ImageSession, n: int) -> browse.LayerView:
+        view = await browse.open_layer(session.image, session.image.layers[n], self.cache)
+        old = session.views[n]
+        if old is not None:
+            view.failed_chunks = old.failed_chunks
+            view.verified = old.verified
+        session.views[n] = view
+        session._browsers.clear()
+        return view
+
+    def chunk_states(self, session: ImageSession, n: int, chunks=None) -> list[str]:
+        view = session.views[n]
+        if view is None or view.index is None:
+            return []
+        if chunks is None:
+            return browse.layer_chunk_states(view.index, cache=self.cache,
+                                             failed=view.failed_chunks)
+        return browse.chunk_states(view.index, chunks, cache=self.cache,
+                                   failed=view.failed_chunks)
+
+    # -- registries ----------------------------------------------------------
+    async def list_repositories(self, registry: str, last: str | None = None):
+        """``(names, more)``: one page of the catalog after ``last``."""
+        if registry.startswith("oci:"):
+            ref = parse_reference(registry)
+            OCILayoutStore(ref.layout_dir)
+            return [f"oci:{ref.layout_dir}"], False
+        reg = _optional("core.registry")
+        if reg is None or not hasattr(reg, "list_repositories"):
+            raise NotFoundError("browsing registries needs the registry client, which is not built yet")
+        if self.config is not None:
+            self.config.remember_registry(registry)
+        return await reg.list_repositories(registry, last=last)
+
+    async def list_tags(self, repository: str, last: str | None = None):
+        if repository.startswith("oci:"):
+            ref = parse_reference(repository)
+            return sorted(OCILayoutStore(ref.layout_dir).tags()), False
+        reg = _optional("core.registry")
+        if reg is None or not hasattr(reg, "list_tags"):
+            raise NotFoundError("listing tags needs the registry client, which is not built yet")
+        return await reg.list_tags(repository, last=last)
+
+    async def login(self, registry: str, user: str, password: str) -> None:
+        """Check the credentials against the registry and store them (keyring)."""
+        reg = _optional("core.registry")
+        fn = getattr(reg, "login", None) if reg is not None else None
+        if fn is None:
+            raise NotFoundError("logging in needs the registry client, which is not built yet")
+        await fn(registry, user, password)
+
+    @staticmethod
+    def image_ref(repository: str, tag: str) -> str:
+        return f"{repository}:{tag}"
+
+    # -- mounts --------------------------------------------------------------
+    def mount_manager(self):
+        return _optional("core.mount")
+
+    def _mounts_module(self):
+        mod = self.mount_manager()
+        if mod is None:
+            raise NotFoundError("mounting needs the mount manager, which is not built yet")
+        return mod
+
+    def list_mounts(self) -> list[dict]:
+        """Every mount with live stats (blocking: call from a thread)."""
+        mod = self.mount_manager()
+        return mod.list_mounts() if mod is not None else []
+
+    async def mount(self, image: str, mountpoint: str, layer: str | int | None = None) -> dict:
+        mod = self._mounts_module()
+        return await mod.mount_image(image, mountpoint, layer=layer)
+
+    def unmount(self, mountpoint: str, force: bool = False) -> dict:
+        """Blocking: call from a thread."""
+        return self._mounts_module().unmount(mountpoint, force=force)
+
+
+def one_line(err: BaseException) -> str:
+    """A one-sentence message for a notification (never a traceback)."""
+    if isinstance(err, CoreError):
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, OSError):
+        msg = err.strerror or str(err)
+        return f"{msg}: {err.filename}" if err.filename else msg
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
