@@ -1,0 +1,639 @@
+"""An OCI distribution client on ``httpx.AsyncClient`` (works under asyncio and trio).
+
+:class:`RegistryClient` talks to one registry (and its configured mirrors):
+
+* auth: ``WWW-Authenticate`` challenges (Bearer with realm/service/scope, Basic),
+  anonymous and authenticated tokens, OAuth2 refresh-token flow for identity
+  tokens, tokens cached per scope until they expire and renewed transparently
+  when the registry answers 401 mid-session;
+* redirects are followed by hand: the ``Authorization`` header never goes to
+  another host than the one it was meant for;
+* bounded retries with exponential backoff and jitter on connection errors, 5xx
+  and 429 (``Retry-After`` honoured), then one clear error naming the host and
+  the status;
+* TLS verified; plain HTTP only for loopback hosts and configured insecure
+  registries;
+* catalog and tags listing with ``n=`` and ``Link`` pagination.
+
+Credentials are looked up (keyring, then files) only when a registry asks for
+them, and never appear in logs or error messages.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from ..errors import AuthError, CoreError, FormatError, NotFoundError, RegistryError
+from ..reference import DOCKER_HUB, DOCKER_HUB_API_HOST, is_loopback_host
+from . import credentials as _creds
+from .config import RegistryConfig, load_config
+from .credentials import Credentials
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "stargz-tui/0.1.0"
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_REDIRECTS = 5
+DEFAULT_BODY_LIMIT = 16 << 20
+CREDENTIAL_LOOKUP_TIMEOUT = 30.0
+_REASONS = {
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 409: "Conflict", 410: "Gone", 413: "Payload Too Large",
+    416: "Range Not Satisfiable", 429: "Too Many Requests", 500: "Internal Server Error",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+
+def reason(status: int) -> str:
+    return f"{status} {_REASONS.get(status, 'HTTP error')}"
+
+
+# -- WWW-Authenticate ------------------------------------------------------------------
+
+_PARAM_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str  # "bearer" or "basic" (lower case)
+    params: dict
+
+    @property
+    def realm(self) -> str | None:
+        return self.params.get("realm")
+
+    @property
+    def service(self) -> str | None:
+        return self.params.get("service")
+
+    @property
+    def scope(self) -> str | None:
+        return self.params.get("scope")
+
+
+def parse_www_authenticate(value: str | None) -> Challenge | None:
+    """Parse ``Bearer realm="...",service="...",scope="..."`` or ``Basic realm="..."``."""
+    if not value:
+        return None
+    value = value.strip()
+    scheme, _, rest = value.partition(" ")
+    scheme = scheme.lower()
+    if scheme not in ("bearer", "basic"):
+        return None
+    params = {}
+    for m in _PARAM_RE.finditer(rest):
+        v = m.group(2)
+        if v.startswith('"'):
+            v = re.sub(r"\\(.)", r"\1", v[1:-1])
+        params[m.group(1).lower()] = v
+    return Challenge(scheme, params)
+
+
+# -- tokens --------------------------------------------------------------------------
+
+@dataclass
+class Token:
+    value: str
+    expires_at: float  # time.monotonic() deadline
+
+    def valid(self) -> bool:
+        return time.monotonic() < self.expires_at
+
+
+def repository_scope(repository: str, actions: str = "pull") -> str:
+    return f"repository:{repository}:{actions}"
+
+
+CATALOG_SCOPE = "registry:catalog:*"
+
+
+def _scope_repo(scope: str | None) -> str | None:
+    if scope and scope.startswith("repository:"):
+        return scope.split(":")[1]
+    return None
+
+
+# -- replies -------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    """A response whose body has been read (bounded)."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    url: str            # the final URL, after redirects
+    host: str           # host[:port] the request was meant for (the registry or mirror)
+    path: str           # the request's path, for messages (no query string)
+    method: str
+    redirected: bool = False  # the final URL is on another host than `host`
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    def error_detail(self) -> str:
+        """Distribution's ``{"errors": [{code, message}]}`` as one short line."""
+        try:
+            import json
+
+            doc = json.loads(self.body[:65536])
+            errs = doc.get("errors") or []
+            parts = []
+            for e in errs[:3]:
+                code, msg = e.get("code", ""), e.get("message", "")
+                parts.append(f"{code}: {msg}" if code and msg else code or msg)
+            text = "; ".join(p for p in parts if p)
+        except Exception:  # noqa: BLE001 - best effort
+            text = ""
+        text = " ".join(text.split())
+        return text[:200]
+
+
+def raise_for_reply(reply: Reply, what: str, *, not_found: str | None = None) -> None:
+    """Turn a non-2xx reply into one clear :class:`CoreError`."""
+    if reply.ok:
+        return
+    detail = reply.error_detail()
+    tail = f" ({detail})" if detail else ""
+    where = f"registry {reply.host}"
+    if reply.status == 404:
+        raise NotFoundError(not_found or f"{what}: not found on {where}{tail}")
+    if reply.status == 401:
+        raise AuthError(f"{where} refused {what}: {reason(401)}{tail}")
+    if reply.status == 403:
+        raise AuthError(f"{where} denied {what}: {reason(403)} (no access){tail}")
+    more = f" after {reply.attempts} attempts" if reply.attempts > 1 else ""
+    raise RegistryError(f"{where}: {what} failed: HTTP {reason(reply.status)}{more}{tail}")
+
+
+def describe_transport_error(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    text = re.sub(r"\[Errno -?\d+\]\s*", "", text)
+    text = " ".join(text.split())
+    return text[:200]
+
+
+def _same_origin(a: str, b: str) -> bool:
+    ua, ub = urlsplit(a), urlsplit(b)
+    return (ua.scheme, ua.hostname, ua.port) == (ub.scheme, ub.hostname, ub.port)
+
+
+def _host_of(url: str) -> str:
+    return urlsplit(url).netloc
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class RegistryClient:
+    """HTTP access to one registry (``docker.io``, ``ghcr.io``, ``127.0.0.1:5000``).
+
+    ``credentials`` overrides the lookup (used by ``login`` to check new
+    credentials); ``use_keyring=False`` keeps the keyring out of the lookup.
+    """
+
+    def __init__(self, registry: str, *, config: RegistryConfig | None = None,
+                 insecure_registries=(), credentials: Credentials | None = None,
+                 use_keyring: bool = True, timeout: float = 30.0, max_attempts: int = 4,
+                 max_retry_time: float = 60.0, backoff: float = 0.25, max_backoff: float = 8.0,
+                 max_retry_after: float = 30.0, http_client: httpx.AsyncClient | None = None):
+        self.registry = registry
+        self.api_host = DOCKER_HUB_API_HOST if registry == DOCKER_HUB else registry
+        self.config = (config if config is not None else load_config()).with_insecure(
+            insecure_registries)
+        self.origin = self.config.base_url(self.api_host)
+        self.mirrors = [self.config.base_url(m) for m in self.config.mirrors_for(registry)]
+        self._explicit = credentials
+        self.use_keyring = use_keyring
+        self.max_attempts = max(1, max_attempts)
+        self.max_retry_time = max_retry_time
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_retry_after = max_retry_after
+        self._own_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
+            follow_redirects=False, verify=True,
+            headers={"User-Agent": USER_AGENT},
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+        )
+        self._challenges: dict[str, Challenge | None] = {}
+        self._tokens: dict[tuple[str, str], Token] = {}
+        self._creds: dict[tuple[str, str | None], Credentials | None] = {}
+        self._locks: dict[object, anyio.Lock] = {}
+        self.stats = {"requests": 0, "retries": 0, "tokens_fetched": 0, "redirects": 0}
+        self._check_origin(self.origin)
+        for m in self.mirrors:
+            self._check_origin(m)
+
+    # -- policy ----------------------------------------------------------------------
+
+    def _check_origin(self, url: str) -> None:
+        u = urlsplit(url)
+        if u.scheme == "http" and not (is_loopback_host(u.netloc)
+                                       or self.config.is_insecure(u.netloc)):
+            raise RegistryError(
+                f"refusing plain HTTP to {u.netloc}: only loopback hosts and insecure registries "
+                "(--insecure-registry or the configuration file) may use it"
+            )
+
+    def pull_bases(self) -> list[str]:
+        """Base URLs to read content from: mirrors in order, then the registry itself."""
+        return [*self.mirrors, self.origin]
+
+    def _lock(self, key) -> anyio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = anyio.Lock()
+        return lock
+
+    # -- credentials -----------------------------------------------------------------
+
+    async def credentials_for(self, base: str, repository: str | None) -> Credentials | None:
+        host = _host_of(base)
+        is_origin = base == self.origin
+        if is_origin and self._explicit is not None:
+            return self._explicit
+        registry = self.registry if is_origin else host
+        key = (registry, repository)
+        if key in self._creds:
+            return self._creds[key]
+        async with self._lock(("creds", key)):
+            if key in self._creds:
+                return self._creds[key]
+            try:
+                with anyio.fail_after(CREDENTIAL_LOOKUP_TIMEOUT):
+                    creds = await anyio.to_thread.run_sync(
+                        lambda: _creds.lookup(registry, repository, use_keyring=self.use_keyring),
+                        abandon_on_cancel=True)
+            except TimeoutError:
+                log.warning("credential lookup for %s timed out; continuing anonymously", registry)
+                creds = None
+            self._creds[key] = creds
+            return creds
+
+    # -- tokens ----------------------------------------------------------------------
+
+    def invalidate_tokens(self, scope: str | None = None) -> None:
+        """Forget cached tokens (all, or those whose scope set includes ``scope``)."""
+        for k in list(self._tokens):
+            if scope is None or scope in k[1].split(" "):
+                del self._tokens[k]
+
+    async def _token(self, base: str, challenge: Challenge, scopes: list[str],
+                     repository: str | None, *, rejected: str | None = None) -> str:
+        """A token for ``scopes``: cached until it expires; ``rejected`` is a token the
+        registry just refused, which is replaced (once, even with concurrent callers)."""
+        scope_key = " ".join(sorted(set(s for s in scopes if s)))
+        key = (base, scope_key)
+        tok = self._tokens.get(key)
+        if tok and tok.valid() and tok.value != rejected:
+            return tok.value
+        async with self._lock(("token", key)):
+            tok = self._tokens.get(key)
+            if tok and tok.valid() and tok.value != rejected:
+                return tok.value
+            new = await self._fetch_token(base, challenge, scope_key.split(" ") if scope_key else [],
+                                          repository)
+            self._tokens[key] = new
+            return new.value
+
+    async def _fetch_token(self, base: str, challenge: Challenge, scopes: list[str],
+                           repository: str | None) -> Token:
+        realm = challenge.realm
+        host = _host_of(base)
+        if not realm:
+            raise AuthError(f"registry {host} sent a Bearer challenge without a realm")
+        r = urlsplit(realm)
+        if r.scheme not in ("http", "https") or not r.netloc:
+            raise AuthError(f"registry {host} sent an invalid token realm")
+        if r.scheme == "http" and not (is_loopback_host(r.netloc)
+                                       or self.config.is_insecure(r.netloc)):
+            raise AuthError(f"registry {host} wants credentials sent to a plain HTTP token "
+                            f"service at {r.netloc}; refused")
+        creds = await self.credentials_for(base, repository)
+        params: list[tuple[str, str]] = []
+        if challenge.service:
+            params.append(("service", challenge.service))
+        for s in scopes:
+            params.append(("scope", s))
+        headers = {}
+        if creds and creds.is_identity_token:
+            form = {"grant_type": "refresh_token", "refresh_token": creds.secret,
+                    "client_id": "stargz-tui", "scope": " ".join(scopes)}
+            if challenge.service:
+                form["service"] = challenge.service
+            reply = await self._send("POST", realm, headers={}, data=form, limit=1 << 20)
+        else:
+            if creds:
+                headers["Authorization"] = creds.basic_header()
+                params.append(("account", creds.username))
+            reply = await self._send("GET", realm, headers=headers, params=params, limit=1 << 20)
+        self.stats["tokens_fetched"] += 1
+        if reply.status in (401, 403):
+            if creds:
+                raise AuthError(
+                    f"registry {host} rejected the credentials (from {creds.source or 'login'}): "
+                    f"token service answered {reason(reply.status)}"
+                )
+            raise AuthError(f"registry {host} requires authentication: run "
+                            f"'stargz-tui login {self.registry}'")
+        if not reply.ok:
+            raise AuthError(f"token service {r.netloc} for registry {host} failed: "
+                            f"HTTP {reason(reply.status)}")
+        try:
+            import json
+
+            doc = json.loads(reply.body)
+            value = doc.get("token") or doc.get("access_token")
+            expires_in = float(doc.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            raise AuthError(f"token service {r.netloc} sent an unreadable answer") from None
+        if not isinstance(value, str) or not value:
+            raise AuthError(f"token service {r.netloc} sent no token")
+        margin = min(10.0, expires_in / 5)
+        return Token(value, time.monotonic() + max(0.0, expires_in - margin))
+
+    async def _auth_header(self, base: str, scope: str | None, *, rejected: str | None = None,
+                           extra_scope: str | None = None) -> str | None:
+        challenge = self._challenges.get(base)
+        if challenge is None:
+            return None
+        repo = _scope_repo(scope)
+        if challenge.scheme == "basic":
+            creds = await self.credentials_for(base, repo)
+            if creds is None:
+                return None
+            return creds.basic_header()
+        scopes = [s for s in (scope, extra_scope) if s]
+        token = await self._token(base, challenge, scopes, repo, rejected=rejected)
+        return f"Bearer {token}"
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def _send(self, method: str, url: str, *, headers: dict, params=None, content=None,
+                    data=None, limit: int = DEFAULT_BODY_LIMIT, auth_origin: str | None = None,
+                    follow: bool = True) -> Reply:
+        """One logical request: retries, then manual redirects (auth only to ``auth_origin``)."""
+        target = url
+        first_host = _host_of(url)
+        path = urlsplit(url).path
+        redirected = False
+        for _hop in range(MAX_REDIRECTS + 1):
+            hdrs = dict(headers)
+            if "Authorization" in hdrs and not (auth_origin and _same_origin(target, auth_origin)):
+                del hdrs["Authorization"]
+            reply = await self._send_retrying(method, target, hdrs, params, content, data, limit,
+                                              first_host, path)
+            if follow and reply.status in (301, 302, 303, 307, 308) and "location" in reply.headers:
+                self.stats["redirects"] += 1
+                new = urljoin(target, reply.headers["location"])
+                if urlsplit(new).scheme not in ("http", "https"):
+                    raise RegistryError(f"registry {first_host} redirected to an unsupported URL")
+                if urlsplit(new).scheme == "http" and urlsplit(target).scheme == "https":
+                    raise RegistryError(f"registry {first_host} redirected from HTTPS to plain "
+                                        "HTTP; refused")
+                if reply.status == 303:
+                    method, content, data = "GET", None, None
+                target, params = new, None
+                redirected = redirected or not _same_origin(new, url)
+                continue
+            reply.redirected = redirected
+            reply.url = target
+            return reply
+        raise RegistryError(f"registry {first_host}: too many redirects for {path}")
+
+    async def _send_retrying(self, method, url, headers, params, content, data, limit,
+                             host, path) -> Reply:
+        deadline = time.monotonic() + self.max_retry_time
+        attempt = 0
+        while True:
+            attempt += 1
+            self.stats["requests"] += 1
+            delay = None
+            try:
+                body = content() if callable(content) else content
+                req = self._http.build_request(method, url, headers=headers, params=params,
+                                               content=body, data=data)
+                resp = await self._http.send(req, stream=True)
+                try:
+                    chunks, total = [], 0
+                    async for chunk in resp.aiter_raw() if method == "HEAD" else resp.aiter_bytes():
+                        total += len(chunk)
+                        if total > limit:
+                            raise FormatError(
+                                f"registry {host}: answer to {method} {path} is larger than "
+                                f"{limit} bytes; refused")
+                        chunks.append(chunk)
+                finally:
+                    await resp.aclose()
+                reply = Reply(resp.status_code, resp.headers, b"".join(chunks), url, host, path,
+                              method, attempts=attempt)
+                if reply.status not in RETRY_STATUSES:
+                    return reply
+                delay = _retry_after(resp.headers.get("retry-after"))
+                if delay is not None:
+                    delay = min(delay, self.max_retry_after)
+                failure: Reply | BaseException = reply
+            except httpx.TransportError as e:
+                text = describe_transport_error(e)
+                if isinstance(e, httpx.ConnectError) and ("Name or service not known" in text
+                                                          or "No address associated" in text
+                                                          or "nodename nor servname" in text):
+                    raise RegistryError(f"cannot reach registry {host}: unknown host "
+                                        f"({text})") from None
+                if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+                    raise RegistryError(f"TLS certificate of {_host_of(url)} could not be verified "
+                                        f"({text})") from None
+                failure = e
+            if attempt >= self.max_attempts:
+                break
+            if delay is None:
+                delay = min(self.max_backoff, self.backoff * (2 ** (attempt - 1)))
+                delay = delay * (0.5 + random.random())  # jitter
+            if time.monotonic() + delay > deadline:
+                break
+            self.stats["retries"] += 1
+            log.debug("retrying %s %s on %s in %.2fs (attempt %d)", method, path, host, delay,
+                      attempt)
+            await anyio.sleep(delay)
+        if isinstance(failure, Reply):
+            return failure
+        raise RegistryError(
+            f"cannot reach registry {host}: {describe_transport_error(failure)}"
+            + (f" (after {attempt} attempts)" if attempt > 1 else "")
+        ) from None
+
+    async def request(self, method: str, path: str, *, scope: str | None = None,
+                      headers: dict | None = None, params=None, content=None,
+                      limit: int = DEFAULT_BODY_LIMIT, base: str | None = None,
+                      url: str | None = None, follow: bool = True) -> Reply:
+        """Send an authenticated request to ``base + path`` (or the absolute ``url`` on
+        the registry, e.g. an upload location). Handles 401 challenges and renewal."""
+        base = base or self.origin
+        target = url or (base + path)
+        hdrs = dict(headers or {})
+        auth = await self._auth_header(base, scope)
+        if auth:
+            hdrs["Authorization"] = auth
+        reply = await self._send(method, target, headers=hdrs, params=params, content=content,
+                                 limit=limit, auth_origin=base, follow=follow)
+        if reply.status != 401:
+            return reply
+        challenge = parse_www_authenticate(reply.headers.get("www-authenticate"))
+        if challenge is None:
+            return reply
+        self._challenges[base] = challenge
+        if challenge.scheme == "basic" and await self.credentials_for(
+                base, _scope_repo(scope)) is None:
+            raise AuthError(f"registry {_host_of(base)} requires authentication: run "
+                            f"'stargz-tui login {self.registry}'")
+        # A token we had was rejected (expired or revoked): fetch a fresh one, once.
+        old = hdrs.get("Authorization", "")
+        rejected = old[7:] if old.startswith("Bearer ") else None
+        auth = await self._auth_header(base, scope, rejected=rejected,
+                                       extra_scope=challenge.scope if challenge.scope != scope
+                                       else None)
+        if not auth:
+            return reply
+        hdrs["Authorization"] = auth
+        reply = await self._send(method, target, headers=hdrs, params=params, content=content,
+                                 limit=limit, auth_origin=base, follow=follow)
+        if reply.status == 401 and challenge.scheme == "basic":
+            creds = await self.credentials_for(base, _scope_repo(scope))
+            src = f" (from {creds.source})" if creds and creds.source else ""
+            raise AuthError(f"registry {_host_of(base)} rejected the credentials{src}: "
+                            f"{reason(401)}")
+        return reply
+
+    async def get_url(self, url: str, *, headers: dict | None = None,
+                      limit: int = DEFAULT_BODY_LIMIT) -> Reply:
+        """GET an absolute URL without credentials (a cached redirect target)."""
+        return await self._send("GET", url, headers=dict(headers or {}), limit=limit)
+
+    # -- endpoints -------------------------------------------------------------------
+
+    async def ping(self, base: str | None = None) -> Challenge | None:
+        """``GET /v2/``: None when no auth is required, else the registry's challenge."""
+        base = base or self.origin
+        reply = await self._send("GET", base + "/v2/", headers={}, limit=1 << 20)
+        if reply.status == 401:
+            ch = parse_www_authenticate(reply.headers.get("www-authenticate"))
+            if ch is None:
+                raise RegistryError(f"registry {_host_of(base)} answered 401 without a usable "
+                                    "WWW-Authenticate challenge")
+            self._challenges[base] = ch
+            return ch
+        if reply.status == 404:
+            raise RegistryError(f"{_host_of(base)} does not serve the registry API (/v2/: "
+                                f"{reason(404)})")
+        raise_for_reply(reply, "GET /v2/")
+        self._challenges[base] = None
+        return None
+
+    async def check_login(self) -> str:
+        """Check the client's credentials against the registry (what ``login`` does).
+
+        Returns "basic", "bearer" or "none" (the registry requires no auth)."""
+        challenge = await self.ping()
+        if challenge is None:
+            return "none"
+        creds = await self.credentials_for(self.origin, None)
+        if creds is None:
+            raise AuthError(f"registry {self.api_host} requires credentials")
+        if challenge.scheme == "bearer":
+            await self._fetch_token(self.origin, challenge, [], None)
+            return "bearer"
+        reply = await self._send("GET", self.origin + "/v2/",
+                                 headers={"Authorization": creds.basic_header()},
+                                 auth_origin=self.origin, limit=1 << 20)
+        if reply.status == 401:
+            raise AuthError(f"registry {self.api_host} rejected the credentials: {reason(401)}")
+        raise_for_reply(reply, "GET /v2/")
+        return "basic"
+
+    async def _paginate(self, path: str, key: str, scope: str, page_size: int | None,
+                        what: str, max_pages: int = 100000) -> AsyncIterator[str]:
+        params = {"n": str(page_size)} if page_size else None
+        url = self.origin + path
+        seen = set()
+        for _ in range(max_pages):
+            reply = await self.request("GET", "", url=url, params=params, scope=scope,
+                                       limit=8 << 20)
+            raise_for_reply(reply, what)
+            try:
+                import json
+
+                doc = json.loads(reply.body)
+                items = doc.get(key) or []
+            except (ValueError, AttributeError):
+                raise FormatError(f"registry {self.api_host} sent an unreadable {what} "
+                                  "answer") from None
+            for item in items:
+                if isinstance(item, str):
+                    yield item
+            nxt = _next_link(reply.headers.get("link"))
+            if not nxt or not items:
+                return
+            url = urljoin(url, nxt)
+            if not _same_origin(url, self.origin) or url in seen:
+                return
+            seen.add(url)
+            params = None
+        raise RegistryError(f"registry {self.api_host}: {what} has too many pages")
+
+    def iter_catalog(self, page_size: int | None = None) -> AsyncIterator[str]:
+        """Repository names (``GET /v2/_catalog``), page by page."""
+        return self._paginate("/v2/_catalog", "repositories", CATALOG_SCOPE, page_size,
+                              "listing repositories")
+
+    def iter_tags(self, repository: str, page_size: int | None = None) -> AsyncIterator[str]:
+        """Tags of ``repository`` (``GET /v2/NAME/tags/list``), page by page."""
+        return self._paginate(f"/v2/{repository}/tags/list", "tags",
+                              repository_scope(repository), page_size,
+                              f"listing tags of {repository}")
+
+    async def aclose(self) -> None:
+        if self._own_http:
+            await self._http.aclose()
+
+
+_LINK_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
+
+
+def _next_link(value: str | None) -> str | None:
+    if not value:
+        return None
+    m = _LINK_RE.search(value)
+    return m.group(1) if m else None
+
+
+ClientFactory = Callable[..., RegistryClient]
+
+__all__ = ["RegistryClient", "Challenge", "Reply", "Token", "parse_www_authenticate",
+           "repository_scope", "raise_for_reply", "CATALOG_SCOPE", "CoreError"]
