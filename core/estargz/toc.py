@@ -434,19 +434,22 @@ def _digest_bytes(d) -> bytes | None:
     return None
 
 
-def build_index(toc_json: bytes, *, format: str, blob_digest: str, blob_size: int,
+def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_size: int,
                 toc_digest: str, toc_offset: int) -> LayerIndex:
     """Parse TOC JSON bytes into a :class:`LayerIndex`. CPU-heavy: run it in a
     worker thread from async code. Raises :class:`FormatError` on a TOC that
     is not valid or makes claims outside the blob."""
     # Every entry is one JSON object (two with xattrs): far more braces than
     # that is a TOC built to exhaust memory in the parser; refuse it unparsed.
-    if toc_json.count(b"{") > 2 * MAX_ENTRIES + 16:
+    if not isinstance(toc_json, dict) and toc_json.count(b"{") > 2 * MAX_ENTRIES + 16:
         raise FormatError(f"TOC holds more objects than {MAX_ENTRIES} entries could; refused")
-    try:
-        doc = json.loads(toc_json)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise FormatError(f"TOC is not valid JSON: {str(e)[:120]}") from None
+    if isinstance(toc_json, dict):
+        doc = toc_json  # already parsed (plain layers index their tar this way)
+    else:
+        try:
+            doc = json.loads(toc_json)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise FormatError(f"TOC is not valid JSON: {str(e)[:120]}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
         raise FormatError("TOC has no 'entries' list")
     raw_entries = doc["entries"]
