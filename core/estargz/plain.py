@@ -1,0 +1,271 @@
+"""Plain (non-lazy) layers: tar, tar+gzip and tar+zstd blobs.
+
+They have no TOC and no random access, but the image still shows them: the
+whole blob is streamed once (decompressed in a worker thread) to build a
+:class:`LayerIndex` whose single "chunk" per file is the file's offset in the
+*uncompressed* tar stream, and a file is read by streaming the blob again up
+to that offset. The same streaming serves ``verify --full`` (blob digest and
+diffID) for every format.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import tarfile
+import threading
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import zstandard
+from isal import isal_zlib
+
+from ..errors import BlobReadError, FormatError
+from ..source import BlobSource
+from .footer import Format
+from .toc import REG, Entry, LayerIndex, build_index
+
+PIECE = 4 << 20
+
+
+class Inflater:
+    """Incremental decompressor of a whole blob: gzip (any number of
+    members), zstd (frames, skippable frames skipped) or tar (as is)."""
+
+    def __init__(self, fmt: str):
+        if fmt in (Format.GZIP, Format.ESTARGZ, Format.STARGZ):
+            self.kind = "gzip"
+            self._d = isal_zlib.decompressobj(31)
+        elif fmt in (Format.ZSTD, Format.ZSTDCHUNKED):
+            self.kind = "zstd"
+            self._d = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+        elif fmt == Format.TAR:
+            self.kind = "tar"
+        else:
+            raise FormatError(f"cannot decompress a {fmt} blob")
+        self._member_open = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self.kind == "tar":
+            return data
+        if self.kind == "zstd":
+            try:
+                return self._d.decompress(data)
+            except zstandard.ZstdError as e:
+                raise FormatError(f"corrupt zstd stream: {e}") from None
+        out = []
+        while data:
+            self._member_open = True
+            try:
+                out.append(self._d.decompress(data))
+            except isal_zlib.error as e:
+                raise FormatError(f"corrupt gzip stream: {e}") from None
+            if self._d.eof:
+                data = self._d.unused_data
+                self._d = isal_zlib.decompressobj(31)
+                self._member_open = False
+            else:
+                data = b""
+        return b"".join(out)
+
+    def finish(self) -> None:
+        """Raise unless the stream ended cleanly."""
+        if self.kind == "gzip" and self._member_open:
+            raise FormatError("gzip stream is truncated")
+        if self.kind == "zstd":
+            try:
+                self._d.flush()
+            except zstandard.ZstdError as e:
+                raise FormatError(f"corrupt zstd stream: {e}") from None
+
+
+async def stream_blob(source: BlobSource, piece: int = PIECE) -> AsyncIterator[bytes]:
+    """The blob's bytes in order, ``piece`` bytes per range read."""
+    pos = 0
+    while pos < source.size:
+        n = min(piece, source.size - pos)
+        data = await source.read_range(pos, n)
+        if len(data) != n:
+            raise BlobReadError(f"short read of blob {source.digest[:19]} at {pos}")
+        yield data
+        pos += n
+
+
+class _SourceFile(io.RawIOBase):
+    """A blocking file over an async blob source, for use in a worker thread
+    started by ``anyio.to_thread`` (reads go back to the event loop)."""
+
+    def __init__(self, source: BlobSource, stop: threading.Event,
+                 progress: Callable[[int, int], None] | None):
+        self.source = source
+        self.pos = 0
+        self.stop = stop
+        self.progress = progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.stop.is_set():
+            raise anyio.get_cancelled_exc_class()()
+        n = min(len(b), self.source.size - self.pos)
+        if n <= 0:
+            return 0
+        data = anyio.from_thread.run(self.source.read_range, self.pos, n)
+        b[: len(data)] = data
+        self.pos += len(data)
+        if self.progress is not None:
+            anyio.from_thread.run_sync(self.progress, self.pos, self.source.size)
+        return len(data)
+
+
+def _decompressed(raw, fmt: str):
+    if fmt == Format.TAR:
+        return raw
+    return _InflatingReader(raw, Inflater(fmt))
+
+
+class _InflatingReader(io.RawIOBase):
+    def __init__(self, raw, inflater: Inflater):
+        self.raw = raw
+        self.inflater = inflater
+        self.buf = b""
+        self.eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.buf and not self.eof:
+            data = self.raw.read(PIECE)
+            if not data:
+                self.eof = True
+                self.inflater.finish()
+                break
+            self.buf = self.inflater.feed(data)
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+
+def _rfc3339(mtime) -> str:
+    try:
+        return datetime.fromtimestamp(int(mtime), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return ""
+
+
+_TYPES = {
+    tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg", tarfile.CONTTYPE: "reg",
+    tarfile.LNKTYPE: "hardlink", tarfile.SYMTYPE: "symlink", tarfile.DIRTYPE: "dir",
+    tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
+}
+
+
+def _scan_tar(fileobj) -> tuple[list[dict], int]:
+    """TOC-shaped entries for every member of a tar stream, and the stream's
+    length up to the end of the last member."""
+    entries: list[dict] = []
+    end = 0
+    try:
+        tf = tarfile.open(fileobj=fileobj, mode="r|", encoding="utf-8",
+                          errors="surrogateescape")
+        for m in tf:
+            typ = _TYPES.get(m.type)
+            if typ is None:
+                continue  # GNU volume headers and the like
+            e: dict = {"name": m.name, "type": typ, "mode": m.mode, "uid": m.uid,
+                       "gid": m.gid, "modtime": _rfc3339(m.mtime)}
+            if m.uname:
+                e["userName"] = m.uname
+            if m.gname:
+                e["groupName"] = m.gname
+            if typ in ("symlink", "hardlink"):
+                e["linkName"] = m.linkname
+            if typ in ("char", "block"):
+                e["devMajor"] = m.devmajor
+                e["devMinor"] = m.devminor
+            xattrs = {}
+            for k, v in m.pax_headers.items():
+                if k.startswith("SCHILY.xattr."):
+                    xattrs[k[13:]] = base64.b64encode(v.encode("utf-8", "surrogateescape")).decode()
+            if xattrs:
+                e["xattrs"] = xattrs
+            if typ == "reg":
+                e["size"] = m.size
+                h = hashlib.sha256()
+                f = tf.extractfile(m)
+                while True:
+                    piece = f.read(1 << 20)
+                    if not piece:
+                        break
+                    h.update(piece)
+                e["digest"] = "sha256:" + h.hexdigest()
+                if m.size:
+                    e["offset"] = m.offset_data
+                    e["chunkSize"] = m.size
+            entries.append(e)
+            tf.members = []
+            end = m.offset_data + ((m.size + 511) & ~511 if m.isreg() else 0)
+    except tarfile.TarError as e:
+        raise FormatError(f"layer is not a valid tar stream: {e}") from None
+    except EOFError:
+        raise FormatError("layer's tar stream is truncated") from None
+    return entries, end
+
+
+async def build_plain_index(source: BlobSource, fmt: str,
+                            progress: Callable[[int, int], None] | None = None) -> LayerIndex:
+    """Stream a plain layer once and index its entries (see module doc)."""
+    stop = threading.Event()
+
+    def work():
+        raw = io.BufferedReader(_SourceFile(source, stop, progress), PIECE)
+        entries, end = _scan_tar(io.BufferedReader(_decompressed(raw, fmt), 1 << 20))
+        total = max(end, 1) + 1
+        return build_index({"version": 1, "entries": entries}, format=fmt,
+                           blob_digest=source.digest, blob_size=total,
+                           toc_digest="", toc_offset=total)
+
+    try:
+        ix = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+    finally:
+        stop.set()
+    ix.toc_digest = None
+    ix.toc_offset = None
+    ix.plain_size = ix.blob_size - 1
+    ix.blob_size = source.size
+    return ix
+
+
+async def iter_plain_file(index: LayerIndex, source: BlobSource, entry: Entry,
+                          window: int = 1 << 20) -> AsyncIterator[bytes]:
+    """A plain layer's file, streamed by decompressing the blob up to it."""
+    target = index.entry(entry.target_id) if entry.target_id is not None else entry
+    if target.type_code != REG:
+        raise FormatError(f"{entry.path} is a {entry.type}, not a regular file")
+    chunks = index.chunks(target)
+    if not chunks:
+        return
+    start, size = chunks[0].offset, target.size
+    inflater = Inflater(index.format)
+    pos = 0  # uncompressed position
+    sent = 0
+    async for piece in stream_blob(source):
+        out = await anyio.to_thread.run_sync(inflater.feed, piece)
+        lo = max(start - pos, 0)
+        hi = min(start + size - pos, len(out))
+        pos += len(out)
+        if hi > lo:
+            for k in range(lo, hi, window):
+                part = out[k : min(hi, k + window)]
+                sent += len(part)
+                yield part
+        if sent >= size:
+            return
+    raise FormatError(f"{entry.path}: layer ends before the file's data")
