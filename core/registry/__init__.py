@@ -7,6 +7,7 @@ listing), :class:`RegistryStore` (the ``ImageStore`` for registries),
 insecure registries).
 """
 
+from .api import list_repositories, list_tags, login, logout
 from .client import Challenge, RegistryClient, parse_www_authenticate, repository_scope
 from .config import RegistryConfig, load_config
 from .credentials import Credentials
@@ -14,7 +15,7 @@ from .push import push_blob, push_manifest, push_oci_layout
 from .store import RegistryBlobSource, RegistryStore
 
 __all__ = [
-    "Challenge", "Credentials", "RegistryBlobSource", "RegistryClient", "RegistryConfig",
+    "Challenge", "Credentials", "list_repositories", "list_tags", "login", "logout", "RegistryBlobSource", "RegistryClient", "RegistryConfig",
     "RegistryStore", "load_config", "parse_www_authenticate", "push_blob", "push_manifest",
     "push_oci_layout", "repository_scope",
 ]

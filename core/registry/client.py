@@ -353,7 +353,8 @@ class RegistryClient:
             if creds:
                 headers["Authorization"] = creds.basic_header()
                 params.append(("account", creds.username))
-            reply = await self._send("GET", realm, headers=headers, params=params, limit=1 << 20)
+            reply = await self._send("GET", realm, headers=headers, params=params, limit=1 << 20,
+                                     auth_origin=realm)
         self.stats["tokens_fetched"] += 1
         if reply.status in (401, 403):
             if creds:
@@ -606,6 +607,20 @@ class RegistryClient:
             seen.add(url)
             params = None
         raise RegistryError(f"registry {self.api_host}: {what} has too many pages")
+
+    async def list_page(self, path: str, key: str, scope: str, *, n: int | None = None,
+                        last: str | None = None, what: str = "listing") -> tuple[list[str], bool]:
+        """One page (``n=``, ``last=``): (items, whether the registry says there is more)."""
+        params = {k: v for k, v in (("n", str(n) if n else None), ("last", last)) if v}
+        reply = await self.request("GET", path, params=params or None, scope=scope, limit=8 << 20)
+        raise_for_reply(reply, what)
+        try:
+            import json
+
+            items = [i for i in (json.loads(reply.body).get(key) or []) if isinstance(i, str)]
+        except (ValueError, AttributeError):
+            raise FormatError(f"registry {self.api_host} sent an unreadable {what} answer") from None
+        return items, bool(_next_link(reply.headers.get("link"))) and bool(items)
 
     def iter_catalog(self, page_size: int | None = None) -> AsyncIterator[str]:
         """Repository names (``GET /v2/_catalog``), page by page."""

@@ -297,6 +297,22 @@ def _docker_lookup(registry: str) -> Credentials | None:
     return None
 
 
+def known_registries() -> list[str]:
+    """Registries with credentials in docker/containers files (the keyring is not read)."""
+    seen: list[str] = []
+    paths = [*containers_auth_files(), docker_config_file()]
+    for path in paths:
+        doc = _read_json(path)
+        if not doc:
+            continue
+        keys = list((doc.get("auths") or {}).keys()) + list((doc.get("credHelpers") or {}).keys())
+        for k in keys:
+            host = _normalise_key(k).split("/", 1)[0]
+            if host and host not in seen:
+                seen.append(host)
+    return seen
+
+
 def lookup(registry: str, repository: str | None = None, *,
            use_keyring: bool = True) -> Credentials | None:
     """Credentials for ``registry`` (and optionally ``repository``), or None (anonymous)."""
