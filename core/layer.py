@@ -81,6 +81,7 @@ class LayerReader:
         self._seq: dict[object, int] = {}
         self._tg = None
         self._pending: list = []
+        self._ahead: set[int] = set()
         # live stats
         self.bytes_fetched = 0
         self.requests = 0
@@ -282,22 +283,28 @@ class LayerReader:
         missing: list[Chunk] = []
         for c in chunks:
             d = self.cache.get_memory(self._keys[c.index])
-            if d is not None:
+            if d is not None and len(d) == c.chunk_size:
                 out[c.index] = d
-            elif self._cached[c.index]:
-                on_disk.append(c)
-            else:
+            elif c.index in self._inflight:
                 missing.append(c)
+            else:
+                on_disk.append(c)  # ours, or cached by another mount sharing the cache
         if on_disk:
             loaded = await anyio.to_thread.run_sync(
                 lambda: [(c, self.cache.get(self._keys[c.index])) for c in on_disk])
             for c, d in loaded:
-                if d is None:  # evicted or damaged since: fetch again
-                    if self._cached[c.index]:
+                # A digest-keyed chunk is shared by every layer naming that
+                # digest: one whose TOC claims another size for it must not
+                # be served the cached bytes (a short file); fetch and fail.
+                if d is not None and len(d) != c.chunk_size:
+                    d = None
+                if d is None:
+                    if self._cached[c.index]:  # evicted or damaged since
                         self._cached[c.index] = 0
                         self._ncached -= 1
                     missing.append(c)
                 else:
+                    self._mark_cached(c.index)
                     out[c.index] = d
         if missing:
             waits: dict[int, _Flight] = {}
@@ -326,6 +333,23 @@ class LayerReader:
                     raise BlobReadError(f"reading {self.index.path_of(c.entry_id)}: {f.error}")
                 out[c.index] = f.data
         return out
+
+    def _mark_cached(self, i: int) -> None:
+        if not self._cached[i]:
+            self._cached[i] = 1
+            self._ncached += 1
+
+    async def _adopt_from_disk(self, chunks: list[Chunk]) -> list[Chunk]:
+        """Mark chunks another mount already cached; return the rest."""
+        has = await anyio.to_thread.run_sync(
+            lambda: [self.cache.has(self._keys[c.index]) for c in chunks])
+        rest = []
+        for c, h in zip(chunks, has, strict=True):
+            if h:
+                self._mark_cached(c.index)
+            else:
+                rest.append(c)
+        return rest
 
     # -- reading -------------------------------------------------------
     def _target(self, entry_id: int):
@@ -369,13 +393,23 @@ class LayerReader:
         return result
 
     def _read_ahead(self, target, pos: int) -> None:
-        span = self.window * self.readahead
-        ahead = self.index.chunks_for_range(target, pos, span)
-        need = [c for c in ahead if not self._cached[c.index] and c.index not in self._inflight]
-        if not need:
+        if target.id in self._ahead:
             return
-        for g in self._plan(need, extend=False):
-            self._launch(g, True)
+        self._ahead.add(target.id)
+        self._tg.start_soon(self._read_ahead_task, target, pos)
+
+    async def _read_ahead_task(self, target, pos: int) -> None:
+        try:
+            span = self.window * self.readahead
+            ahead = self.index.chunks_for_range(target, pos, span)
+            need = [c for c in ahead if not self._cached[c.index] and c.index not in self._inflight]
+            if need:
+                need = await self._adopt_from_disk(need)
+            need = [c for c in need if not self._cached[c.index] and c.index not in self._inflight]
+            for g in self._plan(need, extend=False):
+                self._launch(g, True)
+        finally:
+            self._ahead.discard(target.id)
 
     def forget_stream(self, stream: object) -> None:
         for key in [k for k in self._seq if k[0] == stream]:
@@ -400,6 +434,7 @@ class LayerReader:
         """Fetch the prefetch region's missing chunks in one request."""
         todo = [c for c in self.prefetch_chunk_list()
                 if not self._cached[c.index] and c.index not in self._inflight]
+        todo = await self._adopt_from_disk(todo)
         self.prefetch_chunks = len(todo)
         if not todo:
             return
@@ -436,6 +471,9 @@ class LayerReader:
                 if self._cached[i] or i in self._inflight:
                     continue
                 group = self._plan([self.index.chunk(i)], neighbours=self.window)[0]
+                group = await self._adopt_from_disk(group)
+                if not group or group[0].index != i:
+                    continue  # another mount cached them meanwhile
                 flights = {}
                 for c in group:
                     f = _Flight()

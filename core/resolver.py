@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from .errors import CoreError, DigestMismatchError, MountError
-from .estargz import LayerIndex, load_layer_index
+from .errors import CoreError, DigestMismatchError, FormatError, MountError
+from .estargz import Format, LayerIndex, load_layer_index, read_footer
 from .source import BlobSource
 
 log = logging.getLogger("core.resolver")
@@ -87,6 +87,19 @@ class Resolver:
         warnings = []
         if not expected:
             if not allow_unverified:
+                # say "plain gzip" rather than "no annotation" when that is the real story
+                probe = store.blob_source(desc.digest, desc.size)
+                try:
+                    with anyio.fail_after(self.timeout):
+                        footer = await read_footer(probe)
+                except (CoreError, TimeoutError):
+                    footer = None
+                finally:
+                    await _close(probe)
+                if footer is not None and footer.format not in Format.LAZY:
+                    raise FormatError(
+                        f"layer {desc.digest[:19]} is plain {footer.format}: it has no TOC and "
+                        "cannot be read lazily (convert it to eStargz)")
                 raise DigestMismatchError(
                     f"layer {desc.digest[:19]} has no TOC digest annotation "
                     "(containerd.io/snapshot/stargz/toc.digest); refusing to mount it "
