@@ -20,7 +20,7 @@ from .errors import ChunkDigestError, CoreError, DigestMismatchError, FormatErro
 from .estargz import LayerIndex, decode_chunk, load_layer_index, read_file_range
 from .estargz.toc import DIR, REG, Chunk, Entry
 from .image import Image, LayerDescriptor
-from .overlay import MergedTree, layer_status
+from .overlay import MergedTree
 
 # TOC digest states of a layer.
 TOC_VERIFIED = "verified"
@@ -280,24 +280,49 @@ class LayerBrowser:
         self.index = indexes[n]
         lower = [ix for ix in indexes[:n] if ix is not None]
         self._all_loaded = len(lower) == n
-        self.markers: dict[str, str] = (
-            layer_status(lower + [self.index], len(lower)) if self.index is not None else {})
+        # Everything is computed per directory on demand: opening a layer of
+        # 100k entries costs nothing up front.
+        self._lower = MergedTree(lower)
         self._merged = MergedTree(lower + [self.index]) if self._all_loaded else None
 
     @property
     def can_merge(self) -> bool:
         return self._merged is not None
 
-    def _layer_of(self, merged_layer_no: int) -> int:
-        return merged_layer_no
+    def marker(self, path: str, entry: Entry) -> str | None:
+        """added / modified against the layers below (None for markers)."""
+        if entry.is_opaque_marker:
+            return None
+        if entry.is_whiteout:
+            return REMOVED
+        if self.n == 0:
+            return ADDED
+        return MODIFIED if self._lower.lookup(path) is not None else ADDED
+
+    def _whiteouts(self, path: str) -> list[str]:
+        d = self.index.lookup(path) if path else self.index.root
+        if d is None or d.type_code != DIR:
+            return []
+        return [e.whiteout_target for e in self.index.children(d) if e.is_whiteout]
 
     def children(self, path: str, *, merged: bool = False) -> list[Node]:
         if merged and self._merged is not None:
             out = []
             for name, li, e in self._merged.children(path):
                 p = f"{path}/{name}" if path else name
-                mk = self.markers.get(p) if li == self.n else None
+                mk = self.marker(p, e) if li == self.n else None
                 out.append(Node(p, name, li, e.id, e.type_code == DIR, mk))
+            # dive shows what this layer removes, struck through, where it was
+            names = {nd.name for nd in out}
+            removed = [nm for nm in self._whiteouts(path) if nm not in names]
+            for name in removed:
+                p = f"{path}/{name}" if path else name
+                hit = self._lower.lookup(p)
+                if hit is not None:
+                    li, e = hit
+                    out.append(Node(p, name, li, e.id, e.type_code == DIR, REMOVED))
+            if removed:
+                out.sort(key=lambda nd: nd.name)
             return out
         ix = self.index
         d = ix.lookup(path) if path else ix.root
@@ -306,13 +331,7 @@ class LayerBrowser:
         out = []
         for e in ix.children(d):
             p = f"{path}/{e.name}" if path else e.name
-            if e.is_whiteout:
-                parent = path
-                target = (parent + "/" if parent else "") + e.whiteout_target
-                mk = REMOVED if self.markers.get(target) == REMOVED else None
-            else:
-                mk = self.markers.get(p)
-            out.append(Node(p, e.name, self.n, e.id, e.type_code == DIR, mk))
+            out.append(Node(p, e.name, self.n, e.id, e.type_code == DIR, self.marker(p, e)))
         return out
 
     def entry(self, node: Node) -> Entry:

@@ -1,0 +1,241 @@
+"""The Textual app driven with Pilot against the fixture OCI layout:
+layout (as a registry) -> repository -> tag -> image -> layer -> file,
+search and filters, merged view markers, verify, a corrupted chunk, extract,
+and a 100k-entry layer opening fast."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from app_support import (
+    LAYOUT_REF,
+    app_env,  # noqa: F401 - fixture
+    big_layout,
+    corrupt_layout,
+    find_node,
+    ground_truth,
+    open_image_screen,
+    open_layer_screen,
+    screen_named,
+    tree_labels,
+    wait_for,
+)
+from textual.widgets import OptionList, TextArea, Tree
+
+from core import browse
+from stargz_tui.app import StargzApp
+from stargz_tui.config import AppConfig
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"  # Textual runs on asyncio
+
+
+async def test_navigate_layout_to_file(app_env):  # noqa: F811
+    """Home -> registry (an OCI layout) -> repo -> tag -> image -> layer -> file view."""
+    app = StargzApp()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: screen_named(app, "HomeScreen"), "home")
+        await pilot.press(*LAYOUT_REF)
+        await pilot.press("enter")
+        repos = await wait_for(pilot, lambda: screen_named(app, "ReposScreen"), "repos")
+        tags = repos.query_one("#tags", OptionList)
+        await wait_for(pilot, lambda: tags.option_count > 0, "the tags")
+        ids = [tags.get_option_at_index(i).id for i in range(tags.option_count)]
+        assert "t:mini-esgz-64k" in ids and "t:special-zstdchunked" in ids
+        tags.focus()
+        tags.highlighted = ids.index("t:mini-esgz-64k")
+        await pilot.press("enter")
+        image = await open_image_screen(pilot, app)
+        assert image.session.image.reference.tag == "mini-esgz-64k"
+        assert [v.toc_state for v in image.session.views] == ["verified", "verified"]
+        await pilot.press("enter")
+        layer = await open_layer_screen(pilot, app)
+        assert layer.n == 0
+        tree = layer.query_one("#toc", Tree)
+        data = find_node(tree, "data")
+        data.expand()
+        await wait_for(pilot, lambda: find_node(tree, "data/text.txt"), "data/ expanded")
+        tree.move_cursor(find_node(tree, "data/text.txt"))
+        await wait_for(pilot, lambda: layer.current and layer.current.path == "data/text.txt",
+                       "the detail pane to follow the cursor")
+        chunks = layer.query_one("#chunks")
+        assert chunks.row_count == len(layer.index.chunks(layer.index.lookup("data/text.txt"))) > 1
+        await pilot.press("o")
+        viewer = await wait_for(pilot, lambda: screen_named(app, "FileViewer"), "the viewer")
+        area = viewer.query_one(TextArea)
+        want = ground_truth("mini-gzip", "data/text.txt").decode()
+        await wait_for(pilot, lambda: area.text, "the file text")
+        # 300 KiB of text: the viewer shows the first 256 KiB and says so
+        assert len(want) > browse.TEXT_VIEW_LIMIT
+        assert area.text == want[: browse.TEXT_VIEW_LIMIT]
+        assert "first 256.0 KiB" in str(viewer.query_one("#viewer-title").render())
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: screen_named(app, "LayerScreen"), "back on the layer")
+    # the app remembered the image it opened
+    cfg = AppConfig.load()
+    assert cfg.recent_images[0] == f"{LAYOUT_REF}:mini-esgz-64k"
+
+
+async def test_search_and_filters_keep_tree_navigable(app_env):  # noqa: F811
+    app = StargzApp(f"{LAYOUT_REF}:mini-esgz")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await open_image_screen(pilot, app)
+        await pilot.press("enter")
+        layer = await open_layer_screen(pilot, app)
+        await pilot.press("slash", *"mod_0")
+        await wait_for(pilot, lambda: len(layer.matches) == 10, "10 matches for mod_0")
+        tree = layer.query_one("#toc", Tree)
+        lines = [x.strip() for x in tree_labels(tree)]
+        shown = [x for x in lines if "mod_" in x]
+        assert len(shown) == 10 and all("mod_0" in x for x in shown)
+        assert not any("os-release" in x for x in lines)
+        # still movable: the cursor walks the filtered tree and the detail follows
+        await pilot.press("enter")  # back to the tree
+        for _ in range(6):
+            await pilot.press("down")
+        await wait_for(pilot, lambda: layer.current and layer.current.path.startswith(
+            "usr/lib/app/mod_0"), "the cursor on a match")
+        # type and size filter
+        layer.query_one("#filter").value = "type:reg size>100K"
+        await wait_for(pilot, lambda: layer.matches == {"data/random.bin", "data/text.txt"},
+                       "two big regular files")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: layer.allowed is None, "the filter cleared")
+        assert any("etc" in x for x in tree_labels(tree))
+
+
+async def test_merged_view_markers_and_wasted(app_env):  # noqa: F811
+    app = StargzApp(f"{LAYOUT_REF}:mini-esgz")
+    async with app.run_test(size=(120, 36)) as pilot:
+        image = await open_image_screen(pilot, app)
+        # layer 0 wastes the files layer 1 removes or hides
+        b0 = image.session.browser(0)
+        total, items = b0.wasted()
+        assert {p for p, _ in items} == {"usr/lib/app/remove-me.py", "data/old/a.txt",
+                                         "data/old/b.txt"}
+        assert total == sum(s for _, s in items) > 0
+        await pilot.press("down", "enter")
+        layer = await open_layer_screen(pilot, app)
+        assert layer.n == 1
+        tree = layer.query_one("#toc", Tree)
+        app_dir = find_node(tree, "usr")
+        app_dir.expand()
+        await pilot.pause()
+        find_node(tree, "usr/lib").expand()
+        await pilot.pause()
+        find_node(tree, "usr/lib/app").expand()
+        wh = await wait_for(pilot, lambda: find_node(tree, "usr/lib/app/.wh.remove-me.py"),
+                            "the whiteout in the raw view")
+        assert wh.data.marker == browse.REMOVED
+        assert "whiteout" in wh.label.plain
+        await pilot.press("m")
+        await wait_for(pilot, lambda: layer.merged and find_node(tree, "data"), "merged view")
+        find_node(tree, "data").expand()
+        new = await wait_for(pilot, lambda: find_node(tree, "data/new.txt"), "data/new.txt")
+        assert new.data.marker == browse.ADDED
+        old = find_node(tree, "data/random.bin")
+        assert old.data.marker is None and old.data.layer_no == 0
+        assert find_node(tree, "data/old").data.marker == browse.MODIFIED
+        find_node(tree, "usr").expand()
+        await pilot.pause()
+        find_node(tree, "usr/lib").expand()
+        await pilot.pause()
+        find_node(tree, "usr/lib/app").expand()
+        gone = await wait_for(pilot, lambda: find_node(tree, "usr/lib/app/remove-me.py"),
+                              "the removed file in the merged view")
+        assert gone.data.marker == browse.REMOVED and gone.data.layer_no == 0
+
+
+async def test_verify_layer_clean(app_env):  # noqa: F811
+    app = StargzApp(f"{LAYOUT_REF}:mini-zstdchunked")
+    async with app.run_test(size=(100, 30)) as pilot:
+        image = await open_image_screen(pilot, app)
+        await pilot.press("v")
+        verify = await wait_for(pilot, lambda: screen_named(app, "VerifyScreen"), "verify")
+        await wait_for(pilot, lambda: image.session.views[0].verified == "full", "verification")
+        assert "all 46 chunks verified" in str(verify.query_one("#verify-result").render())
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: screen_named(app, "ImageScreen"), "back on the image")
+
+
+async def test_corrupted_chunk_is_reported(app_env, tmp_path):  # noqa: F811
+    layout = await corrupt_layout(tmp_path / "bad", "mini-esgz-64k", "data/random.bin")
+    app = StargzApp(f"oci:{layout}:mini-esgz-64k")
+    async with app.run_test(size=(100, 30)) as pilot:
+        image = await open_image_screen(pilot, app)
+        # the TOC is intact: only verification of the data finds the damage
+        assert image.session.views[0].toc_state == browse.TOC_VERIFIED
+        await pilot.press("enter")
+        layer = await open_layer_screen(pilot, app)
+        await pilot.press("v")
+        await wait_for(pilot, lambda: image.session.views[0].failed_chunks, "a failed chunk")
+        view = image.session.views[0]
+        bad = view.failed_chunks
+        assert len(bad) == 1
+        (ci,) = bad
+        assert layer.index.path_of(layer.index.chunk(ci).entry_id) == "data/random.bin"
+        await wait_for(pilot, lambda: any(
+            "1 of 60 chunks fail verification" in n.message for n in app._notifications),
+            "the error notification")
+        await pilot.press("escape")
+        # the layer-wide map and the file's chunk table show it
+        await wait_for(pilot, lambda: browse.CHUNK_FAILED in layer.layer_states, "the map")
+        tree = layer.query_one("#toc", Tree)
+        find_node(tree, "data").expand()
+        node = await wait_for(pilot, lambda: find_node(tree, "data/random.bin"), "random.bin")
+        tree.move_cursor(node)
+        await wait_for(pilot, lambda: layer.current and layer.current.path == "data/random.bin",
+                       "the detail pane")
+        states = layer.query_one("#entry-map").states
+        assert states[0] == browse.CHUNK_FAILED and set(states[1:]) == {browse.CHUNK_MISSING}
+
+
+async def test_extract_directory(app_env, tmp_path):  # noqa: F811
+    app = StargzApp(f"{LAYOUT_REF}:mini-esgz-64k")
+    dest = tmp_path / "out"
+    async with app.run_test(size=(100, 30)) as pilot:
+        await open_image_screen(pilot, app)
+        await pilot.press("enter")
+        layer = await open_layer_screen(pilot, app)
+        tree = layer.query_one("#toc", Tree)
+        tree.move_cursor(find_node(tree, "data"))
+        await wait_for(pilot, lambda: layer.current and layer.current.path == "data", "data")
+        await pilot.press("x")
+        dialog = await wait_for(pilot, lambda: screen_named(app, "ExtractScreen"), "extract")
+        dialog.query_one("#extract-dest").value = str(dest)
+        await pilot.click("#extract-go")
+        await wait_for(pilot, lambda: screen_named(app, "LayerScreen"), "extract to finish")
+    assert (dest / "data" / "random.bin").read_bytes() == ground_truth("mini-gzip",
+                                                                       "data/random.bin")
+    assert (dest / "data" / "text.txt").read_bytes() == ground_truth("mini-gzip", "data/text.txt")
+    assert (dest / "data" / "link-to-os-release").is_symlink()
+
+
+async def test_100k_entry_layer_opens_fast(app_env, tmp_path):  # noqa: F811
+    ref = big_layout(tmp_path / "big")
+    app = StargzApp(ref)
+    async with app.run_test(size=(120, 40)) as pilot:
+        image = await open_image_screen(pilot, app)
+        assert image.session.views[0].entries > 100_000
+        t0 = time.perf_counter()
+        image.action_open_layer()
+        layer = await open_layer_screen(pilot, app)
+        await pilot.pause()
+        elapsed = time.perf_counter() - t0
+        tree = layer.query_one("#toc", Tree)
+        assert elapsed < 1.0, f"layer screen took {elapsed:.2f}s"
+        # a 20k-entry directory shows a first batch and a "more" node, not 20k nodes
+        node = find_node(tree, "flat")
+        t0 = time.perf_counter()
+        node.expand()
+        await pilot.pause()
+        assert time.perf_counter() - t0 < 1.0
+        assert len(node.children) == 501
+        assert "19500 more" in node.children[-1].label.plain
+        tree.select_node(node.children[-1])
+        await wait_for(pilot, lambda: len(node.children) == 1001, "the next batch")
