@@ -26,7 +26,10 @@ class TaskManager:
         self.silence = silence
         self.max_concurrent = max_concurrent
         self._prioritized = 0
-        self._last_end = 0.0
+        # A fresh manager counts as "just busy": background work waits one
+        # silence period after a mount too, so the first on-demand reads
+        # after mounting do not share the link with a background fetch.
+        self._last_end = time.monotonic()
         self._changed: anyio.Event | None = None
         self._slots: anyio.Semaphore | None = None
         self.background_running = 0
