@@ -112,6 +112,7 @@ class Registry:
         """Bytes the registry sent (response bodies) and GET requests since ``mark``."""
         nbytes = 0
         gets = 0
+        sizes = []
         with open(self.log_path, "rb") as f:
             f.seek(mark)
             for raw in f:
@@ -121,10 +122,11 @@ class Registry:
                 m = _WRITTEN.search(line)
                 if m:
                     nbytes += int(m.group(1))
+                    sizes.append(int(m.group(1)))
                 mm = _METHOD.search(line)
                 if mm and mm.group(1) == "GET":
                     gets += 1
-        return {"bytes": nbytes, "requests": gets}
+        return {"bytes": nbytes, "requests": gets, "sizes": sizes}
 
     # -- pushing ------------------------------------------------------------
     def push_blob(self, client: httpx.Client, repo: str, digest: str, path: str | None = None,

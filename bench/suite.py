@@ -189,7 +189,7 @@ def b1(ctx: Ctx) -> dict:
                         "bytes": ly["size"], "what": "httpx full pull of the blob + tar xzf"}
 
     def measure(mount_ctx):
-        times, nbytes, reqs, mount_t = [], [], [], []
+        times, nbytes, reqs, mount_t, sizes = [], [], [], [], []
         for _ in range(ctx.runs):
             fsutil.drop_caches()
             mark = ctx.reg.mark()
@@ -204,8 +204,9 @@ def b1(ctx: Ctx) -> dict:
             mount_t.append(t_m - t0)
             nbytes.append(got["bytes"])
             reqs.append(got["requests"])
+            sizes = got["sizes"]
         return {"seconds": median(times), "mount_seconds": median(mount_t),
-                "bytes": median(nbytes), "requests": median(reqs)}
+                "bytes": median(nbytes), "requests": median(reqs), "response_sizes": sizes}
 
     mp = ctx.mp("b1")
     ours = measure(lambda: OurMount(ctx, "big", mp, ctx.fresh_dir("b1-cache")))
