@@ -1,0 +1,425 @@
+"""Verification of an image's layers: TOC digests, chunk and file digests,
+blob digests, diffIDs against the config, chain IDs.
+
+Every function is async, reports progress through an optional callback and
+can be cancelled (anyio cancel scopes; blocking work runs in worker threads in
+small pieces). A failed check is a :class:`Check` with ``ok=False`` in the
+result, never an exception; :class:`~core.errors.CoreError` is raised only
+when verification cannot even start (the image cannot be opened).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import anyio.to_thread
+
+from .errors import ChunkDigestError, CoreError, FormatError
+from .estargz import load_layer_index, read_footer
+from .estargz.chunks import decode_chunk
+from .estargz.footer import Format
+from .estargz.plain import Inflater, stream_blob
+from .estargz.toc import REG, LayerIndex
+from .image import Image, LayerDescriptor
+
+# Lines of chunk/file failures reported per layer before summarising.
+MAX_FAILURE_LINES = 20
+
+
+@dataclass
+class Check:
+    """One verification: ``name`` (``toc-digest``, ``manifest-checksum``,
+    ``chunk``, ``chunks``, ``file``, ``files``, ``blob-digest``, ``diff-id``,
+    ``uncompressed-size``, ``chain-id``, ``config``, ``layer``), whether it
+    held, and a one-line message. ``skipped`` checks hold (``ok``) but could
+    not be carried out (e.g. no annotation to compare with)."""
+
+    name: str
+    ok: bool
+    message: str
+    layer: int | None = None
+    skipped: bool = False
+
+    def line(self) -> str:
+        where = f"layer {self.layer}: " if self.layer is not None else ""
+        return f"{where}{self.name}: {self.message}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class VerifyProgress:
+    """Where a verification is: ``stage`` is ``toc`` or ``blob``; ``done`` and
+    ``total`` count bytes of layer ``layer``'s blob."""
+
+    layer: int
+    stage: str
+    done: int
+    total: int
+
+
+ProgressFn = Callable[[VerifyProgress], None]
+
+
+@dataclass
+class LayerVerification:
+    """The checks of one layer and what was computed on the way."""
+
+    layer: int
+    format: str
+    checks: list[Check] = field(default_factory=list)
+    toc_digest: str | None = None
+    diff_id: str | None = None
+    blob_digest: str | None = None
+    uncompressed_size: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+@dataclass
+class VerifyResult:
+    checks: list[Check] = field(default_factory=list)
+    full: bool = False
+    layers: list[LayerVerification] = field(default_factory=list)
+    # What was computed (for display): layer index -> values.
+    diff_ids: dict[int, str] = field(default_factory=dict)
+    toc_digests: dict[int, str] = field(default_factory=dict)
+    chain_ids: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok, "full": self.full,
+            "checks": [c.to_dict() for c in self.checks],
+            "diffIDs": {str(k): v for k, v in self.diff_ids.items()},
+            "tocDigests": {str(k): v for k, v in self.toc_digests.items()},
+            "chainIDs": self.chain_ids,
+        }
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """OCI chain IDs: ChainID(L0) = DiffID(L0); ChainID(Ln) =
+    sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
+    out: list[str] = []
+    for d in diff_ids:
+        if not out:
+            out.append(d)
+        else:
+            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+    return out
+
+
+def _short(d: str | None) -> str:
+    return (d[:19] + "...") if d else "none"
+
+
+# ---------------------------------------------------------------- TOC
+async def verify_toc(image: Image, desc: LayerDescriptor, *,
+                     progress: ProgressFn | None = None) -> tuple[list[Check], LayerIndex | None, str]:
+    """Check a layer's TOC digest (and zstd:chunked manifest checksum)
+    against its annotations. Returns the checks, the index (None when the
+    layer has no TOC or it could not be read) and the detected format."""
+    n = desc.index
+    checks: list[Check] = []
+    try:
+        source = image.store.blob_source(desc.digest, desc.size)
+        if progress:
+            progress(VerifyProgress(n, "toc", 0, desc.size))
+        footer = await read_footer(source)
+    except CoreError as e:
+        return [Check("layer", False, f"cannot read the blob: {e}", n)], None, "?"
+    fmt = footer.format
+    if fmt not in Format.LAZY:
+        return [Check("toc-digest", True, f"plain {fmt} layer: no TOC to verify", n,
+                      skipped=True)], None, fmt
+    try:
+        ix = await load_layer_index(source)
+    except CoreError as e:
+        return [Check("toc-digest", False, f"cannot read the TOC: {e}", n)], None, fmt
+    want = desc.toc_digest_annotation
+    if want is None:
+        checks.append(Check("toc-digest", True,
+                            f"{ix.toc_digest} (no toc.digest annotation to compare with)",
+                            n, skipped=True))
+    elif want == ix.toc_digest:
+        checks.append(Check("toc-digest", True, f"{ix.toc_digest} matches the annotation", n))
+    else:
+        checks.append(Check("toc-digest", False,
+                            f"TOC digest mismatch: annotated {want}, computed {ix.toc_digest}", n))
+    if fmt == Format.ZSTDCHUNKED and desc.zstd_manifest_checksum:
+        region = await source.read_range(ix.toc_offset, ix.toc_size)
+        got = "sha256:" + hashlib.sha256(region).hexdigest()
+        ok = got == desc.zstd_manifest_checksum
+        checks.append(Check(
+            "manifest-checksum", ok,
+            f"{got} matches the annotation" if ok else
+            f"zstd:chunked manifest checksum mismatch: annotated {desc.zstd_manifest_checksum}, "
+            f"computed {got}", n))
+    if progress:
+        progress(VerifyProgress(n, "toc", desc.size, desc.size))
+    return checks, ix, fmt
+
+
+# ---------------------------------------------------------------- full
+class _FullState:
+    """Blocking part of a full verification: fed the blob piece by piece."""
+
+    def __init__(self, n: int, fmt: str, ix: LayerIndex | None):
+        self.n = n
+        self.fmt = fmt
+        self.ix = ix
+        self.blob_hash = hashlib.sha256()
+        self.diff_hash = hashlib.sha256()
+        self.usize = 0
+        self.inflater = Inflater(fmt)
+        self.inflate_error: str | None = None
+        self.failures: list[Check] = []
+        self.chunk_failures = 0
+        self.chunks_ok = 0
+        self.files_ok = 0
+        self.file_failures = 0
+        self.files_no_digest = 0
+        # Chunks in blob order and a sliding window of the blob over them.
+        self.chunks = list(ix.all_chunks()) if ix is not None else []
+        self.ci = 0
+        self.buf = bytearray()
+        self.buf_start = 0
+        # Per-file running digests: entry id -> [next_offset, hasher, pending, failed]
+        self.files: dict[int, list] = {}
+
+    def feed(self, piece: bytes) -> None:
+        self.blob_hash.update(piece)
+        if self.inflate_error is None:
+            try:
+                out = self.inflater.feed(piece)
+            except FormatError as e:
+                self.inflate_error = str(e)
+            else:
+                self.diff_hash.update(out)
+                self.usize += len(out)
+        if self.ix is None:
+            return
+        self.buf += piece
+        self._drain(final=False)
+
+    def finish(self) -> None:
+        if self.inflate_error is None:
+            try:
+                self.inflater.finish()
+            except FormatError as e:
+                self.inflate_error = str(e)
+        if self.ix is not None:
+            self._drain(final=True)
+            self._check_empty_files()
+
+    def _fail(self, check: Check, kind: str) -> None:
+        if kind == "chunk":
+            self.chunk_failures += 1
+            count = self.chunk_failures
+        else:
+            self.file_failures += 1
+            count = self.file_failures
+        if count <= MAX_FAILURE_LINES:
+            self.failures.append(check)
+
+    def _drain(self, final: bool) -> None:
+        ix = self.ix
+        buf_end = self.buf_start + len(self.buf)
+        while self.ci < len(self.chunks):
+            c = self.chunks[self.ci]
+            if c.end > buf_end and not final:
+                break
+            lo = c.offset - self.buf_start
+            piece = bytes(self.buf[lo : lo + (c.end - c.offset)])
+            path = ix.path_of(c.entry_id)
+            try:
+                data = decode_chunk(ix.format, piece, c, path)
+            except ChunkDigestError as e:
+                self._fail(Check("chunk", False, str(e), self.n), "chunk")
+                self._file_piece(c.entry_id, c.chunk_offset, None)
+            else:
+                self.chunks_ok += 1
+                self._file_piece(c.entry_id, c.chunk_offset, data)
+            self.ci += 1
+        # Drop what no remaining chunk needs.
+        keep_from = self.chunks[self.ci].offset if self.ci < len(self.chunks) else buf_end
+        drop = min(keep_from, buf_end) - self.buf_start
+        if drop > 0:
+            del self.buf[:drop]
+            self.buf_start += drop
+
+    def _file_piece(self, eid: int, off: int, data: bytes | None) -> None:
+        """Feed a file's chunk (None: it failed) into its running digest."""
+        st = self.files.get(eid)
+        if st is None:
+            e = self.ix.entry(eid)
+            # [next offset, hasher, pending pieces, failed, chunks left]
+            st = self.files[eid] = [0, hashlib.sha256(), {}, False, len(self.ix.chunks(e))]
+        st[4] -= 1
+        if data is None:
+            st[3] = True
+        elif not st[3]:
+            st[2][off] = data
+            while st[0] in st[2]:
+                d = st[2].pop(st[0])
+                st[1].update(d)
+                st[0] += len(d)
+                if not d:
+                    break
+        if st[4] <= 0:
+            self._file_done(self.ix.entry(eid), st)
+
+    def _file_done(self, e, st) -> None:
+        if e.id not in self.files:
+            return
+        del self.files[e.id]
+        if st[3]:
+            return  # its chunk failure was reported
+        if st[0] != e.size:
+            self._fail(Check("file", False, f"{e.path}: chunks cover only {st[0]} of {e.size} bytes",
+                             self.n), "file")
+            return
+        want = e.digest
+        if not want:
+            self.files_no_digest += 1
+            return
+        got = "sha256:" + st[1].hexdigest()
+        if got == want:
+            self.files_ok += 1
+        else:
+            self._fail(Check("file", False,
+                             f"{e.path}: file digest mismatch (TOC {_short(want)}, "
+                             f"content {_short(got)})", self.n), "file")
+
+    def _check_empty_files(self) -> None:
+        empty = "sha256:" + hashlib.sha256(b"").hexdigest()
+        for e in self.ix.iter_entries():
+            if e.type_code == REG and e.size == 0:
+                if not e.digest:
+                    self.files_no_digest += 1
+                elif e.digest == empty:
+                    self.files_ok += 1
+                else:
+                    self._fail(Check("file", False,
+                                     f"{e.path}: empty file with digest {_short(e.digest)}",
+                                     self.n), "file")
+        for eid, st in list(self.files.items()):
+            self._file_done(self.ix.entry(eid), st)
+
+
+async def verify_layer(image: Image, desc: LayerDescriptor, *, full: bool = False,
+                       progress: ProgressFn | None = None) -> LayerVerification:
+    """Verify one layer (see the module doc). With ``full``: every chunk and
+    file digest, the blob digest and the diffID (and the uncompressed size
+    annotation when present)."""
+    checks, ix, fmt = await verify_toc(image, desc, progress=progress)
+    res = LayerVerification(desc.index, fmt, checks, ix.toc_digest if ix is not None else None)
+    if full and fmt != "?":
+        await _verify_blob(image, desc, fmt, ix, res, progress)
+    return res
+
+
+async def _verify_blob(image: Image, desc: LayerDescriptor, fmt: str, ix: LayerIndex | None,
+                       res: LayerVerification, progress: ProgressFn | None) -> None:
+    checks = res.checks
+    n = desc.index
+    source = image.store.blob_source(desc.digest, desc.size)
+    state = _FullState(n, fmt, ix)
+    done = 0
+    try:
+        async for piece in stream_blob(source):
+            await anyio.to_thread.run_sync(state.feed, piece)
+            done += len(piece)
+            if progress:
+                progress(VerifyProgress(n, "blob", done, desc.size))
+        await anyio.to_thread.run_sync(state.finish)
+    except CoreError as e:
+        checks.append(Check("blob-digest", False, f"cannot read the blob: {e}", n))
+        return
+    if ix is not None:
+        checks.extend(state.failures)
+        extra = state.chunk_failures + state.file_failures - len(state.failures)
+        if extra > 0:
+            checks.append(Check("chunks", False, f"... and {extra} more chunk/file failures", n))
+        if not state.chunk_failures:
+            checks.append(Check("chunks", True, f"{state.chunks_ok} chunk digests verified", n))
+        if not state.file_failures:
+            note = f" ({state.files_no_digest} without a digest)" if state.files_no_digest else ""
+            checks.append(Check("files", True, f"{state.files_ok} file digests verified{note}", n))
+    blob = res.blob_digest = "sha256:" + state.blob_hash.hexdigest()
+    if blob == desc.digest:
+        checks.append(Check("blob-digest", True, f"{blob} ({desc.size} bytes)", n))
+    else:
+        checks.append(Check("blob-digest", False,
+                            f"blob digest mismatch: manifest says {desc.digest}, content hashes to {blob}",
+                            n))
+    if state.inflate_error is not None:
+        checks.append(Check("diff-id", False, f"cannot decompress the blob: {state.inflate_error}", n))
+        return
+    diff = res.diff_id = "sha256:" + state.diff_hash.hexdigest()
+    res.uncompressed_size = state.usize
+    if desc.diff_id is None:
+        checks.append(Check("diff-id", False,
+                            f"the image config lists no diffID for this layer (computed {diff})", n))
+    elif diff == desc.diff_id:
+        checks.append(Check("diff-id", True, f"{diff} matches the config", n))
+    else:
+        checks.append(Check("diff-id", False,
+                            f"diffID mismatch: config says {desc.diff_id}, decompressed content "
+                            f"hashes to {diff}", n))
+    want_size = desc.uncompressed_size_annotation
+    if want_size is not None:
+        ok = want_size == state.usize
+        checks.append(Check("uncompressed-size", ok,
+                            f"{state.usize} bytes" + ("" if ok else f", annotation says {want_size}"),
+                            n))
+
+
+async def verify_image(image: Image, *, layers: list | None = None, full: bool = False,
+                       progress: ProgressFn | None = None) -> VerifyResult:
+    """Verify the image's layers (all, or those named by ``layers``:
+    indexes, digests or :class:`LayerDescriptor`\\ s). With every layer and
+    ``full``, also the chain of diffIDs (chain IDs) against the config."""
+    if layers is None:
+        descs = list(image.layers)
+    else:
+        descs = [d if isinstance(d, LayerDescriptor) else image.layer(d) for d in layers]
+    result = VerifyResult(full=full)
+    diff_ids = (image.config.get("rootfs") or {}).get("diff_ids") or []
+    if layers is None and len(diff_ids) != len(image.layers):
+        result.checks.append(Check(
+            "config", False, f"the config lists {len(diff_ids)} diffIDs for "
+            f"{len(image.layers)} layers"))
+    for desc in descs:
+        lv = await verify_layer(image, desc, full=full, progress=progress)
+        result.layers.append(lv)
+        result.checks.extend(lv.checks)
+        if lv.diff_id:
+            result.diff_ids[desc.index] = lv.diff_id
+        if lv.toc_digest:
+            result.toc_digests[desc.index] = lv.toc_digest
+    if full and layers is None and image.layers:
+        computed = [result.diff_ids.get(d.index) for d in image.layers]
+        if all(computed) and computed == list(diff_ids):
+            result.chain_ids = chain_ids(computed)
+            result.checks.append(Check("chain-id", True, f"{result.chain_ids[-1]} (top layer)"))
+        else:
+            bad = [i for i, d in enumerate(computed) if d is None or i >= len(diff_ids)
+                   or d != diff_ids[i]]
+            result.checks.append(Check(
+                "chain-id", False,
+                f"chain IDs do not hold: diffIDs of layers {', '.join(map(str, bad)) or '-'} "
+                "differ from the config"))
+    return result
