@@ -611,7 +611,7 @@ def unmount(mountpoint: str, *, force: bool = False) -> dict:
 
 # -- listing ---------------------------------------------------------------------
 _SUM_FIELDS = ("bytesFetched", "requests", "chunksCached", "chunksTotal", "digestErrors",
-               "readErrors", "blobSize", "prefetchBytes")
+               "readErrors", "errors", "retries", "blobSize", "prefetchBytes")
 
 
 def _layer_status(e: dict, mounted: dict[str, str]) -> dict:

@@ -346,3 +346,160 @@ def isolated_mount_env(tmp_path, monkeypatch):
     finally:
         _force_cleanup(tmp_path)
         shutil.rmtree(run, ignore_errors=True)
+
+
+# -- a byte-counting loopback TCP proxy (bytes the registry really sent) -------------------
+class CountingProxy:
+    """Forwards 127.0.0.1:PORT to ``upstream`` ("host:port") and counts the
+    bytes flowing back from it (``bytes_down``)."""
+
+    def __init__(self, upstream: str):
+        import socket
+        import threading
+
+        host, _, port = upstream.rpartition(":")
+        self.upstream = (host, int(port))
+        self.bytes_down = 0
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self._stop = False
+        self._threads: list = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.bytes_down = 0
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._stop:
+            try:
+                c, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(self.upstream, timeout=30)
+            except OSError:
+                c.close()
+                continue
+            with self._lock:
+                self.connections += 1
+            for a, b, count in ((c, u, False), (u, c, True)):
+                t = threading.Thread(target=self._pipe, args=(a, b, count), daemon=True)
+                t.start()
+
+    def _pipe(self, src, dst, count: bool) -> None:
+        import socket
+
+        try:
+            src.settimeout(120)
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if count:
+                    with self._lock:
+                        self.bytes_down += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._stop = True
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+def write_big_layout(root: Path, *, files: int = 48, file_size: int = 640 << 10,
+                     chunk_size: int = 256 << 10, tag: str = "big") -> dict:
+    """An OCI layout with one large eStargz layer of incompressible files
+    (``bulk/f00..``) plus small ``etc/hello.txt``; returns facts about it."""
+    import io
+
+    from core.estargz.writer import build_estargz
+
+    rnd = os.urandom
+    tar_path = root / "big.tar"
+    root.mkdir(parents=True, exist_ok=True)
+    contents = {}
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tf:
+        def add(name: str, data: bytes) -> None:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            ti.mode = 0o644
+            ti.mtime = 1700000000
+            tf.addfile(ti, io.BytesIO(data))
+            contents[name] = data
+        for d in ("etc", "bulk"):
+            ti = tarfile.TarInfo(d)
+            ti.type = tarfile.DIRTYPE
+            ti.mode = 0o755
+            ti.mtime = 1700000000
+            tf.addfile(ti)
+        for i in range(files // 2):
+            add(f"bulk/a{i:02d}.bin", rnd(file_size))
+        add("etc/hello.txt", b"hello from the middle of a big layer\n")
+        for i in range(files // 2):
+            add(f"bulk/b{i:02d}.bin", rnd(file_size))
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    tmp_blob = root / "layer.tmp"
+    res = build_estargz(str(tar_path), str(tmp_blob), chunk_size=chunk_size)
+    os.replace(tmp_blob, blobs / res.blob_digest[7:])
+    tar_path.unlink()
+
+    def put(obj: dict) -> tuple[str, int]:
+        data = json.dumps(obj).encode()
+        d = hashlib.sha256(data).hexdigest()
+        (blobs / d).write_bytes(data)
+        return "sha256:" + d, len(data)
+
+    cfg_d, cfg_n = put({"architecture": "amd64", "os": "linux",
+                        "rootfs": {"type": "layers", "diff_ids": [res.diff_id]}})
+    man_d, man_n = put({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg_d,
+                   "size": cfg_n},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": res.blob_digest, "size": res.blob_size,
+                    "annotations": res.annotations()}],
+    })
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (root / "index.json").write_text(json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": man_d, "size": man_n,
+                       "annotations": {"org.opencontainers.image.ref.name": tag}}],
+    }))
+    return {"layout": str(root), "tag": tag, "blob_size": res.blob_size, "contents": contents,
+            "chunks": res.chunks}
+
+
+def push_layout(layout: str, tag: str, dest: str) -> str:
+    from core.registry import RegistryClient, push_oci_layout
+    from core.registry.config import RegistryConfig
+
+    async def run():
+        client = RegistryClient(dest.split("/", 1)[0], config=RegistryConfig(), use_keyring=False)
+        try:
+            return await push_oci_layout(layout, tag, dest, client=client)
+        finally:
+            await client.aclose()
+
+    return anyio.run(run)
