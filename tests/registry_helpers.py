@@ -424,6 +424,9 @@ class FrontProxy(LoopbackServer):
     * ``fail_next(n, status, headers)``: the next ``n`` requests get ``status``
       (e.g. 503, or 429 with ``Retry-After``); ``drop_next(n)``: close the
       connection without answering;
+    * ``paginate_tags``: answer ``tags/list?n=&last=`` page by page with a ``Link``
+      header as the distribution spec (and Docker Hub, GHCR...) do; Debian's
+      docker-registry 2.8 paginates the catalog but ignores ``n`` for tags;
     * ``requests`` records (method, path, headers) of everything received.
     """
 
@@ -433,6 +436,7 @@ class FrontProxy(LoopbackServer):
         self.redirect_blobs_to: CdnServer | None = None
         self.alter_manifest = None
         self.manifest_content_type: str | None = None
+        self.paginate_tags = False
         self.requests: list[tuple[str, str, dict]] = []
         self._faults: list[tuple[str, int, dict]] = []
         self._lock = threading.Lock()
@@ -464,9 +468,12 @@ class FrontProxy(LoopbackServer):
                               {"Content-Type": "application/json", **fault[2]})
         path = urllib.parse.urlsplit(h.path).path
         body = self.read_body(h)
+        if self.paginate_tags and h.command == "GET" and path.endswith("/tags/list"):
+            return self._tags_page(h, path)
         if (self.redirect_blobs_to and h.command == "GET" and "/blobs/sha256:" in path):
             # Check auth with the registry first (as a real registry would).
-            r = self._client.request("HEAD", self.upstream + h.path, headers=self._fwd(h))
+            hdrs = {k: v for k, v in self._fwd(h).items() if k.lower() != "range"}
+            r = self._client.request("HEAD", self.upstream + h.path, headers=hdrs)
             if r.status_code != 200:
                 return self.reply(h, r.status_code, b"", self._back(r.headers))
             digest = path.rsplit("/", 1)[1]
@@ -480,6 +487,7 @@ class FrontProxy(LoopbackServer):
             if self.alter_manifest:
                 out = self.alter_manifest(out)
             if self.manifest_content_type:
+                headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
                 headers["Content-Type"] = self.manifest_content_type
         if "Location" in headers and headers["Location"].startswith(self.upstream):
             headers["Location"] = self.url + headers["Location"][len(self.upstream):]
@@ -491,6 +499,25 @@ class FrontProxy(LoopbackServer):
             h.end_headers()
             return
         self.reply(h, r.status_code, out, headers)
+
+    def _tags_page(self, h, path: str) -> None:
+        q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(h.path).query))
+        r = self._client.get(self.upstream + path, headers=self._fwd(h))
+        if r.status_code != 200:
+            return self.reply(h, r.status_code, r.content, self._back(r.headers))
+        doc = r.json()
+        tags = sorted(doc.get("tags") or [])
+        if q.get("last"):
+            tags = [t for t in tags if t > q["last"]]
+        headers = {"Content-Type": "application/json"}
+        if q.get("n"):
+            n = int(q["n"])
+            if len(tags) > n:
+                tags = tags[:n]
+                nxt = urllib.parse.urlencode({"n": n, "last": tags[-1]})
+                headers["Link"] = f'<{path}?{nxt}>; rel="next"'
+        doc["tags"] = tags
+        self.reply(h, 200, json.dumps(doc).encode(), headers)
 
     @staticmethod
     def _fwd(h) -> dict:
@@ -517,6 +544,7 @@ class CdnServer(LoopbackServer):
         self.storage_root = storage_root
         self.ttl = ttl
         self.requests: list[tuple[str, dict]] = []
+        self.expired_hits = 0
         self._lock = threading.Lock()
         self._key = secrets.token_bytes(16)
 
@@ -547,6 +575,8 @@ class CdnServer(LoopbackServer):
         if not hmac.compare_digest(want, q.get("sig", "")):
             return self.reply(h, 403, b"<Error>SignatureDoesNotMatch</Error>")
         if float(exp) < time.time():
+            with self._lock:
+                self.expired_hits += 1
             return self.reply(h, 403, b"<Error>Request has expired</Error>")
         try:
             with open(self._blob_path(digest), "rb") as f:
