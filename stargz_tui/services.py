@@ -126,6 +126,11 @@ class Services:
         await fn(registry, user, password)
 
     @staticmethod
+    def repo_ref(registry: str, name: str) -> str:
+        """The repository reference for a catalog name."""
+        return name if name.startswith("oci:") else f"{registry.rstrip('/')}/{name}"
+
+    @staticmethod
     def image_ref(repository: str, tag: str) -> str:
         return f"{repository}:{tag}"
 

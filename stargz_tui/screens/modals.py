@@ -259,15 +259,15 @@ class MountDialog(ModalScreen):
     def __init__(self, image: str = "", layer: int | None = None, mountpoint: str = ""):
         super().__init__()
         self.image = image
-        self.layer = layer
+        self.layer_no = layer
         self.mountpoint = mountpoint
 
     def compose(self) -> ComposeResult:
-        what = "the merged image" if self.layer is None else f"layer {self.layer}"
+        what = "the merged image" if self.layer_no is None else f"layer {self.layer_no}"
         with Vertical(classes="dialog", id="mount-box"):
             yield Label(f"[b]Mount {what}[/b]")
             yield Input(self.image, placeholder="image reference", id="mount-image")
-            yield Input("" if self.layer is None else str(self.layer),
+            yield Input("" if self.layer_no is None else str(self.layer_no),
                         placeholder="layer index or digest (empty: merged image)", id="mount-layer")
             yield Input(self.mountpoint, placeholder="mountpoint (an existing directory)",
                         id="mount-point")

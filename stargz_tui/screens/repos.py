@@ -73,7 +73,7 @@ class ReposScreen(BaseScreen):
         self.query_one("#tags-loading").display = True
         try:
             names, has_more = await self.services.list_tags(
-                self.repo, last=self.tags[-1] if more and self.tags else None)
+                self.services.repo_ref(self.registry, self.repo), last=self.tags[-1] if more and self.tags else None)
         except Exception as e:  # noqa: BLE001 - one sentence
             self.fail(e)
             names, has_more = [], False
@@ -152,7 +152,8 @@ class ReposScreen(BaseScreen):
         elif oid.startswith("t:") and self.repo:
             from .image import ImageScreen
 
-            self.app.push_screen(ImageScreen(self.services.image_ref(self.repo, oid[2:])))
+            repo = self.services.repo_ref(self.registry, self.repo)
+            self.app.push_screen(ImageScreen(self.services.image_ref(repo, oid[2:])))
 
     def action_filter(self) -> None:
         self.query_one("#repo-filter", Input).focus()
