@@ -434,3 +434,34 @@ def test_push_large_blob_streams_from_file(make_registry, tmp_path, isolated_env
         assert anyio.run(run) == data[1 << 20:(1 << 20) + 1000]
     finally:
         push._IN_MEMORY = old
+
+
+def test_works_under_trio_with_concurrent_reads(token_registry, isolated_env):
+    """FUSE daemons run on trio: concurrent range reads share one token fetch."""
+    creds = Credentials("alice", token_registry.users["alice"], "test")
+
+    async def run():
+        store = _store(token_registry.ref("mini-esgz"), credentials=creds)
+        try:
+            img = await open_image(store.ref, store=store)
+            layer = img.layers[0]
+            src = store.blob_source(layer.digest, layer.size)
+            store.client.invalidate_tokens()
+            n = token_registry.issuer.issued
+            out = {}
+
+            async def read(i):
+                out[i] = await src.read_range(i * 1000, 1000)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(8):
+                    tg.start_soon(read, i)
+            local = OCILayoutStore(FIXTURE_LAYOUT).blob_source(layer.digest, layer.size)
+            for i in range(8):
+                assert out[i] == await local.read_range(i * 1000, 1000)
+            return token_registry.issuer.issued - n, src.requests
+        finally:
+            await store.aclose()
+
+    fetched, requests = anyio.run(run, backend="trio")
+    assert fetched == 1 and requests == 8
