@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolve-timeout", type=float, default=30.0)
     p.add_argument("--platform")
     p.add_argument("--fsname", default="stargz")
+    p.add_argument("--opaque-xattrs", choices=["both", "trusted", "user"], default="both",
+                   help="how opaque dirs are marked (an overlay lower of kernel overlayfs "
+                        "only needs trusted.overlay.opaque)")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -178,7 +181,7 @@ class Daemon:
 
         from .cache import ChunkCache
         from .errors import CoreError, MountError
-        from .fusefs import LayerFS
+        from .fusefs import OPAQUE_XATTRS, LayerFS
         from .image import open_image
         from .layer import LayerReader
         from .resolver import Resolver
@@ -215,7 +218,10 @@ class Daemon:
                                       prefetch_size=a.prefetch_size,
                                       name=f"layer {desc.index} {desc.digest[:19]}")
             self.fs = LayerFS(layer.index, self.reader, attr_timeout=a.attr_timeout,
-                              entry_timeout=a.attr_timeout, debug=a.debug)
+                              entry_timeout=a.attr_timeout, debug=a.debug,
+                              opaque_xattrs=[x for x in OPAQUE_XATTRS
+                                             if a.opaque_xattrs == "both"
+                                             or x.startswith(a.opaque_xattrs.encode())])
             options = set(pyfuse3.default_options)
             options |= {f"fsname={a.fsname}", "subtype=stargz", "ro", "nosuid", "nodev"}
             if a.allow_other:

@@ -51,8 +51,9 @@ class LayerFS(pyfuse3.Operations):
 
     def __init__(self, index: LayerIndex, reader: LayerReader, *,
                  attr_timeout: float = 1.0, entry_timeout: float = 1.0,
-                 debug: bool = False):
+                 debug: bool = False, opaque_xattrs=OPAQUE_XATTRS):
         super().__init__()
+        self.opaque_xattrs = tuple(opaque_xattrs)
         self.index = index
         self.reader = reader
         self.attr_timeout = attr_timeout
@@ -285,7 +286,7 @@ class LayerFS(pyfuse3.Operations):
             e = self.index.entry(tid)
         out = {os.fsencode(k): v for k, v in e.xattrs.items()}
         if e.id in self._opaque:
-            for k in OPAQUE_XATTRS:
+            for k in self.opaque_xattrs:
                 out[k] = b"y"
         return out
 

@@ -393,6 +393,8 @@ def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logf
         cmd += ["--prefetch-size", str(o["prefetch_size"])]
     if o.get("platform"):
         cmd += ["--platform", o["platform"]]
+    if o.get("opaque_xattrs"):
+        cmd += ["--opaque-xattrs", o["opaque_xattrs"]]
     if o.get("resolve_timeout"):
         cmd += ["--resolve-timeout", str(o["resolve_timeout"])]
     logfd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -510,7 +512,10 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
                "wait_prefetch": wait_prefetch, "allow_other": allow_other,
                "allow_unverified": allow_unverified, "debug": debug, "silence": silence,
                "prefetch_size": prefetch_size, "platform": platform,
-               "no_pre_resolve": layer is None}
+               "no_pre_resolve": layer is None,
+               # a kernel overlay (root) reads trusted.overlay.opaque and would pass
+               # user.overlay.opaque through to the merged view
+               "opaque_xattrs": "trusted" if layer is None and os.geteuid() == 0 else "both"}
     procs = []
     fds: list[int] = []
     try:

@@ -44,8 +44,7 @@ def test_registry_mounts_match_ground_truth(mount_env, registry, tag):
     mp = mount_env.mountpoint("merged")
     rec = mount_env.mount(ref, mp)
     assert len(rec["layers"]) == len(truth)
-    compare_tree(mp, merged_expected(truth), drop_xattr_prefixes=("trusted.overlay.",
-                                                                  "user.overlay."))
+    compare_tree(mp, merged_expected(truth), drop_xattr_prefixes=("trusted.overlay.",))
     core_mount.unmount(mp)
     assert core_mount.list_mounts() == []
 
