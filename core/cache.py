@@ -105,6 +105,9 @@ class ChunkCache:
         self.evicted = 0
         self.warning: str | None = None
         try:
+            # makedirs applies mode only to the leaf: create the root 0700 too
+            # (chunks are image content the user may not want others to read).
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
             os.makedirs(self.chunk_dir, mode=0o700, exist_ok=True)
         except OSError as e:
             self._disable(e)
