@@ -470,7 +470,8 @@ class RegistryClient:
                                         f"({text})") from None
                 if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
                     raise RegistryError(f"TLS certificate of {_host_of(url)} could not be verified "
-                                        f"({text})") from None
+                                        f"({text}); if you trust this registry, set SSL_CERT_FILE "
+                                        "to a CA bundle that includes its CA certificate") from None
                 failure = e
             if attempt >= self.max_attempts:
                 break
