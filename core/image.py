@@ -98,6 +98,8 @@ class OCILayoutStore:
             raise FormatError(f"cannot read {index_path}: {e}") from None
         if not isinstance(self.index, dict) or not isinstance(self.index.get("manifests"), list):
             raise FormatError(f"{index_path} is not an OCI image index")
+        # Entries that are not descriptors (objects) are ignored, not crashed on.
+        self.index["manifests"] = [m for m in self.index["manifests"] if isinstance(m, dict)]
 
     def tags(self) -> list[str]:
         out = []
@@ -337,7 +339,10 @@ async def open_image(ref: Reference | str, *, store: ImageStore | None = None,
         raise FormatError(f"manifest {digest[:19]} has no config descriptor")
     cfg_bytes = await store.get_blob_bytes(cfg_desc["digest"], cfg_desc.get("size"))
     config = _load_json(cfg_bytes, "image config")
-    diff_ids = ((config.get("rootfs") or {}).get("diff_ids")) or []
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list):
+        diff_ids = []
     layers = []
     raw_layers = doc.get("layers")
     if not isinstance(raw_layers, list):
