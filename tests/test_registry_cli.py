@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from registry_fixtures import run_cli
 
 from core.registry.credentials import lookup
-from registry_fixtures import run_cli
 
 pytestmark = pytest.mark.registry
 
