@@ -99,12 +99,14 @@ class ReposScreen(BaseScreen):
             f"[b]Repositories[/b] [dim]{len(shown)}/{len(self.repos)}{'+' if self.repos_more else ''}[/dim]")
         if keep is not None and keep < ol.option_count:
             ol.highlighted = keep
+        elif shown:
+            ol.highlighted = 0  # show the first repository's tags right away
 
     def show_tags(self) -> None:
         ol = self.query_one("#tags", OptionList)
         ol.clear_options()
         f = self._filter()
-        shown = [t for t in self.tags if f in t.lower()] if self.repo else []
+        shown = sorted(t for t in self.tags if f in t.lower()) if self.repo else []
         ol.add_options([Option(t, id=f"t:{t}") for t in shown])
         if self.tags_more:
             ol.add_option(Option("[dim italic]… load more[/]", id=MORE))
