@@ -61,7 +61,11 @@ async def push_blob(client: RegistryClient, repo: str, digest: str, *, data: byt
         body, length = data, len(data)
     else:
         length = size if size is not None else os.path.getsize(path)
-        body = _file_chunks(path) if length > _IN_MEMORY else open(path, "rb").read()  # noqa: SIM115
+        if length > _IN_MEMORY:
+            body = _file_chunks(path)
+        else:
+            with open(path, "rb") as f:
+                body = f.read()
     headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
     reply = await client.request("PUT", "", url=url, scope=scope, headers=headers, content=body)
     raise_for_reply(reply, f"uploading blob {digest[:19]} to {repo}")
