@@ -80,7 +80,7 @@ def test_kill9_during_cache_writes_no_torn_chunk(mount_env, rel):
         got = dict(zip(TRUTH, ex.map(lambda p: _read(os.path.join(mp, p)), TRUTH), strict=True))
     wrong = [p for p in TRUTH if got[p] != TRUTH[p]]
     assert not wrong, f"after kill -9 and a torn chunk: {wrong} not right"
-    st = core_mount.mount_status(core_mount.list_mounts()[0])
+    st = core_mount.mount_status(core_mount._read_records()[0])
     core_mount.unmount(mp)
     rel.row("crash", "kill -9 of a daemon during background cache writes "
             f"({n_before} chunk files), one chunk torn in half and a stray temp file, then remount",
@@ -175,7 +175,9 @@ def test_16_threads_random_reads_with_faults(registry, isolated_env, mount_env, 
         p.stop()
 
 
-def _our_daemons() -> list[int]:
+def _our_daemons(under: str = "") -> list[int]:
+    """Mount daemons whose command line names a path under ``under`` (other
+    engineers' tests may run daemons of their own at the same time)."""
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -183,14 +185,14 @@ def _our_daemons() -> list[int]:
                 cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
             except OSError:
                 continue
-            if b"core.daemon" in cmd:
+            if b"core.daemon" in cmd and any(under.encode() in a for a in cmd):
                 out.append(int(d))
     return out
 
 
 def test_parallel_mounts_and_cycles_leak_nothing(mount_env, tmp_path, rel):
     ref = f"oci:{FIXTURES}:special-esgz"
-    daemons_before = set(_our_daemons())
+    daemons_before = set(_our_daemons(str(tmp_path)))
     fds_before = len(os.listdir("/proc/self/fd"))
 
     async def mount_many(mps):
@@ -213,13 +215,15 @@ def test_parallel_mounts_and_cycles_leak_nothing(mount_env, tmp_path, rel):
         core_mount.unmount(mp)
     time.sleep(0.3)
     leaked_mounts = [m for m in core_mount.mount_table() if m.startswith(str(tmp_path))]
-    leaked_daemons = set(_our_daemons()) - daemons_before
+    leaked_daemons = set(_our_daemons(str(tmp_path))) - daemons_before
     sockets = glob.glob(os.path.join(str(mount_env.run), "**", "*.sock"), recursive=True)
     records = core_mount._read_records()
     temps = [p for p in glob.glob(os.path.join(str(mount_env.state), "**", "*"), recursive=True)
              if os.path.basename(p).startswith((".tmp", "tmp"))]
     fds_after = len(os.listdir("/proc/self/fd"))
-    assert not leaked_mounts and not leaked_daemons and not sockets and not records and not temps
+    assert not leaked_mounts, leaked_mounts
+    assert not leaked_daemons, leaked_daemons
+    assert not sockets and not records and not temps, (sockets, records, temps)
     assert fds_after <= fds_before + 2, (fds_before, fds_after)
     rel.row("load", f"10 layer mounts started in parallel, then {cycles} mount/unmount cycles",
             "no leaked mounts (/proc/mounts), daemons (ps), control sockets, state records, temp "
