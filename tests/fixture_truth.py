@@ -116,7 +116,7 @@ def merge(layers: list[dict[str, dict]]) -> dict[str, dict]:
             del merged[p]
 
     for layer in layers:
-        for p, rec in layer.items():
+        for p in layer:
             d, name = posixpath.split(p)
             if name == ".wh..wh..opq":
                 drop_under(d)
