@@ -4,8 +4,13 @@ Keys are chunk digests where the TOC gives one (so identical chunks of
 different layers, or of two mounts of one image, are stored once) and
 ``<blob digest>-<offset>-<inner offset>-<size>`` otherwise. Every file is
 written to a temporary name and renamed into place, so a crash never leaves a
-torn chunk under a real key; a chunk with a digest is verified again when it
-is loaded from disk (a damaged file is deleted and treated as a miss).
+torn chunk under a real key. A chunk file is verified (digest, or size for
+keys without a digest) once per cache object: the first time it is loaded
+from disk (a damaged file is deleted and treated as a miss); files this
+object wrote itself count as verified. Verified chunks can then be read in
+pieces with :meth:`ChunkCache.read_range` (a ``pread`` of just the range on
+a kept-open file descriptor), so a warm read never loads or hashes a whole
+chunk again.
 
 The disk store has a size budget with least-recently-used eviction (file
 mtimes are touched on hits). Running out of space (ENOSPC, EDQUOT, a
@@ -24,7 +29,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -36,6 +40,7 @@ DEFAULT_MEMORY_BYTES = 64 << 20
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _DISK_RETRY_AFTER = 30.0
 _KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_MAX_FDS = 64  # chunk files kept open for read_range
 
 
 def default_cache_dir() -> str:
@@ -96,6 +101,10 @@ class ChunkCache:
         self._lock = threading.Lock()
         self._disk_off_until = 0.0
         self._disk_size: int | None = None  # estimate; None = not scanned yet
+        self._verified: dict[str, int] = {}  # disk files known good here -> size
+        self._fds: OrderedDict[str, int] = OrderedDict()  # open chunk files (read_range)
+        self._dirs_made: set[str] = set()
+        self._tmp_seq = 0
         self.hits = 0
         self.memory_hits = 0
         self.misses = 0
@@ -127,6 +136,10 @@ class ChunkCache:
                 self._mem.move_to_end(key)
                 self.memory_hits += 1
             return data
+
+    def remember(self, key: str, data: bytes) -> None:
+        """Keep ``data`` (verified bytes of ``key``) in the memory LRU only."""
+        self._remember(key, data)
 
     def _remember(self, key: str, data: bytes) -> None:
         if len(data) > self.memory_bytes // 4:
@@ -174,6 +187,7 @@ class ChunkCache:
         if not _check(key, data):
             self.corrupt += 1
             log.warning("cached chunk %s is damaged; dropped", key)
+            self._forget(key)
             try:
                 os.unlink(path)
             except OSError:
@@ -185,12 +199,74 @@ class ChunkCache:
         except OSError:
             pass
         self.hits += 1
+        with self._lock:
+            self._verified[key] = len(data)
         self._remember(key, data)
         return data
 
-    def put(self, key: str, data: bytes) -> bool:
+    def is_verified(self, key: str, size: int | None = None) -> bool:
+        """Is ``key`` on disk and known good in this process (read_range works)?"""
+        got = self._verified.get(key)
+        return got is not None and (size is None or got == size)
+
+    def read_range(self, key: str, offset: int, length: int, size: int) -> bytes | None:
+        """``length`` bytes at ``offset`` of a verified chunk file of ``size``
+        bytes, or None (not verified in this process yet, another size, gone,
+        or short). A ``pread`` on a kept-open descriptor: cheap enough for an
+        event loop thread."""
+        if self._verified.get(key) != size or offset + length > size:
+            return None
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is not None:
+                self._fds.move_to_end(key)
+        if fd is None:
+            try:
+                fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+            except (OSError, ValueError):
+                self._forget(key)
+                return None
+            try:
+                os.utime(fd)  # LRU order of the disk budget
+            except OSError:
+                pass
+            with self._lock:
+                old = self._fds.pop(key, None)
+                self._fds[key] = fd
+                close = [old] if old is not None else []
+                while len(self._fds) > _MAX_FDS:
+                    close.append(self._fds.popitem(last=False)[1])
+            for x in close:
+                try:
+                    os.close(x)
+                except OSError:
+                    pass
+        try:
+            data = os.pread(fd, length, offset)
+        except OSError:
+            self._forget(key)
+            return None
+        if len(data) != length:
+            self._forget(key)
+            return None
+        self.hits += 1
+        return data
+
+    def _forget(self, key: str) -> None:
+        """Drop what this process knows of ``key``'s disk file."""
+        with self._lock:
+            self._verified.pop(key, None)
+            fd = self._fds.pop(key, None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def put(self, key: str, data: bytes, *, remember: bool = True) -> bool:
         """Store a verified chunk; False when only memory could keep it."""
-        self._remember(key, data)
+        if remember:
+            self._remember(key, data)
         if time.monotonic() < self._disk_off_until:
             return False
         path = self._path(key)
@@ -199,8 +275,22 @@ class ChunkCache:
         d = os.path.dirname(path)
         tmp = None
         try:
-            os.makedirs(d, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+            if d not in self._dirs_made:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                self._dirs_made.add(d)
+            with self._lock:
+                self._tmp_seq += 1
+                seq = self._tmp_seq
+            tmp = os.path.join(d, f".tmp-{os.getpid()}-{threading.get_ident()}-{seq}")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            try:
+                fd = os.open(tmp, flags, 0o600)
+            except FileNotFoundError:  # the dir was pruned meanwhile
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                fd = os.open(tmp, flags, 0o600)
+            except FileExistsError:  # a crashed process of the same pid left it
+                os.unlink(tmp)
+                fd = os.open(tmp, flags, 0o600)
             try:
                 view = memoryview(data)
                 while view:
@@ -224,6 +314,7 @@ class ChunkCache:
             return False
         self.writes += 1
         with self._lock:
+            self._verified[key] = len(data)  # we wrote these very bytes (verified by the caller)
             if self._disk_size is not None:
                 self._disk_size += len(data)
             need_scan = self._disk_size is None or self._disk_size > self.max_bytes
@@ -272,6 +363,7 @@ class ChunkCache:
                     os.unlink(path)
                 except OSError:
                     continue
+                self._forget(os.path.basename(path))
                 total -= size
                 self.evicted += 1
         with self._lock:
@@ -305,4 +397,8 @@ class ChunkCache:
             self._mem.clear()
             self._mem_size = 0
             self._disk_size = 0
+            keys = list(self._verified)
+        for k in keys:
+            self._forget(k)
+        self._dirs_made.clear()
         return {"dir": self.root, "removedChunks": before["chunks"], "removedBytes": before["bytes"]}

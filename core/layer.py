@@ -1,13 +1,19 @@
 """The lazy, cached reader of one layer (what a FUSE mount reads through).
 
-A read maps to the chunks covering it. Chunks in the memory cache are served
-at once; chunks on disk are loaded (and re-verified) in a worker thread;
-missing chunks are fetched with their missing neighbours (blob order, within
-a bounded window) in one range request. Sequential reads of a file start the
-next windows early, so several requests are in flight ahead of the reader.
-Every fetched chunk is decompressed and checked against its ``chunkDigest``
-in a worker thread; a chunk that fails is never cached or served (the read
-fails with :class:`ChunkDigestError`, which the FUSE layer turns into EIO).
+A read maps to the chunks covering it (a per-file chunk list, bisected).
+Chunks in the memory cache are served at once, and so are ranges of chunk
+files the cache already verified in this process (one ``pread`` of just the
+range); other chunks on disk are loaded and verified once in a worker
+thread; missing chunks are fetched with their missing neighbours (blob
+order, within a bounded window) in one range request. Sequential reads of a
+file keep ``readahead_bytes`` of the file scheduled ahead of the reader, so
+several requests are in flight and several chunks decode in parallel worker
+threads. Every fetched chunk is decompressed and checked against its
+``chunkDigest`` in a worker thread; a chunk that fails is never cached or
+served (the read fails with :class:`ChunkDigestError`, which the FUSE layer
+turns into EIO). Waiters get a fetched chunk as soon as it is verified; the
+cache file is written afterwards (temp file + rename) while the flight still
+holds the bytes.
 
 Single flight: a chunk being fetched has a :class:`_Flight` that later
 readers wait on, so two readers of one chunk cause one request.
@@ -20,6 +26,7 @@ registry restart) the reader refreshes it and retries once.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +46,10 @@ DEFAULT_WINDOW = 2 << 20      # largest coalesced range request
 MAX_GAP = 64 << 10            # join chunks separated by at most this many bytes
 DEFAULT_NEIGHBOURS = 256 << 10  # missing neighbours fetched along with a miss
 DEFAULT_READAHEAD = 3         # windows fetched ahead of a sequential reader
+DEFAULT_READAHEAD_BYTES = 32 << 20  # ... and at least this much of the file
+BACKGROUND_WINDOW = 4 << 20   # range request size of the background fetch
+DECODE_THREADS = 2            # chunks decoding at once (isal, hashlib drop the GIL)
+_FILE_CHUNKS_CACHED = 4096    # per-file chunk lists kept
 
 
 class _Flight:
@@ -62,6 +73,8 @@ class LayerReader:
                  refresh: Callable[[BlobSource], Awaitable[BlobSource]] | None = None,
                  window: int = DEFAULT_WINDOW, readahead: int = DEFAULT_READAHEAD,
                  prefetch_size: int = 0, neighbours: int = DEFAULT_NEIGHBOURS,
+                 readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
+                 background_window: int = BACKGROUND_WINDOW,
                  name: str = ""):
         self.index = index
         self.source = source
@@ -70,6 +83,8 @@ class LayerReader:
         self._refresh_cb = refresh
         self.window = max(64 << 10, window)
         self.readahead = readahead
+        self.readahead_bytes = max(readahead_bytes, self.window * readahead) if readahead else 0
+        self.background_window = max(self.window, background_window)
         self.neighbours = neighbours
         self.prefetch_size = prefetch_size
         self.name = name or index.blob_digest[:19]
@@ -82,6 +97,9 @@ class LayerReader:
         self._tg = None
         self._pending: list = []
         self._ahead: set[int] = set()
+        self._ahead_to: dict[int, int] = {}  # file id -> end of what read-ahead scheduled
+        self._fchunks: dict[int, tuple[list[int], list[Chunk]]] = {}
+        self._limiter: anyio.CapacityLimiter | None = None
         # live stats
         self.bytes_fetched = 0
         self.requests = 0
@@ -173,10 +191,11 @@ class LayerReader:
 
     # -- fetching ------------------------------------------------------
     def _plan(self, need: list[Chunk], extend: bool = True,
-              neighbours: int | None = None) -> list[list[Chunk]]:
+              neighbours: int | None = None, window: int | None = None) -> list[list[Chunk]]:
         """Group missing chunks (blob order) into range requests, adding
         missing neighbours that fit the window."""
         ix = self.index
+        window = self.window if window is None else window
         n = ix.num_chunks
         taken: set[int] = set()
         groups: list[list[Chunk]] = []
@@ -185,7 +204,7 @@ class LayerReader:
                 continue
             g = groups[-1] if groups else None
             if (g is not None and c.offset <= max(x.end for x in g) + MAX_GAP
-                    and c.end - g[0].offset <= self.window):
+                    and c.end - g[0].offset <= window):
                 g.append(c)
             else:
                 g = [c]
@@ -196,7 +215,7 @@ class LayerReader:
             for g in groups:
                 j = g[-1].index + 1
                 gend = max(x.end for x in g)
-                limit = min(g[0].offset + self.window, gend + neighbours)
+                limit = min(g[0].offset + window, gend + neighbours)
                 while j < n:
                     if self._cached[j] or j in self._inflight or j in taken:
                         break
@@ -209,21 +228,33 @@ class LayerReader:
                     j += 1
         return groups
 
-    def _decode_group(self, blob: bytes, start: int, group: list[Chunk]):
-        """Worker thread: decompress, verify and cache each chunk."""
+    def _decode_group(self, blob: bytes, start: int, group: list[Chunk], remember: bool):
+        """Worker thread: decompress and verify each chunk (memory LRU too
+        when ``remember``); the disk write is :meth:`_store`'s."""
         out = []
         fmt = self.index.format
+        mv = memoryview(blob)
         for c in group:
-            piece = blob[c.offset - start : c.end - start]
-            path = self.index.path_of(c.entry_id)
+            piece = mv[c.offset - start : c.end - start]
             try:
-                data = decode_chunk(fmt, piece, c, path)
+                data = decode_chunk(fmt, piece, c, self.index.path_of(c.entry_id))
             except ChunkDigestError as e:
                 out.append((c, None, e))
                 continue
-            self.cache.put(self._keys[c.index], data)
+            if remember:
+                self.cache.remember(self._keys[c.index], data)
             out.append((c, data, None))
         return out
+
+    def _store(self, items: list[tuple[str, bytes]]) -> None:
+        """Worker thread: write verified chunks to the disk cache."""
+        for key, data in items:
+            self.cache.put(key, data, remember=False)
+
+    def _decode_limiter(self) -> anyio.CapacityLimiter:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(DECODE_THREADS)
+        return self._limiter
 
     def _launch(self, group: list[Chunk], prioritized: bool) -> None:
         """Register flights for ``group`` and fetch it in the reader's task group."""
@@ -238,29 +269,33 @@ class LayerReader:
             self._pending.append((group, flights, prioritized))
 
     async def _fetch_group(self, group: list[Chunk], flights: dict[int, _Flight],
-                           prioritized: bool) -> None:
+                           prioritized: bool, remember: bool = True) -> None:
         try:
             if prioritized:
                 async with self.tasks.prioritized():
-                    await self._fetch_group_inner(group, flights)
+                    await self._fetch_group_inner(group, flights, remember)
             else:
-                await self._fetch_group_inner(group, flights)
+                await self._fetch_group_inner(group, flights, remember)
         except BaseException as e:  # incl. cancellation: never leave waiters hanging
             for idx, f in flights.items():
                 if not f.event.is_set():
                     f.error = e if isinstance(e, Exception) else BlobReadError("fetch cancelled")
-                    self._inflight.pop(idx, None)
+                    if self._inflight.get(idx) is f:
+                        del self._inflight[idx]
                     f.event.set()
             if not isinstance(e, Exception):
                 raise
 
-    async def _fetch_group_inner(self, group, flights) -> None:
+    async def _fetch_group_inner(self, group, flights, remember: bool = True) -> None:
         start = min(c.offset for c in group)
         end = max(c.end for c in group)
         blob = await self._read_blob(start, end - start)
         if len(blob) != end - start:
             raise BlobReadError(f"short read of {self.index.blob_digest[:19]} at {start}")
-        results = await anyio.to_thread.run_sync(self._decode_group, blob, start, group)
+        results = await anyio.to_thread.run_sync(self._decode_group, blob, start, group,
+                                                 remember, limiter=self._decode_limiter())
+        del blob
+        good = []
         for c, data, err in results:
             f = flights[c.index]
             if err is not None:
@@ -268,14 +303,22 @@ class LayerReader:
                 self.last_error = str(err)
                 log.error("%s: %s", self.name, err)
                 f.error = err
+                self._inflight.pop(c.index, None)
             else:
                 self.chunks_fetched += 1
-                if not self._cached[c.index]:
-                    self._cached[c.index] = 1
-                    self._ncached += 1
                 f.data = data
-            self._inflight.pop(c.index, None)
-            f.event.set()
+                good.append(c)
+            f.event.set()  # waiters go on; the flight keeps the bytes until stored
+        try:
+            if good:
+                await anyio.to_thread.run_sync(
+                    self._store, [(self._keys[c.index], flights[c.index].data) for c in good])
+                for c in good:  # on disk now (or in memory only when the disk is full)
+                    self._mark_cached(c.index)
+        finally:
+            for c in good:
+                if self._inflight.get(c.index) is flights[c.index]:
+                    del self._inflight[c.index]
 
     async def _get_chunks(self, chunks: list[Chunk], prioritized: bool = True) -> dict[int, bytes]:
         out: dict[int, bytes] = {}
@@ -357,6 +400,56 @@ class LayerReader:
         tid = e.target_id
         return self.index.entry(tid) if tid is not None else e
 
+    def _file_chunks(self, target) -> tuple[list[int], list[Chunk]]:
+        """The file's chunks in file order and their start offsets (cached)."""
+        fc = self._fchunks.get(target.id)
+        if fc is None:
+            chunks = self.index.chunks(target)
+            fc = ([c.chunk_offset for c in chunks], chunks)
+            if len(self._fchunks) >= _FILE_CHUNKS_CACHED:
+                self._fchunks.pop(next(iter(self._fchunks)))
+            self._fchunks[target.id] = fc
+        return fc
+
+    def _chunks_for_range(self, target, offset: int, size: int) -> list[Chunk]:
+        starts, chunks = self._file_chunks(target)
+        if not chunks or size <= 0:
+            return []
+        i = max(0, bisect.bisect_right(starts, offset) - 1)
+        end = offset + size
+        j = bisect.bisect_left(starts, end, i)
+        out = chunks[i:j]
+        if out and out[0].chunk_offset + out[0].chunk_size <= offset:
+            out = out[1:]
+        return out
+
+    def _read_fast(self, chunks: list[Chunk], offset: int, end: int) -> bytes | None:
+        """The bytes from the memory cache or verified cache files (a pread
+        each), or None when any part needs the slow path."""
+        cache = self.cache
+        keys = self._keys
+        parts = []
+        pos = offset
+        for c in chunks:
+            cs = c.chunk_offset
+            size = c.chunk_size
+            if cs > pos:
+                return None  # a gap: the slow path zero-fills it
+            hi = min(end, cs + size)
+            key = keys[c.index]
+            d = cache.get_memory(key)
+            if d is not None and len(d) == size:
+                parts.append(d[pos - cs : hi - cs])
+            else:
+                d = cache.read_range(key, pos - cs, hi - pos, size)
+                if d is None:
+                    return None
+                parts.append(d)
+            pos = hi
+        if pos < end:
+            return None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     async def read(self, entry_id: int, offset: int, size: int, *, stream: object = None) -> bytes:
         """Bytes ``[offset, offset+size)`` of a regular file (clipped at EOF).
 
@@ -368,7 +461,17 @@ class LayerReader:
         if offset >= end:
             return b""
         self.reads += 1
-        chunks = self.index.chunks_for_range(target, offset, end - offset)
+        chunks = self._chunks_for_range(target, offset, end - offset)
+        if stream is not None:
+            key = (stream, target.id)
+            sequential = self._seq.get(key) == offset or offset == 0
+            self._seq[key] = end
+            if sequential and end < fsize and self.readahead and self._tg is not None:
+                self._read_ahead(target, end)
+        result = self._read_fast(chunks, offset, end)
+        if result is not None:
+            self.tasks.touch()
+            return result
         async with self.tasks.prioritized():
             got = await self._get_chunks(chunks)
         if len(chunks) == 1 and chunks[0].chunk_offset <= offset and \
@@ -384,24 +487,26 @@ class LayerReader:
                 if hi > lo:
                     buf[lo - offset : hi - offset] = d[lo - c.chunk_offset : hi - c.chunk_offset]
             result = bytes(buf)
-        if stream is not None:
-            key = (stream, target.id)
-            sequential = self._seq.get(key) == offset or offset == 0
-            self._seq[key] = end
-            if sequential and end < fsize and self.readahead and self._tg is not None:
-                self._read_ahead(target, end)
         return result
 
     def _read_ahead(self, target, pos: int) -> None:
         if target.id in self._ahead:
             return
+        done = self._ahead_to.get(target.id, 0)
+        span = self.readahead_bytes
+        if pos <= done and done - pos >= span // 2 and done < pos + span:
+            return  # enough is scheduled ahead already
         self._ahead.add(target.id)
         self._tg.start_soon(self._read_ahead_task, target, pos)
 
     async def _read_ahead_task(self, target, pos: int) -> None:
         try:
-            span = self.window * self.readahead
-            ahead = self.index.chunks_for_range(target, pos, span)
+            span = self.readahead_bytes
+            done = self._ahead_to.get(target.id, 0)
+            start = done if pos <= done < pos + span else pos
+            stop = pos + span
+            self._ahead_to[target.id] = min(stop, target.size)
+            ahead = self._chunks_for_range(target, start, stop - start)
             need = [c for c in ahead if not self._cached[c.index] and c.index not in self._inflight]
             if need:
                 need = await self._adopt_from_disk(need)
@@ -456,40 +561,68 @@ class LayerReader:
         finally:
             self._finish_prefetch()
 
+    def _adopt_sync(self, chunks: list[Chunk]) -> list[Chunk]:
+        """:meth:`_adopt_from_disk` without a thread (a stat per chunk)."""
+        rest = []
+        has = self.cache.has
+        for c in chunks:
+            if has(self._keys[c.index]):
+                self._mark_cached(c.index)
+            else:
+                rest.append(c)
+        return rest
+
     async def background_fetch(self) -> None:
-        """Fetch every chunk not yet cached, one window per background slot."""
+        """Fetch every chunk not yet cached, one window per background slot;
+        as many units run at once as the task manager has slots, so one
+        unit's request is in flight while another's chunks decode."""
         self.background_started = True
         n = self.index.num_chunks
-        i = 0
         failed: set[int] = set()
-        while i < n:
+        cursor = [0]
+
+        def next_missing() -> int:
+            i = cursor[0]
             while i < n and (self._cached[i] or i in self._inflight or i in failed):
                 i += 1
-            if i >= n:
-                break
-            async with self.tasks.background():
-                if self._cached[i] or i in self._inflight:
-                    continue
-                group = self._plan([self.index.chunk(i)], neighbours=self.window)[0]
-                group = await self._adopt_from_disk(group)
-                if not group or group[0].index != i:
-                    continue  # another mount cached them meanwhile
-                flights = {}
-                for c in group:
-                    f = _Flight()
-                    self._inflight[c.index] = f
-                    flights[c.index] = f
-                try:
-                    await self._fetch_group(group, flights, False)
-                except CoreError as e:
-                    log.warning("%s: background fetch: %s", self.name, e)
-                    await anyio.sleep(1.0)
-                for c in group:
-                    if not self._cached[c.index]:
-                        failed.add(c.index)
+            cursor[0] = i
+            return i
+
+        async def worker() -> None:
+            while next_missing() < n:
+                async with self.tasks.background():
+                    i = next_missing()
+                    if i >= n:
+                        return
+                    group = self._plan([self.index.chunk(i)], neighbours=self.background_window,
+                                       window=self.background_window)[0]
+                    group = self._adopt_sync(group)
+                    if not group or group[0].index != i:
+                        continue  # another mount cached them meanwhile
+                    flights = {}
+                    for c in group:
+                        f = _Flight()
+                        self._inflight[c.index] = f
+                        flights[c.index] = f
+                    try:
+                        await self._fetch_group(group, flights, False, remember=False)
+                    except CoreError as e:
+                        log.warning("%s: background fetch: %s", self.name, e)
+                        await anyio.sleep(1.0)
+                    for c in group:
+                        if not self._cached[c.index]:
+                            failed.add(c.index)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(max(1, self.tasks.max_concurrent)):
+                tg.start_soon(worker)
         # wait for fetches others started, bounded by their own requests
         for f in list(self._inflight.values()):
             await f.event.wait()
+        for _ in range(6000):  # ... and for their cache writes (at most a minute)
+            if not self._inflight:
+                break
+            await anyio.sleep(0.01)
 
     async def _run_background(self) -> None:
         try:

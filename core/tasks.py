@@ -67,6 +67,11 @@ class TaskManager:
             self._last_end = time.monotonic()
             self._notify()
 
+    def touch(self) -> None:
+        """Record an on-demand read served at once (no task): background
+        work waits a silence period after it too."""
+        self._last_end = time.monotonic()
+
     async def wait_quiet(self) -> None:
         """Return once no prioritized task ran for ``silence`` seconds."""
         while True:
