@@ -75,6 +75,24 @@ def test_convert_from_registry(registry, isolated_env, tmp_path):
         _ok(run_cli(["cat", f"{LAYOUT}:mini-gzip", "etc/os-release"], isolated_env))
 
 
+def test_convert_into_registry_then_read_and_verify(make_registry, isolated_env):
+    """``convert oci:... HOST/REPO:TAG`` pushes an eStargz image that reads back
+    identical to the plain original and passes ``verify --full``."""
+    reg = make_registry(load=False)
+    dst = f"{reg.host}/converted/mini:esgz"
+    _ok(run_cli(["convert", f"{LAYOUT}:mini-gzip", dst, "--chunk-size", "65536", "-q"],
+                isolated_env, timeout=120))
+    info = _json(run_cli(["inspect", dst, "--json"], isolated_env))
+    assert [layer["format"] for layer in info["layers"]] == ["estargz", "estargz"]
+    assert all(layer["tocDigestVerified"] is True for layer in info["layers"])
+    v = run_cli(["verify", dst, "--full"], isolated_env, timeout=120)
+    assert v.returncode == 0, v.stderr + v.stdout
+    assert _ok(run_cli(["ls", "-R", "-l", dst], isolated_env)) == \
+        _ok(run_cli(["ls", "-R", "-l", f"{LAYOUT}:mini-gzip"], isolated_env))
+    assert _ok(run_cli(["cat", dst, "data/text.txt"], isolated_env)) == \
+        _ok(run_cli(["cat", f"{LAYOUT}:mini-gzip", "data/text.txt"], isolated_env))
+
+
 def test_tag_not_found(registry, isolated_env):
     line = _error(run_cli(["inspect", registry.host + "/fixtures/mini:no-such-tag"],
                           isolated_env))

@@ -15,6 +15,8 @@ from core.inspect import ImageTree, format_long, inspect_image
 from core.reference import parse_reference
 from core.verify import verify_image
 
+from .registry import add_registry_options, registry_options
+
 INSPECT_EXAMPLES = """\
 examples:
   stargz-tui inspect oci:./layout:mini-esgz
@@ -93,7 +95,8 @@ def _platform(args) -> str | None:
 
 
 async def _open(args):
-    return await open_image(parse_reference(args.image), platform=_platform(args))
+    return await open_image(parse_reference(args.image), platform=_platform(args),
+                            **registry_options(args))
 
 
 def _add_common(p: argparse.ArgumentParser, layer: bool = True) -> None:
@@ -258,7 +261,7 @@ async def cmd_convert(args) -> int:
     dst = parse_reference(args.dst)
     prioritized = _prioritized(args.prioritize_file)
     image = await _open(args)
-    writer = open_writer(dst)
+    writer = open_writer(dst, **registry_options(args))
 
     def progress(p) -> None:
         if args.quiet or not sys.stderr.isatty():
@@ -296,6 +299,7 @@ def register(subparsers) -> None:
                               epilog=INSPECT_EXAMPLES, formatter_class=fmt)
     _add_common(p, layer=False)
     p.add_argument("--json", action="store_true", help="print JSON (see docs/json.md)")
+    add_registry_options(p)
     p.set_defaults(func=cmd_inspect)
 
     p = subparsers.add_parser("ls", help="list files of the merged image or of one layer",
@@ -307,6 +311,7 @@ def register(subparsers) -> None:
     p.add_argument("-l", dest="long", action="store_true", help="long listing")
     p.add_argument("-R", dest="recursive", action="store_true", help="recursive")
     p.add_argument("--json", action="store_true", help="print JSON (see docs/json.md)")
+    add_registry_options(p)
     p.set_defaults(func=cmd_ls)
 
     p = subparsers.add_parser("cat", help="write a file's bytes to stdout",
@@ -315,6 +320,7 @@ def register(subparsers) -> None:
                               epilog=CAT_EXAMPLES, formatter_class=fmt)
     _add_common(p)
     p.add_argument("path", metavar="PATH", help="file inside the image")
+    add_registry_options(p)
     p.set_defaults(func=cmd_cat)
 
     p = subparsers.add_parser("verify", help="verify TOC, chunk, file, blob digests and diffIDs",
@@ -326,6 +332,7 @@ def register(subparsers) -> None:
     p.add_argument("--full", action="store_true", help="read every byte and check everything")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print failures only")
+    add_registry_options(p)
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser("convert", help="write an eStargz copy of an image",
@@ -341,4 +348,5 @@ def register(subparsers) -> None:
                    help="comma-separated paths (or @FILE) to put first, before a prefetch landmark")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    add_registry_options(p)
     p.set_defaults(func=cmd_convert)
