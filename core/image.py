@@ -295,19 +295,26 @@ def _load_json(data: bytes, what: str) -> dict:
 
 def pick_manifest(index: dict, platform: str | None) -> dict:
     """Choose the index entry for ``platform`` (default: this machine's)."""
-    entries = [m for m in index.get("manifests", []) if isinstance(m, dict)]
-    images = [m for m in entries
-              if (m.get("platform") or {}).get("os") not in (None, "unknown")
-              or not m.get("platform")]
+    raw = index.get("manifests")
+    entries = [m for m in (raw if isinstance(raw, list) else []) if isinstance(m, dict)
+               and isinstance(m.get("digest"), str)]
+
+    def plat(m: dict) -> dict | None:
+        # A platform that is not an object says nothing usable: treat as absent.
+        p = m.get("platform")
+        return p if isinstance(p, dict) and p else None
+
+    # Attestation manifests (os "unknown") are not runnable images.
+    images = [m for m in entries if plat(m) is None or plat(m).get("os") not in (None, "unknown")]
     if not images:
         raise NotFoundError("the image index lists no manifests")
     want = platform or host_platform()
     for m in images:
-        if m.get("platform") and _platform_matches(want, _platform_str(m["platform"])):
+        if plat(m) and _platform_matches(want, _platform_str(plat(m))):
             return m
     if platform is None and len(images) == 1:
         return images[0]
-    avail = ", ".join(_platform_str(m.get("platform")) for m in images)
+    avail = ", ".join(_platform_str(plat(m)) for m in images)
     raise NotFoundError(f"no manifest for platform {want} in the index (available: {avail})")
 
 

@@ -93,3 +93,23 @@ def test_whiteout_does_not_hide_its_own_layer():
 def test_hostile_tocs_are_refused(bad):
     with pytest.raises(FormatError):
         _index(bad)
+
+
+def test_index_entries_with_odd_platforms_are_handled():
+    from core.errors import NotFoundError
+    from core.image import pick_manifest
+
+    amd = {"digest": "sha256:" + "a" * 64, "platform": {"os": "linux", "architecture": "amd64"}}
+    arm = {"digest": "sha256:" + "b" * 64,
+           "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}}
+    att = {"digest": "sha256:" + "c" * 64, "platform": {"os": "unknown", "architecture": "unknown"}}
+    odd = {"digest": "sha256:" + "d" * 64, "platform": "linux/amd64"}
+    index = {"manifests": [att, odd, arm, amd, "junk"]}
+    assert pick_manifest(index, "linux/arm64")["digest"] == arm["digest"]
+    assert pick_manifest(index, "linux/arm64/v8")["digest"] == arm["digest"]
+    assert pick_manifest(index, "linux/amd64")["digest"] == amd["digest"]
+    with pytest.raises(NotFoundError) as info:
+        pick_manifest(index, "windows/amd64")
+    assert "linux/arm64/v8" in str(info.value)
+    with pytest.raises(NotFoundError):
+        pick_manifest({"manifests": "nope"}, None)
