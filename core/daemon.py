@@ -230,6 +230,7 @@ class Daemon:
                 pyfuse3.init(self.fs, a.mountpoint, options)
             except RuntimeError as e:
                 raise MountError(f"cannot mount {a.mountpoint}: {e}") from None
+            self.fs.tune_kernel_after_init(a.mountpoint)  # bigger kernel reads (perf hook)
         except TimeoutError:
             self._report(f"error opening {a.image} timed out")
             return 1

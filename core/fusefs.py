@@ -38,6 +38,51 @@ _TYPE_BITS = {DIR: stat.S_IFDIR, REG: stat.S_IFREG, SYMLINK: stat.S_IFLNK,
               FIFO: stat.S_IFIFO}
 
 
+READ_AHEAD_KB = 4096  # kernel read-ahead of a mount: lets it send 1 MiB reads
+
+
+def _mount_devnum(mountpoint: str) -> str | None:
+    """``MAJOR:MINOR`` of the filesystem mounted at ``mountpoint``, from
+    /proc/self/mountinfo (a stat of the mount point would ask this very
+    filesystem, which may not serve requests yet)."""
+    # realpath of the parent only: resolving the mount point itself would
+    # lstat it, i.e. ask this filesystem before it serves requests.
+    ap = os.path.abspath(mountpoint).rstrip("/") or "/"
+    want = os.path.join(os.path.realpath(os.path.dirname(ap)), os.path.basename(ap))
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 4:
+                    mp = parts[4].replace("\\040", " ").replace("\\011", "\t")
+                    if mp == want:
+                        found = parts[2]  # the last one stacked there wins
+    except OSError:
+        return None
+    return found
+
+
+def tune_kernel(mountpoint: str, read_ahead_kb: int = READ_AHEAD_KB) -> bool:
+    """Raise the kernel read-ahead of our FUSE mount (root only, best effort).
+
+    FUSE mounts start with 128 KiB of read-ahead, so a sequential reader's
+    data arrives in 128 KiB requests; with more read-ahead the kernel sends
+    requests of up to ``max_pages`` (1 MiB with libfuse 3): 8x fewer
+    round trips through Python for the same bytes. The data is read-only and
+    served with ``keep_cache``, so the page cache keeps what it reads ahead."""
+    dev = _mount_devnum(mountpoint)
+    if dev is None:
+        return False
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(int(read_ahead_kb)))
+        return True
+    except OSError as e:
+        log.debug("cannot raise read-ahead of %s: %s", mountpoint, e)
+        return False
+
+
 def _erofs():
     return pyfuse3.FUSEError(errno.EROFS)
 
@@ -69,6 +114,18 @@ class LayerFS(pyfuse3.Operations):
             if e.is_opaque_marker:
                 self._opaque.add(e.parent_id)
         self._dir_nlink: dict[int, int] = {}
+        self._tune_mp: str | None = None
+
+    def tune_kernel_after_init(self, mountpoint: str) -> None:
+        """Raise the mount's kernel read-ahead (:func:`tune_kernel`) once the
+        kernel has taken FUSE_INIT's answer (which caps it): on the first
+        request after it."""
+        self._tune_mp = mountpoint
+
+    def _maybe_tune(self) -> None:
+        if self._tune_mp is not None:
+            mp, self._tune_mp = self._tune_mp, None
+            tune_kernel(mp)
 
     # -- helpers -------------------------------------------------------
     def _trace(self, op: str, *args) -> None:
@@ -166,6 +223,7 @@ class LayerFS(pyfuse3.Operations):
     # -- lookups ---------------------------------------------------------
     async def lookup(self, parent_inode, name, ctx=None):
         self._trace("lookup", parent_inode, name)
+        self._maybe_tune()
         pid = self._check(parent_inode)
         ix = self.index
         if ix._types[pid] != DIR:
@@ -189,6 +247,7 @@ class LayerFS(pyfuse3.Operations):
 
     async def getattr(self, inode, ctx=None):
         self._trace("getattr", inode)
+        self._maybe_tune()
         eid = self._check(inode)
         if inode & _WHITEOUT_BIT:
             return self._attr(eid)
@@ -226,6 +285,7 @@ class LayerFS(pyfuse3.Operations):
     # -- files -------------------------------------------------------------
     async def open(self, inode, flags, ctx):
         self._trace("open", inode, flags)
+        self._maybe_tune()
         eid = self._check(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise _erofs()
