@@ -15,7 +15,6 @@ import base64
 import binascii
 import bisect
 import json
-import posixpath
 import sys
 from array import array
 from collections.abc import Iterator
@@ -171,11 +170,11 @@ class Entry:
 
     @property
     def uname(self) -> str:
-        return self._extra("userName", "")
+        return self._ix._owner_names[self._ix._unames[self.id]]
 
     @property
     def gname(self) -> str:
-        return self._extra("groupName", "")
+        return self._ix._owner_names[self._ix._gnames[self.id]]
 
     @property
     def link_name(self) -> str:
@@ -253,6 +252,10 @@ class LayerIndex:
         self._first_chunk = array("i")  # per entry; -1 when none
         self._chunk_count = array("i")
         self._extras: dict[int, dict] = {}
+        # User and group names: indexes into a small shared table ("" first).
+        self._owner_names: list[str] = [""]
+        self._unames = array("H")
+        self._gnames = array("H")
         # File digests (sha256) as a column: 32 bytes per entry, flag per entry;
         # other digest forms stay in _extras.
         self._f_digests = bytearray()
@@ -402,7 +405,7 @@ class LayerIndex:
                     self._child_start, self._child_count, self._c_entry, self._c_file_off,
                     self._c_size, self._c_off, self._c_end, self._c_inner, self._c_digests,
                     self._c_has_digest, self._file_chunk_ids, self._f_digests,
-                    self._f_has_digest):
+                    self._f_has_digest, self._unames, self._gnames):
             total += sys.getsizeof(col)
         total += sys.getsizeof(self._extras) + sum(
             sys.getsizeof(v) + sum(sys.getsizeof(x) for x in v.values()) for v in self._extras.values()
@@ -412,6 +415,7 @@ class LayerIndex:
 
 _XATTR_LIMIT = 64 * 1024
 _ZERO32 = bytes(32)
+_ZERO_HEX = "0" * 64
 
 
 def _decode_xattrs(raw, name: str, warnings: list[str]) -> dict[str, bytes]:
@@ -444,11 +448,110 @@ def _digest_bytes(d) -> bytes | None:
     return None
 
 
+class _OwnerTable(dict):
+    """User/group name -> small id, filling ``names`` on first sight."""
+
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.names = names
+        self[None] = self[""] = 0
+
+    def __missing__(self, v) -> int:
+        if not isinstance(v, str) or len(self.names) >= 0xFFFF:
+            return 0  # not a name, or absurdly many owners: numeric ids only
+        i = self[v] = len(self.names)
+        self.names.append(v)
+        return i
+
+
+class _TimeCache(dict):
+    """modtime string -> seconds; TOCs repeat a handful of timestamps."""
+
+    def __missing__(self, v) -> float:
+        t = _parse_time(v)
+        if len(self) < 65536:
+            self[v] = t
+        return t
+
+
+_U32 = 0xFFFFFFFF
+_I62 = 1 << 62
+_CHUNK = len(TYPES)  # pseudo type code of "chunk" continuation entries
+_TYPE_CODE_WITH_CHUNK = {**_TYPE_CODE, "chunk": _CHUNK}
+_NO_FIELDS: dict = {}
+
+
+def _int_column(typecode: str, values: list, what: str, lo: int, hi: int,
+                path_of) -> array:
+    """``values`` (None meaning 0) as an array, every one an int in [lo, hi];
+    otherwise a :class:`FormatError` naming the first bad entry."""
+    try:
+        col = array(typecode, [0 if v is None else v for v in values])
+        if col and (min(col) < lo or max(col) > hi):
+            raise ValueError
+        if bool in set(map(type, values)):
+            raise TypeError
+        return col
+    except (TypeError, ValueError, OverflowError):
+        for k, v in enumerate(values):
+            _int(v, what, path_of(k), lo, hi)
+        raise FormatError(f"TOC has an invalid {what}") from None
+
+
+def _sha256_column(digests: list) -> tuple[list[bool], bytes]:
+    """Which of ``digests`` are well-formed sha256 digests, and all of them as
+    32-byte pieces (zeros for the others), decoded in one go."""
+    good = [type(d) is str and len(d) == 71 and d.startswith("sha256:") for d in digests]
+    try:
+        blob = bytes.fromhex("".join([d[7:] if ok else _ZERO_HEX
+                                      for d, ok in zip(digests, good, strict=True)]))
+    except ValueError:  # some hex part is not hex: decode one by one
+        pieces = [_digest_bytes(d) if ok else None for d, ok in zip(digests, good, strict=True)]
+        good = [p is not None for p in pieces]
+        blob = b"".join([p or _ZERO32 for p in pieces])
+    return good, blob
+
+
+class _ChunkColumns:
+    """Chunks as parallel lists while the index is built."""
+
+    def __init__(self):
+        self.owners: list[int] = []
+        self.file_offs: list[int] = []
+        self.sizes: list[int] = []
+        self.offs: list[int] = []
+        self.hints: list[int | None] = []
+        self.inners: list[int] = []
+        self.has_digest = bytearray()
+        self.digests = bytearray()
+
+    def set_digests(self, digests: list) -> None:
+        good, blob = _sha256_column(digests)
+        self.has_digest = bytearray(good)
+        self.digests = bytearray(blob)
+
+    def add(self, rec: tuple) -> None:
+        owner, foff, size, off, hint, inner, dig = rec
+        self.owners.append(owner)
+        self.file_offs.append(foff)
+        self.sizes.append(size)
+        self.offs.append(off)
+        self.hints.append(hint)
+        self.inners.append(inner)
+        self.has_digest.append(1 if dig else 0)
+        self.digests += dig or _ZERO32
+
+
 def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_size: int,
                 toc_digest: str, toc_offset: int) -> LayerIndex:
     """Parse TOC JSON bytes into a :class:`LayerIndex`. CPU-heavy: run it in a
     worker thread from async code. Raises :class:`FormatError` on a TOC that
-    is not valid or makes claims outside the blob."""
+    is not valid or makes claims outside the blob.
+
+    This is the resolve hot path of 100k-entry layers: one Python loop works
+    out names and the tree; every other column is built by comprehensions
+    straight into arrays and validated in bulk (with a slow, precise pass
+    only to name the culprit when something is wrong)."""
     # Every entry is one JSON object (two with xattrs): far more braces than
     # that is a TOC built to exhaust memory in the parser; refuse it unparsed.
     if not isinstance(toc_json, dict) and toc_json.count(b"{") > 2 * MAX_ENTRIES + 16:
@@ -462,41 +565,34 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
             raise FormatError(f"TOC is not valid JSON: {str(e)[:120]}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
         raise FormatError("TOC has no 'entries' list")
-    raw_entries = doc["entries"]
-    if len(raw_entries) > MAX_ENTRIES:
-        raise FormatError(f"TOC has {len(raw_entries)} entries; the limit is {MAX_ENTRIES}")
+    ents = doc["entries"]
+    if len(ents) > MAX_ENTRIES:
+        raise FormatError(f"TOC has {len(ents)} entries; the limit is {MAX_ENTRIES}")
     ix = LayerIndex(format=format, blob_digest=blob_digest, blob_size=blob_size,
                     toc_digest=toc_digest, toc_offset=toc_offset)
     warnings = ix.warnings
-    names = ix._names
-    types, parents, sizes, modes = ix._types, ix._parents, ix._sizes, ix._modes
-    uids, gids, mtimes, extras = ix._uids, ix._gids, ix._mtimes, ix._extras
-    f_digests, f_has_digest = ix._f_digests, ix._f_has_digest
+    names, types, parents = ix._names, ix._types, ix._parents
+    # src[id]: the index in ``ents`` of the entry that defines id (-1: implicit dir).
+    src: list[int] = [-1]
+    names.append("")
+    types.append(DIR)
+    parents.append(0)
     by_path: dict[str, int] = {"": 0}
     # Share equal names (``__init__.py``, ``LICENSE``...) through a local table
     # rather than sys.intern, whose global dict would keep ~40 bytes per
     # unique name alive after the build.
-    _shared: dict[str, str] = {}
+    shared_names: dict[str, str] = {}
+    max_plain_len = min(MAX_NAME_BYTES // 4, MAX_PATH_DEPTH) - 1
 
-    def intern(name: str) -> str:
-        return _shared.setdefault(name, name)
-
-    def add(path: str, type_code: int, parent: int) -> int:
+    def add_dir(path: str, parent: int) -> int:
         id = len(names)
-        names.append(intern(posixpath.basename(path)) if id else "")
-        types.append(type_code)
+        base = path.rpartition("/")[2]
+        names.append(shared_names.setdefault(base, base))
+        types.append(DIR)
         parents.append(parent)
-        sizes.append(0)
-        modes.append(0o755 if type_code == DIR else 0o644)
-        uids.append(0)
-        gids.append(0)
-        mtimes.append(0.0)
-        f_digests.extend(_ZERO32)
-        f_has_digest.append(0)
+        src.append(-1)
         by_path[path] = id
         return id
-
-    add("", DIR, 0)
 
     def ensure_dir(path: str) -> int:
         # Iterative, not recursive: a 1000-deep implicit path must not hit
@@ -505,112 +601,175 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
         id = by_path.get(path)
         while id is None:
             missing.append(path)
-            path = posixpath.dirname(path) if "/" in path else ""
+            path = path.rpartition("/")[0]
             id = by_path.get(path)
         if types[id] != DIR:
             raise FormatError(f"TOC entry {path!r} is used as a directory but is a {TYPES[types[id]]}")
         for p in reversed(missing):
-            id = add(p, DIR, id)
+            id = add_dir(p, id)
         return id
 
-    # Raw chunk records: (entry_id, file_off, size, offset, end_hint, inner, digest-bytes|None)
-    raw_chunks: list[tuple] = []
-    hardlinks: list[tuple[int, str]] = []
-    last_reg: dict[str, int] = {}
+    chunk_refs: list[tuple[int, int]] = []  # (owner id, index in ents) of "chunk" entries
     landmark_offsets: dict[str, int] = {}
-    for raw in raw_entries:
-        if not isinstance(raw, dict):
+    type_code = _TYPE_CODE_WITH_CHUNK.get
+    for i, raw in enumerate(ents):
+        if type(raw) is not dict:
             raise FormatError("TOC entry is not an object")
         name_raw = raw.get("name")
-        if not isinstance(name_raw, str):
+        if type(name_raw) is not str:
             raise FormatError("TOC entry has no name")
-        if len(name_raw.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-            raise FormatError(f"TOC entry name longer than {MAX_NAME_BYTES} bytes")
-        path = _norm_name(name_raw)
-        typ = raw.get("type")
-        if typ == "chunk":
-            owner = last_reg.get(path)
-            if owner is None:
-                raise FormatError(f"TOC chunk entry for {path!r} has no preceding regular file")
-            raw_chunks.append(_chunk_record(owner, raw, path, blob_size))
-            continue
-        if path in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
-            landmark_offsets[path] = _int(raw.get("offset"), "offset", path, 0, blob_size)
-            continue
-        code = _TYPE_CODE.get(typ)
+        code = type_code(raw.get("type"))
+        # Fast path for ordinary relative names (short enough that neither
+        # the byte-length nor the depth limit can be exceeded); anything
+        # unusual, landmarks included, is checked and normalised by _norm_name.
+        if (name_raw and len(name_raw) <= max_plain_len and name_raw[0] not in "/."
+                and "//" not in name_raw and "/." not in name_raw and "\x00" not in name_raw):
+            path = name_raw[:-1] if name_raw[-1] == "/" else name_raw
+        else:
+            if len(name_raw.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+                raise FormatError(f"TOC entry name longer than {MAX_NAME_BYTES} bytes")
+            path = _norm_name(name_raw)
+            if path in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK) and code != _CHUNK:
+                landmark_offsets[path] = _int(raw.get("offset"), "offset", path, 0, blob_size)
+                continue
         if code is None:
-            raise FormatError(f"TOC entry {path!r} has unknown type {typ!r}")
-        if path == "":
+            raise FormatError(f"TOC entry {path!r} has unknown type {raw.get('type')!r}")
+        if code == _CHUNK:
+            owner = by_path.get(path)
+            if owner is None or types[owner] != REG:
+                raise FormatError(f"TOC chunk entry for {path!r} has no preceding regular file")
+            chunk_refs.append((owner, i))
+            continue
+        if not path:
             if code != DIR:
                 raise FormatError("TOC root entry is not a directory")
-            id = 0
+            src[0] = i
+            continue
+        slash = path.rfind("/")
+        if slash < 0:
+            parent = 0
         else:
-            parent = ensure_dir(posixpath.dirname(path)) if "/" in path else 0
-            id = by_path.get(path)
-            if id is not None:
-                # Duplicate entry: the later one wins, as tar extraction would.
-                if code == DIR and types[id] == DIR:
-                    pass
-                else:
-                    if types[id] == DIR and code != DIR:
-                        raise FormatError(f"TOC entry {path!r} appears both as a directory and a {typ}")
-                    warnings.append(f"{path}: duplicate entry; the later one is used")
-                    types[id] = code
-                    extras.pop(id, None)
-                    f_has_digest[id] = 0
-                    last_reg.pop(path, None)
-                    raw_chunks = [c for c in raw_chunks if c[0] != id]
-            else:
-                id = add(path, code, parent)
-        sizes[id] = _int(raw.get("size"), "size", path)
-        mode = raw.get("mode")
-        if mode is not None:
-            modes[id] = _int(mode, "mode", path, 0, 0xFFFFFFFF) & 0o7777
-        uids[id] = _int(raw.get("uid"), "uid", path, 0, 0xFFFFFFFF)
-        gids[id] = _int(raw.get("gid"), "gid", path, 0, 0xFFFFFFFF)
-        mtimes[id] = _parse_time(raw.get("modtime"))
+            parent = by_path.get(path[:slash])
+            if parent is None or types[parent] != DIR:
+                parent = ensure_dir(path[:slash])
+        id = by_path.get(path)
+        if id is None:
+            by_path[path] = len(names)
+            base = path[slash + 1:]
+            names.append(shared_names.setdefault(base, base))
+            types.append(code)
+            parents.append(parent)
+            src.append(i)
+        else:
+            # Duplicate entry: the later one wins, as tar extraction would.
+            if not (code == DIR and types[id] == DIR):
+                if types[id] == DIR:
+                    raise FormatError(f"TOC entry {path!r} appears both as a directory and a "
+                                      f"{TYPES[code]}")
+                warnings.append(f"{path}: duplicate entry; the later one is used")
+                types[id] = code
+                chunk_refs = [c for c in chunk_refs if c[0] != id]
+            src[id] = i
+
+    # Columns, from each id's defining entry.
+    n = len(names)
+    fields = [ents[i] if i >= 0 else _NO_FIELDS for i in src]
+    path_of = ix.path_of
+    ix._sizes = sizes = _int_column("q", [e.get("size") for e in fields], "size", 0, _I62,
+                                    path_of)
+    raw_modes = [e.get("mode") for e in fields]
+    for k in range(n):
+        if raw_modes[k] is None:
+            raw_modes[k] = 0o755 if types[k] == DIR else 0o644
+    ix._modes = array("I", [m & 0o7777 for m in _int_column("q", raw_modes, "mode", 0, _U32,
+                                                               path_of)])
+    ix._uids = _int_column("I", [e.get("uid") for e in fields], "uid", 0, _U32, path_of)
+    ix._gids = _int_column("I", [e.get("gid") for e in fields], "gid", 0, _U32, path_of)
+    times = _TimeCache()
+    try:
+        ix._mtimes = array("d", [times[e.get("modtime") or ""] for e in fields])
+    except TypeError:  # an unhashable modtime: parse one by one
+        ix._mtimes = array("d", [_parse_time(e.get("modtime")) for e in fields])
+    owners = _OwnerTable(ix._owner_names)
+    try:
+        ix._unames = array("H", [owners[e.get("userName")] for e in fields])
+        ix._gnames = array("H", [owners[e.get("groupName")] for e in fields])
+    except TypeError:  # an unhashable owner name: not a name
+        ix._unames = array("H", [owners[v] if isinstance(v, str) else 0
+                                 for v in (e.get("userName") for e in fields)])
+        ix._gnames = array("H", [owners[v] if isinstance(v, str) else 0
+                                 for v in (e.get("groupName") for e in fields)])
+
+    # File digests, extras, and each regular file's first chunk.
+    f_digests = ix._f_digests = bytearray(32 * n)
+    f_has_digest = ix._f_has_digest = bytearray(n)
+    extras = ix._extras
+    hardlinks: list[tuple[int, str]] = []
+    reg_ids = [k for k in range(n) if types[k] == REG]
+    digests = [fields[k].get("digest") for k in reg_ids]
+    good, blob = _sha256_column(digests)
+    for j, id in enumerate(reg_ids):
+        if good[j]:
+            f_digests[id * 32 : id * 32 + 32] = blob[j * 32 : j * 32 + 32]
+            f_has_digest[id] = 1
+        elif type(digests[j]) is str and digests[j]:
+            extras[id] = {"digest": digests[j]}
+    # Each non-empty file's first chunk is described by the file's own entry.
+    cands = [k for k in reg_ids if sizes[k] > 0]
+    first = [fields[k] for k in cands]
+    chunks = _ChunkColumns()
+    if all([not (e.get("chunkOffset") or e.get("innerOffset") or "endOffset" in e)
+            for e in first]):
+        def cand_path(j: int) -> str:
+            return path_of(cands[j])
+
+        chunks.owners = cands
+        chunks.file_offs = [0] * len(cands)
+        chunks.sizes = list(_int_column("q", [e.get("chunkSize") for e in first], "chunkSize",
+                                        0, _I62, cand_path))
+        chunks.offs = list(_int_column("q", [e.get("offset") for e in first], "offset",
+                                       0, blob_size, cand_path))
+        chunks.inners = [0] * len(cands)
+        chunks.hints = [None] * len(cands)
+        chunks.set_digests([e.get("chunkDigest") for e in first])
+    else:
+        for k, e in zip(cands, first, strict=True):
+            chunks.add(_chunk_record(k, e, path_of(k), blob_size))
+    del first
+    for id in [k for k in range(n) if types[k] != DIR and types[k] != REG]:
+        e = fields[id]
+        code = types[id]
+        path = path_of(id)
         ex = {}
-        for key in ("userName", "groupName"):
-            v = raw.get(key)
-            if isinstance(v, str) and v:
-                ex[key] = intern(v)
         if code in (SYMLINK, HARDLINK):
-            ln = raw.get("linkName")
+            ln = e.get("linkName")
             if not isinstance(ln, str) or not ln:
-                raise FormatError(f"TOC {typ} {path!r} has no linkName")
+                raise FormatError(f"TOC {TYPES[code]} {path!r} has no linkName")
             if "\x00" in ln:
-                raise FormatError(f"TOC {typ} {path!r} has a NUL byte in its linkName")
+                raise FormatError(f"TOC {TYPES[code]} {path!r} has a NUL byte in its linkName")
             ex["linkName"] = ln
             if code == HARDLINK:
                 hardlinks.append((id, ln))
         if code in (CHAR, BLOCK):
-            ex["devMajor"] = _int(raw.get("devMajor"), "devMajor", path, 0, 0xFFFFFFFF)
-            ex["devMinor"] = _int(raw.get("devMinor"), "devMinor", path, 0, 0xFFFFFFFF)
-        xa = raw.get("xattrs")
-        if xa:
-            decoded = _decode_xattrs(xa, path, warnings)
-            if decoded:
-                ex["xattrs"] = decoded
-        if code == REG:
-            d = raw.get("digest")
-            if isinstance(d, str) and d:
-                db = _digest_bytes(d)
-                if db is not None:
-                    f_digests[id * 32 : id * 32 + 32] = db
-                    f_has_digest[id] = 1
-                else:
-                    ex["digest"] = d
-            last_reg[path] = id
-            if sizes[id] > 0:
-                raw_chunks.append(_chunk_record(id, raw, path, blob_size))
+            ex["devMajor"] = _int(e.get("devMajor"), "devMajor", path, 0, _U32)
+            ex["devMinor"] = _int(e.get("devMinor"), "devMinor", path, 0, _U32)
         if ex:
             extras[id] = ex
+    for id in [k for k in range(n) if "xattrs" in fields[k]]:
+        xa = fields[id]["xattrs"]
+        if xa:
+            decoded = _decode_xattrs(xa, path_of(id), warnings)
+            if decoded:
+                extras.setdefault(id, {})["xattrs"] = decoded
+    for owner, i in chunk_refs:
+        chunks.add(_chunk_record(owner, ents[i], path_of(owner), blob_size))
+    del fields
     ix.no_prefetch = NO_PREFETCH_LANDMARK in landmark_offsets
     if PREFETCH_LANDMARK in landmark_offsets:
         ix.prefetch_end = landmark_offsets[PREFETCH_LANDMARK]
     _resolve_hardlinks(ix, hardlinks, by_path)
     _build_children(ix)
-    _build_chunks(ix, raw_chunks, toc_offset)
+    _build_chunks(ix, chunks, toc_offset)
     _compact(ix)
     return ix
 
@@ -672,71 +831,96 @@ def _resolve_hardlinks(ix: LayerIndex, hardlinks, by_path) -> None:
 def _build_children(ix: LayerIndex) -> None:
     n = len(ix._names)
     names, parents = ix._names, ix._parents
-    order = sorted(range(1, n), key=lambda i: (parents[i], names[i]))
+    # Two stable sorts with C-level keys (name, then parent) give the order
+    # by (parent, name) without building a tuple per entry.
+    order = sorted(range(1, n), key=names.__getitem__)
+    order.sort(key=parents.__getitem__)
     ix._child_ids = array("i", order)
-    ix._child_start = array("i", bytes(4 * n))
-    ix._child_count = array("i", bytes(4 * n))
+    start = array("i", bytes(4 * n))
+    count = array("i", bytes(4 * n))
+    prev = -1
     for pos, i in enumerate(order):
         p = parents[i]
-        if ix._child_count[p] == 0:
-            ix._child_start[p] = pos
-        ix._child_count[p] += 1
+        if p != prev:
+            start[p] = pos
+            prev = p
+        count[p] += 1
+    ix._child_start, ix._child_count = start, count
 
 
-def _build_chunks(ix: LayerIndex, raw_chunks: list[tuple], toc_offset: int) -> None:
+def _build_chunks(ix: LayerIndex, cc: _ChunkColumns, toc_offset: int) -> None:
     n = len(ix._names)
-    ix._first_chunk = array("i", [-1]) * n
-    ix._chunk_count = array("i", bytes(4 * n))
-    if not raw_chunks:
+    ix._first_chunk = first = array("i", [-1]) * n
+    ix._chunk_count = count = array("i", bytes(4 * n))
+    m = len(cc.owners)
+    if not m:
         return
-    by_offset = sorted(range(len(raw_chunks)), key=lambda i: (raw_chunks[i][3], raw_chunks[i][5]))
-    distinct = sorted({c[3] for c in raw_chunks})
-    pos_of = [0] * len(raw_chunks)
-    for new, old in enumerate(by_offset):
-        owner, foff, size, off, end_hint, inner, dig = raw_chunks[old]
-        pos_of[old] = new
-        if off >= toc_offset:
-            raise FormatError(f"chunk of {ix.path_of(owner)!r} starts at {off}, inside the TOC region")
-        if end_hint is not None and end_hint > off:
-            end = min(end_hint, toc_offset)
-        else:
-            # The compressed extent runs to the next chunk that starts later.
-            j = bisect.bisect_right(distinct, off)
-            end = distinct[j] if j < len(distinct) else toc_offset
-        ix._c_entry.append(owner)
-        ix._c_file_off.append(foff)
-        ix._c_size.append(size)
-        ix._c_off.append(off)
-        ix._c_end.append(end)
-        ix._c_inner.append(inner)
-        ix._c_has_digest.append(1 if dig else 0)
-        ix._c_digests += dig or bytes(32)
-    # Group chunks by file, in file order, and fill implicit sizes.
-    per_file: dict[int, list[int]] = {}
-    for old, c in enumerate(raw_chunks):
-        per_file.setdefault(c[0], []).append(pos_of[old])
-    fids = array("i")
-    for owner, cids in per_file.items():
-        cids.sort(key=lambda c: ix._c_file_off[c])
-        fsize = ix._sizes[owner]
-        for k, c in enumerate(cids):
-            start = ix._c_file_off[c]
-            nxt = ix._c_file_off[cids[k + 1]] if k + 1 < len(cids) else fsize
-            if ix._c_size[c] == 0 or start + ix._c_size[c] > fsize:
-                ix._c_size[c] = max(0, nxt - start)
-            if start + ix._c_size[c] > fsize:
-                raise FormatError(f"chunk of {ix.path_of(owner)!r} runs past the file's size")
-        # Chunks must tile the file without gaps or overlaps.
-        pos = 0
-        for c in cids:
-            if ix._c_file_off[c] != pos:
-                raise FormatError(
-                    f"chunks of {ix.path_of(owner)!r} leave a gap or overlap at offset {pos}"
-                )
-            pos += ix._c_size[c]
-        if pos != fsize:
-            raise FormatError(f"chunks of {ix.path_of(owner)!r} cover {pos} of {fsize} bytes")
-        ix._first_chunk[owner] = len(fids)
-        ix._chunk_count[owner] = len(cids)
-        fids.extend(cids)
-    ix._file_chunk_ids = fids
+    # Blob order: by compressed offset, then by offset inside the member.
+    offs0, inners0 = cc.offs, cc.inners
+    if any(inners0):
+        perm = sorted(range(m), key=lambda k: (offs0[k], inners0[k]))
+    else:
+        perm = sorted(range(m), key=offs0.__getitem__)
+    owners = array("i", [cc.owners[k] for k in perm])
+    foffs = array("q", [cc.file_offs[k] for k in perm])
+    csizes = array("q", [cc.sizes[k] for k in perm])
+    offs = array("q", [offs0[k] for k in perm])
+    inners = array("q", [inners0[k] for k in perm])
+    hints = [cc.hints[k] for k in perm]
+    has_digest = bytearray([cc.has_digest[k] for k in perm])
+    dg = cc.digests
+    digests = bytearray(b"".join([dg[k * 32 : k * 32 + 32] for k in perm]))
+    if offs[m - 1] >= toc_offset:
+        raise FormatError(f"chunk of {ix.path_of(owners[m - 1])!r} starts at {offs[m - 1]}, "
+                          "inside the TOC region")
+    # The compressed extent of a chunk runs to the next chunk that starts
+    # later in the blob (or the TOC), unless the TOC states its end.
+    starts = sorted(set(offs))
+    next_start = dict(zip(starts, starts[1:] + [toc_offset], strict=True))
+    ends = array("q", [next_start[o] for o in offs])
+    for k, hint in enumerate(hints):
+        if hint is not None and hint > offs[k]:
+            ends[k] = min(hint, toc_offset)
+    sizes = ix._sizes
+    if len(set(owners)) == m:
+        # One chunk per file (the common case): it must start at 0 and cover
+        # the file; a size of 0 (or past the end) means the whole file.
+        fsizes = [sizes[o] for o in owners]
+        for k in range(m):
+            if foffs[k] != 0 or (csizes[k] and csizes[k] < fsizes[k]):
+                at = 0 if foffs[k] else csizes[k]
+                raise FormatError(f"chunks of {ix.path_of(owners[k])!r} leave a gap or overlap "
+                                  f"at offset {at}")
+        csizes = array("q", fsizes)
+        by_file = sorted(range(m), key=owners.__getitem__)
+        for p, k in enumerate(by_file):
+            first[owners[k]] = p
+            count[owners[k]] = 1
+    else:
+        # File order: chunk ids grouped by file, by offset within the file.
+        by_file = sorted(range(m), key=foffs.__getitem__)
+        by_file.sort(key=owners.__getitem__)
+        for p, k in enumerate(by_file):
+            owner = owners[k]
+            last = p + 1 == m or owners[by_file[p + 1]] != owner
+            fsize = sizes[owner]
+            start = foffs[k]
+            if first[owner] < 0:
+                first[owner] = p
+                if start != 0:
+                    raise FormatError(f"chunks of {ix.path_of(owner)!r} leave a gap or overlap at offset 0")
+            count[owner] += 1
+            nxt = fsize if last else foffs[by_file[p + 1]]
+            # A size of 0 (or one past the file's end) means "up to the next chunk".
+            if csizes[k] == 0 or start + csizes[k] > fsize:
+                csizes[k] = max(0, nxt - start)
+            # Chunks must tile the file without gaps or overlaps.
+            if start + csizes[k] != nxt:
+                at = start + csizes[k]
+                raise FormatError(f"chunks of {ix.path_of(owner)!r} leave a gap or overlap at offset {at}")
+            if last and nxt != fsize:
+                raise FormatError(f"chunks of {ix.path_of(owner)!r} cover {nxt} of {fsize} bytes")
+    ix._c_entry, ix._c_file_off, ix._c_size = owners, foffs, csizes
+    ix._c_off, ix._c_end, ix._c_inner = offs, ends, inners
+    ix._c_has_digest, ix._c_digests = has_digest, digests
+    ix._file_chunk_ids = array("i", by_file)
