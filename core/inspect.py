@@ -1,6 +1,6 @@
 """What ``inspect``, ``ls`` and ``cat`` show, as plain data, for the CLI and
 the app alike: image and layer summaries (dicts with the documented JSON
-keys, see docs/json.md), entry records, and a file-system view of an image
+keys, see the README, "JSON output"), entry records, and a file-system view of an image
 (merged, with whiteouts applied, or one raw layer) that lists, resolves
 symlinks like a container would and streams file bytes.
 """
@@ -113,7 +113,7 @@ def config_summary(config: dict) -> dict:
 
 async def inspect_image(image: Image, *,
                         progress: Callable[[int, int], None] | None = None) -> dict:
-    """The whole ``inspect --json`` object (see docs/json.md)."""
+    """The whole ``inspect --json`` object (see the README, "JSON output")."""
     layers = []
     for i, desc in enumerate(image.layers):
         layers.append(await layer_info(image, desc))
@@ -148,7 +148,7 @@ def mode_string(type_: str, mode: int) -> str:
 
 
 def entry_record(entry: Entry, path: str | None = None, layer: int | None = None) -> dict:
-    """An entry as an ``ls --json`` object (see docs/json.md)."""
+    """An entry as an ``ls --json`` object (see the README, "JSON output")."""
     mtime = entry.mtime
     rec = {
         "path": entry.path if path is None else path,

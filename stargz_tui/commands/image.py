@@ -23,7 +23,7 @@ examples:
   stargz-tui inspect localhost:5000/app:esgz --platform linux/arm64
   stargz-tui inspect oci:./layout:mini-esgz --json | jq '.layers[] | {digest, format, tocDigestVerified}'
 
---json prints one object (documented in docs/json.md): reference, manifestDigest,
+--json prints one object (documented in the README under "JSON output"): reference, manifestDigest,
 platform, config, diffIDs, chainID and layers[] with digest, mediaType, size,
 format (estargz zstdchunked stargz gzip zstd tar), tocDigest, tocDigestAnnotated,
 tocDigestVerified, diffID, uncompressedSize, entries, chunks, prefetchSize, ...
@@ -298,7 +298,7 @@ def register(subparsers) -> None:
                               "chunks, prefetch region and diffID.",
                               epilog=INSPECT_EXAMPLES, formatter_class=fmt)
     _add_common(p, layer=False)
-    p.add_argument("--json", action="store_true", help="print JSON (see docs/json.md)")
+    p.add_argument("--json", action="store_true", help="print JSON (keys documented in the README)")
     add_registry_options(p)
     p.set_defaults(func=cmd_inspect)
 
@@ -310,7 +310,7 @@ def register(subparsers) -> None:
     p.add_argument("path", nargs="?", metavar="PATH", help="directory or file (default: /)")
     p.add_argument("-l", dest="long", action="store_true", help="long listing")
     p.add_argument("-R", dest="recursive", action="store_true", help="recursive")
-    p.add_argument("--json", action="store_true", help="print JSON (see docs/json.md)")
+    p.add_argument("--json", action="store_true", help="print JSON (keys documented in the README)")
     add_registry_options(p)
     p.set_defaults(func=cmd_ls)
 
