@@ -13,6 +13,10 @@ The file is TOML, at ``$STARGZ_TUI_REGISTRIES_CONFIG`` or
     [registries."registry.lan:5000"]
     insecure = true
 
+    [registries."localhost:5443"]
+    # A loopback registry that serves TLS (loopback hosts default to HTTP).
+    tls = true
+
 A mirror is ``host[:port]`` (HTTPS; HTTP for loopback or insecure hosts) or a
 URL with an explicit ``http://``/``https://`` scheme. Blobs are
 content-addressed, so any mirror that serves the right digest is fine; a
@@ -52,6 +56,7 @@ class RegistryConfig:
     mirrors: dict[str, list[str]] = field(default_factory=dict)
     insecure: set[str] = field(default_factory=set)
     path: str | None = None
+    tls: set[str] = field(default_factory=set)
 
     def is_insecure(self, host: str) -> bool:
         h = host.lower()
@@ -65,12 +70,13 @@ class RegistryConfig:
         s = host_or_url.rstrip("/")
         if s.startswith(("http://", "https://")):
             return s
-        scheme = "http" if (is_loopback_host(s) or self.is_insecure(s)) else "https"
-        return f"{scheme}://{s}"
+        plain = (is_loopback_host(s) and s.lower() not in self.tls) or self.is_insecure(s)
+        return f"{'http' if plain else 'https'}://{s}"
 
     def with_insecure(self, hosts) -> RegistryConfig:
         extra = {parse_registry(h) for h in (hosts or ())}
-        return RegistryConfig(dict(self.mirrors), set(self.insecure) | extra, self.path)
+        return RegistryConfig(dict(self.mirrors), set(self.insecure) | extra, self.path,
+                              set(self.tls))
 
 
 def load_config(path: str | None = None) -> RegistryConfig:
@@ -103,6 +109,8 @@ def load_config(path: str | None = None) -> RegistryConfig:
                 cfg.mirrors[reg] = [m.rstrip("/") for m in mirrors]
             if table.get("insecure") is True:
                 cfg.insecure.add(reg)
+            if table.get("tls") is True:
+                cfg.tls.add(reg)
     except CoreError as e:
         if isinstance(e, RegistryConfigError):
             raise

@@ -319,22 +319,10 @@ def _self_signed(tmp_path):
     return str(c), str(k)
 
 
-def _non_loopback_ip() -> str | None:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.connect(("10.255.255.255", 1))
-        ip = s.getsockname()[0]
-    except OSError:
-        return None
-    finally:
-        s.close()
-    return None if ip.startswith("127.") else ip
-
-
 def test_tls_bad_certificate_clear_error(tmp_path, isolated_env, rel):
-    ip = _non_loopback_ip()
-    if ip is None:
-        pytest.skip("no non-loopback address to serve TLS on (loopback hosts use plain HTTP)")
+    # Loopback only: the registries config marks this loopback registry as
+    # serving TLS (loopback hosts default to plain HTTP).
+    ip = "127.0.0.1"
     cert, key = _self_signed(tmp_path)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
@@ -357,9 +345,12 @@ def test_tls_bad_certificate_clear_error(tmp_path, isolated_env, rel):
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
+    conf = tmp_path / "registries.toml"
+    conf.write_text(f'[registries."{ip}:{port}"]\ntls = true\n')
+    env = dict(isolated_env, STARGZ_TUI_REGISTRIES_CONFIG=str(conf))
     try:
         r = subprocess.run([sys.executable, "-m", "stargz_tui", "tags", f"{ip}:{port}/some/repo"],
-                           capture_output=True, text=True, timeout=60, env=dict(os.environ),
+                           capture_output=True, text=True, timeout=60, env=env,
                            cwd=os.path.dirname(os.path.dirname(HERE)))
     finally:
         stop.set()
