@@ -50,6 +50,7 @@ DEFAULT_READAHEAD_BYTES = 32 << 20  # ... and at least this much of the file
 BACKGROUND_WINDOW = 4 << 20   # range request size of the background fetch
 DECODE_THREADS = 2            # chunks decoding at once (isal, hashlib drop the GIL)
 _FILE_CHUNKS_CACHED = 4096    # per-file chunk lists kept
+_SEQ_SLACK = 8 << 20          # a read this near a stream's position is sequential
 
 
 class _Flight:
@@ -463,9 +464,12 @@ class LayerReader:
         self.reads += 1
         chunks = self._chunks_for_range(target, offset, end - offset)
         if stream is not None:
+            # The kernel reads ahead with several requests at once, so they
+            # may arrive out of order: "near where the stream was" counts.
             key = (stream, target.id)
-            sequential = self._seq.get(key) == offset or offset == 0
-            self._seq[key] = end
+            prev = self._seq.get(key)
+            sequential = offset == 0 or (prev is not None and abs(offset - prev) <= _SEQ_SLACK)
+            self._seq[key] = end if prev is None or not sequential else max(prev, end)
             if sequential and end < fsize and self.readahead and self._tg is not None:
                 self._read_ahead(target, end)
         result = self._read_fast(chunks, offset, end)

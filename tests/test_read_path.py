@@ -1,0 +1,192 @@
+"""The lazy read path: partial reads from the disk cache, verification of
+cache files once per process, damaged cache files refetched, read-ahead of
+out-of-order (kernel read-ahead) requests."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import tarfile
+
+import anyio
+import pytest
+
+from core.cache import ChunkCache
+from core.estargz import load_layer_index
+from core.estargz.writer import build_estargz
+from core.layer import LayerReader
+from core.source import LocalBlobSource
+from core.tasks import TaskManager
+
+CHUNK = 64 << 10
+
+
+@pytest.fixture(scope="module")
+def layer(tmp_path_factory):
+    d = tmp_path_factory.mktemp("layer")
+    rnd = random.Random(7)
+    files = {
+        "big.bin": rnd.randbytes(10 * CHUNK + 1234),
+        "text.txt": b"".join(b"line %d of some text\n" % i for i in range(40000)),
+        "small": b"tiny file\n",
+    }
+    tar = str(d / "layer.tar")
+    with tarfile.open(tar, "w") as tf:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    out = str(d / "layer.esgz")
+    res = build_estargz(tar, out, chunk_size=CHUNK)
+    return out, res, files
+
+
+def _reader(layer, cache_dir, **kw):
+    path, res, _files = layer
+
+    async def open_():
+        src = LocalBlobSource(path, res.blob_digest)
+        ix = await load_layer_index(src, expected_toc_digest=res.toc_digest)
+        return ix, src
+
+    ix, src = anyio.run(open_)
+    cache = ChunkCache(str(cache_dir), memory_bytes=kw.pop("memory_bytes", 0))
+    return LayerReader(ix, src, cache, TaskManager(silence=0), **kw), cache
+
+
+def _run(reader, fn):
+    async def main():
+        async with anyio.create_task_group() as tg:
+            await reader.start(tg, prefetch=False, background=False)
+            out = await fn()
+            tg.cancel_scope.cancel()
+        return out
+
+    return anyio.run(main)
+
+
+def _chunk_files(cache: ChunkCache) -> list[str]:
+    return [os.path.join(d, n) for d, _s, ns in os.walk(cache.chunk_dir) for n in ns
+            if not n.startswith(".tmp-")]
+
+
+RANGES = [(0, 1), (0, 4096), (CHUNK - 100, 200), (CHUNK, CHUNK), (3 * CHUNK + 5, 2 * CHUNK + 17),
+          (10 * CHUNK, 5000), (10 * CHUNK + 1000, 1 << 20), (123457, 131072)]
+
+
+def test_partial_reads_from_the_disk_cache(layer, tmp_path):
+    _path, _res, files = layer
+    reader, cache = _reader(layer, tmp_path)
+    ix = reader.index
+    big = ix.lookup("big.bin")
+
+    async def warm():
+        for name in files:
+            e = ix.lookup(name)
+            assert await reader.read(e.id, 0, e.size + 10) == files[name]
+
+    _run(reader, warm)
+    assert reader.requests > 0 and _chunk_files(cache)
+    # Written by this cache object: verified, so ranges come straight from the files.
+    keys = [reader._keys[c.index] for c in ix.chunks(big)]
+    assert all(cache.is_verified(k) for k in keys)
+    c0 = ix.chunks(big)[2]
+    k0 = reader._keys[c0.index]
+    assert cache.read_range(k0, 100, 50, c0.chunk_size) == files["big.bin"][c0.chunk_offset + 100:][:50]
+    assert cache.read_range(k0, 0, 10, c0.chunk_size + 1) is None  # another size: not served
+
+    # A fresh process (fresh cache object, no memory copies): every range right,
+    # nothing fetched; each chunk file is verified on first use, then preaded.
+    reader2, cache2 = _reader(layer, tmp_path)
+    assert not any(cache2.is_verified(k) for k in keys)
+
+    async def partial():
+        out = []
+        for off, size in RANGES:
+            out.append(await reader2.read(big.id, off, size))
+            out.append(await reader2.read(big.id, off, size))  # again: verified now
+        return out
+
+    got = _run(reader2, partial)
+    want = [files["big.bin"][off:off + size] for off, size in RANGES for _ in (0, 1)]
+    assert got == want
+    assert reader2.requests == 0 and reader2.bytes_fetched == 0
+    assert cache2.corrupt == 0
+    assert cache2.is_verified(keys[0]) and cache2.is_verified(keys[10])
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
+def test_damaged_cache_file_is_detected_and_refetched(layer, tmp_path, damage):
+    _path, _res, files = layer
+    reader, cache = _reader(layer, tmp_path)
+    ix = reader.index
+    big = ix.lookup("big.bin")
+    _run(reader, lambda: reader.read(big.id, 0, big.size))
+    c = ix.chunks(big)[3]
+    victim = cache._path(reader._keys[c.index])
+    with open(victim, "r+b") as f:
+        if damage == "flip":
+            f.seek(777)
+            b = f.read(1)
+            f.seek(777)
+            f.write(bytes([b[0] ^ 0x01]))
+        elif damage == "truncate":
+            f.truncate(CHUNK // 2)
+        else:
+            f.seek(0, 2)
+            f.write(b"x" * 100)
+
+    reader2, cache2 = _reader(layer, tmp_path)
+
+    async def reads():
+        # a small range inside the damaged chunk, then the whole file
+        a = await reader2.read(big.id, c.chunk_offset + 700, 100)
+        return a, await reader2.read(big.id, 0, big.size)
+
+    a, whole = _run(reader2, reads)
+    assert a == files["big.bin"][c.chunk_offset + 700:c.chunk_offset + 800]
+    assert whole == files["big.bin"]
+    assert cache2.corrupt == 1
+    assert reader2.requests >= 1  # refetched from the blob
+    with open(victim, "rb") as f:  # and the cache file is right again
+        assert hashlib.sha256(f.read()).hexdigest() == c.digest.split(":")[1]
+
+
+def test_out_of_order_sequential_reads_trigger_read_ahead(layer, tmp_path):
+    """Kernel read-ahead sends several requests at once; they may arrive out
+    of order and still count as a sequential stream."""
+    _path, _res, files = layer
+    reader, cache = _reader(layer, tmp_path, window=CHUNK, readahead=1, readahead_bytes=4 * CHUNK)
+    ix = reader.index
+    big = ix.lookup("big.bin")
+    order = [0, 2 * CHUNK, CHUNK, 4 * CHUNK, 3 * CHUNK]
+
+    async def reads():
+        out = {}
+        for off in order:
+            out[off] = await reader.read(big.id, off, CHUNK, stream=1)
+        for _ in range(1000):  # let read-ahead land (bounded)
+            if not reader._inflight and reader._ncached >= 8:
+                break
+            await anyio.sleep(0.01)
+        return out
+
+    got = _run(reader, reads)
+    assert all(got[o] == files["big.bin"][o:o + CHUNK] for o in order)
+    # read-ahead went past what was read
+    assert reader._ncached > len(order)
+
+
+def test_cache_range_reads_survive_eviction_and_prune(tmp_path):
+    c = ChunkCache(str(tmp_path), memory_bytes=0)
+    data = os.urandom(100_000)
+    key = "sha256-" + hashlib.sha256(data).hexdigest()
+    assert c.put(key, data)
+    assert c.read_range(key, 10, 20, len(data)) == data[10:30]
+    assert c.read_range(key, len(data) - 5, 10, len(data)) is None  # past the end
+    c.prune()
+    assert not c.is_verified(key) and c.read_range(key, 0, 10, len(data)) is None
+    assert c.get(key) is None
+    assert c.put(key, data) and c.read_range(key, 0, 10, len(data)) == data[:10]
