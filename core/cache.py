@@ -24,8 +24,10 @@ in worker threads (``get_memory`` is cheap and may run anywhere).
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -41,6 +43,8 @@ _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errn
 _DISK_RETRY_AFTER = 30.0
 _KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _MAX_FDS = 64  # chunk files kept open for read_range
+_DIRECT_MIN = 256 << 10  # chunks at least this big are written with O_DIRECT
+_ALIGN = 4096
 
 
 def default_cache_dir() -> str:
@@ -105,6 +109,8 @@ class ChunkCache:
         self._fds: OrderedDict[str, int] = OrderedDict()  # open chunk files (read_range)
         self._dirs_made: set[str] = set()
         self._tmp_seq = 0
+        self._tls = threading.local()  # per-thread aligned buffer for O_DIRECT
+        self._direct_ok = os.environ.get("STARGZ_TUI_CACHE_DIRECT", "1") != "0"
         self.hits = 0
         self.memory_hits = 0
         self.misses = 0
@@ -292,10 +298,11 @@ class ChunkCache:
                 os.unlink(tmp)
                 fd = os.open(tmp, flags, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                if not (len(data) >= _DIRECT_MIN and self._write_direct(fd, data)):
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -320,6 +327,53 @@ class ChunkCache:
             need_scan = self._disk_size is None or self._disk_size > self.max_bytes
         if need_scan:
             self._enforce_budget()
+        return True
+
+    def _write_direct(self, fd: int, data: bytes) -> bool:
+        """Write ``data`` to the empty file ``fd`` bypassing the page cache
+        (O_DIRECT from an aligned buffer, then cut to size). On this kind of
+        VM a buffered write of a 4 MiB chunk costs ~10x the CPU (page cache
+        allocation, dirty accounting, writeback) and the cached copy is
+        rarely read again: the kernel's FUSE page cache keeps the file data
+        readers asked for. False (nothing written) when the file system
+        refuses O_DIRECT; the caller then writes normally."""
+        if not self._direct_ok or not hasattr(os, "O_DIRECT"):
+            return False
+        size = len(data)
+        padded = (size + _ALIGN - 1) // _ALIGN * _ALIGN
+        buf = getattr(self._tls, "buf", None)
+        if buf is None or len(buf) < padded:
+            buf = mmap.mmap(-1, max(padded, 4 << 20))  # page aligned
+            self._tls.buf = buf
+        try:
+            fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_DIRECT)
+        except OSError:
+            self._direct_ok = False
+            return False
+        buf[:size] = data
+        if padded > size:
+            buf[size:padded] = bytes(padded - size)
+        view = memoryview(buf)[:padded]
+        try:
+            done = 0
+            while done < padded:
+                n = os.write(fd, view[done:])
+                if n <= 0 or n % _ALIGN:
+                    raise OSError(errno.EIO, "short direct write")
+                done += n
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._direct_ok = False  # alignment rules of this file system: write normally
+            os.ftruncate(fd, 0)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fl)
+            os.lseek(fd, 0, os.SEEK_SET)
+            return False
+        finally:
+            view.release()
+        if padded > size:
+            os.ftruncate(fd, size)
         return True
 
     def _scan(self) -> list[tuple[float, int, str]]:

@@ -190,3 +190,15 @@ def test_cache_range_reads_survive_eviction_and_prune(tmp_path):
     assert not c.is_verified(key) and c.read_range(key, 0, 10, len(data)) is None
     assert c.get(key) is None
     assert c.put(key, data) and c.read_range(key, 0, 10, len(data)) == data[:10]
+
+
+@pytest.mark.parametrize("size", [256 << 10, (1 << 20) + 4095, (4 << 20) + 1])
+def test_big_chunks_written_bypassing_the_page_cache_read_back_exactly(tmp_path, size):
+    c = ChunkCache(str(tmp_path), memory_bytes=0)
+    data = os.urandom(size)
+    key = "sha256-" + hashlib.sha256(data).hexdigest()
+    assert c.put(key, data)
+    assert os.path.getsize(c._path(key)) == size
+    assert c.read_range(key, size - 7, 7, size) == data[-7:]
+    assert ChunkCache(str(tmp_path), memory_bytes=0).get(key) == data  # a fresh process verifies it
+    assert not [n for _d, _s, ns in os.walk(tmp_path) for n in ns if n.startswith(".tmp-")]
