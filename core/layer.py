@@ -49,6 +49,8 @@ DEFAULT_READAHEAD = 3         # windows fetched ahead of a sequential reader
 DEFAULT_READAHEAD_BYTES = 32 << 20  # ... and at least this much of the file
 BACKGROUND_WINDOW = 4 << 20   # range request size of the background fetch
 DECODE_THREADS = 2            # chunks decoding at once (isal, hashlib drop the GIL)
+DECODE_PART = 2 << 20         # a group's chunks decode in parallel runs of this many bytes
+READAHEAD_WINDOW = 8 << 20    # range request size of sequential read-ahead
 _FILE_CHUNKS_CACHED = 4096    # per-file chunk lists kept
 _SEQ_SLACK = 8 << 20          # a read this near a stream's position is sequential
 
@@ -247,6 +249,22 @@ class LayerReader:
             out.append((c, data, None))
         return out
 
+    @staticmethod
+    def _split(group: list[Chunk]) -> list[list[Chunk]]:
+        """Blob-order runs of ``group`` of about DECODE_PART bytes each."""
+        total = sum(c.chunk_size for c in group)
+        if len(group) < 2 or total <= DECODE_PART:
+            return [group]
+        parts: list[list[Chunk]] = [[]]
+        size = 0
+        for c in group:
+            if size >= DECODE_PART:
+                parts.append([])
+                size = 0
+            parts[-1].append(c)
+            size += c.chunk_size
+        return parts
+
     def _store(self, items: list[tuple[str, bytes]]) -> None:
         """Worker thread: write verified chunks to the disk cache."""
         for key, data in items:
@@ -293,23 +311,34 @@ class LayerReader:
         blob = await self._read_blob(start, end - start)
         if len(blob) != end - start:
             raise BlobReadError(f"short read of {self.index.blob_digest[:19]} at {start}")
-        results = await anyio.to_thread.run_sync(self._decode_group, blob, start, group,
-                                                 remember, limiter=self._decode_limiter())
-        del blob
         good = []
-        for c, data, err in results:
-            f = flights[c.index]
-            if err is not None:
-                self.digest_errors += 1
-                self.last_error = str(err)
-                log.error("%s: %s", self.name, err)
-                f.error = err
-                self._inflight.pop(c.index, None)
-            else:
-                self.chunks_fetched += 1
-                f.data = data
-                good.append(c)
-            f.event.set()  # waiters go on; the flight keeps the bytes until stored
+
+        async def decode(part: list[Chunk]) -> None:
+            results = await anyio.to_thread.run_sync(self._decode_group, blob, start, part,
+                                                     remember, limiter=self._decode_limiter())
+            for c, data, err in results:
+                f = flights[c.index]
+                if err is not None:
+                    self.digest_errors += 1
+                    self.last_error = str(err)
+                    log.error("%s: %s", self.name, err)
+                    f.error = err
+                    self._inflight.pop(c.index, None)
+                else:
+                    self.chunks_fetched += 1
+                    f.data = data
+                    good.append(c)
+                f.event.set()  # waiters go on; the flight keeps the bytes until stored
+
+        parts = self._split(group)
+        if len(parts) == 1:
+            await decode(group)
+        else:  # parts decode in parallel threads, each answering its waiters at once
+            async with anyio.create_task_group() as tg:
+                for part in parts:
+                    tg.start_soon(decode, part)
+        blob = b""  # let the compressed bytes go before the cache writes
+        good.sort(key=lambda c: c.index)
         try:
             if good:
                 await anyio.to_thread.run_sync(
@@ -515,7 +544,7 @@ class LayerReader:
             if need:
                 need = await self._adopt_from_disk(need)
             need = [c for c in need if not self._cached[c.index] and c.index not in self._inflight]
-            for g in self._plan(need, extend=False):
+            for g in self._plan(need, extend=False, window=max(self.window, READAHEAD_WINDOW)):
                 self._launch(g, True)
         finally:
             self._ahead.discard(target.id)
