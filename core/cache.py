@@ -69,6 +69,13 @@ def parse_size(text: str | int | None) -> int | None:
     return int(float(m.group(1)) * mult)
 
 
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def chunk_key(blob_digest: str, chunk) -> str:
     """The cache key of a :class:`core.estargz.Chunk`."""
     if chunk.digest:
@@ -107,6 +114,10 @@ class ChunkCache:
         self._disk_size: int | None = None  # estimate; None = not scanned yet
         self._verified: dict[str, int] = {}  # disk files known good here -> size
         self._fds: OrderedDict[str, int] = OrderedDict()  # open chunk files (read_range)
+        # Descriptors are closed only under _rlock (read_range's), never while
+        # a pread may use them: another thread's _forget queues them here.
+        self._fd_garbage: list[int] = []
+        self._rlock = threading.Lock()
         self._dirs_made: set[str] = set()
         self._tmp_seq = 0
         self._tls = threading.local()  # per-thread aligned buffer for O_DIRECT
@@ -222,36 +233,36 @@ class ChunkCache:
         event loop thread."""
         if self._verified.get(key) != size or offset + length > size:
             return None
-        with self._lock:
-            fd = self._fds.get(key)
-            if fd is not None:
-                self._fds.move_to_end(key)
-        if fd is None:
-            try:
-                fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
-            except (OSError, ValueError):
-                self._forget(key)
-                return None
-            try:
-                os.utime(fd)  # LRU order of the disk budget
-            except OSError:
-                pass
+        with self._rlock:
             with self._lock:
-                old = self._fds.pop(key, None)
-                self._fds[key] = fd
-                close = [old] if old is not None else []
-                while len(self._fds) > _MAX_FDS:
-                    close.append(self._fds.popitem(last=False)[1])
-            for x in close:
+                garbage, self._fd_garbage = self._fd_garbage, []
+                fd = self._fds.get(key)
+                if fd is not None:
+                    self._fds.move_to_end(key)
+            for x in garbage:
+                _close(x)
+            if fd is None:
                 try:
-                    os.close(x)
+                    fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+                except (OSError, ValueError):
+                    self._forget(key)
+                    return None
+                try:
+                    os.utime(fd)  # LRU order of the disk budget
                 except OSError:
                     pass
-        try:
-            data = os.pread(fd, length, offset)
-        except OSError:
-            self._forget(key)
-            return None
+                with self._lock:
+                    old = self._fds.pop(key, None)
+                    self._fds[key] = fd
+                    close = [old] if old is not None else []
+                    while len(self._fds) > _MAX_FDS:
+                        close.append(self._fds.popitem(last=False)[1])
+                for x in close:
+                    _close(x)
+            try:
+                data = os.pread(fd, length, offset)
+            except OSError:
+                data = b""
         if len(data) != length:
             self._forget(key)
             return None
@@ -263,11 +274,8 @@ class ChunkCache:
         with self._lock:
             self._verified.pop(key, None)
             fd = self._fds.pop(key, None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd is not None:
+                self._fd_garbage.append(fd)  # closed by the next read_range
 
     def put(self, key: str, data: bytes, *, remember: bool = True) -> bool:
         """Store a verified chunk; False when only memory could keep it."""
@@ -454,5 +462,9 @@ class ChunkCache:
             keys = list(self._verified)
         for k in keys:
             self._forget(k)
+        with self._rlock, self._lock:
+            garbage, self._fd_garbage = self._fd_garbage, []
+        for x in garbage:
+            _close(x)
         self._dirs_made.clear()
         return {"dir": self.root, "removedChunks": before["chunks"], "removedBytes": before["bytes"]}
