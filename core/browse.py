@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.to_thread
 
-from .errors import ChunkDigestError, CoreError, DigestMismatchError, FormatError
-from .estargz import LayerIndex, decode_chunk, load_layer_index, read_file_range
+from .errors import CoreError, DigestMismatchError, FormatError
+from .estargz import LayerIndex, load_layer_index, read_file_range
 from .estargz.toc import DIR, REG, Chunk, Entry
 from .image import Image, LayerDescriptor
 from .overlay import MergedTree
@@ -395,47 +395,6 @@ def ancestors_of(paths: list[str]) -> set[str]:
 ProgressFn = Callable[[int, int, str], None]
 
 
-async def verify_layer_chunks(index: LayerIndex, source, *, progress: ProgressFn | None = None,
-                              window: int = 4 << 20) -> tuple[set[int], list[str]]:
-    """Fetch and check every chunk of the layer. Returns the indexes of the
-    chunks that fail and one message per failure; ``progress(done, total, msg)``
-    is called as chunks complete. Cancel by cancelling the calling task."""
-    chunks = list(index.all_chunks())
-    total = len(chunks)
-    failed: set[int] = set()
-    errors: list[str] = []
-    done = 0
-    i = 0
-    while i < total:
-        j = i + 1
-        start = chunks[i].offset
-        end = chunks[i].end
-        while j < total and chunks[j].offset <= end and chunks[j].end - start <= window:
-            end = max(end, chunks[j].end)
-            j += 1
-        blob = await source.read_range(start, end - start)
-        for c in chunks[i:j]:
-            piece = blob[c.offset - start : c.end - start]
-            path = index.path_of(c.entry_id)
-            try:
-                await anyio.to_thread.run_sync(decode_chunk, index.format, piece, c, path)
-            except ChunkDigestError as e:
-                failed.add(c.index)
-                errors.append(str(e))
-            done += 1
-        if progress:
-            progress(done, total, index.path_of(chunks[j - 1].entry_id))
-        i = j
-    return failed, errors
-
-
-async def verify_toc(image: Image, desc: LayerDescriptor) -> LayerIndex:
-    """Load the layer's TOC requiring it to match its annotation."""
-    source = image.store.blob_source(desc.digest, desc.size)
-    return await load_layer_index(source, expected_toc_digest=desc.toc_digest_annotation,
-                                  require_toc_digest=True)
-
-
 TEXT_VIEW_LIMIT = 256 << 10
 
 
@@ -509,5 +468,5 @@ __all__ = [
     "TOC_ABSENT", "TOC_MISMATCH", "TOC_NONE", "TOC_VERIFIED", "ancestors_of", "chunk_map",
     "chunk_states", "count_cached", "default_cache", "entry_details", "extract",
     "human_size", "layer_chunk_states", "mode_string", "open_layer", "prefetch_progress",
-    "read_text", "short_digest", "verify_layer_chunks", "verify_toc",
+    "read_text", "short_digest",
 ]

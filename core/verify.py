@@ -75,10 +75,17 @@ class LayerVerification:
     diff_id: str | None = None
     blob_digest: str | None = None
     uncompressed_size: int | None = None
+    # Layer-wide indexes (Chunk.index) of the chunks that failed, for chunk maps.
+    failed_chunks: set[int] = field(default_factory=set)
+    chunks_checked: int = 0
 
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
+
+    @property
+    def problems(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok and not c.skipped]
 
 
 @dataclass
@@ -187,6 +194,7 @@ class _FullState:
         self.inflate_error: str | None = None
         self.failures: list[Check] = []
         self.chunk_failures = 0
+        self.failed_chunks: set[int] = set()
         self.chunks_ok = 0
         self.files_ok = 0
         self.file_failures = 0
@@ -247,6 +255,7 @@ class _FullState:
             try:
                 data = decode_chunk(ix.format, piece, c, path)
             except ChunkDigestError as e:
+                self.failed_chunks.add(c.index)
                 self._fail(Check("chunk", False, str(e), self.n), "chunk")
                 self._file_piece(c.entry_id, c.chunk_offset, None)
             else:
@@ -349,6 +358,8 @@ async def _verify_blob(image: Image, desc: LayerDescriptor, fmt: str, ix: LayerI
         checks.append(Check("blob-digest", False, f"cannot read the blob: {e}", n))
         return
     if ix is not None:
+        res.failed_chunks = state.failed_chunks
+        res.chunks_checked = state.chunks_ok + state.chunk_failures
         checks.extend(state.failures)
         extra = state.chunk_failures + state.file_failures - len(state.failures)
         if extra > 0:

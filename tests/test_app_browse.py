@@ -158,7 +158,10 @@ async def test_verify_layer_clean(app_env):  # noqa: F811
         await pilot.press("v")
         verify = await wait_for(pilot, lambda: screen_named(app, "VerifyScreen"), "verify")
         await wait_for(pilot, lambda: image.session.views[0].verified == "full", "verification")
-        assert "all 46 chunks verified" in str(verify.query_one("#verify-result").render())
+        n = image.session.views[0].index.num_chunks
+        assert n > 1
+        assert f"all {n} chunks, the blob digest and the diffID verified" in str(
+            verify.query_one("#verify-result").render())
         await pilot.press("escape")
         await wait_for(pilot, lambda: screen_named(app, "ImageScreen"), "back on the image")
 

@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, ProgressBar, Static, TextArea
 
-from core import browse
+from core import browse, verify
 from core.errors import CoreError
 
 from ..services import one_line
@@ -58,37 +58,43 @@ class VerifyScreen(TaskModal):
         toc = self.query_one("#verify-toc", Static)
         bar = self.query_one("#verify-progress", ProgressBar)
         result = self.query_one("#verify-result", Static)
+        stage = self.query_one("#verify-file", Static)
         view = self.session.views[self.n]
         desc = self.session.image.layers[self.n]
-        try:
-            index = await browse.verify_toc(self.session.image, desc)
-        except CoreError as e:
-            toc.update(Text(f"TOC digest: {one_line(e)}", "bold red"))
-            self.notify(f"Layer {self.n}: {one_line(e)}", severity="error", timeout=8)
-            if view is None or view.index is None:
-                return
-            index = view.index
-        else:
-            toc.update(Text(f"TOC digest: verified ({browse.short_digest(index.toc_digest)})",
+
+        def progress(p: verify.VerifyProgress) -> None:
+            bar.update(total=p.total, progress=p.done)
+            stage.update(Text(f"{p.stage}: {browse.human_size(p.done)} of "
+                              f"{browse.human_size(p.total)}", "dim"))
+
+        # One pass over the blob: TOC digest, then every chunk and file digest,
+        # the blob digest and the diffID (core/verify.py).
+        res = await verify.verify_layer(self.session.image, desc, full=True, progress=progress)
+        toc_checks = [c for c in res.checks if c.name in ("toc-digest", "manifest-checksum")]
+        bad_toc = [c for c in toc_checks if not c.ok and not c.skipped]
+        if bad_toc:
+            toc.update(Text(f"TOC digest: {bad_toc[0].message}", "bold red"))
+            self.notify(f"Layer {self.n}: {bad_toc[0].message}", severity="error", timeout=8)
+        elif res.toc_digest:
+            toc.update(Text(f"TOC digest: verified ({browse.short_digest(res.toc_digest)})",
                             "green"))
-        fname = self.query_one("#verify-file", Static)
-
-        def progress(done: int, total: int, path: str) -> None:
-            bar.update(total=total, progress=done)
-            fname.update(Text(f"/{path}", "dim"))
-
-        source = self.session.source(self.n)
-        failed, errors = await browse.verify_layer_chunks(index, source, progress=progress)
+        else:
+            toc.update(Text("TOC digest: none (plain layer)", "dim"))
         if view is not None:
-            view.failed_chunks = failed
-            view.verified = "full" if not failed else None
-        fname.update("")
-        if failed:
-            msg = f"Layer {self.n}: {len(failed)} of {index.num_chunks} chunks fail verification"
-            result.update(Text(msg + "\n" + "\n".join(errors[:5]), "bold red"))
+            view.failed_chunks = res.failed_chunks
+            view.verified = "full" if res.ok else None
+        stage.update("")
+        problems = res.problems
+        if problems:
+            what = (f"{len(res.failed_chunks)} of {res.chunks_checked} chunks fail verification"
+                    if res.failed_chunks else f"{len(problems)} checks fail")
+            msg = f"Layer {self.n}: {what}"
+            result.update(Text(msg + "\n" + "\n".join(c.message for c in problems[:5]),
+                               "bold red"))
             self.notify(msg + ".", severity="error", timeout=10)
         else:
-            msg = f"Layer {self.n}: all {index.num_chunks} chunks verified"
+            msg = (f"Layer {self.n}: all {res.chunks_checked} chunks, the blob digest and "
+                   "the diffID verified")
             result.update(Text(msg + ".", "bold green"))
             self.notify(msg + ".")
 
