@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Serve one lazily fetched image layer over FUSE.")
     p.add_argument("--image", required=True, help="image reference (oci:/abs/dir:tag or registry)")
     p.add_argument("--layer", required=True, help="layer index or digest")
+    p.add_argument("--image-file", help="the resolved image (core.image.dump_image JSON) "
+                                        "so the manifest and config are not fetched again")
     p.add_argument("--mountpoint", required=True)
     p.add_argument("--control", help="control socket path")
     p.add_argument("--log", help="log file (default: stderr)")
@@ -182,15 +184,28 @@ class Daemon:
         from .cache import ChunkCache
         from .errors import CoreError, MountError
         from .fusefs import OPAQUE_XATTRS, LayerFS
-        from .image import open_image
+        from .image import image_from_dump, open_image, open_store
         from .layer import LayerReader
         from .resolver import Resolver
         from .tasks import DEFAULT_SILENCE, TaskManager
 
         a = self.args
         try:
-            with anyio.fail_after(a.resolve_timeout + 5):
-                self.image = await open_image(a.image, platform=a.platform)
+            dumped = None
+            if a.image_file:
+                try:
+                    with open(a.image_file) as f:
+                        dumped = json.load(f)
+                except (OSError, ValueError) as e:
+                    log.warning("cannot read %s (%s); fetching the image", a.image_file, e)
+            if dumped is not None:
+                from .reference import parse_reference
+
+                ref = parse_reference(a.image)
+                self.image = image_from_dump(dumped, open_store(ref), ref)
+            else:
+                with anyio.fail_after(a.resolve_timeout + 5):
+                    self.image = await open_image(a.image, platform=a.platform)
             self.store = self.image.store
             self.desc = self.image.layer(a.layer)
             self.resolver = Resolver(timeout=a.resolve_timeout)
@@ -258,7 +273,9 @@ class Daemon:
                 if a.wait_prefetch:
                     with anyio.move_on_after(max(60.0, a.resolve_timeout * 4)):
                         await self.reader.wait_prefetch()
-                self._report("ok")
+                self._report("ok " + json.dumps({
+                    "index": self.desc.index, "digest": self.desc.digest,
+                    "manifestDigest": self.image.manifest_digest}))
                 await pyfuse3.main()
                 tg.cancel_scope.cancel()
         finally:

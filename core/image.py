@@ -346,6 +346,16 @@ async def open_image(ref: Reference | str, *, store: ImageStore | None = None,
         raise FormatError(f"manifest {digest[:19]} has no config descriptor")
     cfg_bytes = await store.get_blob_bytes(cfg_desc["digest"], cfg_desc.get("size"))
     config = _load_json(cfg_bytes, "image config")
+    return _make_image(ref, store, doc, data, media_type, digest, config, index, index_digest,
+                       platforms)
+
+
+def _make_image(ref: Reference, store: ImageStore, doc: dict, data: bytes, media_type: str,
+                digest: str, config: dict, index: dict | None, index_digest: str | None,
+                platforms: list[str]) -> Image:
+    cfg_desc = doc.get("config")
+    if not isinstance(cfg_desc, dict) or not isinstance(cfg_desc.get("digest"), str):
+        raise FormatError(f"manifest {digest[:19]} has no config descriptor")
     rootfs = config.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list):
@@ -372,3 +382,34 @@ async def open_image(ref: Reference | str, *, store: ImageStore | None = None,
         platform=_platform_str(config),
         platforms=platforms, manifest_bytes=data,
     )
+
+
+def dump_image(img: Image) -> dict:
+    """A resolved image as JSON-able data (see :func:`image_from_dump`): what a
+    mount daemon needs so it does not fetch the manifest and config again."""
+    import base64
+
+    return {"reference": str(img.reference), "manifest": base64.b64encode(
+                img.manifest_bytes or json.dumps(img.manifest).encode()).decode(),
+            "manifestDigest": img.manifest_digest, "mediaType": img.manifest_media_type,
+            "config": img.config, "index": img.index, "indexDigest": img.index_digest,
+            "platforms": img.platforms, "manifestExact": bool(img.manifest_bytes)}
+
+
+def image_from_dump(d: dict, store: ImageStore, ref: Reference | str | None = None) -> Image:
+    """The :class:`Image` that :func:`dump_image` wrote, on ``store``; the manifest
+    is checked against its digest."""
+    import base64
+
+    if ref is None:
+        ref = d["reference"]
+    if isinstance(ref, str):
+        ref = parse_reference(ref)
+    data = base64.b64decode(d["manifest"])
+    digest = d["manifestDigest"]
+    if d.get("manifestExact") and digest.startswith("sha256:"):
+        check_digest(data, digest, "manifest")
+    doc = _load_json(data, f"manifest {digest[:19]}")
+    return _make_image(ref, store, doc, data, d.get("mediaType") or OCI_MANIFEST, digest,
+                       d.get("config") or {}, d.get("index"), d.get("indexDigest"),
+                       list(d.get("platforms") or []))

@@ -395,6 +395,8 @@ def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logf
         cmd += ["--platform", o["platform"]]
     if o.get("opaque_xattrs"):
         cmd += ["--opaque-xattrs", o["opaque_xattrs"]]
+    if o.get("image_file"):
+        cmd += ["--image-file", o["image_file"]]
     if o.get("resolve_timeout"):
         cmd += ["--resolve-timeout", str(o["resolve_timeout"])]
     logfd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -408,7 +410,9 @@ def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logf
     return proc, r
 
 
-def _wait_ready(proc: subprocess.Popen, rfd: int, timeout: float, logfile: str) -> None:
+def _wait_ready(proc: subprocess.Popen, rfd: int, timeout: float, logfile: str) -> dict:
+    """Wait for the daemon's ready line; returns what it says about its layer
+    (``index``, ``digest``, ``manifestDigest``; empty from an older daemon)."""
     deadline = time.monotonic() + timeout
     buf = b""
     try:
@@ -426,8 +430,12 @@ def _wait_ready(proc: subprocess.Popen, rfd: int, timeout: float, logfile: str) 
     finally:
         os.close(rfd)
     line = buf.decode(errors="replace").strip()
-    if line == "ok":
-        return
+    if line == "ok" or line.startswith("ok "):
+        try:
+            info = json.loads(line[3:]) if line[3:] else {}
+        except ValueError:
+            info = {}
+        return info if isinstance(info, dict) else {}
     if line.startswith("error"):
         raise MountError(line[5:].strip())
     if proc.poll() is None:
@@ -472,8 +480,6 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
     ``mountpoint``; returns the mount record once it is served."""
     import anyio.to_thread
 
-    from .image import open_image
-
     mp = os.path.realpath(mountpoint)
     if not os.path.isdir(mp):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
@@ -484,22 +490,32 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
     if is_mounted(mp):
         raise MountError(f"{mp} is already a mountpoint")
     image = _normalise_image(image)
-    img = await open_image(image, platform=platform)
-    try:
-        if layer is not None:
-            descs = [img.layer(layer)]
-        else:
+    image_file = None
+    if layer is not None:
+        # One layer: the daemon resolves the image itself and says which layer
+        # it serves, so the manifest and config are fetched once, not twice.
+        descs = [_Pending(layer)]
+        manifest_digest = None
+    else:
+        from .image import open_image
+
+        img = await open_image(image, platform=platform)
+        try:
             descs = list(img.layers)
-        if not descs:
-            raise MountError(f"{image} has no layers")
-    finally:
-        with contextlib.suppress(Exception):
-            await img.store.aclose()
+            if not descs:
+                raise MountError(f"{image} has no layers")
+        finally:
+            with contextlib.suppress(Exception):
+                await img.store.aclose()
+        manifest_digest = img.manifest_digest
     mid = _mount_id(mp)
     sd = state_dir()
     logs = _private_dir(os.path.join(sd, "logs"))
+    if layer is None:
+        # the daemons read the resolved manifest and config from here
+        image_file = _write_image_file(sd, mid, img)
     rec = {
-        "id": mid, "mountpoint": mp, "image": image, "manifestDigest": img.manifest_digest,
+        "id": mid, "mountpoint": mp, "image": image, "manifestDigest": manifest_digest,
         "kind": "layer" if layer is not None else "merged",
         "overlay": None, "created": time.time(), "layers": [],
         "cacheDir": os.path.abspath(cache_dir) if cache_dir else None,
@@ -524,13 +540,14 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
                 lmp = mp
             else:
                 lmp = _private_dir(os.path.join(sd, "layers", mid, str(d.index)))
+            n = d.index if d.index is not None else 0
             entry = {"index": d.index, "digest": d.digest, "mountpoint": lmp,
-                     "control": _socket_path(mid, d.index),
-                     "log": os.path.join(logs, f"{mid}-{d.index}.log"), "pid": None,
+                     "control": _socket_path(mid, n),
+                     "log": os.path.join(logs, f"{mid}-{n}.log"), "pid": None,
                      "startTime": None}
-            proc, rfd = _spawn_daemon(image=image, layer=d.digest, mountpoint=lmp,
+            proc, rfd = _spawn_daemon(image=image, layer=d.digest or d.selector, mountpoint=lmp,
                                       control=entry["control"], logfile=entry["log"],
-                                      options=options)
+                                      options=dict(options, image_file=image_file))
             procs.append(proc)
             fds.append(rfd)
             entry["pid"] = proc.pid
@@ -542,7 +559,11 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
             proc, rfd, entry = procs[0], fds[0], rec["layers"][len(rec["layers"]) - len(procs)]
             procs.pop(0)
             fds.pop(0)
-            await anyio.to_thread.run_sync(_wait_ready, proc, rfd, timeout, entry["log"])
+            info = await anyio.to_thread.run_sync(_wait_ready, proc, rfd, timeout,
+                                                  entry["log"])
+            if entry["digest"] is None:
+                entry["index"], entry["digest"] = info.get("index"), info.get("digest")
+                rec["manifestDigest"] = info.get("manifestDigest")
         if layer is None:
             lowers = [e["mountpoint"] for e in reversed(rec["layers"])]  # top first
             rec["overlay"] = await anyio.to_thread.run_sync(_overlay_mount, lowers, mp,
@@ -553,6 +574,32 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
     except BaseException:
         await anyio.to_thread.run_sync(_cleanup_failed, rec, fds)
         raise
+    finally:
+        if image_file:
+            with contextlib.suppress(OSError):
+                os.unlink(image_file)
+
+
+class _Pending:
+    """The layer of a single-layer mount before its daemon resolved it."""
+
+    def __init__(self, selector):
+        s = str(selector).strip()
+        self.selector = s
+        self.digest = None
+        self.index = int(s) if s.isdigit() else None
+
+
+def _write_image_file(sd: str, mid: str, img) -> str:
+    """The resolved image for the daemons of a merged mount (0600, removed once
+    they are ready): they skip fetching the manifest and config again."""
+    from .image import dump_image
+
+    d = _private_dir(os.path.join(sd, "images"))
+    fd, path = tempfile.mkstemp(prefix=f"{mid}-", suffix=".json", dir=d)
+    with os.fdopen(fd, "w") as f:
+        json.dump(dump_image(img), f)
+    return path
 
 
 def _cleanup_failed(rec: dict, fds: list[int]) -> None:

@@ -1,7 +1,7 @@
 """Fetching and parsing a layer's footer and TOC from a blob source.
 
-One range request reads the blob's tail (footer and, usually, the whole TOC);
-a second is made only when the TOC starts before that tail. Decompressing and
+One range request reads the blob's tail (footer and, for small layers, the
+whole TOC); a second fetches exactly the part of the TOC before that tail. Decompressing and
 parsing run in a worker thread so an event loop serving FUSE stays free.
 """
 
@@ -20,8 +20,10 @@ from ..source import BlobSource
 from .footer import MAX_FOOTER_SIZE, Footer, Format, parse_footer
 from .toc import TOC_TAR_NAME, LayerIndex, build_index
 
-# How much of the tail to read in the first request: most TOCs fit.
-TAIL_READ = 1 << 20
+# How much of the tail to read in the first request: the footer and the TOC
+# of a layer with a few hundred files; a larger TOC costs one more request for
+# exactly the bytes missing before this tail (never the whole MiB blindly).
+TAIL_READ = 64 << 10
 # The largest TOC we agree to inflate (a 1M-entry TOC is ~300 MB of JSON).
 MAX_TOC_BYTES = 512 << 20
 # TOC JSON (names, hex digests) compresses a few times over, never 100x:
@@ -154,10 +156,15 @@ async def load_layer_index(source: BlobSource, *, expected_toc_digest: str | Non
         region_end = footer.toc_offset + footer.toc_size
     if region_end - footer.toc_offset > MAX_TOC_BYTES:
         raise FormatError(f"TOC region is larger than {MAX_TOC_BYTES >> 20} MiB; refused")
+    if footer.toc_offset < 0 or region_end < footer.toc_offset or region_end > size:
+        raise FormatError("footer points the TOC outside the blob")
     if footer.toc_offset >= tail_start:
         region = tail[footer.toc_offset - tail_start : region_end - tail_start]
-    else:
+    elif region_end <= tail_start:
         region = await source.read_range(footer.toc_offset, region_end - footer.toc_offset)
+    else:  # only the part before the tail we already hold
+        head_part = await source.read_range(footer.toc_offset, tail_start - footer.toc_offset)
+        region = head_part + tail[: region_end - tail_start]
     return await anyio.to_thread.run_sync(
         lambda: parse_toc_region(
             footer, region, blob_digest=source.digest, blob_size=size,

@@ -210,6 +210,39 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class LazyTLSTransport(httpx.AsyncBaseTransport):
+    """Plain-HTTP requests on a transport without TLS set up; ``https`` ones on
+    a verifying transport made at the first ``https`` request.
+
+    Building a verifying SSL context loads the CA bundle (~0.2 s), which a
+    loopback registry over plain HTTP never needs. TLS stays verified: the
+    ``https`` transport always has ``verify=True``.
+    """
+
+    def __init__(self, **transport_options):
+        self._options = transport_options
+        self._plain: httpx.AsyncHTTPTransport | None = None
+        self._tls: httpx.AsyncHTTPTransport | None = None
+
+    def _transport(self, scheme: str) -> httpx.AsyncHTTPTransport:
+        if scheme == "http":
+            if self._plain is None:
+                # never wraps a socket in TLS: only http:// URLs come here
+                self._plain = httpx.AsyncHTTPTransport(verify=False, **self._options)
+            return self._plain
+        if self._tls is None:
+            self._tls = httpx.AsyncHTTPTransport(verify=True, **self._options)
+        return self._tls
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._transport(request.url.scheme).handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for t in (self._plain, self._tls):
+            if t is not None:
+                await t.aclose()
+
+
 class RegistryClient:
     """HTTP access to one registry (``docker.io``, ``ghcr.io``, ``127.0.0.1:5000``).
 
@@ -238,9 +271,9 @@ class RegistryClient:
         self._own_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
-            follow_redirects=False, verify=True,
-            headers={"User-Agent": USER_AGENT},
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+            follow_redirects=False, headers={"User-Agent": USER_AGENT},
+            transport=LazyTLSTransport(
+                limits=httpx.Limits(max_connections=32, max_keepalive_connections=16)),
         )
         self._challenges: dict[str, Challenge | None] = {}
         self._tokens: dict[tuple[str, str], Token] = {}

@@ -7,15 +7,15 @@ import argparse
 import json
 import sys
 
-from core.convert import convert_image, open_writer
 from core.errors import CoreError
-from core.estargz.writer import DEFAULT_CHUNK_SIZE
-from core.image import open_image
-from core.inspect import ImageTree, format_long, inspect_image
 from core.reference import parse_reference
-from core.verify import verify_image
 
 from .registry import add_registry_options, registry_options
+
+# The core modules behind these commands (formats, registry client, writer)
+# are imported by the command that needs them, not to build the parser: every
+# `stargz-tui` start (e.g. `mount`) would pay for them otherwise.
+DEFAULT_CHUNK_SIZE = 4 << 20  # core.estargz.writer.DEFAULT_CHUNK_SIZE
 
 INSPECT_EXAMPLES = """\
 examples:
@@ -95,6 +95,8 @@ def _platform(args) -> str | None:
 
 
 async def _open(args):
+    from core.image import open_image
+
     return await open_image(parse_reference(args.image), platform=_platform(args),
                             **registry_options(args))
 
@@ -122,6 +124,8 @@ def _human(n) -> str:
 
 async def cmd_inspect(args) -> int:
     image = await _open(args)
+    from core.inspect import inspect_image
+
     try:
         data = await inspect_image(image)
     finally:
@@ -184,6 +188,8 @@ def _print_layer(la: dict) -> None:
 
 # ---------------------------------------------------------------- ls
 async def cmd_ls(args) -> int:
+    from core.inspect import ImageTree, format_long
+
     image = await _open(args)
     try:
         tree = await ImageTree.open(image, args.layer)
@@ -207,6 +213,8 @@ async def cmd_ls(args) -> int:
 
 # ---------------------------------------------------------------- cat
 async def cmd_cat(args) -> int:
+    from core.inspect import ImageTree
+
     image = await _open(args)
     try:
         tree = await ImageTree.open(image, args.layer)
@@ -221,6 +229,8 @@ async def cmd_cat(args) -> int:
 
 # ---------------------------------------------------------------- verify
 async def cmd_verify(args) -> int:
+    from core.verify import verify_image
+
     image = await _open(args)
     layers = [args.layer] if args.layer is not None else None
     if layers is not None:
@@ -258,6 +268,8 @@ def _prioritized(text: str | None) -> list[str]:
 
 
 async def cmd_convert(args) -> int:
+    from core.convert import convert_image, open_writer
+
     dst = parse_reference(args.dst)
     prioritized = _prioritized(args.prioritize_file)
     image = await _open(args)

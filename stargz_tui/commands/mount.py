@@ -9,7 +9,6 @@ import sys
 import time
 
 from core import mount as m
-from core.cache import parse_size
 from core.errors import MountError
 
 MOUNT_EXAMPLES = """\
@@ -56,6 +55,8 @@ def _human(n: int) -> str:
 
 
 def _size_arg(text: str) -> int:
+    from core.cache import parse_size
+
     try:
         return parse_size(text)
     except ValueError as e:
