@@ -54,28 +54,9 @@ class Shooter:
 
 
 async def _layer_session(pilot, app, layer_no=0, keys=(), expand=(), cursor=None):
-    from app_support import find_node, open_image_screen, open_layer_screen, wait_for
-    from textual.widgets import Tree
+    from app_support import open_layer_session
 
-    await open_image_screen(pilot, app)
-    for _ in range(layer_no):
-        await pilot.press("down")
-    await pilot.press("enter")
-    layer = await open_layer_screen(pilot, app)
-    for k in keys:
-        await pilot.press(k)
-        await pilot.pause(0.3)
-    tree = layer.query_one("#toc", Tree)
-    for p in expand:
-        node = await wait_for(pilot, lambda p=p: find_node(tree, p), p)
-        node.expand()
-        await pilot.pause()
-    if cursor:
-        node = await wait_for(pilot, lambda: find_node(tree, cursor), cursor)
-        tree.move_cursor(node)
-        await wait_for(pilot, lambda: layer.current and layer.current.path == cursor, cursor)
-    await pilot.pause(0.2)
-    return layer
+    return await open_layer_session(pilot, app, layer_no, keys, expand, cursor)
 
 
 async def shoot_layout(sh: Shooter, only: str | None) -> None:

@@ -71,6 +71,34 @@ async def open_layer_screen(pilot, app):
     return screen
 
 
+async def open_layer_session(pilot, app, layer_no: int = 0, keys=(), expand=(),
+                             cursor: str | None = None):
+    """Image screen -> layer ``layer_no`` -> press ``keys``, expand ``expand``
+    paths and put the cursor on ``cursor``; returns the layer screen. Shared by
+    the snapshot tests and scripts/screenshots.py."""
+    from textual.widgets import Tree
+
+    await open_image_screen(pilot, app)
+    for _ in range(layer_no):
+        await pilot.press("down")
+    await pilot.press("enter")
+    layer = await open_layer_screen(pilot, app)
+    for k in keys:
+        await pilot.press(k)
+        await pilot.pause(0.3)
+    tree = layer.query_one("#toc", Tree)
+    for path in expand:
+        node = await wait_for(pilot, lambda p=path: find_node(tree, p), path)
+        node.expand()
+        await pilot.pause()
+    if cursor:
+        node = await wait_for(pilot, lambda: find_node(tree, cursor), cursor)
+        tree.move_cursor(node)
+        await wait_for(pilot, lambda: layer.current and layer.current.path == cursor, cursor)
+    await pilot.pause(0.2)
+    return layer
+
+
 def tree_labels(tree) -> list[str]:
     """Visible tree lines as plain text (depth-first over expanded nodes)."""
     out = []

@@ -12,38 +12,18 @@ from app_support import (
     LAYOUT_REF,
     app_env,  # noqa: F401 - fixture
     corrupt_layout,
-    find_node,
     open_image_screen,
-    open_layer_screen,
+    open_layer_session,
     screen_named,
     wait_for,
 )
-from textual.widgets import Tree
 
 from stargz_tui.app import StargzApp
 
 
 def _layer(layer_no: int = 0, expand=(), cursor: str | None = None, keys=()):
     async def run_before(pilot):
-        app = pilot.app
-        await open_image_screen(pilot, app)
-        for _ in range(layer_no):
-            await pilot.press("down")
-        await pilot.press("enter")
-        layer = await open_layer_screen(pilot, app)
-        for k in keys:
-            await pilot.press(k)
-            await pilot.pause(0.3)
-        tree = layer.query_one("#toc", Tree)
-        for path in expand:
-            node = await wait_for(pilot, lambda p=path: find_node(tree, p), path)
-            node.expand()
-            await pilot.pause()
-        if cursor:
-            node = await wait_for(pilot, lambda: find_node(tree, cursor), cursor)
-            tree.move_cursor(node)
-            await wait_for(pilot, lambda: layer.current and layer.current.path == cursor, cursor)
-        await pilot.pause(0.2)
+        await open_layer_session(pilot, pilot.app, layer_no, keys, expand, cursor)
     return run_before
 
 
