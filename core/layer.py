@@ -288,13 +288,13 @@ class LayerReader:
             self._pending.append((group, flights, prioritized))
 
     async def _fetch_group(self, group: list[Chunk], flights: dict[int, _Flight],
-                           prioritized: bool, remember: bool = True) -> None:
+                           prioritized: bool, remember: bool = True, store_in=None) -> None:
         try:
             if prioritized:
                 async with self.tasks.prioritized():
                     await self._fetch_group_inner(group, flights, remember)
             else:
-                await self._fetch_group_inner(group, flights, remember)
+                await self._fetch_group_inner(group, flights, remember, store_in)
         except BaseException as e:  # incl. cancellation: never leave waiters hanging
             for idx, f in flights.items():
                 if not f.event.is_set():
@@ -305,7 +305,11 @@ class LayerReader:
             if not isinstance(e, Exception):
                 raise
 
-    async def _fetch_group_inner(self, group, flights, remember: bool = True) -> None:
+    async def _fetch_group_inner(self, group, flights, remember: bool = True,
+                                 store_in=None) -> None:
+        """Fetch, decode, answer waiters, store. ``store_in``: a (task group,
+        semaphore) pair to write the cache files in after returning (at most
+        the semaphore's count of groups wait for their writes)."""
         start = min(c.offset for c in group)
         end = max(c.end for c in group)
         blob = await self._read_blob(start, end - start)
@@ -339,6 +343,15 @@ class LayerReader:
                     tg.start_soon(decode, part)
         blob = b""  # let the compressed bytes go before the cache writes
         good.sort(key=lambda c: c.index)
+        if store_in is not None and good:
+            tg, sem = store_in
+            await sem.acquire()
+            tg.start_soon(self._store_flights, good, flights, sem)
+            return
+        await self._store_flights(good, flights)
+
+    async def _store_flights(self, good: list[Chunk], flights: dict[int, _Flight],
+                             sem: anyio.Semaphore | None = None) -> None:
         try:
             if good:
                 await anyio.to_thread.run_sync(
@@ -349,6 +362,8 @@ class LayerReader:
             for c in good:
                 if self._inflight.get(c.index) is flights[c.index]:
                     del self._inflight[c.index]
+            if sem is not None:
+                sem.release()
 
     async def _get_chunks(self, chunks: list[Chunk], prioritized: bool = True) -> dict[int, bytes]:
         out: dict[int, bytes] = {}
@@ -621,7 +636,7 @@ class LayerReader:
             cursor[0] = i
             return i
 
-        async def worker() -> None:
+        async def worker(store_in) -> None:
             while next_missing() < n:
                 async with self.tasks.background():
                     i = next_missing()
@@ -638,17 +653,22 @@ class LayerReader:
                         self._inflight[c.index] = f
                         flights[c.index] = f
                     try:
-                        await self._fetch_group(group, flights, False, remember=False)
+                        # the cache files are written while the next unit runs
+                        await self._fetch_group(group, flights, False, remember=False,
+                                                store_in=store_in)
                     except CoreError as e:
                         log.warning("%s: background fetch: %s", self.name, e)
                         await anyio.sleep(1.0)
                     for c in group:
-                        if not self._cached[c.index]:
+                        if not self._cached[c.index] and c.index not in self._inflight:
                             failed.add(c.index)
 
-        async with anyio.create_task_group() as tg:
-            for _ in range(max(1, self.tasks.max_concurrent)):
-                tg.start_soon(worker)
+        workers = max(1, self.tasks.max_concurrent)
+        async with anyio.create_task_group() as stores:
+            store_in = (stores, anyio.Semaphore(workers))
+            async with anyio.create_task_group() as tg:
+                for _ in range(workers):
+                    tg.start_soon(worker, store_in)
         # wait for fetches others started, bounded by their own requests
         for f in list(self._inflight.values()):
             await f.event.wait()
