@@ -541,9 +541,8 @@ class LayerReader:
         if target.id in self._ahead:
             return
         done = self._ahead_to.get(target.id, 0)
-        span = self.readahead_bytes
-        if pos <= done and done - pos >= span // 2 and done < pos + span:
-            return  # enough is scheduled ahead already
+        if pos <= done and (done >= target.size or done - pos >= self.readahead_bytes // 2):
+            return  # enough is scheduled ahead already (or all of the file)
         self._ahead.add(target.id)
         self._tg.start_soon(self._read_ahead_task, target, pos)
 
