@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
+from textual.widgets import Footer
+from textual.widgets._footer import FooterKey
 
 from core.browse import CHUNK_CACHED, CHUNK_FAILED, CHUNK_MISSING, CHUNK_PREFETCH, chunk_map
 
@@ -57,3 +59,38 @@ class ChunkMap(Widget):
             g, style = CHUNK_GLYPHS[s]
             t.append(g, style)
         return t
+
+
+class AppFooter(Footer):
+    """Textual's footer, cheaper to (re)build: the same keys and looks.
+
+    Textual rebuilds the footer on every bindings signal (focus moves, screen
+    pushes) even when the keys it shows did not change, and every key it
+    builds toggles its ``-compact`` class twice (its own default, then the
+    footer's value), each a style update of the key. Here a key starts with
+    the footer's value, and the footer is rebuilt only when what it shows
+    changes.
+    """
+
+    _shown: tuple | None = None
+
+    def compose(self):
+        compact = self.compact
+        for w in super().compose():
+            # (the command palette's key is not bound to the footer's value)
+            if isinstance(w, FooterKey) and not w.has_class("-command-palette"):
+                w.set_reactive(FooterKey.compact, compact)
+                w.set_class(compact, "-compact", update=False)
+            yield w
+
+    def _signature(self, screen) -> tuple:
+        return tuple((b.key, b.description, enabled, tooltip, b.action)
+                     for (_, b, enabled, tooltip) in screen.active_bindings.values() if b.show)
+
+    def bindings_changed(self, screen) -> None:
+        if self.is_attached and screen is self.screen and screen.app.app_focus:
+            shown = self._signature(screen)
+            if self._bindings_ready and shown == self._shown:
+                return
+            self._shown = shown
+        super().bindings_changed(screen)

@@ -5,8 +5,6 @@ and a 100k-entry layer opening fast."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from app_support import (
     LAYOUT_REF,
@@ -219,39 +217,27 @@ async def test_extract_directory(app_env, tmp_path):  # noqa: F811
     assert (dest / "data" / "link-to-os-release").is_symlink()
 
 
-async def _open_layer_seconds(pilot, app) -> float:
-    image = await open_image_screen(pilot, app)
-    t0 = time.perf_counter()
-    image.action_open_layer()
-    await open_layer_screen(pilot, app)
-    await pilot.pause()
-    return time.perf_counter() - t0
-
-
-async def test_100k_entry_layer_opens_fast(app_env, tmp_path):  # noqa: F811
-    """Opening a 100k-entry layer costs what opening a 56-entry one costs: the
-    tree is built per directory on expansion, never up front. (Compared with
-    the small layer in the same run, so a loaded CI machine does not flake.)"""
+async def test_100k_entry_layer_opens_with_a_handful_of_nodes(app_env, tmp_path):  # noqa: F811
+    """Opening a 100k-entry layer builds nothing for its 100k entries: the tree
+    is filled per directory on expansion, in batches. (How fast it opens is
+    benchmark B8's business, not a timed assertion here.)"""
     ref = big_layout(tmp_path / "big")
-    small = StargzApp(f"{LAYOUT_REF}:mini-esgz")
-    async with small.run_test(size=(120, 40)) as pilot:
-        base = await _open_layer_seconds(pilot, small)
     app = StargzApp(ref)
     async with app.run_test(size=(120, 40)) as pilot:
-        elapsed = await _open_layer_seconds(pilot, app)
+        image = await open_image_screen(pilot, app)
+        image.action_open_layer()
+        await open_layer_screen(pilot, app)
+        await pilot.pause()
         layer = app.screen
         assert layer.index is not None and len(layer.index) > 100_000
         tree = layer.query_one("#toc", Tree)
         assert len(tree._tree_nodes) < 10  # root and its two directories
-        assert elapsed < base + 0.5, f"100k layer {elapsed:.2f}s vs small layer {base:.2f}s"
-        assert elapsed < 3.0
         # a 20k-entry directory shows a first batch and a "more" node, not 20k nodes
         node = find_node(tree, "flat")
-        t0 = time.perf_counter()
         node.expand()
         await pilot.pause()
-        assert time.perf_counter() - t0 < 1.0
         assert len(node.children) == 501
+        assert len(tree._tree_nodes) < 520
         assert "19500 more" in node.children[-1].label.plain
         tree.select_node(node.children[-1])
         await wait_for(pilot, lambda: len(node.children) == 1001, "the next batch")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 
-import zstandard
 from isal import isal_zlib
 
 from ..errors import ChunkDigestError, FormatError
@@ -48,6 +47,8 @@ def _inflate_gzip(data: bytes, want: int) -> bytes:
 
 
 def _inflate_zstd(data: bytes, want: int) -> bytes:
+    import zstandard  # zstd layers only: not on every daemon's start-up path
+
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(
             io.BytesIO(data), read_across_frames=True

@@ -12,7 +12,6 @@ import io
 import tarfile
 
 import anyio.to_thread
-import zstandard
 from isal import isal_zlib
 
 from ..errors import DigestMismatchError, FormatError
@@ -80,6 +79,8 @@ def _inflate_gzip_toc(region: bytes) -> bytes:
 
 
 def _inflate_zstd_toc(region: bytes, uncompressed_size: int | None) -> bytes:
+    import zstandard  # zstd layers only: not on every daemon's start-up path
+
     if uncompressed_size and uncompressed_size > MAX_TOC_BYTES:
         raise FormatError(f"TOC inflates to more than {MAX_TOC_BYTES >> 20} MiB; refused")
     limit = min(uncompressed_size or MAX_TOC_BYTES, MAX_TOC_BYTES,

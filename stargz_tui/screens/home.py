@@ -5,9 +5,10 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.widgets import Footer, Header, Input, OptionList, Static
+from textual.widgets import Header, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
+from ..widgets import AppFooter
 from .base import BaseScreen
 
 
@@ -26,7 +27,7 @@ class HomeScreen(BaseScreen):
             yield Input(placeholder="image (ghcr.io/org/app:tag, oci:DIR:TAG) or registry (localhost:5000)",
                         id="target")
             yield OptionList(id="recent")
-        yield Footer()
+        yield AppFooter()
 
     def on_mount(self) -> None:
         self.sub_title = "home"

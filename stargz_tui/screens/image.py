@@ -12,7 +12,6 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import (
     DataTable,
-    Footer,
     Header,
     LoadingIndicator,
     Select,
@@ -23,6 +22,7 @@ from textual.widgets import (
 
 from core import browse
 
+from ..widgets import AppFooter
 from .base import BaseScreen
 
 TOC_STYLE = {browse.TOC_VERIFIED: "green", browse.TOC_MISMATCH: "bold red",
@@ -61,7 +61,7 @@ class ImageScreen(BaseScreen):
             with TabPane("Manifest", id="tab-manifest"):
                 yield VerticalScroll(Static(id="manifest"))
         yield LoadingIndicator(id="loading")
-        yield Footer()
+        yield AppFooter()
 
     def on_mount(self) -> None:
         self.sub_title = self.ref_text

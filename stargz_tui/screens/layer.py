@@ -10,12 +10,12 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import DataTable, Footer, Header, Input, Static, Tree
+from textual.widgets import DataTable, Header, Input, Static, Tree
 from textual.widgets.tree import TreeNode
 
 from core import browse
 
-from ..widgets import MARKER_GLYPH, MARKER_STYLE, ChunkMap, legend
+from ..widgets import MARKER_GLYPH, MARKER_STYLE, AppFooter, ChunkMap, legend
 from .base import BaseScreen
 
 BATCH = 500          # tree children added per expansion step
@@ -115,7 +115,7 @@ class LayerScreen(BaseScreen):
                 yield DataTable(id="chunks", cursor_type="row", zebra_stripes=True)
         yield Input(placeholder="search: name  type:reg|dir|symlink|dev  size>1M   (Esc clears)",
                     id="filter")
-        yield Footer()
+        yield AppFooter()
 
     def on_mount(self) -> None:
         d = self.session.image.layers[self.n]
@@ -140,6 +140,12 @@ class LayerScreen(BaseScreen):
     async def prepare(self) -> None:
         self.browser = await asyncio.to_thread(self.session.browser, self.n)
         self.reload_tree()
+        # Layer-wide work (every chunk's cache state, wasted bytes) runs after
+        # the tree is painted: on a 100k-entry layer its threads would hold
+        # the GIL while the first frame renders.
+        self.call_after_refresh(self._layer_wide)
+
+    def _layer_wide(self) -> None:
         self.refresh_states()
         self.compute_wasted()
 

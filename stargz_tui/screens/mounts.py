@@ -7,10 +7,11 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Header, Static
 
 from core.browse import human_size
 
+from ..widgets import AppFooter
 from .base import BaseScreen
 
 REFRESH_SECONDS = 1.0
@@ -34,7 +35,7 @@ class MountsScreen(BaseScreen):
         yield Static(id="mounts-head")
         yield DataTable(id="mounts", cursor_type="row", zebra_stripes=True)
         yield Static(id="mount-detail")
-        yield Footer()
+        yield AppFooter()
 
     def on_mount(self) -> None:
         self.sub_title = "mounts"

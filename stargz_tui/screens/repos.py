@@ -6,9 +6,10 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Header, Input, Label, LoadingIndicator, OptionList
+from textual.widgets import Header, Input, Label, LoadingIndicator, OptionList
 from textual.widgets.option_list import Option
 
+from ..widgets import AppFooter
 from .base import BaseScreen
 
 MORE = "__more__"
@@ -42,7 +43,7 @@ class ReposScreen(BaseScreen):
                 yield Label("[b]Tags[/b]", id="tags-label")
                 yield OptionList(id="tags")
                 yield LoadingIndicator(id="tags-loading")
-        yield Footer()
+        yield AppFooter()
 
     def on_mount(self) -> None:
         self.sub_title = self.registry
