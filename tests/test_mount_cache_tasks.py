@@ -94,7 +94,12 @@ def test_full_cache_disk_degrades_to_network(mount_env):
             assert len(f.read()) == 716803
         with open(os.path.join(mp, "data/text.txt"), "rb") as f:
             assert len(f.read()) == 307211
-        st = mount_env.status(mp)["layers"][0]["stats"]
+        # cache files are written after the readers are answered: wait (bounded)
+        for _ in range(100):
+            st = mount_env.status(mp)["layers"][0]["stats"]
+            if st["cache"]["writeErrors"] >= 1:
+                break
+            time.sleep(0.1)
         assert st["cache"]["writeErrors"] >= 1 and "not writable" in st["cache"]["warning"]
         assert st["errors"] == 0
     finally:
