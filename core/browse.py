@@ -21,6 +21,7 @@ from .estargz import LayerIndex, load_layer_index, read_file_range
 from .estargz.toc import DIR, REG, Chunk, Entry
 from .image import Image, LayerDescriptor
 from .overlay import MergedTree
+from .units import human_size
 
 # TOC digest states of a layer.
 TOC_VERIFIED = "verified"
@@ -42,17 +43,6 @@ FORMAT_LABELS = {
 
 # Change markers (dive-style) against the layers below.
 ADDED, MODIFIED, REMOVED = "added", "modified", "removed"
-
-
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def short_digest(d: str | None, n: int = 12) -> str:

@@ -9,6 +9,7 @@ import sys
 
 from core.errors import CoreError
 from core.reference import parse_reference
+from core.units import human_size
 
 from .registry import add_registry_options, registry_options
 
@@ -111,15 +112,6 @@ def _add_common(p: argparse.ArgumentParser, layer: bool = True) -> None:
 
 
 # ---------------------------------------------------------------- inspect
-def _human(n) -> str:
-    if n is None:
-        return "-"
-    f = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if f < 1024 or unit == "TiB":
-            return f"{int(f)} {unit}" if unit == "B" else f"{f:.1f} {unit}"
-        f /= 1024
-    return str(n)
 
 
 async def cmd_inspect(args) -> int:
@@ -150,7 +142,7 @@ async def cmd_inspect(args) -> int:
         for env in c.get("env") or []:
             print(f"Env:        {env}")
         print(f"Chain ID:   {data['chainID'] or '-'}")
-        print(f"Layers:     {len(data['layers'])} ({_human(data['size'])} compressed)")
+        print(f"Layers:     {len(data['layers'])} ({human_size(data['size'])} compressed)")
         for layer in data["layers"]:
             _print_layer(layer)
     failed = [la for la in data["layers"] if la["error"]]
@@ -167,8 +159,8 @@ def _print_layer(la: dict) -> None:
     print(f"\n  [{la['index']}] {la['digest']}")
     print(f"      media type:   {la['mediaType']}")
     print(f"      format:       {la['format'] or '?'}")
-    print(f"      size:         {_human(la['size'])} compressed, "
-          f"{_human(la['uncompressedSize'])} uncompressed")
+    print(f"      size:         {human_size(la['size'])} compressed, "
+          f"{human_size(la['uncompressedSize'])} uncompressed")
     if la["tocDigest"] or la["tocDigestAnnotated"]:
         state = {True: "verified", False: "MISMATCH", None: "not annotated"}[la["tocDigestVerified"]]
         print(f"      TOC digest:   {la['tocDigest'] or '-'} ({state})")
@@ -177,7 +169,7 @@ def _print_layer(la: dict) -> None:
     if la["entries"] is not None:
         print(f"      entries:      {la['entries']}, chunks: {la['chunks']}")
         if la["prefetchSize"] is not None:
-            print(f"      prefetch:     {_human(la['prefetchSize'])} "
+            print(f"      prefetch:     {human_size(la['prefetchSize'])} "
                   f"({la['prefetchChunks']} chunks)")
         elif la["noPrefetchLandmark"]:
             print("      prefetch:     none (.no.prefetch.landmark)")
@@ -295,7 +287,7 @@ async def cmd_convert(args) -> int:
         return 0
     for c in result.layers:
         print(f"layer {c.index}: {c.source_digest[:19]}... -> {c.digest} "
-              f"({_human(c.size)}, TOC {c.toc_digest[:19]}...)")
+              f"({human_size(c.size)}, TOC {c.toc_digest[:19]}...)")
         if c.missed_prioritized:
             print(f"  prioritised files not in this layer: {', '.join(c.missed_prioritized)}")
     print(f"wrote {dst} ({result.manifest_digest})")

@@ -10,6 +10,7 @@ import time
 
 from core import mount as m
 from core.errors import MountError
+from core.units import human_size
 
 MOUNT_EXAMPLES = """\
 examples:
@@ -43,15 +44,6 @@ examples:
   stargz-tui cache --json
   stargz-tui cache prune       delete every cached chunk
 """
-
-
-def _human(n: int) -> str:
-    f = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if f < 1024 or unit == "TiB":
-            return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
-        f /= 1024
-    return str(n)
 
 
 def _size_arg(text: str) -> int:
@@ -132,7 +124,7 @@ def cmd_mounts(args) -> int:
               + (f", {st['overlay']}" if st.get("overlay") else "") + ")")
         print(f"  pids    {', '.join(str(p) for p in st['pids'])}")
         if st["state"] == "serving":
-            print(f"  fetched {_human(st['bytesFetched'])} in {st['requests']} requests; "
+            print(f"  fetched {human_size(st['bytesFetched'])} in {st['requests']} requests; "
                   f"chunks {st['chunksCached']}/{total} cached; prefetch {pf}; "
                   f"background fetch {bg}")
             if st["digestErrors"] or st["readErrors"]:
@@ -149,15 +141,15 @@ def cmd_cache(args) -> int:
         if args.json:
             print(json.dumps(res))
         else:
-            print(f"removed {res['removedChunks']} chunks ({_human(res['removedBytes'])}) "
+            print(f"removed {res['removedChunks']} chunks ({human_size(res['removedBytes'])}) "
                   f"from {res['dir']}")
         return 0
     u = m.cache_usage(args.cache_dir)
     if args.json:
         print(json.dumps(u))
     else:
-        print(f"{u['dir']}: {u['chunks']} chunks, {_human(u['bytes'])} "
-              f"(budget {_human(u['maxBytes'])})")
+        print(f"{u['dir']}: {u['chunks']} chunks, {human_size(u['bytes'])} "
+              f"(budget {human_size(u['maxBytes'])})")
     return 0
 
 
