@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import os
 import sys
 
-import anyio
-
 from core.errors import CoreError
+
+_CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect at start-up
 
 # Modules providing subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
@@ -63,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(func, args) -> int:
-    if inspect.iscoroutinefunction(func):
+    code = getattr(func, "__code__", None)
+    if code is not None and code.co_flags & _CO_COROUTINE:
+        import anyio  # only async commands pay for the event loop's imports
+
         return anyio.run(func, args) or 0
     return func(args) or 0
 
