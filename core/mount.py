@@ -470,16 +470,77 @@ def _overlay_mount(lowers: list[str], mountpoint: str, allow_other: bool) -> str
 
 
 async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = None,
-                      prefetch: bool = True, background_fetch: bool = True,
-                      wait_prefetch: bool = False, allow_other: bool = False,
-                      allow_unverified: bool = False, cache_dir: str | None = None,
-                      cache_size: int | None = None, debug: bool = False,
-                      silence: float | None = None, prefetch_size: int = 0,
-                      platform: str | None = None, timeout: float = READY_TIMEOUT) -> dict:
+                      platform: str | None = None, **options) -> dict:
     """Mount ``image`` (one layer with ``layer``, else the merged view) at
-    ``mountpoint``; returns the mount record once it is served."""
+    ``mountpoint``; returns the mount record once it is served.
+
+    Options: ``prefetch``, ``background_fetch``, ``wait_prefetch``,
+    ``allow_other``, ``allow_unverified``, ``cache_dir``, ``cache_size``,
+    ``debug``, ``silence``, ``prefetch_size``, ``timeout``."""
     import anyio.to_thread
 
+    steps = _mount_steps(image, mountpoint, layer=layer, platform=platform, **options)
+    value, error = None, None
+    for _ in range(1 << 16):  # a few steps per layer
+        try:
+            step = steps.throw(error) if error is not None else steps.send(value)
+        except StopIteration as done:
+            return done.value
+        value, error = None, None
+        try:
+            if step[0] == "open":
+                value = await _open_layers(*step[1:])
+            else:
+                value = await anyio.to_thread.run_sync(*step[1:])
+        except BaseException as e:  # noqa: BLE001 - thrown into the steps, which clean up
+            error = e
+    raise MountError("mounting took too many steps")
+
+
+def mount_layer_blocking(image: str, mountpoint: str, *, layer: str | int,
+                         platform: str | None = None, **options) -> dict:
+    """:func:`mount_image` of one layer without an event loop: what the CLI
+    uses, so nothing but the daemon's own start-up lies before the mount."""
+    if layer is None:
+        raise MountError("mount_layer_blocking mounts one layer; use mount_image")
+    steps = _mount_steps(image, mountpoint, layer=layer, platform=platform, **options)
+    value, error = None, None
+    for _ in range(1 << 16):
+        try:
+            step = steps.throw(error) if error is not None else steps.send(value)
+        except StopIteration as done:
+            return done.value
+        value, error = None, None
+        try:
+            value = step[1](*step[2:])
+        except BaseException as e:  # noqa: BLE001 - thrown into the steps, which clean up
+            error = e
+    raise MountError("mounting took too many steps")
+
+
+async def _open_layers(image: str, platform: str | None):
+    from .image import open_image
+
+    img = await open_image(image, platform=platform)
+    try:
+        if not img.layers:
+            raise MountError(f"{image} has no layers")
+    finally:
+        with contextlib.suppress(Exception):
+            await img.store.aclose()
+    return img
+
+
+def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
+                 prefetch: bool = True, background_fetch: bool = True,
+                 wait_prefetch: bool = False, allow_other: bool = False,
+                 allow_unverified: bool = False, cache_dir: str | None = None,
+                 cache_size: int | None = None, debug: bool = False,
+                 silence: float | None = None, prefetch_size: int = 0,
+                 platform: str | None = None, timeout: float = READY_TIMEOUT):
+    """The mount as a generator of blocking steps (``("call", fn, *args)``,
+    or ``("open", image, platform)`` for the merged view's image) that its
+    driver runs, in a worker thread or directly; it returns the record."""
     mp = os.path.realpath(mountpoint)
     if not os.path.isdir(mp):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
@@ -497,16 +558,8 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
         descs = [_Pending(layer)]
         manifest_digest = None
     else:
-        from .image import open_image
-
-        img = await open_image(image, platform=platform)
-        try:
-            descs = list(img.layers)
-            if not descs:
-                raise MountError(f"{image} has no layers")
-        finally:
-            with contextlib.suppress(Exception):
-                await img.store.aclose()
+        img = yield ("open", image, platform)
+        descs = list(img.layers)
         manifest_digest = img.manifest_digest
     mid = _mount_id(mp)
     sd = state_dir()
@@ -559,20 +612,18 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
             proc, rfd, entry = procs[0], fds[0], rec["layers"][len(rec["layers"]) - len(procs)]
             procs.pop(0)
             fds.pop(0)
-            info = await anyio.to_thread.run_sync(_wait_ready, proc, rfd, timeout,
-                                                  entry["log"])
+            info = yield ("call", _wait_ready, proc, rfd, timeout, entry["log"])
             if entry["digest"] is None:
                 entry["index"], entry["digest"] = info.get("index"), info.get("digest")
                 rec["manifestDigest"] = info.get("manifestDigest")
         if layer is None:
             lowers = [e["mountpoint"] for e in reversed(rec["layers"])]  # top first
-            rec["overlay"] = await anyio.to_thread.run_sync(_overlay_mount, lowers, mp,
-                                                            allow_other)
+            rec["overlay"] = yield ("call", _overlay_mount, lowers, mp, allow_other)
         rec["pid"] = rec["layers"][0]["pid"]
         _write_record(rec)
         return rec
     except BaseException:
-        await anyio.to_thread.run_sync(_cleanup_failed, rec, fds)
+        yield ("call", _cleanup_failed, rec, fds)
         raise
     finally:
         if image_file:

@@ -55,14 +55,23 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-async def cmd_mount(args) -> int:
-    rec = await m.mount_image(
-        args.image, args.mountpoint, layer=args.layer, prefetch=not args.no_prefetch,
+def cmd_mount(args) -> int:
+    opts = dict(
+        layer=args.layer, prefetch=not args.no_prefetch,
         background_fetch=not args.no_background_fetch, wait_prefetch=args.wait_prefetch,
         allow_other=args.allow_other, allow_unverified=args.allow_unverified,
         cache_dir=args.cache_dir, cache_size=args.cache_size, debug=args.debug,
         prefetch_size=args.prefetch_size or 0, platform=args.platform,
     )
+    if args.layer is not None:
+        # one layer needs no event loop here: the daemon does all the fetching
+        rec = m.mount_layer_blocking(args.image, args.mountpoint, **opts)
+    else:
+        import functools
+
+        import anyio
+
+        rec = anyio.run(functools.partial(m.mount_image, args.image, args.mountpoint, **opts))
     if args.allow_unverified:
         print("stargz-tui: warning: layers without a TOC digest are mounted unverified",
               file=sys.stderr)
