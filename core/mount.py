@@ -763,6 +763,18 @@ def mount_status(rec: dict, mounted: dict[str, str] | None = None) -> dict:
     return out
 
 
+def find_layer_mount(mounts: list[dict], digest: str) -> dict | None:
+    """Of ``mounts`` (as :func:`list_mounts` gives them), the one that shows
+    layer ``digest``: a raw mount of that layer before a merged image holding
+    it, serving mounts before stale ones; None when it is not mounted."""
+    def rank(m: dict) -> tuple[int, int]:
+        return (m.get("state") != "serving", m.get("kind") != "layer")
+
+    holding = [m for m in mounts
+               if any(lay.get("digest") == digest for lay in m.get("layers") or [])]
+    return min(holding, key=rank) if holding else None
+
+
 def list_mounts() -> list[dict]:
     """Every recorded mount with live state (see :func:`mount_status`)."""
     mounted = mount_table()

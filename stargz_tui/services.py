@@ -149,6 +149,10 @@ class Services:
         mod = self.mount_manager()
         return mod.list_mounts() if mod is not None else []
 
+    def find_layer_mount(self, mounts: list[dict], digest: str) -> dict | None:
+        mod = self.mount_manager()
+        return mod.find_layer_mount(mounts, digest) if mod is not None else None
+
     async def mount(self, image: str, mountpoint: str, layer: str | int | None = None) -> dict:
         mod = self._mounts_module()
         return await mod.mount_image(image, mountpoint, layer=layer)

@@ -60,6 +60,16 @@ async def test_mount_and_unmount_from_mounts_screen(mount_env, tmp_path):
         (mp / "data" / "random.bin").read_bytes()
         await wait_for(pilot, lambda: mounts.mounts and mounts.mounts[0]["bytesFetched"] > before,
                        "the fetched bytes to grow")
+        # "open mount" on the image screen finds the layer in that mount
+        await pilot.press("escape")
+        image = await wait_for(pilot, lambda: screen_named(app, "ImageScreen"), "the image")
+        await wait_for(pilot, lambda: image.mounts, "the image screen to see the mount")
+        await pilot.press("o")
+        await wait_for(pilot, lambda: screen_named(app, "MountsScreen"), "mounts again")
+        assert app.clipboard == str(mp)
+        mounts = screen_named(app, "MountsScreen")
+        table = mounts.query_one("#mounts", DataTable)
+        await wait_for(pilot, lambda: table.row_count == 1, "the mount listed")
         await pilot.press("u")
         await wait_for(pilot, lambda: table.row_count == 0, "the mount gone", 60)
         assert not core_mount.is_mounted(str(mp))

@@ -36,6 +36,7 @@ class ImageScreen(BaseScreen):
         Binding("c", "copy_digest", "Copy digest", id="copy"),
         Binding("m", "mount_layer", "Mount layer", id="mount_layer"),
         Binding("i", "mount_image", "Mount image", id="mount_image"),
+        Binding("o", "open_mount", "Open mount", id="open_mount"),
         Binding("p", "platform", "Platform", id="platform"),
         Binding("r", "reload", "Reload", id="reload"),
     ]
@@ -255,6 +256,20 @@ class ImageScreen(BaseScreen):
     def action_mount_image(self) -> None:
         if self.session is not None:
             self._mount(None)
+
+    def action_open_mount(self) -> None:
+        """Where the selected layer is mounted: copy the path, say it, and
+        show it on the Mounts screen."""
+        n = self._selected()
+        if n is None:
+            return
+        m = self.services.find_layer_mount(self.mounts, self.session.image.layers[n].digest)
+        if m is None:
+            self.notify(f"Layer {n} is not mounted; press m to mount it.", severity="warning")
+            return
+        self.app.copy_to_clipboard(m["mountpoint"])
+        self.notify(f"Layer {n} is mounted at {m['mountpoint']} (path copied).")
+        self.app.action_mounts()
 
     def _mount(self, layer: int | None) -> None:
         from .modals import MountDialog
