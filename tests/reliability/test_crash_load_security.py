@@ -80,12 +80,11 @@ def test_kill9_during_cache_writes_no_torn_chunk(mount_env, rel):
         got = dict(zip(TRUTH, ex.map(lambda p: _read(os.path.join(mp, p)), TRUTH), strict=True))
     wrong = [p for p in TRUTH if got[p] != TRUTH[p]]
     assert not wrong, f"after kill -9 and a torn chunk: {wrong} not right"
-    st = core_mount.mount_status(core_mount._read_records()[0])
     core_mount.unmount(mp)
     rel.row("crash", "kill -9 of a daemon during background cache writes "
             f"({n_before} chunk files), one chunk torn in half and a stray temp file, then remount",
             "stale mount cleaned by unmount --force; torn chunk detected and refetched; every "
-            f"file right ({json.dumps(st.get('layers', [{}])[0].get('cache', {}))[:0]}ok)")
+            "file right")
 
 
 def test_cache_on_full_tmpfs(mount_env, tmp_path, rel):
@@ -93,8 +92,9 @@ def test_cache_on_full_tmpfs(mount_env, tmp_path, rel):
     cache.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(cache)],
                        capture_output=True, text=True, timeout=30)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    # Root can always mount a tmpfs (CI runs as root): a failure here is a
+    # broken environment, reported as such rather than skipped.
+    assert r.returncode == 0, f"cannot mount a tmpfs for the full-disk test: {r.stderr.strip()}"
     try:
         mp = mount_env.mountpoint()
         mount_env.mount(f"oci:{FIXTURES}:mini-esgz", mp, layer=0, cache_dir=str(cache),
