@@ -148,59 +148,17 @@ def _cache_key(index: LayerIndex, chunk: Chunk) -> str:
     return chunk_key(index.blob_digest, chunk)
 
 
-# Above this many chunks, list the cache's directories once instead of one
-# stat per chunk (a 100k-chunk layer: ~256 listings instead of 100k stats).
-BULK_CACHE_LOOKUP = 512
-
-
 def _cached_flags(index: LayerIndex, chunks, cache) -> list[bool]:
-    """For each chunk: does the cache hold it (blocking: disk lookups)?"""
+    """For each chunk: does the cache hold it (blocking: one look at the cache)?"""
     if cache is None:
         return [False] * len(chunks)
-    keys = [_cache_key(index, c) for c in chunks]
-    path_of = getattr(cache, "_path", None)
-    if len(keys) <= BULK_CACHE_LOOKUP or path_of is None:
-        return [cache.has(k) for k in keys]
-    mem = getattr(cache, "_mem", {})
-    listed: dict[str, set[str]] = {}
-    out = []
-    for k in keys:
-        if k in mem:
-            out.append(True)
-            continue
-        try:
-            d, _, name = path_of(k).rpartition("/")
-        except ValueError:
-            out.append(False)
-            continue
-        names = listed.get(d)
-        if names is None:
-            try:
-                names = listed[d] = set(os.listdir(d))
-            except OSError:
-                names = listed[d] = set()
-        out.append(name in names)
-    return out
+    return cache.cached([_cache_key(index, c) for c in chunks])
 
 
 def _cache_empty(cache) -> bool:
-    """Does the cache hold no chunk at all (a few directory listings)? Then a
-    layer's states need no per-chunk work: not even its cache keys."""
-    if cache is None:
-        return True
-    root = getattr(cache, "chunk_dir", None)
-    if root is None or getattr(cache, "_mem", None):
-        return False
-    try:
-        with os.scandir(root) as subs:
-            for sub in subs:
-                if sub.is_dir(follow_symlinks=False):
-                    with os.scandir(sub.path) as names:
-                        if next(names, None) is not None:
-                            return False
-    except OSError:
-        return False
-    return True
+    """Does the cache hold no chunk at all? Then a layer's states need no
+    per-chunk work: not even its cache keys."""
+    return cache is None or cache.is_empty()
 
 
 def count_cached(index: LayerIndex, cache) -> int:

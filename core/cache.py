@@ -2,20 +2,32 @@
 
 Keys are chunk digests where the TOC gives one (so identical chunks of
 different layers, or of two mounts of one image, are stored once) and
-``<blob digest>-<offset>-<inner offset>-<size>`` otherwise. Every file is
-written to a temporary name and renamed into place, so a crash never leaves a
-torn chunk under a real key. A chunk file is verified (digest, or size for
-keys without a digest) once per cache object: the first time it is loaded
-from disk (a damaged file is deleted and treated as a miss); files this
+``<blob digest>-<offset>-<inner offset>-<size>`` otherwise.
+
+On disk, chunks live in *pack* files under ``<root>/packs``: one pack per
+:meth:`ChunkCache.put_many` call (the reader stores each fetched range's
+chunks together), so a background fetch creates a file per few MiB, not per
+chunk. A pack starts with a header (``SGZPACK1``, a length, then a JSON list
+of ``[key, offset, size]``) followed by the chunks' bytes. Every pack is
+written to a temporary name and renamed into place, so a crash never leaves
+a torn pack under a real name; the key -> (pack, offset, size) index is
+rebuilt from the packs' headers (the directory is listed again when its
+mtime changes, so packs other processes write are found).
+
+A chunk is verified (digest, or size for keys without a digest) once per
+cache object: the first time it is loaded from disk (a pack holding a
+damaged chunk is deleted and the chunk treated as a miss); chunks this
 object wrote itself count as verified. Verified chunks can then be read in
 pieces with :meth:`ChunkCache.read_range` (a ``pread`` of just the range on
-a kept-open file descriptor), so a warm read never loads or hashes a whole
+a kept-open pack descriptor), so a warm read never loads or hashes a whole
 chunk again.
 
-The disk store has a size budget with least-recently-used eviction (file
-mtimes are touched on hits). Running out of space (ENOSPC, EDQUOT, a
-read-only cache dir) never fails a read: the cache logs one warning, stops
-writing for a while and the reader keeps serving from the network.
+The disk store has a size budget with least-recently-used eviction of whole
+packs (pack mtimes are touched on hits). Running out of space (ENOSPC,
+EDQUOT, a read-only cache dir) never fails a read: the cache logs one
+warning, stops writing for a while and the reader keeps serving from the
+network. Files of the old one-file-per-chunk layout (``<root>/chunks``) are
+never read; they count in :meth:`usage`, are evicted first and pruned.
 
 All methods are blocking and thread-safe: async callers run the disk paths
 in worker threads (``get_memory`` is cheap and may run anywhere).
@@ -26,14 +38,17 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import mmap
 import os
 import re
 import shutil
+import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 
 log = logging.getLogger("core.cache")
 
@@ -42,9 +57,13 @@ DEFAULT_MEMORY_BYTES = 64 << 20
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _DISK_RETRY_AFTER = 30.0
 _KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
-_MAX_FDS = 64  # chunk files kept open for read_range
-_DIRECT_MIN = 256 << 10  # chunks at least this big are written with O_DIRECT
+_MAX_FDS = 64  # pack files kept open for read_range
+_DIRECT_MIN = 256 << 10  # packs at least this big are written with O_DIRECT
 _ALIGN = 4096
+_MAGIC = b"SGZPACK1"
+_HEAD = struct.Struct("<8sI")
+_PACK_SUFFIX = ".pack"
+_HEADER_READ = 64 << 10
 
 
 def default_cache_dir() -> str:
@@ -98,27 +117,66 @@ def _check(key: str, data: bytes) -> bool:
     return True
 
 
+def _pack_header(entries: list) -> bytes:
+    """The header of a pack whose chunks (``(key, size)`` in order) follow it."""
+    # offsets depend on the header's length: compute them with a fixed-width guess
+    body = json.dumps([[k, 0, s] for k, s in entries], separators=(",", ":")).encode()
+    # each offset may take up to 15 digits more than "0"
+    head_len = _HEAD.size + len(body) + 15 * len(entries)
+    off = head_len
+    rows = []
+    for k, s in entries:
+        rows.append([k, off, s])
+        off += s
+    body = json.dumps(rows, separators=(",", ":")).encode()
+    body += b" " * (head_len - _HEAD.size - len(body))
+    return _HEAD.pack(_MAGIC, len(body)) + body
+
+
+def _read_header(fd: int, file_size: int) -> list[tuple[str, int, int]] | None:
+    """The chunks a pack holds, or None when the header is damaged."""
+    head = os.pread(fd, _HEADER_READ, 0)
+    if len(head) < _HEAD.size:
+        return None
+    magic, n = _HEAD.unpack_from(head)
+    if magic != _MAGIC or _HEAD.size + n > file_size:
+        return None
+    if _HEAD.size + n > len(head):
+        head = os.pread(fd, _HEAD.size + n, 0)
+    try:
+        rows = json.loads(head[_HEAD.size:_HEAD.size + n])
+        out = [(str(k), int(o), int(s)) for k, o, s in rows]
+    except (ValueError, TypeError):
+        return None
+    return out
+
+
 class ChunkCache:
-    """Disk store of chunks with a memory LRU in front (see module docs)."""
+    """Disk store of chunks (pack files) with a memory LRU in front (see module docs)."""
 
     def __init__(self, root: str | None = None, *, max_bytes: int | None = None,
                  memory_bytes: int = DEFAULT_MEMORY_BYTES):
         self.root = os.path.abspath(root or default_cache_dir())
-        self.chunk_dir = os.path.join(self.root, "chunks")
+        self.pack_dir = os.path.join(self.root, "packs")
+        self.chunk_dir = os.path.join(self.root, "chunks")  # the old layout (pruned, evicted)
         self.max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         self.memory_bytes = memory_bytes
         self._mem: OrderedDict[str, bytes] = OrderedDict()
         self._mem_size = 0
         self._lock = threading.Lock()
+        self._ilock = threading.Lock()  # index refreshes
         self._disk_off_until = 0.0
         self._disk_size: int | None = None  # estimate; None = not scanned yet
-        self._verified: dict[str, int] = {}  # disk files known good here -> size
-        self._fds: OrderedDict[str, int] = OrderedDict()  # open chunk files (read_range)
+        # the index: key -> (pack name, offset, size); pack name -> its keys
+        self._index: dict[str, tuple[str, int, int]] = {}
+        self._packs: dict[str, list[str]] = {}
+        self._dir_mtime: int | None = None  # pack dir mtime at the last listing
+        self._verified: dict[str, int] = {}  # chunks known good here -> size
+        self._fds: OrderedDict[str, int] = OrderedDict()  # open packs (read_range)
         # Descriptors are closed only under _rlock (read_range's), never while
-        # a pread may use them: another thread's _forget queues them here.
+        # a pread may use them: another thread's _drop_pack queues them here.
         self._fd_garbage: list[int] = []
         self._rlock = threading.Lock()
-        self._dirs_made: set[str] = set()
         self._tmp_seq = 0
         self._tls = threading.local()  # per-thread aligned buffer for O_DIRECT
         self._direct_ok = os.environ.get("STARGZ_TUI_CACHE_DIRECT", "1") != "0"
@@ -134,16 +192,9 @@ class ChunkCache:
             # makedirs applies mode only to the leaf: create the root 0700 too
             # (chunks are image content the user may not want others to read).
             os.makedirs(self.root, mode=0o700, exist_ok=True)
-            os.makedirs(self.chunk_dir, mode=0o700, exist_ok=True)
+            os.makedirs(self.pack_dir, mode=0o700, exist_ok=True)
         except OSError as e:
             self._disable(e)
-
-    # -- paths -------------------------------------------------------
-    def _path(self, key: str) -> str:
-        if not _KEY_RE.match(key):
-            raise ValueError(f"bad cache key {key!r}")
-        h = key.rsplit("-", 1)[-1] if key.count("-") == 1 else hashlib.sha1(key.encode()).hexdigest()
-        return os.path.join(self.chunk_dir, h[:2], key)
 
     # -- memory LRU --------------------------------------------------
     def get_memory(self, key: str) -> bytes | None:
@@ -171,6 +222,93 @@ class ChunkCache:
                 _, d = self._mem.popitem(last=False)
                 self._mem_size -= len(d)
 
+    # -- the index ---------------------------------------------------
+    def _add_pack(self, name: str, rows) -> None:
+        """Under ``_lock``: index a pack's chunks (a key already indexed keeps its pack)."""
+        if name in self._packs:
+            return
+        keys = []
+        for k, off, size in rows:
+            if k not in self._index:
+                self._index[k] = (name, off, size)
+                keys.append(k)
+        self._packs[name] = keys
+
+    def _drop_pack(self, name: str) -> None:
+        """Forget a pack (gone or damaged): its chunks, verification, descriptor."""
+        with self._lock:
+            keys = self._packs.pop(name, None) or []
+            for k in keys:
+                loc = self._index.get(k)
+                if loc is not None and loc[0] == name:
+                    del self._index[k]
+                    self._verified.pop(k, None)
+            fd = self._fds.pop(name, None)
+            if fd is not None:
+                self._fd_garbage.append(fd)  # closed by the next read_range
+
+    def _refresh(self, force: bool = False) -> None:
+        """List the pack dir again if it changed since the last listing."""
+        try:
+            mt = os.stat(self.pack_dir).st_mtime_ns
+        except OSError:
+            mt = -1
+        if not force and mt == self._dir_mtime:
+            return
+        with self._ilock:
+            if not force and mt == self._dir_mtime:
+                return
+            try:
+                names = {n for n in os.listdir(self.pack_dir) if n.endswith(_PACK_SUFFIX)}
+            except OSError:
+                names = set()
+            with self._lock:
+                known = set(self._packs)
+            for gone in known - names:
+                self._drop_pack(gone)
+            for name in names - known:
+                rows = self._load_header(name)
+                if rows is not None:
+                    with self._lock:
+                        if name not in self._packs:
+                            self._add_pack(name, rows)
+            self._dir_mtime = mt
+
+    def _load_header(self, name: str):
+        path = os.path.join(self.pack_dir, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            rows = _read_header(fd, os.fstat(fd).st_size)
+        except OSError:
+            rows = None
+        finally:
+            os.close(fd)
+        if rows is None:
+            self.corrupt += 1
+            log.warning("cache pack %s is damaged; dropped", name)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        return rows
+
+    def _locate(self, key: str) -> tuple[str, int, int] | None:
+        loc = self._index.get(key)
+        if loc is None:
+            self._refresh()
+            loc = self._index.get(key)
+        return loc
+
+    def location(self, key: str) -> tuple[str, int, int] | None:
+        """Where ``key`` is on disk: ``(pack file path, offset, size)`` or None."""
+        loc = self._locate(key)
+        if loc is None:
+            return None
+        return os.path.join(self.pack_dir, loc[0]), loc[1], loc[2]
+
     # -- disk --------------------------------------------------------
     def _disable(self, e: OSError) -> None:
         self.write_errors += 1
@@ -183,41 +321,90 @@ class ChunkCache:
     def has(self, key: str) -> bool:
         if key in self._mem:
             return True
-        try:
-            return os.path.exists(self._path(key))
-        except ValueError:
+        return self._locate(key) is not None
+
+    def cached(self, keys: Iterable[str]) -> list[bool]:
+        """For each key: does the cache (memory or disk) hold it? One look
+        at the pack directory for all of them."""
+        self._refresh()
+        index, mem = self._index, self._mem
+        return [k in index or k in mem for k in keys]
+
+    def is_empty(self) -> bool:
+        """No chunk on disk nor in memory (one directory listing)."""
+        if self._mem:
             return False
+        self._refresh()
+        return not self._index
+
+    def _pack_fd(self, name: str) -> int | None:
+        """Under ``_rlock``: a kept-open descriptor of pack ``name`` (touched
+        for the LRU when opened), or None when it is gone."""
+        with self._lock:
+            fd = self._fds.get(name)
+            if fd is not None:
+                self._fds.move_to_end(name)
+                return fd
+        try:
+            fd = os.open(os.path.join(self.pack_dir, name), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            os.utime(fd)  # LRU order of the disk budget
+        except OSError:
+            pass
+        with self._lock:
+            old = self._fds.pop(name, None)
+            self._fds[name] = fd
+            close = [old] if old is not None else []
+            while len(self._fds) > _MAX_FDS:
+                close.append(self._fds.popitem(last=False)[1])
+        for x in close:
+            _close(x)
+        return fd
+
+    def _collect_garbage(self) -> None:
+        """Under ``_rlock``: close descriptors queued by other threads."""
+        with self._lock:
+            garbage, self._fd_garbage = self._fd_garbage, []
+        for x in garbage:
+            _close(x)
 
     def get(self, key: str) -> bytes | None:
-        """The chunk's bytes, or None. Verifies digest-keyed chunks from disk."""
+        """The chunk's bytes, or None. Verifies chunks loaded from disk."""
         data = self.get_memory(key)
         if data is not None:
             self.hits += 1
             return data
-        path = self._path(key)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError:
+        loc = self._locate(key)
+        if loc is None:
             self.misses += 1
             return None
-        if not _check(key, data):
-            self.corrupt += 1
-            log.warning("cached chunk %s is damaged; dropped", key)
-            self._forget(key)
+        name, off, size = loc
+        with self._rlock:
+            self._collect_garbage()
+            fd = self._pack_fd(name)
             try:
-                os.unlink(path)
+                data = os.pread(fd, size, off) if fd is not None else None
+            except OSError:
+                data = None
+        if data is None:
+            self._drop_pack(name)
+            self.misses += 1
+            return None
+        if len(data) != size or not _check(key, data):
+            self.corrupt += 1
+            log.warning("cached chunk %s is damaged; dropped its pack", key)
+            self._drop_pack(name)
+            try:
+                os.unlink(os.path.join(self.pack_dir, name))
             except OSError:
                 pass
             self.misses += 1
             return None
-        try:
-            os.utime(path)
-        except OSError:
-            pass
         self.hits += 1
         with self._lock:
-            self._verified[key] = len(data)
+            self._verified[key] = size
         self._remember(key, data)
         return data
 
@@ -227,93 +414,89 @@ class ChunkCache:
         return got is not None and (size is None or got == size)
 
     def read_range(self, key: str, offset: int, length: int, size: int) -> bytes | None:
-        """``length`` bytes at ``offset`` of a verified chunk file of ``size``
+        """``length`` bytes at ``offset`` of a verified chunk of ``size``
         bytes, or None (not verified in this process yet, another size, gone,
         or short). A ``pread`` on a kept-open descriptor: cheap enough for an
         event loop thread."""
         if self._verified.get(key) != size or offset + length > size:
             return None
+        loc = self._index.get(key)
+        if loc is None:
+            return None
+        name, off, _ = loc
         with self._rlock:
-            with self._lock:
-                garbage, self._fd_garbage = self._fd_garbage, []
-                fd = self._fds.get(key)
-                if fd is not None:
-                    self._fds.move_to_end(key)
-            for x in garbage:
-                _close(x)
+            self._collect_garbage()
+            fd = self._pack_fd(name)
             if fd is None:
-                try:
-                    fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
-                except (OSError, ValueError):
-                    self._forget(key)
-                    return None
-                try:
-                    os.utime(fd)  # LRU order of the disk budget
-                except OSError:
-                    pass
-                with self._lock:
-                    old = self._fds.pop(key, None)
-                    self._fds[key] = fd
-                    close = [old] if old is not None else []
-                    while len(self._fds) > _MAX_FDS:
-                        close.append(self._fds.popitem(last=False)[1])
-                for x in close:
-                    _close(x)
-            try:
-                data = os.pread(fd, length, offset)
-            except OSError:
                 data = b""
+            else:
+                try:
+                    data = os.pread(fd, length, off + offset)
+                except OSError:
+                    data = b""
         if len(data) != length:
-            self._forget(key)
+            self._drop_pack(name)
             return None
         self.hits += 1
         return data
 
-    def _forget(self, key: str) -> None:
-        """Drop what this process knows of ``key``'s disk file."""
-        with self._lock:
-            self._verified.pop(key, None)
-            fd = self._fds.pop(key, None)
+    def advise(self, key: str) -> None:
+        """Hint the kernel to read a verified chunk's bytes now (sequential
+        readers: the disk read overlaps serving the previous chunk)."""
+        loc = self._index.get(key)
+        if loc is None or key not in self._verified:
+            return
+        with self._rlock:
+            fd = self._pack_fd(loc[0])
             if fd is not None:
-                self._fd_garbage.append(fd)  # closed by the next read_range
+                try:
+                    os.posix_fadvise(fd, loc[1], loc[2], os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass
 
     def put(self, key: str, data: bytes, *, remember: bool = True) -> bool:
         """Store a verified chunk; False when only memory could keep it."""
         if remember:
             self._remember(key, data)
+        return self.put_many([(key, data)])
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> bool:
+        """Store verified chunks together in one pack (chunks already on disk
+        are skipped); False when the disk could not keep them."""
         if time.monotonic() < self._disk_off_until:
             return False
-        path = self._path(key)
-        if os.path.exists(path):
+        seen = set()
+        todo = []
+        for key, data in items:
+            if key in seen or key in self._index:
+                continue
+            if not _KEY_RE.match(key):
+                raise ValueError(f"bad cache key {key!r}")
+            seen.add(key)
+            todo.append((key, data))
+        if not todo:
             return True
-        d = os.path.dirname(path)
-        tmp = None
+        header = _pack_header([(k, len(d)) for k, d in todo])
+        total = len(header) + sum(len(d) for _k, d in todo)
+        with self._lock:
+            self._tmp_seq += 1
+            seq = self._tmp_seq
+        name = f"{time.time_ns():x}-{os.getpid()}-{seq}{_PACK_SUFFIX}"
+        tmp = os.path.join(self.pack_dir, f".tmp-{os.getpid()}-{threading.get_ident()}-{seq}")
         try:
-            if d not in self._dirs_made:
-                os.makedirs(d, mode=0o700, exist_ok=True)
-                self._dirs_made.add(d)
-            with self._lock:
-                self._tmp_seq += 1
-                seq = self._tmp_seq
-            tmp = os.path.join(d, f".tmp-{os.getpid()}-{threading.get_ident()}-{seq}")
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             try:
                 fd = os.open(tmp, flags, 0o600)
             except FileNotFoundError:  # the dir was pruned meanwhile
-                os.makedirs(d, mode=0o700, exist_ok=True)
-                fd = os.open(tmp, flags, 0o600)
-            except FileExistsError:  # a crashed process of the same pid left it
-                os.unlink(tmp)
+                os.makedirs(self.pack_dir, mode=0o700, exist_ok=True)
                 fd = os.open(tmp, flags, 0o600)
             try:
-                if not (len(data) >= _DIRECT_MIN and self._write_direct(fd, data)):
-                    view = memoryview(data)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
+                parts = [header, *(d for _k, d in todo)]
+                if not (total >= _DIRECT_MIN and self._write_direct(fd, parts, total)):
+                    self._write_all(fd, parts)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
+            os.replace(tmp, os.path.join(self.pack_dir, name))
             tmp = None
         except OSError as e:
             if tmp:
@@ -324,33 +507,49 @@ class ChunkCache:
             if e.errno in _DISK_FULL_ERRNOS:
                 self._disable(e)
                 return False
-            log.warning("cannot write chunk %s: %s", key, e)
+            log.warning("cannot write %d cached chunk(s): %s", len(todo), e)
             self.write_errors += 1
             return False
-        self.writes += 1
+        self.writes += len(todo)
+        rows = []
+        off = len(header)
+        for k, d in todo:
+            rows.append((k, off, len(d)))
+            off += len(d)
         with self._lock:
-            self._verified[key] = len(data)  # we wrote these very bytes (verified by the caller)
+            self._add_pack(name, rows)
+            for k, _o, s in rows:  # we wrote these very bytes (verified by the caller)
+                self._verified[k] = s
             if self._disk_size is not None:
-                self._disk_size += len(data)
+                self._disk_size += total
             need_scan = self._disk_size is None or self._disk_size > self.max_bytes
         if need_scan:
             self._enforce_budget()
         return True
 
-    def _write_direct(self, fd: int, data: bytes) -> bool:
-        """Write ``data`` to the empty file ``fd`` bypassing the page cache
-        (O_DIRECT from an aligned buffer, then cut to size). On this kind of
-        VM a buffered write of a 4 MiB chunk costs ~10x the CPU (page cache
-        allocation, dirty accounting, writeback) and the cached copy is
+    @staticmethod
+    def _write_all(fd: int, parts: list) -> None:
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+
+    def _write_direct(self, fd: int, parts: list, size: int) -> bool:
+        """Write ``parts`` (``size`` bytes) to the empty file ``fd`` bypassing
+        the page cache (O_DIRECT from an aligned buffer, then cut to size).
+        On this kind of VM buffered writes cost many times the CPU (page
+        cache allocation, dirty accounting, writeback) and the cached copy is
         rarely read again: the kernel's FUSE page cache keeps the file data
         readers asked for. False (nothing written) when the file system
         refuses O_DIRECT; the caller then writes normally."""
         if not self._direct_ok or not hasattr(os, "O_DIRECT"):
             return False
-        size = len(data)
         padded = (size + _ALIGN - 1) // _ALIGN * _ALIGN
         buf = getattr(self._tls, "buf", None)
         if buf is None or len(buf) < padded:
+            if buf is not None:
+                buf.close()
             buf = mmap.mmap(-1, max(padded, 4 << 20))  # page aligned
             self._tls.buf = buf
         try:
@@ -359,7 +558,11 @@ class ChunkCache:
         except OSError:
             self._direct_ok = False
             return False
-        buf[:size] = data
+        pos = 0
+        for part in parts:
+            n = len(part)
+            buf[pos:pos + n] = part
+            pos += n
         if padded > size:
             buf[size:padded] = bytes(padded - size)
         view = memoryview(buf)[:padded]
@@ -385,29 +588,32 @@ class ChunkCache:
         return True
 
     def _scan(self) -> list[tuple[float, int, str]]:
+        """(mtime, size, path) of every cache file: packs, and files of the
+        old layout (listed as oldest: evicted first)."""
         out = []
+        dirs = [(self.pack_dir, False)]
         try:
-            subdirs = os.listdir(self.chunk_dir)
+            dirs += [(os.path.join(self.chunk_dir, sd), True) for sd in os.listdir(self.chunk_dir)]
         except OSError:
-            return out
-        for sd in subdirs:
-            p = os.path.join(self.chunk_dir, sd)
+            pass
+        for d, legacy in dirs:
             try:
-                with os.scandir(p) as it:
+                with os.scandir(d) as it:
                     for de in it:
                         try:
                             st = de.stat(follow_symlinks=False)
                         except OSError:
                             continue
-                        if de.name.startswith(".tmp-") and time.time() - st.st_mtime > 3600:
-                            try:
-                                os.unlink(de.path)  # leftover of a crash
-                            except OSError:
-                                pass
-                            continue
                         if de.name.startswith(".tmp-"):
+                            if time.time() - st.st_mtime > 3600:
+                                try:
+                                    os.unlink(de.path)  # leftover of a crash
+                                except OSError:
+                                    pass
                             continue
-                        out.append((st.st_mtime, st.st_size, de.path))
+                        if not de.is_file(follow_symlinks=False):
+                            continue
+                        out.append((0.0 if legacy else st.st_mtime, st.st_size, de.path))
             except OSError:
                 continue
         return out
@@ -425,7 +631,9 @@ class ChunkCache:
                     os.unlink(path)
                 except OSError:
                     continue
-                self._forget(os.path.basename(path))
+                name = os.path.basename(path)
+                if os.path.dirname(path) == self.pack_dir:
+                    self._drop_pack(name)
                 total -= size
                 self.evicted += 1
         with self._lock:
@@ -434,9 +642,14 @@ class ChunkCache:
     # -- management --------------------------------------------------
     def usage(self) -> dict:
         files = self._scan()
+        self._refresh()
+        with self._lock:
+            chunks = sum(len(v) for v in self._packs.values())
+        legacy = sum(1 for f in files if os.path.dirname(f[2]) != self.pack_dir)
         return {
             "dir": self.root,
-            "chunks": len(files),
+            "chunks": chunks + legacy,
+            "files": len(files),
             "bytes": sum(f[1] for f in files),
             "maxBytes": self.max_bytes,
         }
@@ -452,19 +665,20 @@ class ChunkCache:
     def prune(self) -> dict:
         """Delete every cached chunk; returns what was removed."""
         before = self.usage()
-        if os.path.isdir(self.chunk_dir):
-            for sd in os.listdir(self.chunk_dir):
-                shutil.rmtree(os.path.join(self.chunk_dir, sd), ignore_errors=True)
+        for f in os.listdir(self.pack_dir) if os.path.isdir(self.pack_dir) else []:
+            try:
+                os.unlink(os.path.join(self.pack_dir, f))
+            except OSError:
+                pass
+        shutil.rmtree(self.chunk_dir, ignore_errors=True)
         with self._lock:
             self._mem.clear()
             self._mem_size = 0
             self._disk_size = 0
-            keys = list(self._verified)
-        for k in keys:
-            self._forget(k)
-        with self._rlock, self._lock:
-            garbage, self._fd_garbage = self._fd_garbage, []
-        for x in garbage:
-            _close(x)
-        self._dirs_made.clear()
+            names = list(self._packs)
+        for n in names:
+            self._drop_pack(n)
+        with self._rlock:
+            self._collect_garbage()
+        self._dir_mtime = None
         return {"dir": self.root, "removedChunks": before["chunks"], "removedBytes": before["bytes"]}

@@ -125,9 +125,8 @@ class LayerReader:
 
     # -- setup ---------------------------------------------------------
     def _scan_cache(self) -> None:
-        has = self.cache.has
-        for i, key in enumerate(self._keys):
-            if not self._cached[i] and has(key):
+        for i, hit in enumerate(self.cache.cached(self._keys)):
+            if hit and not self._cached[i]:
                 self._cached[i] = 1
                 self._ncached += 1
 
@@ -266,9 +265,8 @@ class LayerReader:
         return parts
 
     def _store(self, items: list[tuple[str, bytes]]) -> None:
-        """Worker thread: write verified chunks to the disk cache."""
-        for key, data in items:
-            self.cache.put(key, data, remember=False)
+        """Worker thread: write verified chunks to the disk cache (one pack)."""
+        self.cache.put_many(items)
 
     def _decode_limiter(self) -> anyio.CapacityLimiter:
         if self._limiter is None:
@@ -430,7 +428,7 @@ class LayerReader:
     async def _adopt_from_disk(self, chunks: list[Chunk]) -> list[Chunk]:
         """Mark chunks another mount already cached; return the rest."""
         has = await anyio.to_thread.run_sync(
-            lambda: [self.cache.has(self._keys[c.index]) for c in chunks])
+            self.cache.cached, [self._keys[c.index] for c in chunks])
         rest = []
         for c, h in zip(chunks, has, strict=True):
             if h:
@@ -611,9 +609,9 @@ class LayerReader:
     def _adopt_sync(self, chunks: list[Chunk]) -> list[Chunk]:
         """:meth:`_adopt_from_disk` without a thread (a stat per chunk)."""
         rest = []
-        has = self.cache.has
-        for c in chunks:
-            if has(self._keys[c.index]):
+        has = self.cache.cached([self._keys[c.index] for c in chunks])
+        for c, h in zip(chunks, has, strict=True):
+            if h:
                 self._mark_cached(c.index)
             else:
                 rest.append(c)

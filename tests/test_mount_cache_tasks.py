@@ -36,8 +36,9 @@ def test_cache_round_trip_budget_and_damage(tmp_path):
     assert fresh.get(_key(blobs[-1])) == blobs[-1]
     assert fresh.get(_key(blobs[0])) is None  # the oldest were evicted
     # a damaged file is detected, dropped and reported as a miss
-    path = fresh._path(_key(blobs[-2]))
+    path, off, _size = fresh.location(_key(blobs[-2]))
     with open(path, "r+b") as f:
+        f.seek(off)
         f.write(b"X")
     assert fresh.get(_key(blobs[-2])) is None and fresh.corrupt == 1
     assert not os.path.exists(path)
