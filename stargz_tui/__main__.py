@@ -1,5 +1,5 @@
 import sys
 
-from stargz_tui.cli import main
+from stargz_tui.launcher import main
 
 sys.exit(main())

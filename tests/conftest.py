@@ -5,6 +5,12 @@ every test directory sees them. Registry, token issuer, redirecting front and
 keyring fixtures: see ``tests/registry_fixtures.py`` (API in its docstring).
 """
 
+import os
+
+# `stargz-tui mount` starts a resident server in the background by default;
+# tests get one only where they ask for it (tests/test_resident.py).
+os.environ["STARGZ_TUI_SERVER"] = "off"
+
 # --- registry fixtures (issue 3) -------------------------------------------------------
 from registry_fixtures import (  # noqa: F401
     basic_registry,

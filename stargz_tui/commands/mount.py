@@ -162,6 +162,39 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_server(args) -> int:
+    from stargz_tui import resident
+
+    info = resident.request("status")
+    if args.action == "status":
+        if args.json:
+            print(json.dumps({"running": bool(info), **(info or {})}))
+        elif info:
+            print(f"resident server running (pid {info['pid']})"
+                  + ("" if info.get("current") else "; it runs older code and exits "
+                     "at the next mount"))
+        else:
+            print("no resident server running")
+        return 0
+    if args.action == "stop":
+        if info is None:
+            print("no resident server running")
+            return 0
+        resident.request("stop")
+        print(f"stopped the resident server (pid {info['pid']})")
+        return 0
+    if info and info.get("current"):
+        print(f"resident server already running (pid {info['pid']})")
+        return 0
+    if info:
+        resident.request("stop")
+    res = resident.start_and_wait()
+    if not res["running"]:
+        raise MountError(f"the resident server did not start (log: {res['log']})")
+    print(f"resident server running (pid {res['pid']})")
+    return 0
+
+
 def register(subparsers) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser("mount", help="lazily mount an image or one layer (FUSE)",
@@ -208,6 +241,17 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--cache-dir", metavar="DIR")
     p.set_defaults(func=cmd_cache)
+
+    p = subparsers.add_parser(
+        "server", help="the resident server that makes `mount` start fast",
+        description="A resident process with the mount code already imported runs "
+                    "`mount`/`unmount` for this user by forking, so a mount starts no new "
+                    "Python interpreter. `mount` starts one in the background unless "
+                    "STARGZ_TUI_SERVER=off (or `use`: use one, never start it); it exits "
+                    "after 15 idle minutes. Mounts never depend on it.")
+    p.add_argument("action", nargs="?", choices=["status", "start", "stop"], default="status")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_server)
 
 
 __all__ = ["register", "MountError"]

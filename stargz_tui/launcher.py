@@ -1,0 +1,165 @@
+"""The ``stargz-tui`` entry point: a thin client of the resident server.
+
+A mount is on the critical path of starting a container, and most of a cold
+``stargz-tui mount`` used to be Python starting twice (the command, then the
+daemon) and importing trio, httpx and pyfuse3 each time. When the resident
+server (:mod:`stargz_tui.resident`) runs, ``mount`` and ``unmount`` are handed
+to it: it has those modules imported already and forks a worker that runs
+the command with this process's arguments, environment, working directory
+and standard streams (passed over its socket), and forks the mount daemon in
+turn. This module therefore imports almost nothing before it knows whether
+the server is there; everything else goes through :func:`stargz_tui.cli.main`
+as before.
+
+``STARGZ_TUI_SERVER``: ``auto`` (default: use the server when it runs; a
+successful ``mount`` starts one in the background for the next time),
+``use`` (use it when it runs, never start one), ``off`` (never use it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HANDED_TO_SERVER = ("mount", "unmount", "umount")
+SOCKET_NAME = "server.sock"
+# The packages whose source decides whether a running server is current.
+_CODE_DIRS = ("core", "core/estargz", "core/registry", "stargz_tui", "stargz_tui/commands")
+
+
+def server_mode() -> str:
+    mode = os.environ.get("STARGZ_TUI_SERVER", "auto").strip().lower()
+    return mode if mode in ("auto", "use", "off") else "auto"
+
+
+def socket_path() -> str:
+    from core.paths import private_dir, runtime_dir
+
+    path = os.path.join(runtime_dir(), SOCKET_NAME)
+    if len(path.encode()) > 100:  # sun_path limit
+        path = os.path.join(private_dir(f"/tmp/sgz-{os.getuid()}"), SOCKET_NAME)
+    return path
+
+
+def code_stamp() -> str:
+    """Which code a process runs: the interpreter, and the newest source file
+    of the packages. A server started before an upgrade (or an edit of an
+    editable install) has another stamp and is not used."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    newest, count = 0, 0
+    for d in _CODE_DIRS:
+        try:
+            with os.scandir(os.path.join(root, d)) as it:
+                for e in it:
+                    if e.name.endswith(".py"):
+                        count += 1
+                        newest = max(newest, e.stat().st_mtime_ns)
+        except OSError:
+            continue
+    return f"{sys.executable}:{root}:{count}:{newest}"
+
+
+def _via_server(argv: list[str]) -> int | None:
+    """Run ``argv`` in the resident server; None when it is not there (or is
+    stale), so the caller runs the command itself. Nothing has run then."""
+    import array
+    import json
+    import socket
+
+    try:
+        path = socket_path()
+        for fd in (0, 1, 2):
+            os.fstat(fd)
+        cwd = os.getcwd()
+    except Exception:  # noqa: BLE001 - any doubt: run the command here
+        return None
+    if not os.path.exists(path):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(2.0)
+        sock.connect(path)
+        req = {"argv": argv, "env": dict(os.environ), "cwd": cwd, "stamp": code_stamp()}
+        sock.sendmsg([json.dumps(req).encode() + b"\n"],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+        reader = sock.makefile("rb")
+        first = json.loads(reader.readline() or b"{}")
+    except (OSError, ValueError):
+        sock.close()
+        return None
+    pid = first.get("pid") if isinstance(first, dict) else None
+    if not isinstance(pid, int):
+        sock.close()
+        return None  # stale or refused: the server ran nothing
+    return _wait_worker(sock, reader, pid)
+
+
+def _wait_worker(sock, reader, pid: int) -> int:
+    """The worker runs the command with our streams; pass on the signals we
+    get (Ctrl-C reaches only this process) and return its exit status."""
+    import json
+    import signal
+
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    sock.settimeout(None)
+    try:
+        line = reader.readline()
+        result = json.loads(line) if line else None
+    except (OSError, ValueError):
+        result = None
+    finally:
+        sock.close()
+    if not isinstance(result, dict) or not isinstance(result.get("rc"), int):
+        print("stargz-tui: the resident server's worker ended without a result "
+              "(see `stargz-tui server status`)", file=sys.stderr)
+        return 1
+    return result["rc"]
+
+
+def start_server_background() -> None:
+    """Start the resident server detached (it exits by itself when idle)."""
+    import subprocess
+
+    try:
+        from core.paths import private_dir, state_dir
+
+        log = os.path.join(private_dir(os.path.join(state_dir(), "logs")), "server.log")
+        logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except Exception:  # noqa: BLE001 - a missing server only costs speed
+        return
+    try:
+        subprocess.Popen([sys.executable, "-m", "stargz_tui.resident"],
+                         stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd, cwd="/",
+                         start_new_session=True)
+    except OSError:
+        pass
+    finally:
+        os.close(logfd)
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    mode = server_mode()
+    handed = (bool(argv) and argv[0] in HANDED_TO_SERVER and mode != "off"
+              and not {"-h", "--help"} & set(argv))
+    if handed:
+        rc = _via_server(argv)
+        if rc is not None:
+            return rc
+    from .cli import main as cli_main
+
+    rc = cli_main(argv)
+    if handed and rc == 0 and argv[0] == "mount" and mode == "auto":
+        start_server_background()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
