@@ -47,6 +47,7 @@ def preload() -> None:
     import anyio
     import anyio._backends._trio  # noqa: F401 - the daemon's backend
     import httpx  # noqa: F401
+    import platformdirs  # noqa: F401 - state and cache dirs
     import pyfuse3  # noqa: F401
     import trio  # noqa: F401
 
@@ -62,8 +63,11 @@ def preload() -> None:
     import core.tasks  # noqa: F401
     from stargz_tui import cli
 
-    cli.build_parser()  # imports every command module
-    del anyio
+    for name in ("open_signal_receiver", "create_unix_listener", "create_task_group",
+                 "fail_after", "move_on_after", "to_thread", "Event", "Lock",
+                 "CapacityLimiter"):
+        getattr(anyio, name, None)  # anyio imports these lazily
+    cli.PARSER = cli.build_parser()  # imports every command module; reused by workers
 
 
 class Server:
