@@ -19,6 +19,8 @@ import sys
 from array import array
 from collections.abc import Iterator
 from datetime import datetime
+from itertools import accumulate, chain, compress, islice, repeat
+from operator import add, ge, is_not, itemgetter, lt, not_
 from typing import NamedTuple
 
 from ..errors import FormatError
@@ -416,6 +418,9 @@ class LayerIndex:
 _XATTR_LIMIT = 64 * 1024
 _ZERO32 = bytes(32)
 _ZERO_HEX = "0" * 64
+# A missing digest: compared by identity, so a TOC's own all-zero digest
+# string is still a digest.
+_NO_DIGEST = "sha256:" + "0" * 64
 
 
 def _decode_xattrs(raw, name: str, warnings: list[str]) -> dict[str, bytes]:
@@ -479,6 +484,11 @@ _I62 = 1 << 62
 _CHUNK = len(TYPES)  # pseudo type code of "chunk" continuation entries
 _TYPE_CODE_WITH_CHUNK = {**_TYPE_CODE, "chunk": _CHUNK}
 _NO_FIELDS: dict = {}
+_DEFAULT_MODE = tuple(0o755 if t == DIR else 0o644 for t in range(len(TYPES)))
+# bytes.translate tables over type codes: 1 where the type is (not) so.
+_IS_REG = bytes(1 if t == REG else 0 for t in range(256))
+_IS_NOT_REG = bytes(0 if t == REG else 1 for t in range(256))
+_IS_OTHER = bytes(0 if t in (DIR, REG) else 1 for t in range(256))
 
 
 def _int_column(typecode: str, values: list, what: str, lo: int, hi: int,
@@ -486,7 +496,10 @@ def _int_column(typecode: str, values: list, what: str, lo: int, hi: int,
     """``values`` (None meaning 0) as an array, every one an int in [lo, hi];
     otherwise a :class:`FormatError` naming the first bad entry."""
     try:
-        col = array(typecode, [0 if v is None else v for v in values])
+        try:
+            col = array(typecode, values)
+        except TypeError:  # None (a null) means 0
+            col = array(typecode, [0 if v is None else v for v in values])
         if col and (min(col) < lo or max(col) > hi):
             raise ValueError
         if bool in set(map(type, values)):
@@ -500,8 +513,23 @@ def _int_column(typecode: str, values: list, what: str, lo: int, hi: int,
 
 def _sha256_column(digests: list) -> tuple[list[bool], bytes]:
     """Which of ``digests`` are well-formed sha256 digests, and all of them as
-    32-byte pieces (zeros for the others), decoded in one go."""
-    good = [type(d) is str and len(d) == 71 and d.startswith("sha256:") for d in digests]
+    32-byte pieces (zeros for the others), decoded in one go. ``_NO_DIGEST``
+    (this very object) stands for a missing one."""
+    n = len(digests)
+    try:
+        # The common case, checked at C speed: every one a string of 71
+        # characters starting "sha256:" (so "sha256:" occurs only there, hex
+        # holding no ":"), 64 hex digits after it (fromhex skips whitespace,
+        # hence the length check of its output).
+        if (not n or set(map(len, digests)) == {71}
+                and all(map(str.startswith, digests, repeat("sha256:")))):
+            blob = bytes.fromhex("".join(digests).replace("sha256:", ""))
+            if len(blob) == 32 * n:
+                return list(map(is_not, digests, repeat(_NO_DIGEST))), blob
+    except (TypeError, ValueError):
+        pass
+    good = [type(d) is str and len(d) == 71 and d.startswith("sha256:") and d is not _NO_DIGEST
+            for d in digests]
     try:
         blob = bytes.fromhex("".join([d[7:] if ok else _ZERO_HEX
                                       for d, ok in zip(digests, good, strict=True)]))
@@ -548,10 +576,13 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
     worker thread from async code. Raises :class:`FormatError` on a TOC that
     is not valid or makes claims outside the blob.
 
-    This is the resolve hot path of 100k-entry layers: one Python loop works
-    out names and the tree; every other column is built by comprehensions
-    straight into arrays and validated in bulk (with a slow, precise pass
-    only to name the culprit when something is wrong)."""
+    This is the resolve hot path of 100k-entry layers, so no step runs Python
+    code per entry: the tree comes from whole-list operations over the names
+    (:func:`_tree_bulk`; anything unusual there, duplicates or directories the
+    TOC leaves implicit, takes the per-entry :func:`_tree_loop`, which defines
+    the semantics), every other column is built by ``map`` over the entries
+    straight into arrays and validated in bulk (with a slow, precise pass only
+    to name the culprit when something is wrong)."""
     # Every entry is one JSON object (two with xattrs): far more braces than
     # that is a TOC built to exhaust memory in the parser; refuse it unparsed.
     if not isinstance(toc_json, dict) and toc_json.count(b"{") > 2 * MAX_ENTRIES + 16:
@@ -571,12 +602,289 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
     ix = LayerIndex(format=format, blob_digest=blob_digest, blob_size=blob_size,
                     toc_digest=toc_digest, toc_offset=toc_offset)
     warnings = ix.warnings
-    names, types, parents = ix._names, ix._types, ix._parents
+    tree = _tree_bulk(ents, blob_size) if _USE_BULK_TREE else None
+    if tree is None:
+        tree = _tree_loop(ents, blob_size, warnings)
+    names, types, parents, src, by_path, chunk_refs, landmark_offsets = tree
+    ix._names, ix._types, ix._parents = names, types, parents
+
+    # Columns, from each id's defining entry.
+    n = len(names)
+    # src's -1 (an implicit directory) picks the _NO_FIELDS appended last.
+    fields = list(map([*ents, _NO_FIELDS].__getitem__, src))
+    # The keys any entry has: a column no entry has is all defaults, with no
+    # pass over the entries (most TOCs leave uid, gid, owner names, xattrs
+    # and chunk offsets out when they are zero or empty).
+    keys = set(chain.from_iterable(fields))
+
+    def col(dicts: list, key: str, default=None) -> list:
+        if key not in keys:
+            return [default] * len(dicts)
+        return list(map(dict.get, dicts, repeat(key), repeat(default)))
+
+    def int_col(dicts: list, key: str, typecode: str, hi: int, path_of) -> array:
+        if key not in keys:
+            return array(typecode, bytes(array(typecode).itemsize * len(dicts)))
+        return _int_column(typecode, col(dicts, key, 0), key, 0, hi, path_of)
+
+    path_of = ix.path_of
+    ix._sizes = sizes = int_col(fields, "size", "q", _I62, path_of)
+    if "mode" in keys:
+        raw_modes = list(map(dict.get, fields, repeat("mode"),
+                             map(_DEFAULT_MODE.__getitem__, types)))
+        if None in raw_modes:  # an explicit null: the type's default
+            raw_modes = [_DEFAULT_MODE[t] if m is None else m
+                         for m, t in zip(raw_modes, types, strict=True)]
+        modes = _int_column("q", raw_modes, "mode", 0, _U32, path_of)
+    else:
+        modes = list(map(_DEFAULT_MODE.__getitem__, types))
+    if modes and max(modes) > 0o7777:
+        ix._modes = array("I", [m & 0o7777 for m in modes])
+    else:
+        ix._modes = array("I", modes)
+    ix._uids = int_col(fields, "uid", "I", _U32, path_of)
+    ix._gids = int_col(fields, "gid", "I", _U32, path_of)
+    times = _TimeCache()
+    if "modtime" not in keys:
+        ix._mtimes = array("d", bytes(8 * n))
+    else:
+        try:
+            ix._mtimes = array("d", map(times.__getitem__, col(fields, "modtime", "")))
+        except TypeError:  # an unhashable modtime: parse one by one
+            ix._mtimes = array("d", [_parse_time(e.get("modtime")) for e in fields])
+    owners = _OwnerTable(ix._owner_names)
+    try:
+        ix._unames = array("H", map(owners.__getitem__, col(fields, "userName")))
+        ix._gnames = array("H", map(owners.__getitem__, col(fields, "groupName")))
+    except TypeError:  # an unhashable owner name: not a name
+        ix._unames = array("H", [owners[v] if isinstance(v, str) else 0
+                                 for v in (e.get("userName") for e in fields)])
+        ix._gnames = array("H", [owners[v] if isinstance(v, str) else 0
+                                 for v in (e.get("groupName") for e in fields)])
+
+    # File digests (regular files only), extras, and each regular file's first chunk.
+    extras = ix._extras
+    hardlinks: list[tuple[int, str]] = []
+    reg_ids = list(compress(range(n), types.translate(_IS_REG)))
+    other_ids = list(compress(range(n), types.translate(_IS_OTHER)))  # neither dir nor reg
+    digests = col(fields, "digest", _NO_DIGEST)
+    for k in compress(range(n), types.translate(_IS_NOT_REG)):
+        digests[k] = _NO_DIGEST
+    good, blob = _sha256_column(digests)
+    ix._f_digests = bytearray(blob)
+    ix._f_has_digest = bytearray(good)
+    if not all(good):  # other digest forms are kept as they are
+        for k in compress(range(n), map(not_, good)):
+            d = digests[k]
+            if type(d) is str and d and d is not _NO_DIGEST:
+                extras[k] = {"digest": d}
+    # Each non-empty file's first chunk is described by the file's own entry.
+    cands = list(compress(reg_ids, map(sizes.__getitem__, reg_ids)))
+    first = list(map(fields.__getitem__, cands))
+    chunks = _ChunkColumns()
+    if not (any(col(first, "chunkOffset")) or any(col(first, "innerOffset"))
+            or "endOffset" in keys and any(map(dict.__contains__, first, repeat("endOffset")))):
+        def cand_path(j: int) -> str:
+            return path_of(cands[j])
+
+        chunks.owners = cands
+        chunks.file_offs = [0] * len(cands)
+        chunks.sizes = int_col(first, "chunkSize", "q", _I62, cand_path)
+        chunks.offs = _int_column("q", col(first, "offset", 0), "offset", 0, blob_size,
+                                  cand_path)
+        chunks.inners = [0] * len(cands)
+        chunks.hints = [None] * len(cands)
+        chunk_digests = col(first, "chunkDigest", _NO_DIGEST)
+        if chunk_digests == list(map(digests.__getitem__, cands)):
+            # Single-chunk files: the chunk's digest is the file's, decoded above.
+            chunks.has_digest = bytearray(map(good.__getitem__, cands))
+            chunks.digests = bytearray(b"".join([blob[k * 32 : k * 32 + 32] for k in cands]))
+        else:
+            chunks.set_digests(chunk_digests)
+        del chunk_digests
+    else:
+        for k, e in zip(cands, first, strict=True):
+            chunks.add(_chunk_record(k, e, path_of(k), blob_size))
+    del first, digests, good, blob
+    for id in other_ids:
+        e = fields[id]
+        code = types[id]
+        path = path_of(id)
+        ex = {}
+        if code in (SYMLINK, HARDLINK):
+            ln = e.get("linkName")
+            if not isinstance(ln, str) or not ln:
+                raise FormatError(f"TOC {TYPES[code]} {path!r} has no linkName")
+            if "\x00" in ln:
+                raise FormatError(f"TOC {TYPES[code]} {path!r} has a NUL byte in its linkName")
+            ex["linkName"] = ln
+            if code == HARDLINK:
+                hardlinks.append((id, ln))
+        if code in (CHAR, BLOCK):
+            ex["devMajor"] = _int(e.get("devMajor"), "devMajor", path, 0, _U32)
+            ex["devMinor"] = _int(e.get("devMinor"), "devMinor", path, 0, _U32)
+        if ex:
+            extras[id] = ex
+    for id in (compress(range(n), map(dict.__contains__, fields, repeat("xattrs")))
+               if "xattrs" in keys else ()):
+        xa = fields[id]["xattrs"]
+        if xa:
+            decoded = _decode_xattrs(xa, path_of(id), warnings)
+            if decoded:
+                extras.setdefault(id, {})["xattrs"] = decoded
+    for owner, i in chunk_refs:
+        chunks.add(_chunk_record(owner, ents[i], path_of(owner), blob_size))
+    del fields
+    ix.no_prefetch = NO_PREFETCH_LANDMARK in landmark_offsets
+    if PREFETCH_LANDMARK in landmark_offsets:
+        ix.prefetch_end = landmark_offsets[PREFETCH_LANDMARK]
+    _resolve_hardlinks(ix, hardlinks, by_path)
+    _build_children(ix)
+    _build_chunks(ix, chunks, toc_offset)
+    _compact(ix)
+    return ix
+
+
+# Tests set this to False to check the bulk tree against the loop.
+_USE_BULK_TREE = True
+# What makes a name need _norm_name (or be a landmark or the root): being
+# empty, starting with "." or "/", holding "//" or "/.". Searched for in the
+# names joined with NULs (which no name may hold): (pattern, offset from a
+# match to a character of the entry it flags); the first name is checked apart.
+_SUSPECT_PATTERNS = (("\x00.", 1), ("\x00/", 1), ("\x00\x00", 1), ("//", 0), ("/.", 0))
+
+
+def _col(dicts: list, key: str, default=None) -> list:
+    """``[d.get(key, default) for d in dicts]`` at C speed; ``default`` may be
+    a list (one default per dict)."""
+    if isinstance(default, list):
+        return list(map(dict.get, dicts, repeat(key), default))
+    return list(map(dict.get, dicts, repeat(key), repeat(default)))
+
+
+def _tree_bulk(ents: list, blob_size: int):
+    """Names, types and the tree of the common TOC (every directory listed
+    before what it holds, no duplicates) with whole-list operations; None for
+    anything else, which :func:`_tree_loop` then handles (and refuses when it
+    is invalid). The result is exactly what :func:`_tree_loop` would build."""
+    n0 = len(ents)
+    try:
+        if not n0 or set(map(type, ents)) != {dict}:
+            return None
+        raw_names = _col(ents, "name")
+        joined = "\x00".join(raw_names)  # TypeError: a name is not a string
+        if joined.count("\x00") != n0 - 1:
+            return None  # a NUL in a name: the loop refuses it
+        codes = bytes(map(_TYPE_CODE_WITH_CHUNK.get, _col(ents, "type")))
+    except TypeError:  # a missing name, an unknown (or unhashable) type
+        return None
+    # Entries whose names need _norm_name: what _SUSPECT_NAME flags, and
+    # names long enough that a limit might be exceeded.
+    lens = list(map(len, raw_names))
+    suspects = set()
+    matches = []
+    for pat, at in _SUSPECT_PATTERNS:
+        p = joined.find(pat)
+        while p >= 0:
+            matches.append(p + at)
+            p = joined.find(pat, p + 1)
+    if not raw_names[0] or raw_names[0][0] in "./":
+        suspects.add(0)
+    if not raw_names[-1]:
+        suspects.add(n0 - 1)
+    if matches:
+        starts = list(accumulate(map(add, lens, repeat(1)), initial=0))
+        suspects.update([bisect.bisect_right(starts, p) - 1 for p in matches])
+        del starts
+    max_plain_len = min(MAX_NAME_BYTES // 4, MAX_PATH_DEPTH) - 1
+    if max(lens) > max_plain_len:
+        suspects.update([k for k, ln in enumerate(lens) if ln > max_plain_len])
+    del lens, matches
+    # Paths: the names without their trailing "/" (suspects are redone below).
+    paths = joined.replace("/\x00", "\x00")
+    del joined
+    paths = (paths[:-1] if paths.endswith("/") else paths).split("\x00")
+    skip: list[int] = []  # landmarks, root entries, chunk entries
+    landmark_offsets: dict[str, int] = {}
+    root_src = -1
+    for k in sorted(suspects):
+        name_raw = raw_names[k]
+        if len(name_raw.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            return None
+        try:
+            path = _norm_name(name_raw)
+        except FormatError:
+            return None
+        paths[k] = path
+        code = codes[k]
+        if path in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK) and code != _CHUNK:
+            off = ents[k].get("offset")
+            if off is not None and (type(off) is not int or not 0 <= off <= blob_size):
+                return None
+            landmark_offsets[path] = off or 0
+            skip.append(k)
+        elif not path and code != _CHUNK:
+            if code != DIR:
+                return None
+            root_src = k
+            skip.append(k)
+    chunk_pos = []
+    k = codes.find(_CHUNK)
+    while k >= 0:
+        chunk_pos.append(k)
+        k = codes.find(_CHUNK, k + 1)
+    if skip or chunk_pos:
+        keep = bytearray(b"\x01") * n0
+        for k in skip:
+            keep[k] = 0
+        for k in chunk_pos:
+            keep[k] = 0
+        sel = list(compress(range(n0), keep))
+        sel_paths = list(compress(paths, keep))
+        sel_codes = bytes(compress(codes, keep))
+    else:
+        sel = list(range(n0))
+        sel_paths = paths
+        sel_codes = codes
+    m = len(sel)
+    by_path = dict(zip(sel_paths, range(1, m + 1), strict=True))
+    if len(by_path) != m or "" in by_path:
+        return None  # duplicates: the loop decides which one is used
+    by_path[""] = 0
+    parts = list(map(str.rpartition, sel_paths, repeat("/")))
+    del sel_paths
+    try:
+        parents = array("i", [0, *map(by_path.get, map(itemgetter(0), parts))])
+    except TypeError:
+        return None  # a parent the TOC leaves implicit: the loop adds it
+    types = bytearray([DIR]) + sel_codes
+    if any(map(ge, islice(parents, 1, None), range(1, m + 1))):
+        return None  # a directory listed after what it holds: the loop adds it earlier
+    for p in set(parents):
+        if types[p] != DIR:
+            return None
+    shared: dict[str, str] = {}
+    bases = list(map(itemgetter(2), parts))
+    del parts
+    names = [""]
+    names += map(shared.setdefault, bases, bases)
+    src = [root_src, *sel]
+    chunk_refs = []
+    for i in chunk_pos:
+        owner = by_path.get(paths[i])
+        if owner is None or types[owner] != REG or src[owner] > i:
+            return None
+        chunk_refs.append((owner, i))
+    return names, types, parents, src, by_path, chunk_refs, landmark_offsets
+
+
+def _tree_loop(ents: list, blob_size: int, warnings: list[str]):
+    """Names, types and the tree, one entry at a time (any TOC)."""
+    names: list[str] = [""]
+    types = bytearray([DIR])
+    parents = array("i", [0])
     # src[id]: the index in ``ents`` of the entry that defines id (-1: implicit dir).
     src: list[int] = [-1]
-    names.append("")
-    types.append(DIR)
-    parents.append(0)
     by_path: dict[str, int] = {"": 0}
     # Share equal names (``__init__.py``, ``LICENSE``...) through a local table
     # rather than sys.intern, whose global dict would keep ~40 bytes per
@@ -618,7 +926,8 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
         name_raw = raw.get("name")
         if type(name_raw) is not str:
             raise FormatError("TOC entry has no name")
-        code = type_code(raw.get("type"))
+        code = raw.get("type")
+        code = type_code(code) if type(code) is str else None
         # Fast path for ordinary relative names (short enough that neither
         # the byte-length nor the depth limit can be exceeded); anything
         # unusual, landmarks included, is checked and normalised by _norm_name.
@@ -670,108 +979,7 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
                 types[id] = code
                 chunk_refs = [c for c in chunk_refs if c[0] != id]
             src[id] = i
-
-    # Columns, from each id's defining entry.
-    n = len(names)
-    fields = [ents[i] if i >= 0 else _NO_FIELDS for i in src]
-    path_of = ix.path_of
-    ix._sizes = sizes = _int_column("q", [e.get("size") for e in fields], "size", 0, _I62,
-                                    path_of)
-    raw_modes = [e.get("mode") for e in fields]
-    for k in range(n):
-        if raw_modes[k] is None:
-            raw_modes[k] = 0o755 if types[k] == DIR else 0o644
-    ix._modes = array("I", [m & 0o7777 for m in _int_column("q", raw_modes, "mode", 0, _U32,
-                                                               path_of)])
-    ix._uids = _int_column("I", [e.get("uid") for e in fields], "uid", 0, _U32, path_of)
-    ix._gids = _int_column("I", [e.get("gid") for e in fields], "gid", 0, _U32, path_of)
-    times = _TimeCache()
-    try:
-        ix._mtimes = array("d", [times[e.get("modtime") or ""] for e in fields])
-    except TypeError:  # an unhashable modtime: parse one by one
-        ix._mtimes = array("d", [_parse_time(e.get("modtime")) for e in fields])
-    owners = _OwnerTable(ix._owner_names)
-    try:
-        ix._unames = array("H", [owners[e.get("userName")] for e in fields])
-        ix._gnames = array("H", [owners[e.get("groupName")] for e in fields])
-    except TypeError:  # an unhashable owner name: not a name
-        ix._unames = array("H", [owners[v] if isinstance(v, str) else 0
-                                 for v in (e.get("userName") for e in fields)])
-        ix._gnames = array("H", [owners[v] if isinstance(v, str) else 0
-                                 for v in (e.get("groupName") for e in fields)])
-
-    # File digests, extras, and each regular file's first chunk.
-    f_digests = ix._f_digests = bytearray(32 * n)
-    f_has_digest = ix._f_has_digest = bytearray(n)
-    extras = ix._extras
-    hardlinks: list[tuple[int, str]] = []
-    reg_ids = [k for k in range(n) if types[k] == REG]
-    digests = [fields[k].get("digest") for k in reg_ids]
-    good, blob = _sha256_column(digests)
-    for j, id in enumerate(reg_ids):
-        if good[j]:
-            f_digests[id * 32 : id * 32 + 32] = blob[j * 32 : j * 32 + 32]
-            f_has_digest[id] = 1
-        elif type(digests[j]) is str and digests[j]:
-            extras[id] = {"digest": digests[j]}
-    # Each non-empty file's first chunk is described by the file's own entry.
-    cands = [k for k in reg_ids if sizes[k] > 0]
-    first = [fields[k] for k in cands]
-    chunks = _ChunkColumns()
-    if all([not (e.get("chunkOffset") or e.get("innerOffset") or "endOffset" in e)
-            for e in first]):
-        def cand_path(j: int) -> str:
-            return path_of(cands[j])
-
-        chunks.owners = cands
-        chunks.file_offs = [0] * len(cands)
-        chunks.sizes = list(_int_column("q", [e.get("chunkSize") for e in first], "chunkSize",
-                                        0, _I62, cand_path))
-        chunks.offs = list(_int_column("q", [e.get("offset") for e in first], "offset",
-                                       0, blob_size, cand_path))
-        chunks.inners = [0] * len(cands)
-        chunks.hints = [None] * len(cands)
-        chunks.set_digests([e.get("chunkDigest") for e in first])
-    else:
-        for k, e in zip(cands, first, strict=True):
-            chunks.add(_chunk_record(k, e, path_of(k), blob_size))
-    del first
-    for id in [k for k in range(n) if types[k] != DIR and types[k] != REG]:
-        e = fields[id]
-        code = types[id]
-        path = path_of(id)
-        ex = {}
-        if code in (SYMLINK, HARDLINK):
-            ln = e.get("linkName")
-            if not isinstance(ln, str) or not ln:
-                raise FormatError(f"TOC {TYPES[code]} {path!r} has no linkName")
-            if "\x00" in ln:
-                raise FormatError(f"TOC {TYPES[code]} {path!r} has a NUL byte in its linkName")
-            ex["linkName"] = ln
-            if code == HARDLINK:
-                hardlinks.append((id, ln))
-        if code in (CHAR, BLOCK):
-            ex["devMajor"] = _int(e.get("devMajor"), "devMajor", path, 0, _U32)
-            ex["devMinor"] = _int(e.get("devMinor"), "devMinor", path, 0, _U32)
-        if ex:
-            extras[id] = ex
-    for id in [k for k in range(n) if "xattrs" in fields[k]]:
-        xa = fields[id]["xattrs"]
-        if xa:
-            decoded = _decode_xattrs(xa, path_of(id), warnings)
-            if decoded:
-                extras.setdefault(id, {})["xattrs"] = decoded
-    for owner, i in chunk_refs:
-        chunks.add(_chunk_record(owner, ents[i], path_of(owner), blob_size))
-    del fields
-    ix.no_prefetch = NO_PREFETCH_LANDMARK in landmark_offsets
-    if PREFETCH_LANDMARK in landmark_offsets:
-        ix.prefetch_end = landmark_offsets[PREFETCH_LANDMARK]
-    _resolve_hardlinks(ix, hardlinks, by_path)
-    _build_children(ix)
-    _build_chunks(ix, chunks, toc_offset)
-    _compact(ix)
-    return ix
+    return names, types, parents, src, by_path, chunk_refs, landmark_offsets
 
 
 def _compact(ix: LayerIndex) -> None:
@@ -850,53 +1058,81 @@ def _build_children(ix: LayerIndex) -> None:
 
 def _build_chunks(ix: LayerIndex, cc: _ChunkColumns, toc_offset: int) -> None:
     n = len(ix._names)
-    ix._first_chunk = first = array("i", [-1]) * n
-    ix._chunk_count = count = array("i", bytes(4 * n))
     m = len(cc.owners)
     if not m:
+        ix._first_chunk = array("i", [-1]) * n
+        ix._chunk_count = array("i", bytes(4 * n))
         return
     # Blob order: by compressed offset, then by offset inside the member.
     offs0, inners0 = cc.offs, cc.inners
-    if any(inners0):
+    has_inner = any(inners0)
+    if not has_inner and all(map(lt, offs0, islice(offs0, 1, None))):
+        perm = None  # already in blob order, as writers lay TOCs out
+    elif has_inner:
         perm = sorted(range(m), key=lambda k: (offs0[k], inners0[k]))
     else:
         perm = sorted(range(m), key=offs0.__getitem__)
-    owners = array("i", [cc.owners[k] for k in perm])
-    foffs = array("q", [cc.file_offs[k] for k in perm])
-    csizes = array("q", [cc.sizes[k] for k in perm])
-    offs = array("q", [offs0[k] for k in perm])
-    inners = array("q", [inners0[k] for k in perm])
-    hints = [cc.hints[k] for k in perm]
-    has_digest = bytearray([cc.has_digest[k] for k in perm])
-    dg = cc.digests
-    digests = bytearray(b"".join([dg[k * 32 : k * 32 + 32] for k in perm]))
+    if perm is None:
+        owners = array("i", cc.owners)
+        foffs = array("q", cc.file_offs)
+        csizes = array("q", cc.sizes)
+        offs = array("q", offs0)
+        inners = array("q", inners0)
+        hints = cc.hints
+        has_digest = bytearray(cc.has_digest)
+        digests = bytearray(cc.digests)
+        # Offsets strictly increase: each chunk runs to the next one.
+        ends = offs[1:]
+        ends.append(toc_offset)
+    else:
+        owners = array("i", map(cc.owners.__getitem__, perm))
+        foffs = array("q", map(cc.file_offs.__getitem__, perm))
+        csizes = array("q", map(cc.sizes.__getitem__, perm))
+        offs = array("q", map(offs0.__getitem__, perm))
+        inners = array("q", map(inners0.__getitem__, perm))
+        hints = list(map(cc.hints.__getitem__, perm))
+        has_digest = bytearray(map(cc.has_digest.__getitem__, perm))
+        dg = cc.digests
+        digests = bytearray(b"".join([dg[k * 32 : k * 32 + 32] for k in perm]))
+        # The compressed extent of a chunk runs to the next chunk that starts
+        # later in the blob (or the TOC), unless the TOC states its end.
+        starts = sorted(set(offs))
+        next_start = dict(zip(starts, starts[1:] + [toc_offset], strict=True))
+        ends = array("q", map(next_start.__getitem__, offs))
     if offs[m - 1] >= toc_offset:
         raise FormatError(f"chunk of {ix.path_of(owners[m - 1])!r} starts at {offs[m - 1]}, "
                           "inside the TOC region")
-    # The compressed extent of a chunk runs to the next chunk that starts
-    # later in the blob (or the TOC), unless the TOC states its end.
-    starts = sorted(set(offs))
-    next_start = dict(zip(starts, starts[1:] + [toc_offset], strict=True))
-    ends = array("q", [next_start[o] for o in offs])
-    for k, hint in enumerate(hints):
-        if hint is not None and hint > offs[k]:
-            ends[k] = min(hint, toc_offset)
+    if hints.count(None) != m:
+        for k, hint in enumerate(hints):
+            if hint is not None and hint > offs[k]:
+                ends[k] = min(hint, toc_offset)
     sizes = ix._sizes
     if len(set(owners)) == m:
         # One chunk per file (the common case): it must start at 0 and cover
         # the file; a size of 0 (or past the end) means the whole file.
-        fsizes = [sizes[o] for o in owners]
-        for k in range(m):
-            if foffs[k] != 0 or (csizes[k] and csizes[k] < fsizes[k]):
-                at = 0 if foffs[k] else csizes[k]
-                raise FormatError(f"chunks of {ix.path_of(owners[k])!r} leave a gap or overlap "
-                                  f"at offset {at}")
-        csizes = array("q", fsizes)
-        by_file = sorted(range(m), key=owners.__getitem__)
-        for p, k in enumerate(by_file):
-            first[owners[k]] = p
-            count[owners[k]] = 1
+        fsizes = array("q", map(sizes.__getitem__, owners))
+        # (0 < chunk size < file size) for some chunk: min(True, size) is truthy.
+        if any(foffs) or any(map(min, map(lt, csizes, fsizes), csizes)):
+            for k in range(m):
+                if foffs[k] != 0 or (csizes[k] and csizes[k] < fsizes[k]):
+                    at = 0 if foffs[k] else csizes[k]
+                    raise FormatError(f"chunks of {ix.path_of(owners[k])!r} leave a gap or "
+                                      f"overlap at offset {at}")
+        csizes = fsizes
+        if all(map(lt, owners, islice(owners, 1, None))):
+            by_file = range(m)  # files in blob order too
+            file_owners = owners
+        else:
+            by_file = sorted(range(m), key=owners.__getitem__)
+            file_owners = map(owners.__getitem__, by_file)
+        # Scatter: entry -> position of its chunk in file order (-1: none).
+        pos = dict(zip(file_owners, range(m), strict=True))
+        first = array("i", map(pos.get, range(n), repeat(-1)))
+        count = array("i", map(pos.__contains__, range(n)))
+        del pos
     else:
+        first = array("i", [-1]) * n
+        count = array("i", bytes(4 * n))
         # File order: chunk ids grouped by file, by offset within the file.
         by_file = sorted(range(m), key=foffs.__getitem__)
         by_file.sort(key=owners.__getitem__)
@@ -920,6 +1156,7 @@ def _build_chunks(ix: LayerIndex, cc: _ChunkColumns, toc_offset: int) -> None:
                 raise FormatError(f"chunks of {ix.path_of(owner)!r} leave a gap or overlap at offset {at}")
             if last and nxt != fsize:
                 raise FormatError(f"chunks of {ix.path_of(owner)!r} cover {nxt} of {fsize} bytes")
+    ix._first_chunk, ix._chunk_count = first, count
     ix._c_entry, ix._c_file_off, ix._c_size = owners, foffs, csizes
     ix._c_off, ix._c_end, ix._c_inner = offs, ends, inners
     ix._c_has_digest, ix._c_digests = has_digest, digests
