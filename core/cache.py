@@ -35,6 +35,7 @@ in worker threads (``get_memory`` is cheap and may run anywhere).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -115,6 +116,21 @@ def _check(key: str, data: bytes) -> bool:
         except ValueError:
             return False
     return True
+
+
+def _copy_into(buf: mmap.mmap, parts: list) -> None:
+    """Copy ``parts`` (bytes) one after the other into ``buf`` with the GIL
+    released (``ctypes.memmove``): a pack is MiBs, and a copy of that under
+    the GIL stalls the event loop and the decoding threads."""
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    pos = 0
+    for part in parts:
+        n = len(part)
+        if n >= 64 << 10 and isinstance(part, bytes):
+            ctypes.memmove(base + pos, part, n)
+        else:
+            buf[pos:pos + n] = part
+        pos += n
 
 
 def _pack_header(entries: list) -> bytes:
@@ -550,7 +566,7 @@ class ChunkCache:
         if buf is None or len(buf) < padded:
             if buf is not None:
                 buf.close()
-            buf = mmap.mmap(-1, max(padded, 4 << 20))  # page aligned
+            buf = mmap.mmap(-1, max(padded + padded // 4, 8 << 20))  # page aligned, room to grow
             self._tls.buf = buf
         try:
             fl = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -558,11 +574,7 @@ class ChunkCache:
         except OSError:
             self._direct_ok = False
             return False
-        pos = 0
-        for part in parts:
-            n = len(part)
-            buf[pos:pos + n] = part
-            pos += n
+        _copy_into(buf, parts)
         if padded > size:
             buf[size:padded] = bytes(padded - size)
         view = memoryview(buf)[:padded]

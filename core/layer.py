@@ -53,6 +53,7 @@ DECODE_PART = 2 << 20         # a group's chunks decode in parallel runs of this
 READAHEAD_WINDOW = 8 << 20    # range request size of sequential read-ahead
 _FILE_CHUNKS_CACHED = 4096    # per-file chunk lists kept
 _SEQ_SLACK = 8 << 20          # a read this near a stream's position is sequential
+_BACKLOG = 2                  # background units fetched beyond the slots, awaiting decode
 
 
 class _Flight:
@@ -285,34 +286,47 @@ class LayerReader:
         else:  # no long-lived task group: caller awaits the flights itself
             self._pending.append((group, flights, prioritized))
 
+    def _fail_flights(self, flights: dict[int, _Flight], e: BaseException) -> None:
+        """Answer every waiter still waiting with ``e`` (a cancellation as a
+        read error) and drop those flights."""
+        for idx, f in flights.items():
+            if not f.event.is_set():
+                f.error = e if isinstance(e, Exception) else BlobReadError("fetch cancelled")
+                if self._inflight.get(idx) is f:
+                    del self._inflight[idx]
+                f.event.set()
+
     async def _fetch_group(self, group: list[Chunk], flights: dict[int, _Flight],
-                           prioritized: bool, remember: bool = True, store_in=None) -> None:
+                           prioritized: bool, remember: bool = True) -> None:
         try:
             if prioritized:
                 async with self.tasks.prioritized():
                     await self._fetch_group_inner(group, flights, remember)
             else:
-                await self._fetch_group_inner(group, flights, remember, store_in)
+                await self._fetch_group_inner(group, flights, remember)
         except BaseException as e:  # incl. cancellation: never leave waiters hanging
-            for idx, f in flights.items():
-                if not f.event.is_set():
-                    f.error = e if isinstance(e, Exception) else BlobReadError("fetch cancelled")
-                    if self._inflight.get(idx) is f:
-                        del self._inflight[idx]
-                    f.event.set()
+            self._fail_flights(flights, e)
             if not isinstance(e, Exception):
                 raise
 
-    async def _fetch_group_inner(self, group, flights, remember: bool = True,
-                                 store_in=None) -> None:
-        """Fetch, decode, answer waiters, store. ``store_in``: a (task group,
-        semaphore) pair to write the cache files in after returning (at most
-        the semaphore's count of groups wait for their writes)."""
+    async def _fetch_bytes(self, group: list[Chunk]) -> tuple[int, bytes]:
+        """The compressed extent covering ``group``: (its blob offset, bytes)."""
         start = min(c.offset for c in group)
         end = max(c.end for c in group)
         blob = await self._read_blob(start, end - start)
         if len(blob) != end - start:
             raise BlobReadError(f"short read of {self.index.blob_digest[:19]} at {start}")
+        return start, blob
+
+    async def _fetch_group_inner(self, group, flights, remember: bool = True) -> None:
+        """Fetch, decode, answer waiters, store."""
+        start, blob = await self._fetch_bytes(group)
+        await self._decode_store(group, flights, start, blob, remember)
+
+    async def _decode_store(self, group, flights, start: int, blob: bytes,
+                            remember: bool = True) -> None:
+        """Decode and verify ``group`` from its fetched bytes (parallel worker
+        threads), answer its waiters, then write its cache pack."""
         good = []
 
         async def decode(part: list[Chunk]) -> None:
@@ -341,15 +355,9 @@ class LayerReader:
                     tg.start_soon(decode, part)
         blob = b""  # let the compressed bytes go before the cache writes
         good.sort(key=lambda c: c.index)
-        if store_in is not None and good:
-            tg, sem = store_in
-            await sem.acquire()
-            tg.start_soon(self._store_flights, good, flights, sem)
-            return
         await self._store_flights(good, flights)
 
-    async def _store_flights(self, good: list[Chunk], flights: dict[int, _Flight],
-                             sem: anyio.Semaphore | None = None) -> None:
+    async def _store_flights(self, good: list[Chunk], flights: dict[int, _Flight]) -> None:
         try:
             if good:
                 await anyio.to_thread.run_sync(
@@ -360,8 +368,6 @@ class LayerReader:
             for c in good:
                 if self._inflight.get(c.index) is flights[c.index]:
                     del self._inflight[c.index]
-            if sem is not None:
-                sem.release()
 
     async def _get_chunks(self, chunks: list[Chunk], prioritized: bool = True) -> dict[int, bytes]:
         out: dict[int, bytes] = {}
@@ -618,13 +624,18 @@ class LayerReader:
         return rest
 
     async def background_fetch(self) -> None:
-        """Fetch every chunk not yet cached, one window per background slot;
-        as many units run at once as the task manager has slots, so one
-        unit's request is in flight while another's chunks decode."""
+        """Fetch every chunk not yet cached as a pipeline: range requests of
+        ``background_window`` bytes, each holding a background slot of the
+        task manager only while its bytes arrive (as many in flight as it
+        has slots), then decoded, verified and stored outside the slot while
+        the next requests run. At most ``_BACKLOG`` fetched units wait for
+        their decode and write (bounded memory)."""
         self.background_started = True
         n = self.index.num_chunks
         failed: set[int] = set()
         cursor = [0]
+        workers = max(1, self.tasks.max_concurrent)
+        backlog = anyio.Semaphore(workers + _BACKLOG)
 
         def next_missing() -> int:
             i = cursor[0]
@@ -633,39 +644,63 @@ class LayerReader:
             cursor[0] = i
             return i
 
-        async def worker(store_in) -> None:
-            while next_missing() < n:
-                async with self.tasks.background():
-                    i = next_missing()
-                    if i >= n:
-                        return
-                    group = self._plan([self.index.chunk(i)], neighbours=self.background_window,
-                                       window=self.background_window)[0]
-                    group = self._adopt_sync(group)
-                    if not group or group[0].index != i:
-                        continue  # another mount cached them meanwhile
-                    flights = {}
-                    for c in group:
-                        f = _Flight()
-                        self._inflight[c.index] = f
-                        flights[c.index] = f
-                    try:
-                        # the cache files are written while the next unit runs
-                        await self._fetch_group(group, flights, False, remember=False,
-                                                store_in=store_in)
-                    except CoreError as e:
-                        log.warning("%s: background fetch: %s", self.name, e)
-                        await anyio.sleep(1.0)
-                    for c in group:
-                        if not self._cached[c.index] and c.index not in self._inflight:
-                            failed.add(c.index)
+        def settle(group: list[Chunk]) -> None:
+            for c in group:
+                if not self._cached[c.index] and c.index not in self._inflight:
+                    failed.add(c.index)
 
-        workers = max(1, self.tasks.max_concurrent)
-        async with anyio.create_task_group() as stores:
-            store_in = (stores, anyio.Semaphore(workers))
+        async def finish(group, flights, start: int, blob: bytes) -> None:
+            try:
+                await self._decode_store(group, flights, start, blob, remember=False)
+            except BaseException as e:
+                self._fail_flights(flights, e)
+                if not isinstance(e, Exception):
+                    raise
+                log.warning("%s: background fetch: %s", self.name, e)
+            finally:
+                backlog.release()
+                settle(group)
+
+        async def worker(decoding) -> None:
+            while next_missing() < n:
+                await backlog.acquire()
+                handed_off = False
+                try:
+                    async with self.tasks.background():
+                        i = next_missing()
+                        if i >= n:
+                            return
+                        group = self._plan([self.index.chunk(i)],
+                                           neighbours=self.background_window,
+                                           window=self.background_window)[0]
+                        group = self._adopt_sync(group)
+                        if not group or group[0].index != i:
+                            continue  # another mount cached them meanwhile
+                        flights = {}
+                        for c in group:
+                            f = _Flight()
+                            self._inflight[c.index] = f
+                            flights[c.index] = f
+                        try:
+                            start, blob = await self._fetch_bytes(group)
+                        except BaseException as e:
+                            self._fail_flights(flights, e)
+                            settle(group)
+                            if not isinstance(e, CoreError):
+                                raise
+                            log.warning("%s: background fetch: %s", self.name, e)
+                            await anyio.sleep(1.0)
+                            continue
+                    decoding.start_soon(finish, group, flights, start, blob)
+                    handed_off = True
+                finally:
+                    if not handed_off:
+                        backlog.release()
+
+        async with anyio.create_task_group() as decoding:
             async with anyio.create_task_group() as tg:
                 for _ in range(workers):
-                    tg.start_soon(worker, store_in)
+                    tg.start_soon(worker, decoding)
         # wait for fetches others started, bounded by their own requests
         for f in list(self._inflight.values()):
             await f.event.wait()
