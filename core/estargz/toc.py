@@ -492,14 +492,19 @@ _IS_OTHER = bytes(0 if t in (DIR, REG) else 1 for t in range(256))
 
 
 def _int_column(typecode: str, values: list, what: str, lo: int, hi: int,
-                path_of) -> array:
-    """``values`` (None meaning 0) as an array, every one an int in [lo, hi];
-    otherwise a :class:`FormatError` naming the first bad entry."""
+                path_of, nulls: list | None = None) -> array:
+    """``values`` (None meaning 0, or ``nulls``' value at its place) as an
+    array, every one an int in [lo, hi]; otherwise a :class:`FormatError`
+    naming the first bad entry."""
     try:
         try:
             col = array(typecode, values)
-        except TypeError:  # None (a null) means 0
-            col = array(typecode, [0 if v is None else v for v in values])
+        except TypeError:  # None (a null)
+            if nulls is None:
+                col = array(typecode, [0 if v is None else v for v in values])
+            else:
+                col = array(typecode, [d if v is None else v
+                                       for v, d in zip(values, nulls, strict=True)])
         if col and (min(col) < lo or max(col) > hi):
             raise ValueError
         if bool in set(map(type, values)):
@@ -629,15 +634,13 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
 
     path_of = ix.path_of
     ix._sizes = sizes = int_col(fields, "size", "q", _I62, path_of)
+    default_modes = list(map(_DEFAULT_MODE.__getitem__, types))
     if "mode" in keys:
-        raw_modes = list(map(dict.get, fields, repeat("mode"),
-                             map(_DEFAULT_MODE.__getitem__, types)))
-        if None in raw_modes:  # an explicit null: the type's default
-            raw_modes = [_DEFAULT_MODE[t] if m is None else m
-                         for m, t in zip(raw_modes, types, strict=True)]
-        modes = _int_column("q", raw_modes, "mode", 0, _U32, path_of)
+        # A mode left out, or null, is the type's default.
+        modes = _int_column("q", list(map(dict.get, fields, repeat("mode"), default_modes)),
+                            "mode", 0, _U32, path_of, nulls=default_modes)
     else:
-        modes = list(map(_DEFAULT_MODE.__getitem__, types))
+        modes = default_modes
     if modes and max(modes) > 0o7777:
         ix._modes = array("I", [m & 0o7777 for m in modes])
     else:
