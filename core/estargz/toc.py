@@ -1114,8 +1114,10 @@ def _build_chunks(ix: LayerIndex, cc: _ChunkColumns, toc_offset: int) -> None:
         # One chunk per file (the common case): it must start at 0 and cover
         # the file; a size of 0 (or past the end) means the whole file.
         fsizes = array("q", map(sizes.__getitem__, owners))
-        # (0 < chunk size < file size) for some chunk: min(True, size) is truthy.
-        if any(foffs) or any(map(min, map(lt, csizes, fsizes), csizes)):
+        # Some chunk with 0 < chunk size < file size (min(True, size) is truthy)?
+        # Writers state no size, or the file's, for a single chunk.
+        if any(foffs) or (any(csizes) and csizes != fsizes
+                          and any(map(min, map(lt, csizes, fsizes), csizes))):
             for k in range(m):
                 if foffs[k] != 0 or (csizes[k] and csizes[k] < fsizes[k]):
                     at = 0 if foffs[k] else csizes[k]
