@@ -456,20 +456,6 @@ class ChunkCache:
         self.hits += 1
         return data
 
-    def advise(self, key: str) -> None:
-        """Hint the kernel to read a verified chunk's bytes now (sequential
-        readers: the disk read overlaps serving the previous chunk)."""
-        loc = self._index.get(key)
-        if loc is None or key not in self._verified:
-            return
-        with self._rlock:
-            fd = self._pack_fd(loc[0])
-            if fd is not None:
-                try:
-                    os.posix_fadvise(fd, loc[1], loc[2], os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    pass
-
     def put(self, key: str, data: bytes, *, remember: bool = True) -> bool:
         """Store a verified chunk; False when only memory could keep it."""
         if remember:
