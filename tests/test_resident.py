@@ -76,7 +76,9 @@ def test_mount_through_server_forks_daemon_and_serves_the_layer(mount_env, regis
     # the cache dir came from the client's environment
     st = mount_env.wait_for(mp, lambda s: s["backgroundFetchDone"], timeout=120)
     assert st["chunksCached"] == st["chunksTotal"]
-    assert os.listdir(os.path.join(mount_env.cache, "chunks"))
+    from core.cache import ChunkCache
+
+    assert not ChunkCache(str(mount_env.cache)).is_empty()
     # stopping the server leaves the mount alone
     _cli(["server", "stop"])
     for _ in range(100):
