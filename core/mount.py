@@ -411,6 +411,28 @@ class _ForkedDaemon:
         return self.returncode
 
 
+def become_forked_child(stdio: tuple[int, int, int], keep: tuple[int, ...] = ()) -> None:
+    """In a child forked from a long-lived process: take ``stdio`` as fds
+    0-2 and as ``sys.std*``, close every other fd but ``keep``, and reset
+    what the parent changed (signal handlers, log handlers)."""
+    for target, fd in enumerate(stdio):
+        os.dup2(fd, target)
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - lives as long as the process
+    sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1,  # noqa: SIM115
+                      closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as at interpreter start
+    logging.root.handlers.clear()  # the child configures its own log
+
+
 def _fork_daemon(argv: list[str], logfd: int, ready_w: int) -> _ForkedDaemon:
     """Run ``core.daemon.main(argv)`` in a forked child: what a process that
     has already imported the daemon's modules (the resident server) does
@@ -424,20 +446,8 @@ def _fork_daemon(argv: list[str], logfd: int, ready_w: int) -> _ForkedDaemon:
         os.setsid()
         os.chdir("/")
         null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(logfd, 1)
-        os.dup2(logfd, 2)
         # nothing of the parent's (client sockets, its listener) stays open
-        os.closerange(3, ready_w)
-        os.closerange(ready_w + 1, 1 << 20)
-        sys.stdin = open(0, closefd=False)  # noqa: SIM115 - lives as long as the process
-        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
-                    signal.SIGPIPE):
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
-                          else signal.SIG_IGN if sig == signal.SIGPIPE else signal.SIG_DFL)
-        logging.root.handlers.clear()  # the daemon configures its own log
+        become_forked_child((null, logfd, logfd), keep=(ready_w,))
         from . import daemon
 
         rc = daemon.main(argv)

@@ -224,15 +224,9 @@ class Server:
             if self.listener is not None:
                 self.listener.close()
             os.close(self.lock_fd)
-            for target, fd in zip((0, 1, 2), fds, strict=True):
-                os.dup2(fd, target)
-            for fd in fds:
-                if fd > 2:
-                    os.close(fd)
-            sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own streams
-            sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1,  # noqa: SIM115
-                              closefd=False)
-            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            import core.mount
+
+            core.mount.become_forked_child(tuple(fds), keep=(conn.fileno(),))
             env = req.get("env")
             if isinstance(env, dict):
                 os.environ.clear()
@@ -241,13 +235,8 @@ class Server:
 
             tempfile.tempdir = None  # recomputed from the client's TMPDIR
             os.chdir(str(req.get("cwd") or "/"))
-            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            logging.root.handlers.clear()
             conn.settimeout(None)
             conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
-            import core.mount
             from stargz_tui import cli
 
             core.mount.FORK_DAEMONS = True
