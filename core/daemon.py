@@ -205,7 +205,9 @@ class Daemon:
                 self.image = image_from_dump(dumped, open_store(ref), ref)
             else:
                 with anyio.fail_after(a.resolve_timeout + 5):
-                    self.image = await open_image(a.image, platform=a.platform)
+                    # the config (diffIDs) is not needed to serve a layer
+                    self.image = await open_image(a.image, platform=a.platform,
+                                                  with_config=False)
             self.store = self.image.store
             self.desc = self.image.layer(a.layer)
             self.resolver = Resolver(timeout=a.resolve_timeout)

@@ -319,8 +319,13 @@ def pick_manifest(index: dict, platform: str | None) -> dict:
 
 
 async def open_image(ref: Reference | str, *, store: ImageStore | None = None,
-                     platform: str | None = None, **registry_options) -> Image:
-    """Resolve ``ref`` to one image manifest, its config and layers."""
+                     platform: str | None = None, with_config: bool = True,
+                     **registry_options) -> Image:
+    """Resolve ``ref`` to one image manifest, its config and layers.
+
+    ``with_config=False`` skips the config blob (one request less for a
+    mount daemon, which serves a layer and needs no diffIDs): ``config`` is
+    then ``{}`` and the layers' ``diff_id`` None."""
     if isinstance(ref, str):
         ref = parse_reference(ref)
     if store is None:
@@ -344,8 +349,11 @@ async def open_image(ref: Reference | str, *, store: ImageStore | None = None,
     cfg_desc = doc.get("config")
     if not isinstance(cfg_desc, dict) or not isinstance(cfg_desc.get("digest"), str):
         raise FormatError(f"manifest {digest[:19]} has no config descriptor")
-    cfg_bytes = await store.get_blob_bytes(cfg_desc["digest"], cfg_desc.get("size"))
-    config = _load_json(cfg_bytes, "image config")
+    if with_config:
+        cfg_bytes = await store.get_blob_bytes(cfg_desc["digest"], cfg_desc.get("size"))
+        config = _load_json(cfg_bytes, "image config")
+    else:
+        config = {}
     return _make_image(ref, store, doc, data, media_type, digest, config, index, index_digest,
                        platforms)
 
