@@ -1,6 +1,7 @@
-"""build_index's bulk tree (whole-list operations over the names) must build
-exactly what the per-entry loop builds, or hand the TOC to the loop; and the
-TOC digest is checked before anything built from a TOC is used or reported."""
+"""build_index's column-wise paths (columns no entry has, single-chunk files
+whose chunk digest is the file's, blob-ordered chunks) build what they
+should; and the TOC digest is checked before anything built from a TOC is
+used or reported."""
 
 from __future__ import annotations
 
@@ -9,14 +10,10 @@ import hashlib
 import io
 import json
 import tarfile
-from array import array
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from core.errors import DigestMismatchError, FormatError
-from core.estargz import toc as toc_mod
 from core.estargz.footer import Footer, Format
 from core.estargz.loader import HASH_IN_THREAD, parse_toc_region
 from core.estargz.toc import build_index
@@ -24,36 +21,6 @@ from core.estargz.toc import build_index
 KW = dict(format=Format.ESTARGZ, blob_digest="sha256:" + "0" * 64, blob_size=1 << 30,
           toc_digest="sha256:" + "1" * 64, toc_offset=1 << 29)
 H1, H2 = "sha256:" + "ab" * 32, "sha256:" + "cd" * 32
-
-
-def _snapshot(ix) -> dict:
-    out = {}
-    for k, v in vars(ix).items():
-        if isinstance(v, array):
-            v = (v.typecode, v.tolist())
-        elif isinstance(v, bytearray):
-            v = bytes(v)
-        out[k] = v
-    return out
-
-
-def _both(entries: list, **kw) -> tuple:
-    """(bulk result, loop result, whether the bulk tree took the TOC): each
-    result a column snapshot or the FormatError's message."""
-    args = {**KW, **kw}
-    doc = json.dumps({"version": 1, "entries": entries}).encode()
-    out = []
-    for bulk in (True, False):
-        old = toc_mod._USE_BULK_TREE
-        toc_mod._USE_BULK_TREE = bulk
-        try:
-            out.append(_snapshot(build_index(doc, **args)))
-        except FormatError as e:
-            out.append(str(e))
-        finally:
-            toc_mod._USE_BULK_TREE = old
-    took = toc_mod._tree_bulk(json.loads(doc)["entries"], args["blob_size"]) is not None
-    return out[0], out[1], took
 
 
 def _reg(name, size=10, off=0, **kw):
@@ -89,11 +56,7 @@ TYPICAL = [
 ]
 
 
-def test_bulk_tree_takes_typical_tocs_and_matches_the_loop():
-    bulk, loop, took = _both(TYPICAL)
-    assert took
-    assert isinstance(bulk, dict) and bulk == loop
-    # And the result is what it should be.
+def test_typical_toc():
     ix = build_index(json.dumps({"entries": TYPICAL}).encode(), **KW)
     assert ix.prefetch_end == 50 and ix.root.mode == 0o700
     assert [c.name for c in ix.children(ix.root)] == ["dev", "etc", "nodigest", "weird"]
@@ -110,60 +73,50 @@ def test_bulk_tree_takes_typical_tocs_and_matches_the_loop():
     assert ix.lookup("etc/passwd").uname == "u" and ix.lookup("etc").uname == "root"
 
 
-@pytest.mark.parametrize("entries", [
-    [_reg("a/b", off=0), _dir("a/")],  # a directory after what it holds
-    [_reg("a/b/c", off=0)],  # implicit directories
-    [_reg("f", off=0), _reg("f", off=10)],  # a duplicate
-    [_dir("d/"), _dir("d")],  # a duplicate directory
-    [_dir("./"), _dir("/")],  # two root entries
-    [_reg("x", off=0), {"name": "x//", "type": "dir"}],  # file then directory
-    [{"name": "f", "type": "chunk", "offset": 5}, _reg("f", off=0)],  # chunk first
-    [_reg("a", off=0), _reg("a/b", off=10)],  # a file used as a directory
-    [{"name": "", "type": "reg"}],  # a root that is not a directory
-    [{"name": "x\x00y", "type": "reg"}],
-    [{"name": "x", "type": ["reg"]}],  # an unhashable type
-    [{"name": "x", "type": "sock"}],
-    [{"name": 5, "type": "reg"}],
-    [{"name": ".prefetch.landmark", "type": "reg", "offset": True}],
-    [{"name": ".prefetch.landmark", "type": "bogus", "offset": 3}],
-    [_reg("a/" * 300 + "f", off=0)],
-    [_reg("x" * 5000, off=0)],
-    [_reg("../x", off=0)],
-    [_reg("", off=0), _dir("./")],
-    [],
-])
-def test_tocs_the_bulk_tree_hands_on_come_out_as_the_loop_builds_them(entries):
-    bulk, loop, _ = _both(entries)
-    assert bulk == loop
+def _ix(entries, **kw):
+    return build_index(json.dumps({"version": 1, "entries": entries}).encode(), **{**KW, **kw})
 
 
-_NAMES = st.one_of(
-    st.sampled_from(["a", "a/", "a/b", "a/b/", "./a/b/", "/a", "a/.b", ".a", "a//b", "", ".",
-                     "./", "/", "..", "a/../b", "a\x00b", ".prefetch.landmark",
-                     ".no.prefetch.landmark", "./.prefetch.landmark", "é/ü", "a/b/c"]),
-    st.text(alphabet="ab/.\x00é", max_size=8))
-_TYPES = st.sampled_from(["dir", "reg", "symlink", "hardlink", "char", "fifo", "chunk", "sock"])
+def test_columns_no_entry_has_are_defaults():
+    ix = _ix([{"name": "d", "type": "dir"}, {"name": "d/f", "type": "reg"},
+              {"name": "d/l", "type": "symlink", "linkName": "f"}])
+    d, f, link = (ix.lookup(p) for p in ("d", "d/f", "d/l"))
+    assert (d.mode, f.mode, link.mode) == (0o755, 0o644, 0o644)
+    assert (f.size, f.uid, f.gid, f.mtime, f.uname, f.digest, f.xattrs) == (0, 0, 0, 0.0, "", None, {})
+    assert ix.chunks(f) == [] and ix.num_chunks == 0 and link.link_name == "f"
 
 
-@st.composite
-def _entries(draw):
-    e = {"name": draw(_NAMES), "type": draw(_TYPES)}
-    for key, vals in (("size", st.integers(0, 50)), ("offset", st.integers(0, 200)),
-                      ("chunkOffset", st.integers(0, 50)), ("chunkSize", st.integers(0, 50)),
-                      ("mode", st.one_of(st.none(), st.integers(0, 0o177777))),
-                      ("uid", st.integers(0, 5)), ("linkName", _NAMES),
-                      ("digest", st.sampled_from([H1, H2, "x", None])),
-                      ("chunkDigest", st.sampled_from([H1, H2, "x"]))):
-        if draw(st.booleans()):
-            e[key] = draw(vals)
-    return e
+def test_modes_nulls_and_type_bits():
+    ix = _ix([_dir("d", mode=None), _reg("d/f", mode=0o100755), _reg("d/g", off=20, mode=None)])
+    assert [ix.lookup(p).mode for p in ("d", "d/f", "d/g")] == [0o755, 0o755, 0o644]
+    with pytest.raises(FormatError, match="mode"):
+        _ix([_reg("f", mode=True)])
+    with pytest.raises(FormatError, match="uid"):
+        _ix([_reg("f", uid=-1)])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(entries=st.lists(_entries(), max_size=12), toc_offset=st.integers(0, 300))
-def test_bulk_tree_matches_the_loop_on_random_tocs(entries, toc_offset):
-    bulk, loop, _ = _both(entries, toc_offset=toc_offset, blob_size=400)
-    assert bulk == loop
+def test_single_chunk_digests_reused_or_decoded():
+    same = _ix([_reg("a", off=0, chunkDigest=H1), _reg("b", off=10, chunkDigest=H1),
+                _reg("e", size=0, off=0)])
+    assert [c.digest for c in same.all_chunks()] == [H1, H1]
+    assert same.lookup("a").digest == H1 and same.lookup("e").digest == H1
+    mixed = _ix([_reg("a", off=0, chunkDigest=H1), _reg("b", off=10),
+                 {"name": "c", "type": "reg", "size": 5, "offset": 20}])
+    assert [c.digest for c in mixed.all_chunks()] == [H1, H2, None]
+    assert mixed.lookup("c").digest is None
+    # An all-zero digest that the TOC states is a digest, not a missing one.
+    zero = "sha256:" + "0" * 64
+    z = _ix([_reg("a", off=0, digest=zero, chunkDigest=zero)])
+    assert z.lookup("a").digest == zero and next(z.all_chunks()).digest == zero
+
+
+def test_chunks_out_of_blob_order_and_stated_sizes():
+    ix = _ix([_reg("b", size=10, off=500), _reg("a", size=10, off=100, chunkSize=10),
+              _reg("c", size=10, off=300, chunkSize=0)], toc_offset=900)
+    assert [(ix.path_of(c.entry_id), c.offset, c.end, c.chunk_size) for c in ix.all_chunks()] == [
+        ("a", 100, 300, 10), ("c", 300, 500, 10), ("b", 500, 900, 10)]
+    with pytest.raises(FormatError, match="gap or overlap"):
+        _ix([_reg("a", size=10, off=100, chunkSize=4)])
 
 
 def _region(toc_json: bytes) -> bytes:

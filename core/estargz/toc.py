@@ -19,8 +19,8 @@ import sys
 from array import array
 from collections.abc import Iterator
 from datetime import datetime
-from itertools import accumulate, chain, compress, islice, repeat
-from operator import add, ge, is_not, itemgetter, lt, not_
+from itertools import chain, compress, islice, repeat
+from operator import is_not, lt, not_
 from typing import NamedTuple
 
 from ..errors import FormatError
@@ -581,13 +581,12 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
     worker thread from async code. Raises :class:`FormatError` on a TOC that
     is not valid or makes claims outside the blob.
 
-    This is the resolve hot path of 100k-entry layers, so no step runs Python
-    code per entry: the tree comes from whole-list operations over the names
-    (:func:`_tree_bulk`; anything unusual there, duplicates or directories the
-    TOC leaves implicit, takes the per-entry :func:`_tree_loop`, which defines
-    the semantics), every other column is built by ``map`` over the entries
-    straight into arrays and validated in bulk (with a slow, precise pass only
-    to name the culprit when something is wrong)."""
+    This is the resolve hot path of 100k-entry layers: one Python loop
+    (:func:`_tree_loop`) works out names and the tree; every other column is
+    built by ``map`` over the entries straight into arrays (columns no entry
+    has are skipped) and validated in bulk, with a slow, precise pass only to
+    name the culprit when something is wrong. (Whole-list operations for the
+    tree too were tried: no faster than the loop, which makes fewer strings.)"""
     # Every entry is one JSON object (two with xattrs): far more braces than
     # that is a TOC built to exhaust memory in the parser; refuse it unparsed.
     if not isinstance(toc_json, dict) and toc_json.count(b"{") > 2 * MAX_ENTRIES + 16:
@@ -607,10 +606,8 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
     ix = LayerIndex(format=format, blob_digest=blob_digest, blob_size=blob_size,
                     toc_digest=toc_digest, toc_offset=toc_offset)
     warnings = ix.warnings
-    tree = _tree_bulk(ents, blob_size) if _USE_BULK_TREE else None
-    if tree is None:
-        tree = _tree_loop(ents, blob_size, warnings)
-    names, types, parents, src, by_path, chunk_refs, landmark_offsets = tree
+    names, types, parents, src, by_path, chunk_refs, landmark_offsets = _tree_loop(
+        ents, blob_size, warnings)
     ix._names, ix._types, ix._parents = names, types, parents
 
     # Columns, from each id's defining entry.
@@ -746,139 +743,6 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
     _build_chunks(ix, chunks, toc_offset)
     _compact(ix)
     return ix
-
-
-# Tests set this to False to check the bulk tree against the loop.
-_USE_BULK_TREE = True
-# What makes a name need _norm_name (or be a landmark or the root): being
-# empty, starting with "." or "/", holding "//" or "/.". Searched for in the
-# names joined with NULs (which no name may hold): (pattern, offset from a
-# match to a character of the entry it flags); the first name is checked apart.
-_SUSPECT_PATTERNS = (("\x00.", 1), ("\x00/", 1), ("\x00\x00", 1), ("//", 0), ("/.", 0))
-
-
-def _col(dicts: list, key: str, default=None) -> list:
-    """``[d.get(key, default) for d in dicts]`` at C speed; ``default`` may be
-    a list (one default per dict)."""
-    if isinstance(default, list):
-        return list(map(dict.get, dicts, repeat(key), default))
-    return list(map(dict.get, dicts, repeat(key), repeat(default)))
-
-
-def _tree_bulk(ents: list, blob_size: int):
-    """Names, types and the tree of the common TOC (every directory listed
-    before what it holds, no duplicates) with whole-list operations; None for
-    anything else, which :func:`_tree_loop` then handles (and refuses when it
-    is invalid). The result is exactly what :func:`_tree_loop` would build."""
-    n0 = len(ents)
-    try:
-        if not n0 or set(map(type, ents)) != {dict}:
-            return None
-        raw_names = _col(ents, "name")
-        joined = "\x00".join(raw_names)  # TypeError: a name is not a string
-        if joined.count("\x00") != n0 - 1:
-            return None  # a NUL in a name: the loop refuses it
-        codes = bytes(map(_TYPE_CODE_WITH_CHUNK.get, _col(ents, "type")))
-    except TypeError:  # a missing name, an unknown (or unhashable) type
-        return None
-    # Entries whose names need _norm_name: what _SUSPECT_NAME flags, and
-    # names long enough that a limit might be exceeded.
-    lens = list(map(len, raw_names))
-    suspects = set()
-    matches = []
-    for pat, at in _SUSPECT_PATTERNS:
-        p = joined.find(pat)
-        while p >= 0:
-            matches.append(p + at)
-            p = joined.find(pat, p + 1)
-    if not raw_names[0] or raw_names[0][0] in "./":
-        suspects.add(0)
-    if not raw_names[-1]:
-        suspects.add(n0 - 1)
-    if matches:
-        starts = list(accumulate(map(add, lens, repeat(1)), initial=0))
-        suspects.update([bisect.bisect_right(starts, p) - 1 for p in matches])
-        del starts
-    max_plain_len = min(MAX_NAME_BYTES // 4, MAX_PATH_DEPTH) - 1
-    if max(lens) > max_plain_len:
-        suspects.update([k for k, ln in enumerate(lens) if ln > max_plain_len])
-    del lens, matches
-    # Paths: the names without their trailing "/" (suspects are redone below).
-    paths = joined.replace("/\x00", "\x00")
-    del joined
-    paths = (paths[:-1] if paths.endswith("/") else paths).split("\x00")
-    skip: list[int] = []  # landmarks, root entries, chunk entries
-    landmark_offsets: dict[str, int] = {}
-    root_src = -1
-    for k in sorted(suspects):
-        name_raw = raw_names[k]
-        if len(name_raw.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-            return None
-        try:
-            path = _norm_name(name_raw)
-        except FormatError:
-            return None
-        paths[k] = path
-        code = codes[k]
-        if path in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK) and code != _CHUNK:
-            off = ents[k].get("offset")
-            if off is not None and (type(off) is not int or not 0 <= off <= blob_size):
-                return None
-            landmark_offsets[path] = off or 0
-            skip.append(k)
-        elif not path and code != _CHUNK:
-            if code != DIR:
-                return None
-            root_src = k
-            skip.append(k)
-    chunk_pos = []
-    k = codes.find(_CHUNK)
-    while k >= 0:
-        chunk_pos.append(k)
-        k = codes.find(_CHUNK, k + 1)
-    if skip or chunk_pos:
-        keep = bytearray(b"\x01") * n0
-        for k in skip:
-            keep[k] = 0
-        for k in chunk_pos:
-            keep[k] = 0
-        sel = list(compress(range(n0), keep))
-        sel_paths = list(compress(paths, keep))
-        sel_codes = bytes(compress(codes, keep))
-    else:
-        sel = list(range(n0))
-        sel_paths = paths
-        sel_codes = codes
-    m = len(sel)
-    by_path = dict(zip(sel_paths, range(1, m + 1), strict=True))
-    if len(by_path) != m or "" in by_path:
-        return None  # duplicates: the loop decides which one is used
-    by_path[""] = 0
-    parts = list(map(str.rpartition, sel_paths, repeat("/")))
-    del sel_paths
-    try:
-        parents = array("i", [0, *map(by_path.get, map(itemgetter(0), parts))])
-    except TypeError:
-        return None  # a parent the TOC leaves implicit: the loop adds it
-    types = bytearray([DIR]) + sel_codes
-    if any(map(ge, islice(parents, 1, None), range(1, m + 1))):
-        return None  # a directory listed after what it holds: the loop adds it earlier
-    for p in set(parents):
-        if types[p] != DIR:
-            return None
-    shared: dict[str, str] = {}
-    bases = list(map(itemgetter(2), parts))
-    del parts
-    names = [""]
-    names += map(shared.setdefault, bases, bases)
-    src = [root_src, *sel]
-    chunk_refs = []
-    for i in chunk_pos:
-        owner = by_path.get(paths[i])
-        if owner is None or types[owner] != REG or src[owner] > i:
-            return None
-        chunk_refs.append((owner, i))
-    return names, types, parents, src, by_path, chunk_refs, landmark_offsets
 
 
 def _tree_loop(ents: list, blob_size: int, warnings: list[str]):
