@@ -104,6 +104,13 @@ def test_single_chunk_digests_reused_or_decoded():
                  {"name": "c", "type": "reg", "size": 5, "offset": 20}])
     assert [c.digest for c in mixed.all_chunks()] == [H1, H2, None]
     assert mixed.lookup("c").digest is None
+    # Chunk entries after first chunks that all carry their file's digest.
+    multi = _ix([_reg("a", off=0, chunkDigest=H1),
+                 _reg("b", size=20, off=10, chunkDigest=H1, chunkSize=10),
+                 {"name": "b", "type": "chunk", "offset": 30, "chunkOffset": 10,
+                  "chunkDigest": H2}])
+    assert [(multi.path_of(c.entry_id), c.digest) for c in multi.all_chunks()] == [
+        ("a", H1), ("b", H1), ("b", H2)]
     # An all-zero digest that the TOC states is a digest, not a missing one.
     zero = "sha256:" + "0" * 64
     z = _ix([_reg("a", off=0, digest=zero, chunkDigest=zero)])

@@ -274,8 +274,10 @@ class LayerIndex:
         self._c_off = array("q")
         self._c_end = array("q")
         self._c_inner = array("q")
-        self._c_digests = bytearray()  # 32 bytes each; all-zero means none
-        self._c_has_digest = bytearray()
+        # 32 bytes each (all-zero: none) and a flag each; both None when every
+        # chunk's digest is its file's (single-chunk files, as writers state them).
+        self._c_digests: bytearray | None = bytearray()
+        self._c_has_digest: bytearray | None = bytearray()
         # Chunk indexes of each file in file order: entries' chunks are
         # contiguous in _file_chunk_ids, starting at _first_chunk[entry].
         self._file_chunk_ids = array("i")
@@ -352,7 +354,11 @@ class LayerIndex:
 
     def chunk(self, index: int) -> Chunk:
         d = None
-        if self._c_has_digest[index]:
+        if self._c_digests is None:  # every chunk's digest is its file's
+            e = self._c_entry[index]
+            if self._f_has_digest[e]:
+                d = "sha256:" + self._f_digests[e * 32 : e * 32 + 32].hex()
+        elif self._c_has_digest[index]:
             d = "sha256:" + self._c_digests[index * 32 : index * 32 + 32].hex()
         return Chunk(self._c_entry[index], self._c_file_off[index], self._c_size[index],
                      self._c_off[index], self._c_end[index], self._c_inner[index], d, index)
@@ -408,7 +414,8 @@ class LayerIndex:
                     self._c_size, self._c_off, self._c_end, self._c_inner, self._c_digests,
                     self._c_has_digest, self._file_chunk_ids, self._f_digests,
                     self._f_has_digest, self._unames, self._gnames):
-            total += sys.getsizeof(col)
+            if col is not None:
+                total += sys.getsizeof(col)
         total += sys.getsizeof(self._extras) + sum(
             sys.getsizeof(v) + sum(sys.getsizeof(x) for x in v.values()) for v in self._extras.values()
         )
@@ -546,7 +553,8 @@ def _sha256_column(digests: list) -> tuple[list[bool], bytes]:
 
 
 class _ChunkColumns:
-    """Chunks as parallel lists while the index is built."""
+    """Chunks as parallel lists while the index is built (``has_digest`` and
+    ``digests`` None: each chunk's digest is its file's)."""
 
     def __init__(self):
         self.owners: list[int] = []
@@ -696,9 +704,9 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
         chunks.hints = [None] * len(cands)
         chunk_digests = col(first, "chunkDigest", _NO_DIGEST)
         if chunk_digests == list(map(digests.__getitem__, cands)):
-            # Single-chunk files: the chunk's digest is the file's, decoded above.
-            chunks.has_digest = bytearray(map(good.__getitem__, cands))
-            chunks.digests = bytearray(b"".join([blob[k * 32 : k * 32 + 32] for k in cands]))
+            # Single-chunk files stating the file's digest as the chunk's: the
+            # chunks' digests are read from the file digest column.
+            chunks.has_digest = chunks.digests = None
         else:
             chunks.set_digests(chunk_digests)
         del chunk_digests
@@ -732,6 +740,11 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
             decoded = _decode_xattrs(xa, path_of(id), warnings)
             if decoded:
                 extras.setdefault(id, {})["xattrs"] = decoded
+    if chunk_refs and chunks.digests is None:  # no longer one chunk per file
+        f_digests, f_has = ix._f_digests, ix._f_has_digest
+        chunks.has_digest = bytearray(map(f_has.__getitem__, chunks.owners))
+        chunks.digests = bytearray(b"".join([f_digests[k * 32 : k * 32 + 32]
+                                             for k in chunks.owners]))
     for owner, i in chunk_refs:
         chunks.add(_chunk_record(owner, ents[i], path_of(owner), blob_size))
     del fields
@@ -946,8 +959,7 @@ def _build_chunks(ix: LayerIndex, cc: _ChunkColumns, toc_offset: int) -> None:
         offs = array("q", offs0)
         inners = array("q", inners0)
         hints = cc.hints
-        has_digest = bytearray(cc.has_digest)
-        digests = bytearray(cc.digests)
+        has_digest, digests = cc.has_digest, cc.digests
         # Offsets strictly increase: each chunk runs to the next one.
         ends = offs[1:]
         ends.append(toc_offset)
@@ -958,9 +970,11 @@ def _build_chunks(ix: LayerIndex, cc: _ChunkColumns, toc_offset: int) -> None:
         offs = array("q", map(offs0.__getitem__, perm))
         inners = array("q", map(inners0.__getitem__, perm))
         hints = list(map(cc.hints.__getitem__, perm))
-        has_digest = bytearray(map(cc.has_digest.__getitem__, perm))
-        dg = cc.digests
-        digests = bytearray(b"".join([dg[k * 32 : k * 32 + 32] for k in perm]))
+        has_digest = digests = None
+        if cc.digests is not None:
+            has_digest = bytearray(map(cc.has_digest.__getitem__, perm))
+            dg = cc.digests
+            digests = bytearray(b"".join([dg[k * 32 : k * 32 + 32] for k in perm]))
         # The compressed extent of a chunk runs to the next chunk that starts
         # later in the blob (or the TOC), unless the TOC states its end.
         starts = sorted(set(offs))
