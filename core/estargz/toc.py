@@ -800,14 +800,18 @@ def _tree_loop(ents: list, blob_size: int, warnings: list[str]):
     chunk_refs: list[tuple[int, int]] = []  # (owner id, index in ents) of "chunk" entries
     landmark_offsets: dict[str, int] = {}
     type_code = _TYPE_CODE_WITH_CHUNK.get
+    # The last parent looked up: consecutive entries mostly share theirs.
+    last_dir, last_parent = None, 0
     for i, raw in enumerate(ents):
         if type(raw) is not dict:
             raise FormatError("TOC entry is not an object")
         name_raw = raw.get("name")
         if type(name_raw) is not str:
             raise FormatError("TOC entry has no name")
-        code = raw.get("type")
-        code = type_code(code) if type(code) is str else None
+        try:
+            code = type_code(raw.get("type"))
+        except TypeError:  # unhashable
+            code = None
         # Fast path for ordinary relative names (short enough that neither
         # the byte-length nor the depth limit can be exceeded); anything
         # unusual, landmarks included, is checked and normalised by _norm_name.
@@ -838,12 +842,17 @@ def _tree_loop(ents: list, blob_size: int, warnings: list[str]):
         if slash < 0:
             parent = 0
         else:
-            parent = by_path.get(path[:slash])
-            if parent is None or types[parent] != DIR:
-                parent = ensure_dir(path[:slash])
-        id = by_path.get(path)
-        if id is None:
-            by_path[path] = len(names)
+            dir_path = path[:slash]
+            if dir_path == last_dir:
+                parent = last_parent
+            else:
+                parent = by_path.get(dir_path)
+                if parent is None or types[parent] != DIR:
+                    parent = ensure_dir(dir_path)
+                last_dir, last_parent = dir_path, parent
+        new_id = len(names)
+        id = by_path.setdefault(path, new_id)
+        if id == new_id:
             base = path[slash + 1:]
             names.append(shared_names.setdefault(base, base))
             types.append(code)
@@ -857,6 +866,7 @@ def _tree_loop(ents: list, blob_size: int, warnings: list[str]):
                                       f"{TYPES[code]}")
                 warnings.append(f"{path}: duplicate entry; the later one is used")
                 types[id] = code
+                last_dir = None  # it may have been a directory
                 chunk_refs = [c for c in chunk_refs if c[0] != id]
             src[id] = i
     return names, types, parents, src, by_path, chunk_refs, landmark_offsets
