@@ -19,8 +19,10 @@ cache object: the first time it is loaded from disk (a pack holding a
 damaged chunk is deleted and the chunk treated as a miss); chunks this
 object wrote itself count as verified. Verified chunks can then be read in
 pieces with :meth:`ChunkCache.read_range` (a ``pread`` of just the range on
-a kept-open pack descriptor), so a warm read never loads or hashes a whole
-chunk again.
+a kept-open pack descriptor; preads run in parallel, outside any lock), so a
+warm read never loads or hashes a whole chunk again. Read-ahead loads whole
+runs of chunks with :meth:`ChunkCache.read_into` (O_DIRECT into the
+caller's buffer: no page-cache copy) and :meth:`ChunkCache.check_loaded`.
 
 The disk store has a size budget with least-recently-used eviction of whole
 packs (pack mtimes are touched on hits). Running out of space (ENOSPC,
@@ -65,6 +67,7 @@ _MAGIC = b"SGZPACK1"
 _HEAD = struct.Struct("<8sI")
 _PACK_SUFFIX = ".pack"
 _HEADER_READ = 64 << 10
+_DIRECT_SLOT = "\0direct"  # _fds key suffix of a pack's O_DIRECT descriptor
 
 
 def default_cache_dir() -> str:
@@ -189,10 +192,11 @@ class ChunkCache:
         self._dir_mtime: int | None = None  # pack dir mtime at the last listing
         self._verified: dict[str, int] = {}  # chunks known good here -> size
         self._fds: OrderedDict[str, int] = OrderedDict()  # open packs (read_range)
-        # Descriptors are closed only under _rlock (read_range's), never while
-        # a pread may use them: another thread's _drop_pack queues them here.
+        # Descriptors taken from _fds (pack dropped, LRU) wait here until no
+        # pread is running (_busy == 0): preads run outside any lock, in
+        # parallel, and never on a closed (or reused) descriptor number.
         self._fd_garbage: list[int] = []
-        self._rlock = threading.Lock()
+        self._busy = 0
         self._tmp_seq = 0
         self._tls = threading.local()  # per-thread aligned buffer for O_DIRECT
         self._direct_ok = os.environ.get("STARGZ_TUI_CACHE_DIRECT", "1") != "0"
@@ -220,6 +224,10 @@ class ChunkCache:
                 self._mem.move_to_end(key)
                 self.memory_hits += 1
             return data
+
+    def in_memory(self, key: str) -> bool:
+        """Is ``key`` in the memory LRU (no LRU touch, no counting)?"""
+        return key in self._mem
 
     def remember(self, key: str, data: bytes) -> None:
         """Keep ``data`` (verified bytes of ``key``) in the memory LRU only."""
@@ -259,9 +267,13 @@ class ChunkCache:
                 if loc is not None and loc[0] == name:
                     del self._index[k]
                     self._verified.pop(k, None)
-            fd = self._fds.pop(name, None)
-            if fd is not None:
-                self._fd_garbage.append(fd)  # closed by the next read_range
+            for slot in (name, name + _DIRECT_SLOT):
+                fd = self._fds.pop(slot, None)
+                if fd is not None:
+                    self._fd_garbage.append(fd)
+            garbage = self._take_garbage()
+        for x in garbage:
+            _close(x)
 
     def _refresh(self, force: bool = False) -> None:
         """List the pack dir again if it changed since the last listing."""
@@ -353,38 +365,65 @@ class ChunkCache:
         self._refresh()
         return not self._index
 
-    def _pack_fd(self, name: str) -> int | None:
-        """Under ``_rlock``: a kept-open descriptor of pack ``name`` (touched
-        for the LRU when opened), or None when it is gone."""
+    def _take_garbage(self) -> list[int]:
+        """Under ``_lock``: the descriptors to close now (none while a pread runs)."""
+        if self._busy or not self._fd_garbage:
+            return []
+        garbage, self._fd_garbage = self._fd_garbage, []
+        return garbage
+
+    def _acquire_fd(self, name: str, direct: bool = False) -> int | None:
+        """A kept-open descriptor of pack ``name`` (touched for the LRU when
+        opened; ``direct``: opened with O_DIRECT), or None when it is gone.
+        Give it back with :meth:`_release_fd`."""
+        slot = name + _DIRECT_SLOT if direct else name
         with self._lock:
-            fd = self._fds.get(name)
+            fd = self._fds.get(slot)
             if fd is not None:
-                self._fds.move_to_end(name)
+                self._fds.move_to_end(slot)
+                self._busy += 1
                 return fd
+        flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
         try:
-            fd = os.open(os.path.join(self.pack_dir, name), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(os.path.join(self.pack_dir, name), flags)
         except OSError:
             return None
-        try:
-            os.utime(fd)  # LRU order of the disk budget
-        except OSError:
-            pass
+        if not direct:
+            try:
+                os.utime(fd)  # LRU order of the disk budget
+            except OSError:
+                pass
         with self._lock:
-            old = self._fds.pop(name, None)
-            self._fds[name] = fd
-            close = [old] if old is not None else []
-            while len(self._fds) > _MAX_FDS:
-                close.append(self._fds.popitem(last=False)[1])
-        for x in close:
-            _close(x)
+            old = self._fds.get(slot)
+            if old is not None:  # another thread opened it meanwhile: use that one
+                self._fds.move_to_end(slot)
+                self._fd_garbage.append(fd)
+                fd = old
+            else:
+                self._fds[slot] = fd
+                while len(self._fds) > _MAX_FDS:
+                    self._fd_garbage.append(self._fds.popitem(last=False)[1])
+            self._busy += 1
         return fd
 
-    def _collect_garbage(self) -> None:
-        """Under ``_rlock``: close descriptors queued by other threads."""
+    def _release_fd(self) -> None:
         with self._lock:
-            garbage, self._fd_garbage = self._fd_garbage, []
+            self._busy -= 1
+            garbage = self._take_garbage()
         for x in garbage:
             _close(x)
+
+    def _pread(self, name: str, length: int, offset: int) -> bytes | None:
+        """``os.pread`` on pack ``name``; None when it is gone or unreadable."""
+        fd = self._acquire_fd(name)
+        if fd is None:
+            return None
+        try:
+            return os.pread(fd, length, offset)
+        except OSError:
+            return None
+        finally:
+            self._release_fd()
 
     def get(self, key: str) -> bytes | None:
         """The chunk's bytes, or None. Verifies chunks loaded from disk."""
@@ -397,13 +436,7 @@ class ChunkCache:
             self.misses += 1
             return None
         name, off, size = loc
-        with self._rlock:
-            self._collect_garbage()
-            fd = self._pack_fd(name)
-            try:
-                data = os.pread(fd, size, off) if fd is not None else None
-            except OSError:
-                data = None
+        data = self._pread(name, size, off)
         if data is None:
             self._drop_pack(name)
             self.misses += 1
@@ -432,29 +465,107 @@ class ChunkCache:
     def read_range(self, key: str, offset: int, length: int, size: int) -> bytes | None:
         """``length`` bytes at ``offset`` of a verified chunk of ``size``
         bytes, or None (not verified in this process yet, another size, gone,
-        or short). A ``pread`` on a kept-open descriptor: cheap enough for an
-        event loop thread."""
+        or short). A ``pread`` on a kept-open descriptor (no lock held while
+        it runs): cheap enough for an event loop thread when the pages are
+        in the page cache (see :meth:`will_need`)."""
         if self._verified.get(key) != size or offset + length > size:
             return None
         loc = self._index.get(key)
         if loc is None:
             return None
         name, off, _ = loc
-        with self._rlock:
-            self._collect_garbage()
-            fd = self._pack_fd(name)
-            if fd is None:
-                data = b""
-            else:
-                try:
-                    data = os.pread(fd, length, off + offset)
-                except OSError:
-                    data = b""
-        if len(data) != length:
+        data = self._pread(name, length, off + offset)
+        if data is None or len(data) != length:
             self._drop_pack(name)
             return None
         self.hits += 1
         return data
+
+    def where(self, key: str) -> tuple[str, int, int] | None:
+        """``(pack name, offset, size)`` of a chunk known to be on disk (no
+        directory listing: None when this object has not indexed it)."""
+        return self._index.get(key)
+
+    def read_into(self, name: str, offset: int, length: int, buf) -> memoryview | None:
+        """Read ``length`` bytes at ``offset`` of pack ``name`` into ``buf``
+        (a page-aligned writable buffer of at least ``length + 2 * 4096``
+        bytes, e.g. an anonymous mmap) and return the view of them in it, or
+        None (gone, short). Uses O_DIRECT where the file system allows it:
+        the disk writes straight into ``buf``, with no page-cache copy (most
+        of the CPU of a buffered read on this kind of VM). The bytes are not
+        verified: see :meth:`check_loaded`."""
+        if self._direct_ok and hasattr(os, "O_DIRECT"):
+            start = offset - offset % _ALIGN
+            end = -(-(offset + length) // _ALIGN) * _ALIGN
+            if end - start <= len(buf):
+                fd = self._acquire_fd(name, direct=True)
+                if fd is None:
+                    return None
+                try:
+                    got = os.preadv(fd, [memoryview(buf)[: end - start]], start)
+                except OSError as e:
+                    got = None
+                    if e.errno == errno.EINVAL:  # this file system's O_DIRECT rules
+                        self._direct_ok = False
+                finally:
+                    self._release_fd()
+                if got is not None:
+                    if got < offset + length - start:
+                        return None
+                    return memoryview(buf)[offset - start : offset - start + length]
+        if length > len(buf):
+            return None
+        fd = self._acquire_fd(name)
+        if fd is None:
+            return None
+        try:
+            got = os.preadv(fd, [memoryview(buf)[:length]], offset)
+        except OSError:
+            return None
+        finally:
+            self._release_fd()
+        return memoryview(buf)[:length] if got == length else None
+
+    def check_loaded(self, key: str, data) -> bool:
+        """Is ``data`` (read with :meth:`read_into`) the chunk ``key``? Known
+        good once per process (as :meth:`get`); a damaged chunk's pack is
+        dropped and deleted."""
+        size = len(data)
+        if self._verified.get(key) == size:
+            return True
+        loc = self._index.get(key)
+        if _check(key, data):
+            with self._lock:
+                self._verified[key] = size
+            return True
+        self.corrupt += 1
+        log.warning("cached chunk %s is damaged; dropped its pack", key)
+        if loc is not None:
+            self._drop_pack(loc[0])
+            try:
+                os.unlink(os.path.join(self.pack_dir, loc[0]))
+            except OSError:
+                pass
+        return False
+
+    def will_need(self, keys: Iterable[str]) -> None:
+        """Ask the kernel to read these chunks' pack ranges into the page
+        cache in the background (``POSIX_FADV_WILLNEED``): a later
+        :meth:`read_range` of them is then a copy, not a disk wait."""
+        for key in keys:
+            loc = self._index.get(key)
+            if loc is None:
+                continue
+            name, off, size = loc
+            fd = self._acquire_fd(name)
+            if fd is None:
+                continue
+            try:
+                os.posix_fadvise(fd, off, size, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                self._release_fd()
 
     def put(self, key: str, data: bytes, *, remember: bool = True) -> bool:
         """Store a verified chunk; False when only memory could keep it."""
@@ -676,7 +787,5 @@ class ChunkCache:
             names = list(self._packs)
         for n in names:
             self._drop_pack(n)
-        with self._rlock:
-            self._collect_garbage()
         self._dir_mtime = None
         return {"dir": self.root, "removedChunks": before["chunks"], "removedBytes": before["bytes"]}

@@ -10,7 +10,8 @@ itself is hidden.
 
 The request handlers do no CPU-heavy work: file data comes from
 :class:`core.layer.LayerReader`, which decompresses and hashes in worker
-threads.
+threads; reads answer with :meth:`~core.layer.LayerReader.read_buffer`
+(a view of a cached chunk where possible: the reply is the only copy).
 """
 
 from __future__ import annotations
@@ -309,7 +310,7 @@ class LayerFS(pyfuse3.Operations):
         if eid is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
-            return await self.reader.read(eid, off, size, stream=fh)
+            return await self.reader.read_buffer(eid, off, size, stream=fh)
         except ChunkDigestError as e:
             log.error("read %s: %s", self.index.path_of(eid), e)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -8,7 +8,11 @@ thread; missing chunks are fetched with their missing neighbours (blob
 order, within a bounded window) in one range request. Sequential reads of a
 file keep ``readahead_bytes`` of the file scheduled ahead of the reader, so
 several requests are in flight and several chunks decode in parallel worker
-threads. Every fetched chunk is decompressed and checked against its
+threads; and ``DISK_AHEAD`` of it loaded from the disk cache by worker
+threads (O_DIRECT reads into reused buffers, chunks checked once per
+process) into a small read-ahead window, so a warm sequential read neither
+waits for the disk in a request handler nor copies: handlers answer with a
+view of the loaded chunk (:meth:`LayerReader.read_buffer`). Every fetched chunk is decompressed and checked against its
 ``chunkDigest`` in a worker thread; a chunk that fails is never cached or
 served (the read fails with :class:`ChunkDigestError`, which the FUSE layer
 turns into EIO). Waiters get a fetched chunk as soon as it is verified; the
@@ -28,7 +32,9 @@ from __future__ import annotations
 
 import bisect
 import logging
+import mmap
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -54,6 +60,10 @@ READAHEAD_WINDOW = 8 << 20    # range request size of sequential read-ahead
 _FILE_CHUNKS_CACHED = 4096    # per-file chunk lists kept
 _SEQ_SLACK = 8 << 20          # a read this near a stream's position is sequential
 _BACKLOG = 2                  # background units fetched beyond the slots, awaiting decode
+DISK_THREADS = 2              # read-ahead loads from the disk cache at once
+DISK_LOAD_PART = 4 << 20      # ... each one O_DIRECT read of at most this many bytes
+DISK_AHEAD = 16 << 20         # of a sequential reader's file loaded ahead from the disk cache
+_ALIGN = 4096
 
 
 class _Flight:
@@ -100,10 +110,17 @@ class LayerReader:
         self._seq: dict[object, int] = {}
         self._tg = None
         self._pending: list = []
-        self._ahead: set[int] = set()
-        self._ahead_to: dict[int, int] = {}  # file id -> end of what read-ahead scheduled
+        self._ahead: set[tuple] = set()  # (stream, file id) with a read-ahead task running
+        self._ahead_to: dict[tuple, int] = {}  # (stream, file id) -> end read-ahead scheduled
+        self._disk_to: dict[tuple, int] = {}  # (stream, file id) -> end of disk loads scheduled
+        # chunks loaded from the disk cache by read-ahead: index -> (view, buffer id),
+        # and the buffers holding them (LRU) -> (buffer, chunk indexes)
+        self._win: dict[int, tuple[memoryview, int]] = {}
+        self._win_bufs: OrderedDict[int, tuple[mmap.mmap, list[int]]] = OrderedDict()
+        self._free_bufs: list[mmap.mmap] = []
         self._fchunks: dict[int, tuple[list[int], list[Chunk]]] = {}
         self._limiter: anyio.CapacityLimiter | None = None
+        self._disk_limiter: anyio.CapacityLimiter | None = None
         # live stats
         self.bytes_fetched = 0
         self.requests = 0
@@ -377,6 +394,8 @@ class LayerReader:
             d = self.cache.get_memory(self._keys[c.index])
             if d is not None and len(d) == c.chunk_size:
                 out[c.index] = d
+            elif c.index in self._win:
+                out[c.index] = self._win[c.index][0]
             elif c.index in self._inflight:
                 missing.append(c)
             else:
@@ -472,11 +491,15 @@ class LayerReader:
             out = out[1:]
         return out
 
-    def _read_fast(self, chunks: list[Chunk], offset: int, end: int) -> bytes | None:
+    def _read_fast(self, chunks: list[Chunk], offset: int, end: int, view: bool = False):
         """The bytes from the memory cache or verified cache files (a pread
-        each), or None when any part needs the slow path."""
+        each), or None when any part needs the slow path (a gap, a chunk not
+        verified on disk, or one on its way: its flight is awaited instead).
+        With ``view`` a single part from memory is a memoryview (no copy)."""
         cache = self.cache
         keys = self._keys
+        inflight = self._inflight
+        win = self._win
         parts = []
         pos = offset
         for c in chunks:
@@ -488,7 +511,19 @@ class LayerReader:
             key = keys[c.index]
             d = cache.get_memory(key)
             if d is not None and len(d) == size:
-                parts.append(d[pos - cs : hi - cs])
+                if pos == cs and hi - cs == size:
+                    parts.append(d)
+                elif view:
+                    parts.append(memoryview(d)[pos - cs : hi - cs])
+                else:
+                    parts.append(d[pos - cs : hi - cs])
+            elif c.index in win:
+                v, bid = win[c.index]
+                self._win_bufs.move_to_end(bid)
+                v = v[pos - cs : hi - cs]
+                parts.append(v if view else bytes(v))
+            elif c.index in inflight:
+                return None
             else:
                 d = cache.read_range(key, pos - cs, hi - pos, size)
                 if d is None:
@@ -504,6 +539,13 @@ class LayerReader:
 
         ``stream`` identifies a reader (a FUSE file handle) for sequential
         read-ahead. Raises :class:`ChunkDigestError` / :class:`BlobReadError`."""
+        data = await self.read_buffer(entry_id, offset, size, stream=stream)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    async def read_buffer(self, entry_id: int, offset: int, size: int, *,
+                          stream: object = None) -> bytes | memoryview:
+        """:meth:`read`, but the answer may be a read-only memoryview of a
+        cached chunk (no copy; what the FUSE reply takes)."""
         target = self._target(entry_id)
         fsize = target.size
         end = min(fsize, offset + size)
@@ -519,8 +561,8 @@ class LayerReader:
             sequential = offset == 0 or (prev is not None and abs(offset - prev) <= _SEQ_SLACK)
             self._seq[key] = end if prev is None or not sequential else max(prev, end)
             if sequential and end < fsize and self.readahead and self._tg is not None:
-                self._read_ahead(target, end)
-        result = self._read_fast(chunks, offset, end)
+                self._read_ahead(key, target, end)
+        result = self._read_fast(chunks, offset, end, True)
         if result is not None:
             self.tasks.touch()
             return result
@@ -529,47 +571,194 @@ class LayerReader:
         if len(chunks) == 1 and chunks[0].chunk_offset <= offset and \
                 chunks[0].chunk_offset + chunks[0].chunk_size >= end:
             c = chunks[0]
-            result = got[c.index][offset - c.chunk_offset : end - c.chunk_offset]
-        else:
-            buf = bytearray(end - offset)  # gaps (sparse-looking files) stay zero
-            for c in chunks:
-                d = got[c.index]
-                lo = max(offset, c.chunk_offset)
-                hi = min(end, c.chunk_offset + len(d))
-                if hi > lo:
-                    buf[lo - offset : hi - offset] = d[lo - c.chunk_offset : hi - c.chunk_offset]
-            result = bytes(buf)
-        return result
+            d = got[c.index]
+            if offset == c.chunk_offset and end - offset == len(d):
+                return d
+            return memoryview(d)[offset - c.chunk_offset : end - c.chunk_offset]
+        buf = bytearray(end - offset)  # gaps (sparse-looking files) stay zero
+        for c in chunks:
+            d = got[c.index]
+            lo = max(offset, c.chunk_offset)
+            hi = min(end, c.chunk_offset + len(d))
+            if hi > lo:
+                buf[lo - offset : hi - offset] = d[lo - c.chunk_offset : hi - c.chunk_offset]
+        return bytes(buf)
 
-    def _read_ahead(self, target, pos: int) -> None:
-        if target.id in self._ahead:
+    def _read_ahead(self, key: tuple, target, pos: int) -> None:
+        if key in self._ahead:
             return
-        done = self._ahead_to.get(target.id, 0)
-        if pos <= done and (done >= target.size or done - pos >= self.readahead_bytes // 2):
-            return  # enough is scheduled ahead already (or all of the file)
-        self._ahead.add(target.id)
-        self._tg.start_soon(self._read_ahead_task, target, pos)
+        size = target.size
+        done = self._ahead_to.get(key, 0)
+        fetch = not (pos <= done and (done >= size or done - pos >= self.readahead_bytes // 2))
+        disk = False
+        if self._ncached:
+            done = self._disk_to.get(key, 0)
+            disk = not (pos <= done and (done >= size or done - pos > DISK_AHEAD - DISK_LOAD_PART))
+        if fetch or disk:
+            self._ahead.add(key)
+            self._tg.start_soon(self._read_ahead_task, key, target, pos, fetch, disk)
 
-    async def _read_ahead_task(self, target, pos: int) -> None:
+    async def _read_ahead_task(self, key: tuple, target, pos: int, fetch: bool,
+                               disk: bool) -> None:
+        """Keep ``readahead_bytes`` of the file ahead of a sequential reader
+        on their way (missing chunks fetched, prioritized), and
+        ``DISK_AHEAD`` of it loaded from the disk cache into memory by worker
+        threads (:meth:`_launch_loads`), so request handlers neither wait
+        for the disk nor copy."""
         try:
-            span = self.readahead_bytes
-            done = self._ahead_to.get(target.id, 0)
-            start = done if pos <= done < pos + span else pos
-            stop = pos + span
-            self._ahead_to[target.id] = min(stop, target.size)
-            ahead = self._chunks_for_range(target, start, stop - start)
-            need = [c for c in ahead if not self._cached[c.index] and c.index not in self._inflight]
-            if need:
-                need = await self._adopt_from_disk(need)
-            need = [c for c in need if not self._cached[c.index] and c.index not in self._inflight]
-            for g in self._plan(need, extend=False, window=max(self.window, READAHEAD_WINDOW)):
-                self._launch(g, True)
+            inflight = self._inflight
+            if fetch:
+                span = self.readahead_bytes
+                done = self._ahead_to.get(key, 0)
+                start = done if pos <= done < pos + span else pos
+                stop = min(pos + span, target.size)
+                self._ahead_to[key] = stop
+                ahead = self._chunks_for_range(target, start, stop - start) if stop > start else []
+                need = [c for c in ahead if not self._cached[c.index] and c.index not in inflight]
+                if need:
+                    need = await self._adopt_from_disk(need)
+                need = [c for c in need if not self._cached[c.index] and c.index not in inflight]
+                for g in self._plan(need, extend=False, window=max(self.window, READAHEAD_WINDOW)):
+                    self._launch(g, True)
+            if disk:
+                done = self._disk_to.get(key, 0)
+                start = done if pos <= done < pos + DISK_AHEAD else pos
+                stop = min(pos + DISK_AHEAD, target.size)
+                self._disk_to[key] = stop
+                if stop > start:
+                    cache, keys, win = self.cache, self._keys, self._win
+                    load = [c for c in self._chunks_for_range(target, start, stop - start)
+                            if self._cached[c.index] and c.index not in inflight
+                            and c.index not in win and not cache.in_memory(keys[c.index])]
+                    if load:
+                        self._launch_loads(load)
         finally:
-            self._ahead.discard(target.id)
+            self._ahead.discard(key)
+
+    # -- read-ahead from the disk cache ----------------------------------
+    def _launch_loads(self, chunks: list[Chunk]) -> None:
+        """Load cached chunks (file order) into the read-ahead window: runs
+        of chunks stored one after the other in one pack, up to
+        ``DISK_LOAD_PART`` bytes, one O_DIRECT read each into a reused
+        buffer, as flights readers wait on."""
+        cache = self.cache
+        runs: list[tuple[str, int, int, list]] = []  # (pack, offset, length, [(chunk, key, rel)])
+        for c in chunks:
+            key = self._keys[c.index]
+            loc = cache.where(key)
+            if loc is None or loc[2] != c.chunk_size:
+                continue  # not indexed here (or another size): the on-demand path handles it
+            name, off, size = loc
+            r = runs[-1] if runs else None
+            if (r is not None and r[0] == name and r[1] + r[2] == off
+                    and r[2] + size <= DISK_LOAD_PART):
+                r[3].append((c, key, r[2]))
+                runs[-1] = (name, r[1], r[2] + size, r[3])
+            else:
+                runs.append((name, off, size, [(c, key, 0)]))
+        for run in runs:
+            flights = {}
+            for c, _k, _r in run[3]:
+                f = _Flight()
+                self._inflight[c.index] = f
+                flights[c.index] = f
+            self._tg.start_soon(self._load_run, run, flights)
+
+    def _take_buffer(self, length: int) -> mmap.mmap:
+        need = length + 2 * _ALIGN
+        if need <= DISK_LOAD_PART + 2 * _ALIGN:
+            if self._free_bufs:
+                return self._free_bufs.pop()
+            need = DISK_LOAD_PART + 2 * _ALIGN
+        # pre-faulted: first touches of fresh pages cost more than the read
+        return mmap.mmap(-1, need, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0))
+
+    def _give_buffer(self, buf: mmap.mmap) -> None:
+        """Reuse ``buf`` unless a view of it is still alive somewhere."""
+        try:
+            buf.resize(len(buf))  # raises while views of it exist
+        except BufferError:
+            return  # freed by the last view
+        except (OSError, SystemError, ValueError):
+            return
+        if len(buf) == DISK_LOAD_PART + 2 * _ALIGN and len(self._free_bufs) < DISK_THREADS:
+            self._free_bufs.append(buf)
+        else:
+            buf.close()
+
+    def _load_sync(self, run, buf: mmap.mmap) -> list:
+        """Worker thread: the run's chunks from its pack into ``buf``, each
+        checked (once per process); None for chunks not loaded."""
+        name, off, length, items = run
+        view = self.cache.read_into(name, off, length, buf)
+        if view is None:
+            return [None] * len(items)
+        out = []
+        for c, key, rel in items:
+            v = view[rel : rel + c.chunk_size]
+            out.append(v if self.cache.check_loaded(key, v) else None)
+        return out
+
+    async def _load_run(self, run, flights: dict[int, _Flight]) -> None:
+        if self._disk_limiter is None:
+            self._disk_limiter = anyio.CapacityLimiter(DISK_THREADS)
+        buf = None
+        try:
+            async with self._disk_limiter:
+                buf = self._take_buffer(run[2])
+                got = await anyio.to_thread.run_sync(self._load_sync, run, buf)
+        except BaseException as e:
+            self._fail_flights(flights, e)
+            if buf is not None:
+                self._give_buffer(buf)
+            if not isinstance(e, Exception):
+                raise
+            return
+        bid = id(buf)
+        held = []
+        refetch = []
+        for (c, _k, _r), v in zip(run[3], got, strict=True):
+            f = flights[c.index]
+            if v is None:  # evicted or damaged since: fetch it again (same flight)
+                if self._cached[c.index]:
+                    self._cached[c.index] = 0
+                    self._ncached -= 1
+                refetch.append(c)
+                continue
+            self._win[c.index] = (v, bid)
+            held.append(c.index)
+            f.data = v
+            if self._inflight.get(c.index) is f:
+                del self._inflight[c.index]
+            f.event.set()
+        del got
+        if held:
+            self._win_bufs[bid] = (buf, held)
+            self._trim_window()
+        else:
+            self._give_buffer(buf)
+        if refetch:
+            await self._fetch_group(refetch, {c.index: flights[c.index] for c in refetch}, True)
+
+    def _trim_window(self, keep: int = DISK_AHEAD // DISK_LOAD_PART + 4) -> None:
+        """Drop the least recently read buffers beyond ``keep``."""
+        while len(self._win_bufs) > keep:
+            _bid, (buf, held) = self._win_bufs.popitem(last=False)
+            for i in held:
+                self._win.pop(i, None)
+            self._give_buffer(buf)
 
     def forget_stream(self, stream: object) -> None:
         for key in [k for k in self._seq if k[0] == stream]:
             del self._seq[key]
+        for d in (self._ahead_to, self._disk_to):
+            for key in [k for k in d if k[0] == stream]:
+                del d[key]
+        if not self._seq:  # no reader left: let the read-ahead window's memory go
+            self._trim_window(0)
+            for buf in self._free_bufs:
+                buf.close()
+            self._free_bufs.clear()
 
     # -- prefetch and background fetch ------------------------------------
     def prefetch_chunk_list(self) -> list[Chunk]:

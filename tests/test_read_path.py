@@ -207,3 +207,54 @@ def test_big_chunks_written_bypassing_the_page_cache_read_back_exactly(tmp_path,
     assert c.read_range(key, size - 7, 7, size) == data[-7:]
     assert ChunkCache(str(tmp_path), memory_bytes=0).get(key) == data  # a fresh process verifies it
     assert not [n for _d, _s, ns in os.walk(tmp_path) for n in ns if n.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("damage", [False, True])
+def test_sequential_reads_load_ahead_from_the_disk_cache(layer, tmp_path, damage):
+    """A sequential reader of cached chunks gets them loaded ahead (one
+    direct read per run of chunks in a pack), each checked once per process;
+    a damaged one is detected and fetched again."""
+    _path, _res, files = layer
+    reader, cache = _reader(layer, tmp_path)
+    ix = reader.index
+    big = ix.lookup("big.bin")
+    _run(reader, lambda: reader.read(big.id, 0, big.size))
+    victim = None
+    if damage:
+        c = ix.chunks(big)[5]
+        victim, off, _size = cache.location(reader._keys[c.index])
+        with open(victim, "r+b") as f:
+            f.seek(off + 10)
+            b = f.read(1)
+            f.seek(off + 10)
+            f.write(bytes([b[0] ^ 0x40]))
+
+    reader2, cache2 = _reader(layer, tmp_path)  # fresh process, no memory cache
+    seen = {}
+
+    async def reads():
+        out = []
+        for off in range(0, big.size, CHUNK):
+            out.append(await reader2.read_buffer(big.id, off, CHUNK, stream=7))
+            seen["window"] = max(seen.get("window", 0), len(reader2._win))
+        for _ in range(1000):  # let a refetched chunk's cache write land (bounded)
+            if not reader2._inflight:
+                break
+            await anyio.sleep(0.01)
+        whole = b"".join(bytes(x) for x in out)
+        views = [x for x in out if isinstance(x, memoryview)]
+        reader2.forget_stream(7)  # the window's buffers go (views still held stay valid)
+        assert not reader2._win
+        return whole, b"".join(bytes(v) for v in views), views
+
+    whole, again, views = _run(reader2, reads)
+    assert whole == files["big.bin"]
+    assert views and again == b"".join(bytes(v) for v in views)
+    assert seen["window"] > 1  # chunks came through the read-ahead window
+    if damage:  # the damaged pack is gone; the chunk was fetched and stored again
+        assert cache2.corrupt == 1 and reader2.requests >= 1
+        assert not os.path.exists(victim)
+        assert cache2.is_verified(reader2._keys[ix.chunks(big)[5].index])
+    else:
+        assert cache2.corrupt == 0 and reader2.requests == 0
+        assert all(cache2.is_verified(reader2._keys[c.index]) for c in ix.chunks(big)[1:])
