@@ -67,6 +67,7 @@ _MAGIC = b"SGZPACK1"
 _HEAD = struct.Struct("<8sI")
 _PACK_SUFFIX = ".pack"
 _HEADER_READ = 64 << 10
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _DIRECT_SLOT = "\0direct"  # _fds key suffix of a pack's O_DIRECT descriptor
 
 
@@ -197,6 +198,7 @@ class ChunkCache:
         # parallel, and never on a closed (or reused) descriptor number.
         self._fd_garbage: list[int] = []
         self._busy = 0
+        self._nowait = bool(_RWF_NOWAIT)  # preadv2(RWF_NOWAIT) works here (page cache probe)
         self._tmp_seq = 0
         self._tls = threading.local()  # per-thread aligned buffer for O_DIRECT
         self._direct_ok = os.environ.get("STARGZ_TUI_CACHE_DIRECT", "1") != "0"
@@ -462,24 +464,49 @@ class ChunkCache:
         got = self._verified.get(key)
         return got is not None and (size is None or got == size)
 
-    def read_range(self, key: str, offset: int, length: int, size: int) -> bytes | None:
-        """``length`` bytes at ``offset`` of a verified chunk of ``size``
-        bytes, or None (not verified in this process yet, another size, gone,
-        or short). A ``pread`` on a kept-open descriptor (no lock held while
-        it runs): cheap enough for an event loop thread when the pages are
-        in the page cache (see :meth:`will_need`)."""
+    def read_range(self, key: str, offset: int, length: int, size: int):
+        """``length`` bytes (bytes-like) at ``offset`` of a verified chunk of
+        ``size`` bytes, or None (not verified in this process yet, another
+        size, gone, or short). A ``pread`` on a kept-open descriptor (no lock
+        held while it runs), cheap enough for an event loop thread: when the
+        range is not in the page cache (``RWF_NOWAIT`` says so) the piece is
+        read at once and the kernel asked to read the rest of the chunk in
+        the background (``POSIX_FADV_WILLNEED``), so the next reads of that
+        chunk (random reads of one file) do not wait for the disk."""
         if self._verified.get(key) != size or offset + length > size:
             return None
         loc = self._index.get(key)
         if loc is None:
             return None
         name, off, _ = loc
-        data = self._pread(name, length, off + offset)
-        if data is None or len(data) != length:
+        fd = self._acquire_fd(name)
+        got = -1
+        if fd is not None:
+            buf = bytearray(length)
+            try:
+                got = 0
+                if self._nowait:
+                    try:
+                        got = os.preadv(fd, [buf], off + offset, _RWF_NOWAIT)
+                    except BlockingIOError:
+                        pass
+                    except OSError as e:
+                        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                            raise
+                        self._nowait = False
+                if got < length:  # not (all) in the page cache
+                    got += os.preadv(fd, [memoryview(buf)[got:]], off + offset + got)
+                    if size > length:
+                        os.posix_fadvise(fd, off, size, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                got = -1
+            finally:
+                self._release_fd()
+        if got != length:
             self._drop_pack(name)
             return None
         self.hits += 1
-        return data
+        return buf
 
     def where(self, key: str) -> tuple[str, int, int] | None:
         """``(pack name, offset, size)`` of a chunk known to be on disk (no
@@ -547,25 +574,6 @@ class ChunkCache:
             except OSError:
                 pass
         return False
-
-    def will_need(self, keys: Iterable[str]) -> None:
-        """Ask the kernel to read these chunks' pack ranges into the page
-        cache in the background (``POSIX_FADV_WILLNEED``): a later
-        :meth:`read_range` of them is then a copy, not a disk wait."""
-        for key in keys:
-            loc = self._index.get(key)
-            if loc is None:
-                continue
-            name, off, size = loc
-            fd = self._acquire_fd(name)
-            if fd is None:
-                continue
-            try:
-                os.posix_fadvise(fd, off, size, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                self._release_fd()
 
     def put(self, key: str, data: bytes, *, remember: bool = True) -> bool:
         """Store a verified chunk; False when only memory could keep it."""

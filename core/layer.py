@@ -59,6 +59,7 @@ DECODE_PART = 2 << 20         # a group's chunks decode in parallel runs of this
 READAHEAD_WINDOW = 8 << 20    # range request size of sequential read-ahead
 _FILE_CHUNKS_CACHED = 4096    # per-file chunk lists kept
 _SEQ_SLACK = 8 << 20          # a read this near a stream's position is sequential
+_SEQ_MIN_READ = 64 << 10      # ... when it is at least this big (kernel read-ahead sends more)
 _BACKLOG = 2                  # background units fetched beyond the slots, awaiting decode
 DISK_THREADS = 2              # read-ahead loads from the disk cache at once
 DISK_LOAD_PART = 4 << 20      # ... each one O_DIRECT read of at most this many bytes
@@ -556,9 +557,13 @@ class LayerReader:
         if stream is not None:
             # The kernel reads ahead with several requests at once, so they
             # may arrive out of order: "near where the stream was" counts.
+            # Small reads never count: random readers (a database,
+            # FADV_RANDOM) are not a stream, and the kernel's read-ahead
+            # sends sequential readers' requests in bigger pieces.
             key = (stream, target.id)
             prev = self._seq.get(key)
-            sequential = offset == 0 or (prev is not None and abs(offset - prev) <= _SEQ_SLACK)
+            sequential = end - offset >= _SEQ_MIN_READ and (
+                offset == 0 or (prev is not None and abs(offset - prev) <= _SEQ_SLACK))
             self._seq[key] = end if prev is None or not sequential else max(prev, end)
             if sequential and end < fsize and self.readahead and self._tg is not None:
                 self._read_ahead(key, target, end)
@@ -664,13 +669,18 @@ class LayerReader:
                 flights[c.index] = f
             self._tg.start_soon(self._load_run, run, flights)
 
-    def _take_buffer(self, length: int) -> mmap.mmap:
-        need = length + 2 * _ALIGN
-        if need <= DISK_LOAD_PART + 2 * _ALIGN:
-            if self._free_bufs:
-                return self._free_bufs.pop()
-            need = DISK_LOAD_PART + 2 * _ALIGN
-        # pre-faulted: first touches of fresh pages cost more than the read
+    def _take_buffer(self, length: int) -> mmap.mmap | None:
+        """A free buffer for a load of ``length`` bytes (None: make one)."""
+        if length + 2 * _ALIGN <= DISK_LOAD_PART + 2 * _ALIGN and self._free_bufs:
+            return self._free_bufs.pop()
+        return None
+
+    @staticmethod
+    def _new_buffer(length: int) -> mmap.mmap:
+        """Worker thread: a page-aligned buffer for a load of ``length``
+        bytes, pre-faulted (first touches of fresh pages cost more than the
+        read itself)."""
+        need = max(length, DISK_LOAD_PART) + 2 * _ALIGN
         return mmap.mmap(-1, need, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0))
 
     def _give_buffer(self, buf: mmap.mmap) -> None:
@@ -686,18 +696,21 @@ class LayerReader:
         else:
             buf.close()
 
-    def _load_sync(self, run, buf: mmap.mmap) -> list:
-        """Worker thread: the run's chunks from its pack into ``buf``, each
-        checked (once per process); None for chunks not loaded."""
+    def _load_sync(self, run, buf: mmap.mmap | None) -> tuple[mmap.mmap, list]:
+        """Worker thread: the run's chunks from its pack into ``buf`` (or a
+        new buffer), each checked (once per process); None for chunks not
+        loaded."""
         name, off, length, items = run
+        if buf is None:
+            buf = self._new_buffer(length)
         view = self.cache.read_into(name, off, length, buf)
         if view is None:
-            return [None] * len(items)
+            return buf, [None] * len(items)
         out = []
         for c, key, rel in items:
             v = view[rel : rel + c.chunk_size]
             out.append(v if self.cache.check_loaded(key, v) else None)
-        return out
+        return buf, out
 
     async def _load_run(self, run, flights: dict[int, _Flight]) -> None:
         if self._disk_limiter is None:
@@ -706,7 +719,7 @@ class LayerReader:
         try:
             async with self._disk_limiter:
                 buf = self._take_buffer(run[2])
-                got = await anyio.to_thread.run_sync(self._load_sync, run, buf)
+                buf, got = await anyio.to_thread.run_sync(self._load_sync, run, buf)
         except BaseException as e:
             self._fail_flights(flights, e)
             if buf is not None:

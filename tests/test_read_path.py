@@ -258,3 +258,26 @@ def test_sequential_reads_load_ahead_from_the_disk_cache(layer, tmp_path, damage
     else:
         assert cache2.corrupt == 0 and reader2.requests == 0
         assert all(cache2.is_verified(reader2._keys[c.index]) for c in ix.chunks(big)[1:])
+
+
+def test_small_random_reads_are_not_a_stream(layer, tmp_path):
+    """4 KiB reads at random offsets (FADV_RANDOM readers) read no more than
+    they need: no read-ahead, no loads into the read-ahead window; every
+    answer is right and comes from the disk cache once it holds the file."""
+    _path, _res, files = layer
+    reader, _cache = _reader(layer, tmp_path)
+    ix = reader.index
+    big = ix.lookup("big.bin")
+    _run(reader, lambda: reader.read(big.id, 0, big.size))
+    reader2, cache2 = _reader(layer, tmp_path)
+    rnd = random.Random(3)
+    offs = [rnd.randrange(big.size // 4096) * 4096 for _ in range(200)]
+
+    async def reads():
+        out = [await reader2.read(big.id, o, 4096, stream=9) for o in offs]
+        return out, dict(reader2._ahead_to), dict(reader2._disk_to), len(reader2._win)
+
+    got, ahead, disk, win = _run(reader2, reads)
+    assert got == [files["big.bin"][o:o + 4096] for o in offs]
+    assert not ahead and not disk and win == 0
+    assert reader2.requests == 0 and cache2.corrupt == 0
