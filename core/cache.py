@@ -63,6 +63,8 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _MAX_FDS = 64  # pack files kept open for read_range
 _DIRECT_MIN = 256 << 10  # packs at least this big are written with O_DIRECT
 _ALIGN = 4096
+_WBUF_STEP = 8 << 20  # direct-write buffers come in multiples of this
+_WBUFS = 2  # ... and this many are kept for reuse
 _MAGIC = b"SGZPACK1"
 _HEAD = struct.Struct("<8sI")
 _PACK_SUFFIX = ".pack"
@@ -200,7 +202,7 @@ class ChunkCache:
         self._busy = 0
         self._nowait = bool(_RWF_NOWAIT)  # preadv2(RWF_NOWAIT) works here (page cache probe)
         self._tmp_seq = 0
-        self._tls = threading.local()  # per-thread aligned buffer for O_DIRECT
+        self._wbufs: list[mmap.mmap] = []  # free aligned buffers for O_DIRECT writes
         self._direct_ok = os.environ.get("STARGZ_TUI_CACHE_DIRECT", "1") != "0"
         self.hits = 0
         self.memory_hits = 0
@@ -667,18 +669,40 @@ class ChunkCache:
         if not self._direct_ok or not hasattr(os, "O_DIRECT"):
             return False
         padded = (size + _ALIGN - 1) // _ALIGN * _ALIGN
-        buf = getattr(self._tls, "buf", None)
-        if buf is None or len(buf) < padded:
-            if buf is not None:
-                buf.close()
-            buf = mmap.mmap(-1, max(padded + padded // 4, 8 << 20))  # page aligned, room to grow
-            self._tls.buf = buf
         try:
             fl = fcntl.fcntl(fd, fcntl.F_GETFL)
             fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_DIRECT)
         except OSError:
             self._direct_ok = False
             return False
+        buf = self._take_wbuf(padded)
+        try:
+            return self._write_direct_from(fd, fl, buf, parts, size, padded)
+        finally:
+            self._give_wbuf(buf)
+
+    def _take_wbuf(self, size: int) -> mmap.mmap:
+        """A page-aligned buffer of at least ``size`` bytes for a direct
+        write: a reused one when there is one (the first touch of a fresh
+        page costs a fault and a zeroing, about as much as the copy itself)."""
+        with self._lock:
+            for i, b in enumerate(self._wbufs):
+                if len(b) >= size:
+                    return self._wbufs.pop(i)
+        return mmap.mmap(-1, -(-size // _WBUF_STEP) * _WBUF_STEP, flags=mmap.MAP_PRIVATE)
+
+    def _give_wbuf(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._wbufs) < _WBUFS:
+                self._wbufs.append(buf)
+                return
+            smallest = min(range(len(self._wbufs)), key=lambda i: len(self._wbufs[i]))
+            if len(self._wbufs[smallest]) < len(buf):
+                buf, self._wbufs[smallest] = self._wbufs[smallest], buf
+        buf.close()
+
+    def _write_direct_from(self, fd: int, fl: int, buf: mmap.mmap, parts: list, size: int,
+                           padded: int) -> bool:
         _copy_into(buf, parts)
         if padded > size:
             buf[size:padded] = bytes(padded - size)
