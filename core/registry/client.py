@@ -288,6 +288,7 @@ class RegistryClient:
         self._tokens: dict[tuple[str, str], Token] = {}
         self._creds: dict[tuple[str, str | None], Credentials | None] = {}
         self._locks: dict[object, anyio.Lock] = {}
+        self._bulk = None
         self.stats = {"requests": 0, "retries": 0, "tokens_fetched": 0, "redirects": 0}
         self._check_origin(self.origin)
         for m in self.mirrors:
@@ -676,7 +677,25 @@ class RegistryClient:
                               repository_scope(repository), page_size,
                               f"listing tags of {repository}")
 
+    def bulk_reader(self):
+        """The client's :class:`core.registry.bulk.BulkReader` for large blob
+        ranges, or None when it must not be used (an HTTP client given by the
+        caller, or a proxy configured in the environment)."""
+        if not self._own_http:
+            return None
+        from .bulk import BulkReader, proxied
+
+        if proxied("http") or proxied("https"):
+            return None
+        if self._bulk is None:
+            t = self._http.timeout
+            self._bulk = BulkReader(timeout=t.read or 30.0, connect_timeout=t.connect or 15.0,
+                                    ssl_context=httpx.create_ssl_context, user_agent=USER_AGENT)
+        return self._bulk
+
     async def aclose(self) -> None:
+        if self._bulk is not None:
+            self._bulk.close()
         if self._own_http:
             await self._http.aclose()
 

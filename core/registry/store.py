@@ -32,7 +32,8 @@ from ..image import (
     sha256_digest,
 )
 from ..reference import Reference
-from .client import RegistryClient, Reply, raise_for_reply, repository_scope
+from .bulk import BulkUnavailable
+from .client import RegistryClient, Reply, _same_origin, raise_for_reply, repository_scope
 from .config import RegistryConfig
 from .credentials import Credentials
 
@@ -45,6 +46,10 @@ SCHEMA1_TYPES = (
 )
 # A server ignoring Range sends the whole blob; accept that only for blobs this small.
 MAX_UNRANGED_BLOB = 64 << 20
+# Ranges at least this long are first tried on the client's bulk reader (a
+# blocking receive in a worker thread, see core.registry.bulk), once a regular
+# read has shown which URL and credentials serve the blob.
+BULK_MIN = 1 << 20
 
 
 def _media_type(reply: Reply) -> str:
@@ -221,7 +226,14 @@ class RegistryBlobSource:
     the cached (signed) URL stops working the registry is asked again. A read
     that fails after the client's retries is retried once more after
     refreshing (new token, new redirect).
+
+    Reads of at least ``bulk_min`` bytes go through the client's bulk reader
+    to the URL the last regular read was served from (with the credentials
+    the client would send there); any answer but the exact range makes the
+    read repeat on the regular path, which owns retries, renewal and errors.
     """
+
+    bulk_min = BULK_MIN
 
     def __init__(self, store: RegistryStore, repository: str, digest: str, size: int):
         self.store = store
@@ -232,7 +244,10 @@ class RegistryBlobSource:
         self.requests = 0
         self.bytes_read = 0
         self.refreshes = 0
+        self.bulk_reads = 0
         self._redirect_url: str | None = None
+        # (url, base whose credentials it takes or None) of the last good read
+        self._bulk_target: tuple[str, str | None] | None = None
 
     @property
     def description(self) -> str:
@@ -241,6 +256,7 @@ class RegistryBlobSource:
     def refresh(self) -> None:
         """Forget the cached redirect and the repository's tokens."""
         self._redirect_url = None
+        self._bulk_target = None
         self.client.invalidate_tokens(repository_scope(self.repository))
         self.refreshes += 1
 
@@ -250,6 +266,12 @@ class RegistryBlobSource:
         length = max(0, min(length, self.size - offset))
         if length == 0:
             return b""
+        data = await self._bulk(offset, length) if length >= self.bulk_min else None
+        if data is not None:
+            self.requests += 1
+            self.bulk_reads += 1
+            self.bytes_read += len(data)
+            return data
         try:
             try:
                 data = await self._fetch(offset, length)
@@ -268,6 +290,27 @@ class RegistryBlobSource:
         self.requests += 1
         self.bytes_read += len(data)
         return data
+
+    async def _bulk(self, offset: int, length: int) -> bytes | None:
+        """The range from the bulk reader, or None (then the regular path reads it)."""
+        target = self._bulk_target
+        if target is None:
+            return None
+        reader = self.client.bulk_reader()
+        if reader is None:
+            return None
+        url, auth_base = target
+        headers = {}
+        try:
+            if auth_base is not None:
+                auth = await self.client._auth_header(auth_base, repository_scope(self.repository))
+                if auth:
+                    headers["Authorization"] = auth
+            return await reader.read(url, headers, offset, length)
+        except (BulkUnavailable, CoreError) as e:
+            log.debug("bulk read of %s %d+%d: %s; reading it the regular way",
+                      self.digest[:19], offset, length, e)
+            return None
 
     def _slice(self, reply: Reply, offset: int, length: int) -> bytes | None:
         if reply.status == 206:
@@ -300,6 +343,8 @@ class RegistryBlobSource:
                 reply = await self.client.get_url(url, headers=headers, limit=limit)
                 data = self._slice(reply, offset, length)
                 if data is not None:
+                    if reply.status == 206:
+                        self._bulk_target = (url, None)
                     return data
                 log.info("cached blob URL answered %s; asking the registry again", reply.status)
             except RegistryError as e:
@@ -316,6 +361,10 @@ class RegistryBlobSource:
                                 f"of blob {self.digest[:19]}")
         if reply.redirected:
             self._redirect_url = reply.url
+        if reply.status == 206:
+            base = self.store._good_base
+            self._bulk_target = (reply.url, base if base and not reply.redirected
+                                 and _same_origin(reply.url, base) else None)
         return data
 
     async def aclose(self) -> None:

@@ -1,0 +1,217 @@
+"""The bulk range reader (core.registry.bulk) behind RegistryBlobSource against a
+real docker-registry: same bytes as the regular path, the regular path's auth
+and redirect rules, fallback to the regular path, proxies, cancellation."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import anyio
+import pytest
+from registry_helpers import FIXTURE_LAYOUT
+
+from core.image import OCILayoutStore, open_image
+from core.reference import parse_reference
+from core.registry import RegistryClient, RegistryStore, push_blob
+from core.registry.config import RegistryConfig
+from core.registry.credentials import Credentials
+from core.registry.store import RegistryBlobSource
+
+pytestmark = pytest.mark.registry
+
+
+def _store(ref: str, **kw) -> RegistryStore:
+    return RegistryStore(parse_reference(ref), config=RegistryConfig(), use_keyring=False, **kw)
+
+
+@pytest.fixture
+def big_blob(make_registry, isolated_env):
+    """A registry holding one 5 MiB random blob: (registry, data, digest)."""
+    reg = make_registry()
+    data = os.urandom(5 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+
+    async def push():
+        c = RegistryClient(reg.host, config=RegistryConfig(), use_keyring=False)
+        try:
+            await push_blob(c, "bulk/blob", digest, data=data)
+        finally:
+            await c.aclose()
+
+    anyio.run(push)
+    return reg, data, digest
+
+
+def test_bulk_reads_are_the_same_bytes(big_blob):
+    reg, data, digest = big_blob
+
+    async def run(bulk: bool):
+        store = _store(f"{reg.host}/bulk/blob:x")
+        src = store.blob_source(digest, len(data))
+        if not bulk:
+            src.bulk_min = 1 << 40
+        try:
+            out = [await src.read_range(0, 100)]  # regular: learns the URL
+            for off, n in ((0, 1 << 20), (len(data) - (2 << 20), 2 << 20), (12345, 3 << 20),
+                           (len(data) - (1 << 20) + 7, 2 << 20)):  # the last one is clipped
+                out.append(await src.read_range(off, n))
+
+            async def par(i):
+                out.append(await src.read_range(i << 20, 1 << 20))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(4):
+                    tg.start_soon(par, i)
+            return out, src.bulk_reads, src.requests
+        finally:
+            await store.aclose()
+
+    got, bulk_reads, requests = anyio.run(run, True)
+    regular, none, _ = anyio.run(run, False)
+    assert got[:5] == regular[:5]
+    assert got[1] == data[:1 << 20] and got[3] == data[12345:12345 + (3 << 20)]
+    assert got[4] == data[len(data) - (1 << 20) + 7:]
+    assert sorted(got[5:]) == sorted(data[i << 20:(i + 1) << 20] for i in range(4))
+    assert bulk_reads == 7 and requests == 9 and none == 0  # clipped one < bulk_min
+
+
+def test_bulk_reads_under_trio(big_blob):
+    reg, data, digest = big_blob
+
+    async def run():
+        store = _store(f"{reg.host}/bulk/blob:x")
+        src = store.blob_source(digest, len(data))
+        try:
+            await src.read_range(0, 10)
+            return await src.read_range(1 << 20, 2 << 20), src.bulk_reads
+        finally:
+            await store.aclose()
+
+    got, n = anyio.run(run, backend="trio")
+    assert got == data[1 << 20:3 << 20] and n == 1
+
+
+def test_bulk_not_used_behind_a_proxy(big_blob, monkeypatch):
+    reg, data, digest = big_blob
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # httpx itself goes direct
+
+    async def run():
+        store = _store(f"{reg.host}/bulk/blob:x")
+        src = store.blob_source(digest, len(data))
+        try:
+            await src.read_range(0, 10)
+            return await src.read_range(0, 2 << 20), src.bulk_reads
+        finally:
+            await store.aclose()
+
+    got, n = anyio.run(run)
+    assert got == data[:2 << 20] and n == 0
+
+
+def test_bulk_sends_credentials_to_the_registry_only(basic_registry, redirecting_front,
+                                                     isolated_env, monkeypatch):
+    """Through a redirecting front: bulk reads go to the signed CDN URL without
+    credentials; direct to a registry with Basic auth they carry them."""
+    monkeypatch.setattr(RegistryBlobSource, "bulk_min", 1)
+    front, cdn = redirecting_front(basic_registry)
+    creds = Credentials("alice", basic_registry.users["alice"], "test")
+
+    async def run(host):
+        store = _store(host + "/fixtures/mini:mini-esgz", credentials=creds)
+        try:
+            img = await open_image(store.ref, store=store)
+            layer = img.layers[0]
+            src = store.blob_source(layer.digest, layer.size)
+            local = OCILayoutStore(FIXTURE_LAYOUT).blob_source(layer.digest, layer.size)
+            for off, n in ((0, 1000), (1000, 5000), (layer.size - 51, 51)):
+                assert await src.read_range(off, n) == await local.read_range(off, n)
+            return src.bulk_reads
+        finally:
+            await store.aclose()
+
+    assert anyio.run(run, front.host) == 2
+    assert len(cdn.requests) >= 4  # config blob, first range (regular), 2 bulk reads
+    assert all("Authorization" not in h and "authorization" not in h for _, h in cdn.requests)
+    layer_gets = [p for m, p, h in front.requests if m == "GET" and "/blobs/" in p]
+    assert len(layer_gets) == 2  # config blob + the first range: later ones use the CDN URL
+    assert anyio.run(run, basic_registry.host) == 2  # 401 without them: would fall back
+
+
+def test_bulk_with_tokens_and_expiry(token_registry, isolated_env, monkeypatch):
+    monkeypatch.setattr(RegistryBlobSource, "bulk_min", 1)
+    creds = Credentials("alice", token_registry.users["alice"], "test")
+
+    async def run():
+        store = _store(token_registry.ref("mini-esgz"), credentials=creds)
+        try:
+            img = await open_image(store.ref, store=store)
+            layer = img.layers[0]
+            src = store.blob_source(layer.digest, layer.size)
+            local = OCILayoutStore(FIXTURE_LAYOUT).blob_source(layer.digest, layer.size)
+            a = await src.read_range(0, 3000)
+            b = await src.read_range(3000, 3000)  # bulk, with the cached token
+            n = src.bulk_reads
+            # a token the registry no longer takes: bulk answers 401, the regular
+            # path renews it
+            for k in list(store.client._tokens):
+                store.client._tokens[k].value = "expired-or-revoked"
+            c = await src.read_range(6000, 3000)
+            d = await src.read_range(9000, 3000)  # bulk again with the new token
+            assert a + b + c + d == await local.read_range(0, 12000)
+            return n, src.bulk_reads
+        finally:
+            await store.aclose()
+
+    n1, n2 = anyio.run(run)
+    assert n1 == 1 and n2 == 2
+
+
+def test_bulk_read_cancelled_promptly(big_blob):
+    """A bulk read blocked on a silent server ends when its caller is cancelled."""
+    import socket
+    import threading
+
+    reg, data, digest = big_blob
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    conns = []
+    stop = threading.Event()
+
+    def accept():
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(silent.accept()[0])  # read nothing, answer nothing
+            except OSError:
+                pass
+
+    th = threading.Thread(target=accept, daemon=True)
+    th.start()
+
+    async def run():
+        store = _store(f"{reg.host}/bulk/blob:x")
+        src = store.blob_source(digest, len(data))
+        try:
+            await src.read_range(0, 10)
+            host, port = silent.getsockname()
+            src._bulk_target = (f"http://{host}:{port}/v2/bulk/blob/blobs/{digest}", None)
+            t = time.monotonic()
+            with anyio.move_on_after(0.5):
+                await src.read_range(0, 2 << 20)
+            return time.monotonic() - t
+        finally:
+            await store.aclose()
+
+    try:
+        took = anyio.run(run)
+    finally:
+        stop.set()
+        th.join(5)
+        for c in conns:
+            c.close()
+        silent.close()
+    assert took < 5
