@@ -205,14 +205,13 @@ class Daemon:
                 self.image = image_from_dump(dumped, open_store(ref), ref)
             else:
                 with anyio.fail_after(a.resolve_timeout + 5):
-                    # the config (diffIDs) is not needed to serve a layer
+                    # the config is checked below, while the layer resolves
                     self.image = await open_image(a.image, platform=a.platform,
                                                   with_config=False)
             self.store = self.image.store
             self.desc = self.image.layer(a.layer)
             self.resolver = Resolver(timeout=a.resolve_timeout)
-            layer = await self.resolver.resolve(self.store, self.desc,
-                                                allow_unverified=a.allow_unverified)
+            layer = await self._resolve_checking_config(dumped is None)
             for w in layer.warnings:
                 log.warning(w)
             cache = ChunkCache(a.cache_dir, max_bytes=a.cache_size)
@@ -292,6 +291,35 @@ class Daemon:
                 except OSError:
                     pass
         return 0
+
+    async def _resolve_checking_config(self, check_config: bool):
+        """Resolve the layer; meanwhile fetch and verify the image config
+        (a mount serves no layer of an image whose config does not verify)."""
+        import anyio
+
+        from .image import fetch_config
+
+        failed: list[BaseException] = []
+
+        async def check() -> None:
+            try:
+                await fetch_config(self.store, self.image.manifest, self.image.manifest_digest)
+            except Exception as e:  # noqa: BLE001 - raised below, after the resolve
+                failed.append(e)
+
+        layer = None
+        async with anyio.create_task_group() as tg:
+            if check_config:
+                tg.start_soon(check)
+            try:  # raised from here, not wrapped in the task group's ExceptionGroup
+                layer = await self.resolver.resolve(self.store, self.desc,
+                                                    allow_unverified=self.args.allow_unverified)
+            except Exception as e:  # noqa: BLE001
+                failed.insert(0, e)
+                tg.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+        return layer
 
     async def _pre_resolve(self, others, tasks) -> None:
         await self.resolver.pre_resolve(self.store, others, tasks,

@@ -318,14 +318,24 @@ def pick_manifest(index: dict, platform: str | None) -> dict:
     raise NotFoundError(f"no manifest for platform {want} in the index (available: {avail})")
 
 
+async def fetch_config(store: ImageStore, manifest: dict, manifest_digest: str) -> dict:
+    """The manifest's config, fetched and verified against its digest."""
+    cfg_desc = manifest.get("config")
+    if not isinstance(cfg_desc, dict) or not isinstance(cfg_desc.get("digest"), str):
+        raise FormatError(f"manifest {manifest_digest[:19]} has no config descriptor")
+    cfg_bytes = await store.get_blob_bytes(cfg_desc["digest"], cfg_desc.get("size"))
+    return _load_json(cfg_bytes, "image config")
+
+
 async def open_image(ref: Reference | str, *, store: ImageStore | None = None,
                      platform: str | None = None, with_config: bool = True,
                      **registry_options) -> Image:
     """Resolve ``ref`` to one image manifest, its config and layers.
 
-    ``with_config=False`` skips the config blob (one request less for a
-    mount daemon, which serves a layer and needs no diffIDs): ``config`` is
-    then ``{}`` and the layers' ``diff_id`` None."""
+    ``with_config=False`` leaves the config blob to the caller (a mount
+    daemon checks it with :func:`fetch_config` while it resolves the layer,
+    instead of before): ``config`` is then ``{}`` and the layers' ``diff_id``
+    None."""
     if isinstance(ref, str):
         ref = parse_reference(ref)
     if store is None:
@@ -346,14 +356,7 @@ async def open_image(ref: Reference | str, *, store: ImageStore | None = None,
         media_type = doc.get("mediaType") or chosen.get("mediaType") or media_type
     if media_type not in MANIFEST_TYPES:
         raise FormatError(f"unsupported manifest media type {media_type!r}")
-    cfg_desc = doc.get("config")
-    if not isinstance(cfg_desc, dict) or not isinstance(cfg_desc.get("digest"), str):
-        raise FormatError(f"manifest {digest[:19]} has no config descriptor")
-    if with_config:
-        cfg_bytes = await store.get_blob_bytes(cfg_desc["digest"], cfg_desc.get("size"))
-        config = _load_json(cfg_bytes, "image config")
-    else:
-        config = {}
+    config = await fetch_config(store, doc, digest) if with_config else {}
     return _make_image(ref, store, doc, data, media_type, digest, config, index, index_digest,
                        platforms)
 
