@@ -235,12 +235,22 @@ class BulkReader:
                   reused: bool) -> tuple[bytes, bool]:
         sock.sendall(request)
         head = bytearray()
+        # Plain sockets: peek, then take only the header, so that the body
+        # lands whole in the bytes object one recv(MSG_WAITALL) returns (no
+        # copy, no page faults under the GIL).
+        peek = socket.MSG_PEEK if not isinstance(sock, ssl.SSLSocket) else 0
         while True:
-            piece = sock.recv(MAX_HEADER_BYTES)
+            piece = sock.recv(MAX_HEADER_BYTES, peek)
             if not piece:
                 if reused and not head:
                     raise _StaleConnection()
                 raise BulkUnavailable("connection closed in the response header")
+            if peek:
+                at = (bytes(head[-3:]) + piece).find(b"\r\n\r\n")
+                take = len(piece) if at < 0 else at + 4 - min(3, len(head))
+                piece = sock.recv(take, socket.MSG_WAITALL)
+                if len(piece) != take:
+                    raise BulkUnavailable("connection closed in the response header")
             head += piece
             end = head.find(b"\r\n\r\n")
             if end >= 0:
