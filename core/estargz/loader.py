@@ -21,9 +21,10 @@ from .footer import MAX_FOOTER_SIZE, Footer, Format, parse_footer
 from .toc import TOC_TAR_NAME, LayerIndex, build_index
 
 # How much of the tail to read in the first request: the footer and the TOC
-# of a layer with a few hundred files; a larger TOC costs one more request for
-# exactly the bytes missing before this tail (never the whole MiB blindly).
-TAIL_READ = 64 << 10
+# of a layer with up to several thousand files (a compressed TOC takes ~30 B
+# per entry), so most layers resolve in one request; a larger TOC costs one
+# more request for exactly the bytes missing before this tail.
+TAIL_READ = 256 << 10
 # The largest TOC we agree to inflate (a 1M-entry TOC is ~300 MB of JSON).
 MAX_TOC_BYTES = 512 << 20
 # TOC JSON (names, hex digests) compresses a few times over, never 100x:
