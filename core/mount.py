@@ -105,6 +105,18 @@ def _read_records() -> list[dict]:
     return out
 
 
+def layer_cache_dirs(digest: str) -> list[str]:
+    """The ``--cache-dir`` of every mount that serves layer ``digest`` with
+    its own cache (records only: no daemon is asked)."""
+    out = []
+    for rec in _read_records():
+        d = rec.get("cacheDir")
+        if d and d not in out and any(isinstance(e, dict) and e.get("digest") == digest
+                                      for e in rec.get("layers") or []):
+            out.append(d)
+    return out
+
+
 def _find_record(mountpoint: str) -> dict | None:
     real = os.path.realpath(mountpoint)
     for rec in _read_records():

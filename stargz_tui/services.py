@@ -5,6 +5,7 @@ layers) and forwards to ``core``; it knows no formats or protocols itself.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 
 from core import browse
@@ -52,6 +53,30 @@ class Services:
         self.config = config
         self.cache = cache if cache is not None else browse.default_cache()
         self._mounts = None
+        self._mount_caches: dict[str, object] = {}
+
+    def _cache_for(self, session: ImageSession, n: int):
+        """The cache holding layer ``n``'s chunks: the one of a mount serving
+        it with its own ``--cache-dir``, else the shared one."""
+        mod = self.mount_manager()
+        try:
+            dirs = mod.layer_cache_dirs(session.image.layers[n].digest) if mod else []
+        except (OSError, CoreError):
+            dirs = []
+        shared = getattr(self.cache, "root", None)
+        for d in dirs:
+            if os.path.abspath(d) == shared:
+                continue
+            cache = self._mount_caches.get(d)
+            if cache is None:
+                from core.cache import ChunkCache
+
+                try:
+                    cache = self._mount_caches[d] = ChunkCache(d)
+                except OSError:
+                    continue
+            return cache
+        return self.cache
 
     # -- targets -------------------------------------------------------------
     @staticmethod
@@ -75,7 +100,8 @@ class Services:
         return ImageSession(ref_text=ref_text, image=image, views=[None] * len(image.layers))
 
     async def load_layer(self, session: ImageSession, n: int) -> browse.LayerView:
-        view = await browse.open_layer(session.image, session.image.layers[n], self.cache)
+        view = await browse.open_layer(session.image, session.image.layers[n],
+                                       self._cache_for(session, n))
         old = session.views[n]
         if old is not None:
             view.failed_chunks = old.failed_chunks
@@ -88,11 +114,10 @@ class Services:
         view = session.views[n]
         if view is None or view.index is None:
             return []
+        cache = self._cache_for(session, n)
         if chunks is None:
-            return browse.layer_chunk_states(view.index, cache=self.cache,
-                                             failed=view.failed_chunks)
-        return browse.chunk_states(view.index, chunks, cache=self.cache,
-                                   failed=view.failed_chunks)
+            return browse.layer_chunk_states(view.index, cache=cache, failed=view.failed_chunks)
+        return browse.chunk_states(view.index, chunks, cache=cache, failed=view.failed_chunks)
 
     # -- registries ----------------------------------------------------------
     async def list_repositories(self, registry: str, last: str | None = None):

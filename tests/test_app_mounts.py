@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import anyio
 import pytest
 from app_support import (
     LAYOUT_REF,
@@ -74,3 +75,34 @@ async def test_mount_and_unmount_from_mounts_screen(mount_env, tmp_path):
         await wait_for(pilot, lambda: table.row_count == 0, "the mount gone", 60)
         assert not core_mount.is_mounted(str(mp))
         assert core_mount.list_mounts() == []
+
+
+async def test_layer_view_counts_chunks_in_a_mounts_own_cache_dir(mount_env, tmp_path):
+    """A layer mounted with --cache-dir shows its cached chunks from that dir,
+    not from the shared cache (which holds none of them)."""
+    from core.cache import ChunkCache
+    from stargz_tui.services import Services
+
+    own = tmp_path / "own-cache"
+    mp = mount_env.mountpoint("own")
+    ref = f"{LAYOUT_REF}:mini-esgz"
+    await core_mount.mount_image(ref, mp, layer=0, cache_dir=str(own), silence=0.2)
+    try:
+        for _ in range(600):
+            if mount_env.status(mp)["backgroundFetchDone"]:
+                break
+            await anyio.sleep(0.05)
+        st = mount_env.status(mp)
+        assert st["chunksCached"] == st["chunksTotal"] > 0
+        shared = ChunkCache(str(tmp_path / "shared-cache"))
+        services = Services(cache=shared)
+        session = await services.open_image(ref)
+        view = await services.load_layer(session, 0)
+        assert view.cached_chunks == view.index.num_chunks
+        assert set(services.chunk_states(session, 0)) == {"cached"}
+        assert shared.is_empty()
+    finally:
+        core_mount.unmount(mp)
+    # with the mount gone, the shared cache decides again
+    view = await services.load_layer(session, 0)
+    assert view.cached_chunks == 0
