@@ -1,4 +1,4 @@
-"""build_index's column-wise paths (columns no entry has, single-chunk files
+"""build_index's decoders (checked and lenient: same index), its column-wise paths (columns no entry has, single-chunk files
 whose chunk digest is the file's, blob-ordered chunks) build what they
 should; and the TOC digest is checked before anything built from a TOC is
 used or reported."""
@@ -9,14 +9,21 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import tarfile
+from array import array
 
 import pytest
 
 from core.errors import DigestMismatchError, FormatError
-from core.estargz.footer import Footer, Format
-from core.estargz.loader import HASH_IN_THREAD, parse_toc_region
-from core.estargz.toc import build_index
+from core.estargz.footer import MAX_FOOTER_SIZE, Footer, Format, parse_footer
+from core.estargz.loader import (
+    HASH_IN_THREAD,
+    _inflate_gzip_toc,
+    _inflate_zstd_toc,
+    parse_toc_region,
+)
+from core.estargz.toc import _decode_toc, build_index
 
 KW = dict(format=Format.ESTARGZ, blob_digest="sha256:" + "0" * 64, blob_size=1 << 30,
           toc_digest="sha256:" + "1" * 64, toc_offset=1 << 29)
@@ -156,3 +163,85 @@ def test_toc_digest_is_checked_before_the_index_or_its_errors(pad):
     with pytest.raises(FormatError, match="escapes"):
         parse_toc_region(footer, _region(bad),
                          expected_toc_digest="sha256:" + hashlib.sha256(bad).hexdigest(), **kw)
+
+
+# -- the two decoders -------------------------------------------------------
+# TOCs as writers make them are decoded with their numbers checked by msgspec;
+# anything else (a wrong type or bound anywhere, even in a field the index
+# ignores) is decoded again leniently, or parsed by json, and checked where
+# it is used, as before. Both must build the same index.
+
+FIXTURE_BLOBS = os.path.join(os.path.dirname(__file__), "fixtures", "estargz-oci", "blobs",
+                             "sha256")
+
+
+def _state(ix) -> dict:
+    return {k: (type(v).__name__, bytes(v)) if isinstance(v, (array, bytearray)) else v
+            for k, v in vars(ix).items()}
+
+
+def _fixture_tocs():
+    for name in sorted(os.listdir(FIXTURE_BLOBS)):
+        with open(os.path.join(FIXTURE_BLOBS, name), "rb") as f:
+            blob = f.read()
+        try:
+            footer = parse_footer(blob[-MAX_FOOTER_SIZE:], len(blob))
+        except FormatError:
+            continue
+        if footer.format not in Format.LAZY:
+            continue
+        end = (footer.toc_offset + footer.toc_size if footer.toc_size is not None
+               else len(blob) - footer.footer_size)
+        region = blob[footer.toc_offset : end]
+        if footer.format == Format.ZSTDCHUNKED:
+            toc = _inflate_zstd_toc(region, footer.toc_uncompressed_size)
+        else:
+            toc = _inflate_gzip_toc(region)
+        yield name[:12], toc, dict(format=footer.format, blob_digest="sha256:" + name,
+                                   blob_size=len(blob), toc_digest="",
+                                   toc_offset=footer.toc_offset)
+
+
+def test_checked_and_lenient_decoding_build_the_same_index():
+    seen = 0
+    for name, toc, kw in _fixture_tocs():
+        assert _decode_toc(toc)[1], f"{name}: a writer's TOC takes the checked decoder"
+        ix = _state(build_index(toc, **kw))
+        # The parsed document (plain layers' path) is decoded leniently.
+        assert _state(build_index(json.loads(toc), **kw)) == ix, name
+        # So is a TOC with a value out of the checked decoder's bounds in an
+        # entry the index ignores (a chunk entry's size).
+        doc = json.loads(toc)
+        doc["entries"].append({"name": "x", "type": "reg", "size": 3, "offset": 1})
+        doc["entries"].append({"name": "x", "type": "chunk", "size": True, "offset": 1,
+                               "chunkOffset": 0, "chunkSize": 3})
+        odd = json.dumps(doc).encode()
+        assert not _decode_toc(odd)[1]
+        del doc["entries"][-1]["size"]
+        a, b = build_index(odd, **kw), build_index(json.dumps(doc).encode(), **kw)
+        assert _state(a) == _state(b), name
+        seen += 1
+    assert seen >= 8
+
+
+def test_lenient_decoding_keeps_json_semantics():
+    base = [_dir("d"), _reg("d/f", off=0)]
+    ix = _ix(base)
+    # A null size is 0, a null mode the type's default: the lenient decoder.
+    nulls = _ix([_dir("d", mode=None), _reg("d/f", off=0), _reg("d/e", size=None, off=0)])
+    assert nulls.lookup("d/e").size == 0 and nulls.lookup("d").mode == 0o755
+    # JSON that msgspec refuses but json reads (a BOM, NaN in an ignored field).
+    bom = b"\xef\xbb\xbf" + json.dumps({"entries": base}).encode()
+    assert _state(build_index(bom, **KW)) == _state(ix)
+    nan = json.dumps({"entries": base + [{"name": "d/f", "type": "chunk", "size": float("nan"),
+                                          "offset": 5, "chunkOffset": 5, "chunkSize": 5}]})
+    assert build_index(nan.encode(), **KW).lookup("d/f").size == 10
+    with pytest.raises(FormatError, match="TOC entry 1 is not an object"):
+        _ix([_dir("d"), 5])
+    with pytest.raises(FormatError, match="entries"):
+        build_index(b'{"entries": {}}', **KW)
+    with pytest.raises(FormatError, match="not valid JSON"):
+        build_index(b'{"entries": [', **KW)
+    for bad in (True, -1, 1.5, 1 << 63, "1"):
+        with pytest.raises(FormatError, match="size"):
+            _ix([_reg("f", size=bad)])
