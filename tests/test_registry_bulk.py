@@ -22,8 +22,9 @@ from core.registry.store import RegistryBlobSource
 pytestmark = pytest.mark.registry
 
 
-def _store(ref: str, **kw) -> RegistryStore:
-    return RegistryStore(parse_reference(ref), config=RegistryConfig(), use_keyring=False, **kw)
+def _store(ref: str, config: RegistryConfig | None = None, **kw) -> RegistryStore:
+    return RegistryStore(parse_reference(ref), config=config or RegistryConfig(),
+                         use_keyring=False, **kw)
 
 
 @pytest.fixture
@@ -215,3 +216,116 @@ def test_bulk_read_cancelled_promptly(big_blob):
             c.close()
         silent.close()
     assert took < 5
+
+
+def _make_tls_files(d) -> tuple[str, str, str]:
+    """A CA and a server certificate for 127.0.0.1: (ca.pem, cert.pem, key.pem)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stargz-tui test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                       False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = [str(d / n) for n in ("ca.pem", "cert.pem", "key.pem")]
+    with open(paths[0], "wb") as f:
+        f.write(ca.public_bytes(serialization.Encoding.PEM))
+    with open(paths[1], "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(paths[2], "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return paths[0], paths[1], paths[2]
+
+
+def test_bulk_reads_over_verified_tls(tmp_path, isolated_env, monkeypatch):
+    """https: bulk reads verify the registry's certificate like the regular
+    client (SSL_CERT_FILE here); without the CA they fail and so does the
+    regular path, with its one clear error."""
+    from registry_helpers import Registry
+
+    from core.errors import CoreError
+
+    ca, cert, key = _make_tls_files(tmp_path)
+
+    class TLSRegistry(Registry):
+        @property
+        def url(self) -> str:
+            return f"https://{self.host}"
+
+        def _config(self) -> str:
+            return super()._config().replace(
+                f"  addr: 127.0.0.1:{self.port}\n",
+                f"  addr: 127.0.0.1:{self.port}\n  tls:\n    certificate: {cert}\n"
+                f"    key: {key}\n")
+
+    monkeypatch.setenv("SSL_CERT_FILE", ca)
+    reg = TLSRegistry(str(tmp_path / "reg")).start()
+    tls = RegistryConfig(tls={reg.host})  # loopback, yet https
+    try:
+        data = os.urandom(3 << 20)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+
+        async def run():
+            c = RegistryClient(reg.host, config=tls, use_keyring=False)
+            try:
+                await push_blob(c, "bulk/tls", digest, data=data)
+            finally:
+                await c.aclose()
+            store = _store(f"{reg.host}/bulk/tls:x", tls)
+            src = store.blob_source(digest, len(data))
+            try:
+                await src.read_range(0, 10)
+                return await src.read_range(100, 2 << 20), src.bulk_reads
+            finally:
+                await store.aclose()
+
+        got, n = anyio.run(run)
+        assert got == data[100:100 + (2 << 20)] and n == 1
+
+        async def untrusted():
+            store = _store(f"{reg.host}/bulk/tls:x", tls)
+            src = store.blob_source(digest, len(data))
+            src._bulk_target = (f"https://{reg.host}/v2/bulk/tls/blobs/{digest}", None)
+            try:
+                with pytest.raises(CoreError) as e:
+                    await src.read_range(0, 2 << 20)
+                return str(e.value), src.bulk_reads
+            finally:
+                await store.aclose()
+
+        monkeypatch.delenv("SSL_CERT_FILE")
+        msg, n = anyio.run(untrusted)
+        assert n == 0 and "could not be verified" in msg and "\n" not in msg
+    finally:
+        reg.stop()

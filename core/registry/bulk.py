@@ -123,6 +123,7 @@ class BulkReader:
         self._ssl: ssl.SSLContext | None = None
         self.user_agent = user_agent
         self._idle: dict[tuple, list[socket.socket]] = {}
+        self._active: set[_Job] = set()
         self._lock = threading.Lock()
         self._closed = False
         self.stats = {"reads": 0, "bytes": 0, "fallbacks": 0, "connections": 0}
@@ -162,24 +163,34 @@ class BulkReader:
         sock.close()
 
     def close(self) -> None:
+        """Close idle connections and end reads still running (their callers
+        get :class:`BulkUnavailable`)."""
         with self._lock:
             self._closed = True
             socks = [s for idle in self._idle.values() for s in idle]
             self._idle.clear()
+            active = list(self._active)
         for s in socks:
             s.close()
+        for job in active:
+            job.abort()
 
     # -- one read ----------------------------------------------------------------
     async def read(self, url: str, headers: dict, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of the resource at ``url``, or
         :class:`BulkUnavailable`. Cancelling the caller aborts the receive."""
         job = _Job()
+        with self._lock:
+            self._active.add(job)
         try:
             data = await anyio.to_thread.run_sync(self._read_sync, job, url, headers, offset,
                                                   length, abandon_on_cancel=True)
         except BaseException:
             job.abort()
             raise
+        finally:
+            with self._lock:
+                self._active.discard(job)
         self.stats["reads"] += 1
         self.stats["bytes"] += len(data)
         return data
