@@ -329,3 +329,23 @@ def test_bulk_reads_over_verified_tls(tmp_path, isolated_env, monkeypatch):
         assert n == 0 and "could not be verified" in msg and "\n" not in msg
     finally:
         reg.stop()
+
+
+def test_bulk_reconnects_when_the_server_closed_an_idle_connection(big_blob):
+    reg, data, digest = big_blob
+
+    async def run():
+        store = _store(f"{reg.host}/bulk/blob:x")
+        src = store.blob_source(digest, len(data))
+        try:
+            await src.read_range(0, 10)
+            a = await src.read_range(0, 1 << 20)  # leaves a keep-alive connection
+            reg.restart()  # which the server closes
+            b = await src.read_range(1 << 20, 1 << 20)
+            stats = store.client.bulk_reader().stats
+            return a + b, src.bulk_reads, stats["fallbacks"], stats["connections"]
+        finally:
+            await store.aclose()
+
+    got, n, fallbacks, connections = anyio.run(run)
+    assert got == data[:2 << 20] and n == 2 and fallbacks == 0 and connections == 2

@@ -244,14 +244,21 @@ class BulkReader:
 
     def _exchange(self, sock: socket.socket, request: bytes, offset: int, length: int,
                   reused: bool) -> tuple[bytes, bool]:
-        sock.sendall(request)
         head = bytearray()
         # Plain sockets: peek, then take only the header, so that the body
         # lands whole in the bytes object one recv(MSG_WAITALL) returns (no
         # copy, no page faults under the GIL).
         peek = socket.MSG_PEEK if not isinstance(sock, ssl.SSLSocket) else 0
+        try:
+            sock.sendall(request)
+            first = sock.recv(MAX_HEADER_BYTES, peek)
+        except (ConnectionResetError, BrokenPipeError):
+            if reused:  # the server closed the idle connection meanwhile
+                raise _StaleConnection() from None
+            raise
         while True:
-            piece = sock.recv(MAX_HEADER_BYTES, peek)
+            piece = first if first is not None else sock.recv(MAX_HEADER_BYTES, peek)
+            first = None
             if not piece:
                 if reused and not head:
                     raise _StaleConnection()
