@@ -23,7 +23,7 @@ from core.estargz.loader import (
     _inflate_zstd_toc,
     parse_toc_region,
 )
-from core.estargz.toc import _decode_toc, build_index
+from core.estargz.toc import _decode_toc, _digest_bytes, _sha256_column, build_index
 
 KW = dict(format=Format.ESTARGZ, blob_digest="sha256:" + "0" * 64, blob_size=1 << 30,
           toc_digest="sha256:" + "1" * 64, toc_offset=1 << 29)
@@ -245,3 +245,22 @@ def test_lenient_decoding_keeps_json_semantics():
     for bad in (True, -1, 1.5, 1 << 63, "1"):
         with pytest.raises(FormatError, match="size"):
             _ix([_reg("f", size=bad)])
+
+
+def test_sha256_column_batches():
+    """Digests are hex-decoded a batch at a time: a malformed one in a later
+    batch is found, and every other one still decoded."""
+    good = [f"sha256:{k:064x}" for k in range(1500)]
+    assert _sha256_column(good) == ([True] * 1500, b"".join(bytes.fromhex(d[7:]) for d in good))
+    for bad in ("sha257:" + "0" * 64, "sha256:" + "g" * 64, "sha256:" + " " * 64,
+                "sha256:" + "a" * 63, "sha256:" + "sha256:" + "0" * 57, "sha256:" + " " * 64,
+                "sha256:" + " " * 62 + "ab", "sha256:" + "é" * 64, 5, None):
+        digests = [*good[:1200], bad, *good[1201:]]
+        ok, blob = _sha256_column(digests)
+        assert ok == [k != 1200 for k in range(1500)]
+        assert blob[1200 * 32 : 1201 * 32] == bytes(32)
+        assert blob[:1200 * 32] == _sha256_column(good)[1][:1200 * 32]
+        assert blob[1201 * 32:] == _sha256_column(good)[1][1201 * 32:]
+    # One at a time (chunk entries): strict hex too, never fewer than 32 bytes.
+    assert _digest_bytes("sha256:" + " " * 62 + "ab") is None
+    assert _digest_bytes(good[3]) == bytes.fromhex(good[3][7:])

@@ -17,10 +17,11 @@ import bisect
 import json
 import sys
 from array import array
+from collections import deque
 from collections.abc import Iterator
 from datetime import datetime
 from itertools import compress, islice, repeat
-from operator import attrgetter, is_not, lt, not_
+from operator import attrgetter, is_, is_not, lt, not_
 from typing import Annotated, Any, NamedTuple
 
 import msgspec
@@ -533,7 +534,7 @@ def _decode_xattrs(raw, name: str, warnings: list[str]) -> dict[str, bytes]:
 def _digest_bytes(d) -> bytes | None:
     if isinstance(d, str) and d.startswith("sha256:") and len(d) == 71:
         try:
-            return bytes.fromhex(d[7:])
+            return binascii.unhexlify(d[7:])  # strict: no whitespace, unlike fromhex
         except ValueError:
             return None
     return None
@@ -582,11 +583,12 @@ def _int_column(typecode: str, values: list, what: str, lo: int, hi: int,
     every value is an int (or None) in [0, checked], so only what it left
     open is checked."""
     if checked >= 0 and lo <= 0:
-        if nulls is None or values.count(None) == 0:
+        try:
             col = array(typecode, values)
-        else:
-            col = array(typecode, [d if v is None else v
-                                   for v, d in zip(values, nulls, strict=True)])
+        except TypeError:  # nulls (implicit directories' modes): filled in place
+            for k in compress(range(len(values)), map(is_, values, repeat(None))):
+                values[k] = 0 if nulls is None else nulls[k]
+            col = array(typecode, values)
         if checked <= hi or not col or max(col) <= hi:
             return col
         checked = -1  # past hi: the precise pass names the entry
@@ -610,6 +612,9 @@ def _int_column(typecode: str, values: list, what: str, lo: int, hi: int,
         raise FormatError(f"TOC has an invalid {what}") from None
 
 
+_HEX_BATCH = 512
+
+
 def _sha256_column(digests: list) -> tuple[list[bool], bytes]:
     """Which of ``digests`` are well-formed sha256 digests, and all of them as
     32-byte pieces (zeros for the others), decoded in one go. ``_NO_DIGEST``
@@ -617,21 +622,30 @@ def _sha256_column(digests: list) -> tuple[list[bool], bytes]:
     n = len(digests)
     try:
         # The common case, checked at C speed: every one a string of 71
-        # characters starting "sha256:" (so "sha256:" occurs only there, hex
-        # holding no ":"), 64 hex digits after it (fromhex skips whitespace,
-        # hence the length check of its output).
-        if (not n or set(map(len, digests)) == {71}
-                and all(map(str.startswith, digests, repeat("sha256:")))):
-            blob = bytes.fromhex("".join(digests).replace("sha256:", ""))
-            if len(blob) == 32 * n:
-                return list(map(is_not, digests, repeat(_NO_DIGEST))), blob
-    except (TypeError, ValueError):
+        # characters (so every 71st character of them joined starts one)
+        # starting "sha256:", 64 hex digits after it (a hex part holding
+        # "sha256:" would lose it to the replace: hence the length check).
+        # A few hundred at a time: small temporaries stay in the cache
+        # (whole-column ones cost a third more, in page faults).
+        if not n or set(map(len, digests)) == {71}:
+            pieces = []
+            for s in range(0, n, _HEX_BATCH):
+                joined = "".join(digests[s : s + _HEX_BATCH])
+                m = len(joined) // 71
+                if not all(joined[k::71] == c * m for k, c in enumerate("sha256:")):
+                    break
+                pieces.append(binascii.unhexlify(joined.replace("sha256:", "")))
+            else:
+                blob = b"".join(pieces)
+                if len(blob) == 32 * n:
+                    return list(map(is_not, digests, repeat(_NO_DIGEST))), blob
+    except (TypeError, ValueError):  # not strings; not hex (binascii.Error)
         pass
     good = [type(d) is str and len(d) == 71 and d.startswith("sha256:") and d is not _NO_DIGEST
             for d in digests]
     try:
-        blob = bytes.fromhex("".join([d[7:] if ok else _ZERO_HEX
-                                      for d, ok in zip(digests, good, strict=True)]))
+        blob = binascii.unhexlify("".join([d[7:] if ok else _ZERO_HEX
+                                           for d, ok in zip(digests, good, strict=True)]))
     except ValueError:  # some hex part is not hex: decode one by one
         pieces = [_digest_bytes(d) if ok else None for d, ok in zip(digests, good, strict=True)]
         good = [p is not None for p in pieces]
@@ -758,12 +772,11 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
     ix._sizes = sizes = int_col(fields, "size", "q", _I62, path_of, i62)
     default_modes = list(map(_DEFAULT_MODE.__getitem__, types))
     # A mode left out, or null, is the type's default.
-    modes = _int_column("q", col(fields, "mode"), "mode", 0, _U32, path_of, nulls=default_modes,
+    modes = _int_column("I", col(fields, "mode"), "mode", 0, _U32, path_of, nulls=default_modes,
                         checked=u32)
     if modes and max(modes) > 0o7777:
-        ix._modes = array("I", [m & 0o7777 for m in modes])
-    else:
-        ix._modes = array("I", modes)
+        modes = array("I", [m & 0o7777 for m in modes])
+    ix._modes = modes
     ix._uids = int_col(fields, "uid", "I", _U32, path_of, u32)
     ix._gids = int_col(fields, "gid", "I", _U32, path_of, u32)
     times = _TimeCache()
@@ -803,8 +816,8 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
     cands = list(compress(reg_ids, map(sizes.__getitem__, reg_ids)))
     first = list(map(fields.__getitem__, cands))
     chunks = _ChunkColumns()
-    if not (any(col(first, "chunkOffset")) or any(col(first, "innerOffset"))
-            or any(map(is_not, col(first, "endOffset"), repeat(msgspec.UNSET)))):
+    if not (any(map(attrgetter("chunkOffset"), first)) or any(map(attrgetter("innerOffset"), first))
+            or any(map(is_not, map(attrgetter("endOffset"), first), repeat(msgspec.UNSET)))):
         def cand_path(j: int) -> str:
             return path_of(cands[j])
 
@@ -1107,7 +1120,10 @@ def _build_chunks(ix: LayerIndex, cc: _ChunkColumns, toc_offset: int) -> None:
             if hint is not None and hint > offs[k]:
                 ends[k] = min(hint, toc_offset)
     sizes = ix._sizes
-    if len(set(owners)) == m:
+    # Files in blob order (each file's chunk after the previous file's) have
+    # one chunk each, without a set to tell.
+    owners_rising = all(map(lt, owners, islice(owners, 1, None)))
+    if owners_rising or len(set(owners)) == m:
         # One chunk per file (the common case): it must start at 0 and cover
         # the file; a size of 0 (or past the end) means the whole file.
         fsizes = array("q", map(sizes.__getitem__, owners))
@@ -1121,17 +1137,18 @@ def _build_chunks(ix: LayerIndex, cc: _ChunkColumns, toc_offset: int) -> None:
                     raise FormatError(f"chunks of {ix.path_of(owners[k])!r} leave a gap or "
                                       f"overlap at offset {at}")
         csizes = fsizes
-        if all(map(lt, owners, islice(owners, 1, None))):
+        if owners_rising:
             by_file = range(m)  # files in blob order too
             file_owners = owners
         else:
             by_file = sorted(range(m), key=owners.__getitem__)
-            file_owners = map(owners.__getitem__, by_file)
-        # Scatter: entry -> position of its chunk in file order (-1: none).
-        pos = dict(zip(file_owners, range(m), strict=True))
-        first = array("i", map(pos.get, range(n), repeat(-1)))
-        count = array("i", map(pos.__contains__, range(n)))
-        del pos
+            file_owners = array("i", map(owners.__getitem__, by_file))
+        # Scatter (in C: map over the arrays' __setitem__): entry -> position
+        # of its chunk in file order (-1: none), and a count of 1.
+        first = array("i", [-1]) * n
+        count = array("i", bytes(4 * n))
+        deque(map(first.__setitem__, file_owners, range(m)), maxlen=0)
+        deque(map(count.__setitem__, file_owners, repeat(1)), maxlen=0)
     else:
         first = array("i", [-1]) * n
         count = array("i", bytes(4 * n))
