@@ -1,4 +1,4 @@
-"""The chunk cache: decompressed, verified chunks on disk, a small LRU in memory.
+"""The chunk cache: decompressed, verified chunks on disk, an LRU in memory.
 
 Keys are chunk digests where the TOC gives one (so identical chunks of
 different layers, or of two mounts of one image, are stored once) and
@@ -56,11 +56,13 @@ from collections.abc import Iterable
 log = logging.getLogger("core.cache")
 
 DEFAULT_MAX_BYTES = 4 << 30
-DEFAULT_MEMORY_BYTES = 64 << 20
+DEFAULT_MEMORY_BYTES = 64 << 20  # the memory LRU's floor ...
+MAX_DEFAULT_MEMORY_BYTES = 256 << 20  # ... and cap: 1/64 of the RAM in between
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _DISK_RETRY_AFTER = 30.0
 _KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
-_MAX_FDS = 64  # pack files kept open for read_range
+_MAX_FDS = 512  # pack descriptors kept open (fewer when the fd limit is low)
+_TOUCH_EVERY = 300.0  # a pack's mtime (its place in the eviction order) is touched at most this often
 _DIRECT_MIN = 256 << 10  # packs at least this big are written with O_DIRECT
 _ALIGN = 4096
 _WBUF_STEP = 8 << 20  # direct-write buffers come in multiples of this
@@ -81,6 +83,29 @@ def default_cache_dir() -> str:
     import platformdirs
 
     return platformdirs.user_cache_dir("stargz-tui")
+
+
+def default_memory_bytes() -> int:
+    """The memory LRU's default size: ``$STARGZ_TUI_MEMORY_CACHE`` (e.g.
+    ``64M``), else 1/64 of the machine's RAM between 64 and 256 MiB.
+
+    Random reads over many files (what a program loading a runtime or a
+    database does once the kernel has dropped the pages) are served from
+    this LRU without a disk read; ratarmount keeps about 250 MB of such data
+    for the same workload. It holds only what was read on demand (never the
+    background fetch), and :meth:`ChunkCache.release_memory_if_idle` gives it
+    back when nothing has read for a while."""
+    env = os.environ.get("STARGZ_TUI_MEMORY_CACHE")
+    if env:
+        try:
+            return max(0, parse_size(env))
+        except ValueError:
+            log.warning("ignoring STARGZ_TUI_MEMORY_CACHE=%r (use e.g. 64M)", env)
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        ram = 0
+    return max(DEFAULT_MEMORY_BYTES, min(MAX_DEFAULT_MEMORY_BYTES, ram // 64))
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -177,12 +202,13 @@ class ChunkCache:
     """Disk store of chunks (pack files) with a memory LRU in front (see module docs)."""
 
     def __init__(self, root: str | None = None, *, max_bytes: int | None = None,
-                 memory_bytes: int = DEFAULT_MEMORY_BYTES):
+                 memory_bytes: int | None = None):
         self.root = os.path.abspath(root or default_cache_dir())
         self.pack_dir = os.path.join(self.root, "packs")
         self.chunk_dir = os.path.join(self.root, "chunks")  # the old layout (pruned, evicted)
         self.max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
-        self.memory_bytes = memory_bytes
+        self.memory_bytes = default_memory_bytes() if memory_bytes is None else memory_bytes
+        self._mem_used = 0.0  # when the memory LRU was last read or filled
         self._mem: OrderedDict[str, bytes] = OrderedDict()
         self._mem_size = 0
         self._lock = threading.Lock()
@@ -200,6 +226,16 @@ class ChunkCache:
         # parallel, and never on a closed (or reused) descriptor number.
         self._fd_garbage: list[int] = []
         self._busy = 0
+        self._touched: dict[str, float] = {}  # pack -> when its mtime was last touched
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError, ValueError):
+            soft = 1024
+        if soft < 0:  # RLIM_INFINITY
+            soft = 1 << 20
+        self._max_fds = max(16, min(_MAX_FDS, soft // 4))
         self._nowait = bool(_RWF_NOWAIT)  # preadv2(RWF_NOWAIT) works here (page cache probe)
         self._tmp_seq = 0
         self._wbufs: list[mmap.mmap] = []  # free aligned buffers for O_DIRECT writes
@@ -222,12 +258,28 @@ class ChunkCache:
 
     # -- memory LRU --------------------------------------------------
     def get_memory(self, key: str) -> bytes | None:
+        # No lock: single OrderedDict operations are atomic (C, under the
+        # GIL); an entry evicted between them is just not moved.
+        mem = self._mem
+        data = mem.get(key)
+        if data is not None:
+            try:
+                mem.move_to_end(key)
+            except KeyError:
+                pass
+            self.memory_hits += 1
+            self._mem_used = time.monotonic()
+        return data
+
+    def release_memory_if_idle(self, idle: float) -> bool:
+        """Empty the memory LRU when it was not used for ``idle`` seconds
+        (returns whether it did): an idle mount holds no file data."""
+        if not self._mem or time.monotonic() - self._mem_used < idle:
+            return False
         with self._lock:
-            data = self._mem.get(key)
-            if data is not None:
-                self._mem.move_to_end(key)
-                self.memory_hits += 1
-            return data
+            self._mem.clear()
+            self._mem_size = 0
+        return True
 
     def in_memory(self, key: str) -> bool:
         """Is ``key`` in the memory LRU (no LRU touch, no counting)?"""
@@ -240,6 +292,7 @@ class ChunkCache:
     def _remember(self, key: str, data: bytes) -> None:
         if len(data) > self.memory_bytes // 4:
             return
+        self._mem_used = time.monotonic()
         with self._lock:
             old = self._mem.pop(key, None)
             if old is not None:
@@ -393,10 +446,13 @@ class ChunkCache:
         except OSError:
             return None
         if not direct:
-            try:
-                os.utime(fd)  # LRU order of the disk budget
-            except OSError:
-                pass
+            now = time.monotonic()
+            if now - self._touched.get(name, -_TOUCH_EVERY) >= _TOUCH_EVERY:
+                self._touched[name] = now
+                try:
+                    os.utime(fd)  # LRU order of the disk budget
+                except OSError:
+                    pass
         with self._lock:
             old = self._fds.get(slot)
             if old is not None:  # another thread opened it meanwhile: use that one
@@ -405,7 +461,7 @@ class ChunkCache:
                 fd = old
             else:
                 self._fds[slot] = fd
-                while len(self._fds) > _MAX_FDS:
+                while len(self._fds) > self._max_fds:
                     self._fd_garbage.append(self._fds.popitem(last=False)[1])
             self._busy += 1
         return fd

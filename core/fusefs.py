@@ -305,7 +305,8 @@ class LayerFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh, off, size):
-        self._trace("read", fh, off, size)
+        if self.debug:
+            self._trace("read", fh, off, size)
         eid = self._open.get(fh)
         if eid is None:
             raise pyfuse3.FUSEError(errno.EBADF)

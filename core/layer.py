@@ -61,6 +61,7 @@ _FILE_CHUNKS_CACHED = 4096    # per-file chunk lists kept
 _SEQ_SLACK = 8 << 20          # a read this near a stream's position is sequential
 _SEQ_MIN_READ = 64 << 10      # ... when it is at least this big (kernel read-ahead sends more)
 _BACKLOG = 2                  # background units fetched beyond the slots, awaiting decode
+MEMORY_IDLE = 120.0           # the memory cache is emptied after this long without reads
 DISK_THREADS = 2              # read-ahead loads from the disk cache at once
 DISK_LOAD_PART = 4 << 20      # ... each one O_DIRECT read of at most this many bytes
 DISK_AHEAD = 16 << 20         # of a sequential reader's file loaded ahead from the disk cache
@@ -120,6 +121,7 @@ class LayerReader:
         self._win_bufs: OrderedDict[int, tuple[mmap.mmap, list[int]]] = OrderedDict()
         self._free_bufs: list[mmap.mmap] = []
         self._fchunks: dict[int, tuple[list[int], list[Chunk]]] = {}
+        self._finfo: dict[int, tuple] = {}  # entry id -> (target, size, starts, chunks)
         self._limiter: anyio.CapacityLimiter | None = None
         self._disk_limiter: anyio.CapacityLimiter | None = None
         # live stats
@@ -163,6 +165,14 @@ class LayerReader:
             self._finish_prefetch()
         if background:
             tg.start_soon(self._run_background)
+        tg.start_soon(self._release_idle_memory)
+
+    async def _release_idle_memory(self) -> None:
+        """Give the memory LRU back once nothing read for ``MEMORY_IDLE`` s."""
+        while True:
+            await anyio.sleep(MEMORY_IDLE / 4)
+            if self.cache.release_memory_if_idle(MEMORY_IDLE):
+                log.debug("%s: memory cache released (idle)", self.name)
 
     def _finish_prefetch(self) -> None:
         self.prefetch_done = True
@@ -469,6 +479,16 @@ class LayerReader:
         tid = e.target_id
         return self.index.entry(tid) if tid is not None else e
 
+    def _file_info(self, entry_id: int) -> tuple:
+        """(target entry, size, chunk starts, chunks) of a file entry (cached)."""
+        target = self._target(entry_id)
+        starts, chunks = self._file_chunks(target)
+        fi = (target, target.size, starts, chunks)
+        if len(self._finfo) >= _FILE_CHUNKS_CACHED:
+            self._finfo.pop(next(iter(self._finfo)))
+        self._finfo[entry_id] = fi
+        return fi
+
     def _file_chunks(self, target) -> tuple[list[int], list[Chunk]]:
         """The file's chunks in file order and their start offsets (cached)."""
         fc = self._fchunks.get(target.id)
@@ -547,13 +567,21 @@ class LayerReader:
                           stream: object = None) -> bytes | memoryview:
         """:meth:`read`, but the answer may be a read-only memoryview of a
         cached chunk (no copy; what the FUSE reply takes)."""
-        target = self._target(entry_id)
-        fsize = target.size
+        fi = self._finfo.get(entry_id)
+        if fi is None:
+            fi = self._file_info(entry_id)
+        target, fsize, starts, fchunks = fi
         end = min(fsize, offset + size)
         if offset >= end:
             return b""
         self.reads += 1
-        chunks = self._chunks_for_range(target, offset, end - offset)
+        # the chunks covering [offset, end) (as _chunks_for_range, inline: per-request cost)
+        i = bisect.bisect_right(starts, offset) - 1
+        if i < 0:
+            i = 0
+        chunks = fchunks[i:bisect.bisect_left(starts, end, i)]
+        if chunks and chunks[0].chunk_offset + chunks[0].chunk_size <= offset:
+            chunks = chunks[1:]
         if stream is not None:
             # The kernel reads ahead with several requests at once, so they
             # may arrive out of order: "near where the stream was" counts.

@@ -281,3 +281,20 @@ def test_small_random_reads_are_not_a_stream(layer, tmp_path):
     assert got == [files["big.bin"][o:o + 4096] for o in offs]
     assert not ahead and not disk and win == 0
     assert reader2.requests == 0 and cache2.corrupt == 0
+
+
+def test_memory_cache_default_and_idle_release(tmp_path, monkeypatch):
+    monkeypatch.setenv("STARGZ_TUI_MEMORY_CACHE", "3M")
+    assert ChunkCache(str(tmp_path)).memory_bytes == 3 << 20
+    monkeypatch.delenv("STARGZ_TUI_MEMORY_CACHE")
+    from core.cache import default_memory_bytes
+
+    assert 64 << 20 <= default_memory_bytes() <= 256 << 20
+    c = ChunkCache(str(tmp_path), memory_bytes=1 << 20)
+    data = os.urandom(1000)
+    key = "sha256-" + hashlib.sha256(data).hexdigest()
+    c.remember(key, data)
+    assert not c.release_memory_if_idle(60)  # just used
+    assert c.get_memory(key) == data
+    assert c.release_memory_if_idle(0) and c.get_memory(key) is None
+    assert c.stats()["memoryBytes"] == 0
