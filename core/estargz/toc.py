@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from itertools import compress, islice, repeat
 from operator import attrgetter, is_, is_not, lt, not_
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -470,17 +470,20 @@ _U32 = 0xFFFFFFFF
 _I62 = 1 << 62
 _UInt32 = Annotated[int, msgspec.Meta(ge=0, le=_U32)]
 _UInt62 = Annotated[int, msgspec.Meta(ge=0, le=_I62)]
+# A sha256 digest's length ("sha256:" and 64 hex digits: checked later).
+_Digest71 = Annotated[str, msgspec.Meta(min_length=71, max_length=71)]
 
 
 class _CheckedEntry(msgspec.Struct, gc=False):
     """A :class:`_TocEntry` as TOC writers make them, the numbers the index
-    keeps checked by the decoder: a name and a type as strings, sizes,
-    offsets, modes and ids as ints within bounds. A TOC where any entry
-    (even one the index ignores) is otherwise is decoded again as
+    keeps checked by the decoder: a name as a string, a known type (one
+    shared string each), sizes, offsets, modes and ids as ints within
+    bounds, digests as strings of a sha256 digest's length. A TOC where any
+    entry (even one the index ignores) is otherwise is decoded again as
     :class:`_TocEntry`, and its values checked where they are used."""
 
     name: str
-    type: str
+    type: Literal["dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"]
     size: _UInt62 = 0
     modtime: str | None = None
     mode: _UInt32 | None = None
@@ -492,11 +495,11 @@ class _CheckedEntry(msgspec.Struct, gc=False):
     devMajor: Any = 0
     devMinor: Any = 0
     xattrs: Any = None
-    digest: Any = _NO_DIGEST
+    digest: _Digest71 = _NO_DIGEST
     offset: _UInt62 = 0
     chunkOffset: Any = 0
     chunkSize: _UInt62 = 0
-    chunkDigest: Any = _NO_DIGEST
+    chunkDigest: _Digest71 = _NO_DIGEST
     innerOffset: Any = 0
     endOffset: Any = msgspec.UNSET
 
@@ -615,10 +618,11 @@ def _int_column(typecode: str, values: list, what: str, lo: int, hi: int,
 _HEX_BATCH = 512
 
 
-def _sha256_column(digests: list) -> tuple[list[bool], bytes]:
+def _sha256_column(digests: list, sized: bool = False) -> tuple[list[bool], bytes]:
     """Which of ``digests`` are well-formed sha256 digests, and all of them as
     32-byte pieces (zeros for the others), decoded in one go. ``_NO_DIGEST``
-    (this very object) stands for a missing one."""
+    (this very object) stands for a missing one. ``sized``: every one is
+    known to be a string of 71 characters."""
     n = len(digests)
     try:
         # The common case, checked at C speed: every one a string of 71
@@ -627,7 +631,7 @@ def _sha256_column(digests: list) -> tuple[list[bool], bytes]:
         # "sha256:" would lose it to the replace: hence the length check).
         # A few hundred at a time: small temporaries stay in the cache
         # (whole-column ones cost a third more, in page faults).
-        if not n or set(map(len, digests)) == {71}:
+        if sized or not n or set(map(len, digests)) == {71}:
             pieces = []
             for s in range(0, n, _HEX_BATCH):
                 joined = "".join(digests[s : s + _HEX_BATCH])
@@ -667,8 +671,8 @@ class _ChunkColumns:
         self.has_digest = bytearray()
         self.digests = bytearray()
 
-    def set_digests(self, digests: list) -> None:
-        good, blob = _sha256_column(digests)
+    def set_digests(self, digests: list, sized: bool = False) -> None:
+        good, blob = _sha256_column(digests, sized)
         self.has_digest = bytearray(good)
         self.digests = bytearray(blob)
 
@@ -804,7 +808,7 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
     digests = col(fields, "digest")
     for k in compress(range(n), types.translate(_IS_NOT_REG)):
         digests[k] = _NO_DIGEST
-    good, blob = _sha256_column(digests)
+    good, blob = _sha256_column(digests, checked)
     ix._f_digests = bytearray(blob)
     ix._f_has_digest = bytearray(good)
     if not all(good):  # other digest forms are kept as they are
@@ -834,7 +838,7 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
             # chunks' digests are read from the file digest column.
             chunks.has_digest = chunks.digests = None
         else:
-            chunks.set_digests(chunk_digests)
+            chunks.set_digests(chunk_digests, checked)
         del chunk_digests
     else:
         for k, e in zip(cands, first, strict=True):
