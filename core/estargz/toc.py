@@ -15,6 +15,7 @@ import base64
 import binascii
 import bisect
 import json
+import re
 import sys
 from array import array
 from collections import deque
@@ -701,8 +702,8 @@ def _entries_of(doc) -> list[_TocEntry]:
     except msgspec.ValidationError as e:
         # "Expected `object`, got `int` - at `$[12]`": the only thing that
         # can fail, every field taking any value.
-        where = str(e).rpartition("$[")[2].partition("]")[0]
-        raise FormatError(f"TOC entry {where or '?'} is not an object") from None
+        where = re.search(r"\$\[(\d+)\]", str(e))
+        raise FormatError(f"TOC entry {where[1] if where else '?'} is not an object") from None
 
 
 def _decode_toc(toc_json: bytes) -> tuple[list[_TocEntry], bool]:
