@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import os
 import random
 import re
 import time
@@ -680,8 +681,9 @@ class RegistryClient:
     def bulk_reader(self):
         """The client's :class:`core.registry.bulk.BulkReader` for large blob
         ranges, or None when it must not be used (an HTTP client given by the
-        caller, or a proxy configured in the environment)."""
-        if not self._own_http:
+        caller, a proxy configured in the environment, or
+        ``STARGZ_TUI_BULK_READS=0``)."""
+        if not self._own_http or os.environ.get("STARGZ_TUI_BULK_READS") == "0":
             return None
         from .bulk import BulkReader, proxied
 
