@@ -94,10 +94,14 @@ def test_bulk_reads_under_trio(big_blob):
     assert got == data[1 << 20:3 << 20] and n == 1
 
 
-def test_bulk_not_used_behind_a_proxy(big_blob, monkeypatch):
+@pytest.mark.parametrize("env", [
+    {"HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost"},  # httpx: direct
+    {"STARGZ_TUI_BULK_READS": "0"},
+])
+def test_bulk_not_used_behind_a_proxy_or_when_off(big_blob, monkeypatch, env):
     reg, data, digest = big_blob
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # httpx itself goes direct
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
 
     async def run():
         store = _store(f"{reg.host}/bulk/blob:x")
