@@ -20,7 +20,9 @@ from core.registry.store import RegistryBlobSource, RegistryStore
 
 pytestmark = [pytest.mark.reliability, pytest.mark.registry]
 
-BLOB_FAULTS = [f for f in CORE_FAULTS if f[1].get("path") == BLOBS]
+# Blob faults; "forever" is left out: once the index is loaded every file read
+# would fail its full retry budget (the regular path's case, tested there).
+BLOB_FAULTS = [f for f in CORE_FAULTS if f[1].get("path") == BLOBS and f[1].get("count") != 1000]
 
 
 @pytest.fixture
