@@ -270,36 +270,58 @@ def b2_b3(ctx: Ctx) -> list[dict]:
     ceiling = median(_ceiling(ctx, size))
     mp = ctx.mp("b2")
 
-    def measure(mount_ctx):
-        cold, warm, reqs = [], [], []
+    def read_file(m) -> float:
+        n, dt = fsutil.read_all(os.path.join(m.mp, gen.TEXT_FILE))
+        if n != size:
+            raise RuntimeError(f"read {n} bytes of {size}")
+        return n / dt / 1e6
+
+    def measure(make_mount, name):
+        # B3 reads the file through a new mount of the same cache dir (a fresh
+        # daemon, nothing in its memory) after drop_caches: the disk cache is
+        # what serves it. The same mount's second read is kept as context
+        # (its memory cache may hold the file).
+        cold, warm, same, reqs, warm_reqs = [], [], [], [], []
         for _ in range(ctx.runs):
+            cache = ctx.fresh_dir(name)
             fsutil.drop_caches()
-            with mount_ctx() as m:
-                path = os.path.join(m.mp, gen.TEXT_FILE)
+            with make_mount(cache) as m:
                 mark = ctx.reg.mark()
-                n, dt = fsutil.read_all(path)
-                if n != size:
-                    raise RuntimeError(f"read {n} bytes of {size}")
-                cold.append(n / dt / 1e6)
-                time.sleep(0.3)
+                cold.append(read_file(m))
+                time.sleep(1.0)  # cache writes of the last chunks land
                 reqs.append(ctx.reg.fetched_since(mark)["requests"])
                 fsutil.drop_caches()
-                n, dt = fsutil.read_all(path)
-                warm.append(n / dt / 1e6)
-        return ({"mb_s": median(cold), "requests": median(reqs)}, {"mb_s": median(warm)})
+                same.append(read_file(m))
+            fsutil.drop_caches()
+            with make_mount(cache) as m:
+                mark = ctx.reg.mark()
+                warm.append(read_file(m))
+                time.sleep(0.3)
+                warm_reqs.append(ctx.reg.fetched_since(mark)["requests"])
+        return ({"mb_s": median(cold), "requests": median(reqs)},
+                {"mb_s": median(warm), "same_mount_mb_s": median(same),
+                 "requests": median(warm_reqs),
+                 "what": "new mount of the same cache dir, page cache dropped"})
 
-    ours = measure(lambda: OurMount(ctx, "text", mp, ctx.fresh_dir("b2-cache")))
+    ours = measure(lambda cache: OurMount(ctx, "text", mp, cache), "b2-cache")
     peer = (None, None)
     if ctx.peer:
-        peer = measure(lambda: peer_mount(ctx, "text", mp, ctx.fresh_dir("b2-peer"), "-no-bg"))
+        peer = measure(lambda cache: peer_mount(ctx, "text", mp, cache, "-no-bg"), "b2-peer")
     ref = {"mb_s": ceiling, "what": "minimal pyfuse3 fs serving the bytes from memory"}
     r2 = ours[0]["mb_s"] / ceiling
     r3 = ours[1]["mb_s"] / ceiling
+    notes = [f"B3: the same mount's second read (page cache dropped, the daemon's memory "
+             f"cache may hold the file): {ours[1]['same_mount_mb_s']:.0f} MB/s"]
+    for who, res in (("ours", ours[1]), ("Go peer", peer[1])):
+        if res and res["requests"]:
+            notes.append(f"B3: {who} made {res['requests']:.0f} registry requests in the warm "
+                         "read (its cache did not survive the remount)")
     return [
         fig("B2", unit="MB/s", ours=ours[0], reference=ref, peer=peer[0], ratio=r2,
             target=">= 60% of the ceiling", met=r2 >= 0.6),
         fig("B3", unit="MB/s", ours=ours[1], reference=ref, peer=peer[1], ratio=r3,
-            target=">= 80% of the ceiling", met=r3 >= 0.8),
+            target=">= 80% of the ceiling", met=r3 >= 0.8 and not ours[1]["requests"],
+            notes=notes),
     ]
 
 
