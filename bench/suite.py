@@ -310,11 +310,11 @@ def b2_b3(ctx: Ctx) -> list[dict]:
     ref = {"mb_s": ceiling, "what": "minimal pyfuse3 fs serving the bytes from memory"}
     r2 = ours[0]["mb_s"] / ceiling
     r3 = ours[1]["mb_s"] / ceiling
-    notes = [f"B3: the same mount's second read (page cache dropped, the daemon's memory "
+    notes = [f"the same mount's second read (page cache dropped, the daemon's memory "
              f"cache may hold the file): {ours[1]['same_mount_mb_s']:.0f} MB/s"]
     for who, res in (("ours", ours[1]), ("Go peer", peer[1])):
         if res and res["requests"]:
-            notes.append(f"B3: {who} made {res['requests']:.0f} registry requests in the warm "
+            notes.append(f"{who} made {res['requests']:.0f} registry requests in the warm "
                          "read (its cache did not survive the remount)")
     return [
         fig("B2", unit="MB/s", ours=ours[0], reference=ref, peer=peer[0], ratio=r2,
