@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -185,3 +186,46 @@ def test_idle_server_exits_and_mount_starts_one(mount_env, registry, monkeypatch
     assert "stargz_tui.resident" in _cmdline(pid)
     for m in (mp, mp2, mp3):
         assert _cli(["unmount", m]).returncode == 0
+
+
+def test_ctrl_c_reaches_the_worker_and_cleans_up(mount_env):
+    """SIGINT to the client (what Ctrl-C sends) is passed to the worker: the
+    half-done mount is torn down, its daemon stopped, the exit status 130."""
+    _start_server()
+    hang = socket.socket()  # a "registry" that accepts and never answers
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(8)
+    hang.settimeout(60)
+    mp = mount_env.mountpoint()
+    ref = f"127.0.0.1:{hang.getsockname()[1]}/slow/app:v1"
+    p = subprocess.Popen([sys.executable, "-m", "stargz_tui", "mount", ref, mp, "--layer", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=REPO_ROOT)
+    conns = []
+    try:
+        conns.append(hang.accept()[0])  # the forked daemon is resolving the image
+        for _ in range(200):  # the worker records the daemon right after forking it
+            rec = core_mount._find_record(os.path.realpath(mp))
+            if rec and rec["layers"] and rec["layers"][0]["pid"]:
+                break
+            time.sleep(0.02)
+        daemon = rec["layers"][0]["pid"]
+        assert "stargz_tui.resident" in _cmdline(daemon)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for c in conns:
+            c.close()
+        hang.close()
+    assert p.returncode == 130, (out, err)
+    assert err.strip() == "stargz-tui: interrupted"
+    assert core_mount._find_record(os.path.realpath(mp)) is None
+    assert not os.path.ismount(mp)
+    for _ in range(200):
+        if not os.path.exists(f"/proc/{daemon}"):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"daemon {daemon} outlived the interrupted mount")
