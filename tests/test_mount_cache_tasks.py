@@ -39,7 +39,9 @@ def test_cache_round_trip_budget_and_damage(tmp_path):
     path, off, _size = fresh.location(_key(blobs[-2]))
     with open(path, "r+b") as f:
         f.seek(off)
-        f.write(b"X")
+        first = f.read(1)
+        f.seek(off)
+        f.write(bytes([first[0] ^ 0xFF]))  # always a different byte
     assert fresh.get(_key(blobs[-2])) is None and fresh.corrupt == 1
     assert not os.path.exists(path)
     # a crash leftover (temp file) is never served
