@@ -569,6 +569,16 @@ def mount_layer_blocking(image: str, mountpoint: str, *, layer: str | int,
     uses, so nothing but the daemon's own start-up lies before the mount."""
     if layer is None:
         raise MountError("mount_layer_blocking mounts one layer; use mount_image")
+    return mount_blocking(image, mountpoint, layer=layer, platform=platform, **options)
+
+
+def mount_blocking(image: str, mountpoint: str, *, layer: str | int | None = None,
+                   platform: str | None = None, **options) -> dict:
+    """:func:`mount_image` without an event loop or a thread in this process:
+    the merged view's image is resolved in a forked child
+    (:func:`_open_in_child`). A process that forks its daemons
+    (``FORK_DAEMONS``) mounts images this way, since it must stay
+    single-threaded."""
     steps = _mount_steps(image, mountpoint, layer=layer, platform=platform, **options)
     value, error = None, None
     for _ in range(1 << 16):
@@ -578,10 +588,68 @@ def mount_layer_blocking(image: str, mountpoint: str, *, layer: str | int,
             return done.value
         value, error = None, None
         try:
-            value = step[1](*step[2:])
+            value = _open_in_child(*step[1:]) if step[0] == "open" else step[1](*step[2:])
         except BaseException as e:  # noqa: BLE001 - thrown into the steps, which clean up
             error = e
     raise MountError("mounting took too many steps")
+
+
+def _open_in_child(image: str, platform: str | None):
+    """:func:`_open_layers` run in a forked child (the event loop and the
+    threads it may start for name lookups stay there); the resolved image
+    comes back as :func:`core.image.dump_image` JSON over a pipe."""
+    from . import errors
+    from .image import image_from_dump
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: resolve, report, exit
+        payload: dict = {"error": "resolving the image failed", "type": "MountError"}
+        try:
+            os.close(r)
+            import anyio
+
+            from .image import dump_image
+
+            payload = {"image": dump_image(anyio.run(_open_layers, image, platform,
+                                                     backend="trio"))}
+        except errors.CoreError as e:
+            payload = {"error": str(e), "type": type(e).__name__}
+        except BaseException as e:  # noqa: BLE001 - reported to the parent, one line
+            payload = {"error": f"{type(e).__name__}: {e}", "type": "MountError"}
+        finally:
+            with contextlib.suppress(BaseException):
+                data = json.dumps(payload).encode()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(w, view):]
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    try:
+        while True:
+            piece = os.read(r, 1 << 16)
+            if not piece:
+                break
+            chunks.append(piece)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        os.close(r)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    try:
+        payload = json.loads(b"".join(chunks))
+    except ValueError:
+        raise MountError("resolving the image failed (its process ended early)") from None
+    if "image" not in payload:
+        cls = getattr(errors, str(payload.get("type")), MountError)
+        if not (isinstance(cls, type) and issubclass(cls, errors.CoreError)):
+            cls = MountError
+        raise cls(str(payload.get("error")))
+    return image_from_dump(payload["image"], None, image)
 
 
 async def _open_layers(image: str, platform: str | None):

@@ -15,7 +15,14 @@ import sys
 import time
 
 import pytest
-from fuse_helpers import compare_tree, family, isolated_mount_env, layer_blobs, raw_expected
+from fuse_helpers import (
+    compare_tree,
+    family,
+    isolated_mount_env,
+    layer_blobs,
+    merged_expected,
+    raw_expected,
+)
 
 from core import mount as core_mount
 
@@ -90,6 +97,28 @@ def test_mount_through_server_forks_daemon_and_serves_the_layer(mount_env, regis
     r = _cli(["unmount", mp])
     assert r.returncode == 0, r.stderr
     assert not os.path.ismount(mp)
+
+
+def test_merged_mount_through_server_forks_every_daemon(mount_env, registry):
+    _start_server()
+    tag = "mini-esgz"
+    mp = mount_env.mountpoint("merged")
+    r = _cli(["mount", registry.ref(tag), mp])
+    assert r.returncode == 0, r.stderr
+    rec = core_mount._find_record(os.path.realpath(mp))
+    truth = layer_blobs(f"{family(tag)}-gzip")
+    assert rec["kind"] == "merged" and len(rec["layers"]) == len(truth) > 1
+    for e in rec["layers"]:  # the image was resolved once, no daemon is a new interpreter
+        assert "stargz_tui.resident" in _cmdline(e["pid"]), e
+    compare_tree(mp, merged_expected(truth), drop_xattr_prefixes=("trusted.overlay.",))
+    r = _cli(["unmount", mp])
+    assert r.returncode == 0, r.stderr
+    assert core_mount.list_mounts() == []
+    # an image that cannot be resolved: one line, nothing left behind
+    r = _cli(["mount", registry.ref("no-such-tag"), mp])
+    assert r.returncode == 1 and r.stderr.startswith("stargz-tui: ")
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert core_mount.list_mounts() == [] and not os.path.ismount(mp)
 
 
 def test_errors_through_server_are_one_line(mount_env, registry, tmp_path):

@@ -63,9 +63,10 @@ def cmd_mount(args) -> int:
         cache_dir=args.cache_dir, cache_size=args.cache_size, debug=args.debug,
         prefetch_size=args.prefetch_size or 0, platform=args.platform,
     )
-    if args.layer is not None:
-        # one layer needs no event loop here: the daemon does all the fetching
-        rec = m.mount_layer_blocking(args.image, args.mountpoint, **opts)
+    if args.layer is not None or m.FORK_DAEMONS:
+        # one layer needs no event loop here: the daemon does all the fetching;
+        # a process that forks its daemons must stay single-threaded
+        rec = m.mount_blocking(args.image, args.mountpoint, **opts)
     else:
         import functools
 
