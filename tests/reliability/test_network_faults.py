@@ -113,14 +113,10 @@ CORE_FAULTS = [
 ]
 
 
-@pytest.mark.parametrize("kind,kw,tried,must", CORE_FAULTS,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CORE_FAULTS)])
-def test_core_reads_under_fault(proxy, registry, isolated_env, kind, kw, tried, must, rel):
-    proxy.add(kind, **kw)
-    ref = f"{proxy.host}/fixtures/mini:mini-esgz"
-    t0 = time.monotonic()
-    out, err = anyio.run(_read_all, ref)
-    took = time.monotonic() - t0
+def judge_reads(out: dict, err, must, tried: str, took: float) -> str:
+    """Check what reads under a fault gave (never wrong bytes, one-line
+    errors, success or failure as ``must`` says: True, False, or None for
+    either); returns the outcome for the report row."""
     assert took < 60, f"{tried}: took {took:.0f} s"
     wrong = [p for p, v in out.items() if isinstance(v, bytes) and v != TRUTH[p]]
     assert not wrong, f"{tried}: WRONG BYTES served for {wrong}"
@@ -129,17 +125,27 @@ def test_core_reads_under_fault(proxy, registry, isolated_env, kind, kw, tried, 
         assert "\n" not in str(err)
     if must is True:
         assert err is None and not failed, f"{tried}: {err or out[failed[0]]}"
-        result = f"all {len(out)} files right after retries ({took:.1f} s)"
-    elif must is False:
+        return f"all {len(out)} files right after retries ({took:.1f} s)"
+    if must is False:
         assert err is not None or failed
         e = err or out[failed[0]]
-        result = f"clear error in {took:.1f} s: {type(e).__name__}: {str(e)[:90]}"
-    else:
-        e = err or (out[failed[0]] if failed else None)
-        result = (f"{len(out) - len(failed)}/{len(TRUTH)} files right, the rest a clear error"
-                  if e is None or out else f"refused: {str(e)[:90]}")
-        if e is not None:
-            result += f" ({type(e).__name__}: {str(e)[:70]})"
+        return f"clear error in {took:.1f} s: {type(e).__name__}: {str(e)[:90]}"
+    e = err or (out[failed[0]] if failed else None)
+    result = (f"{len(out) - len(failed)}/{len(TRUTH)} files right, the rest a clear error"
+              if e is None or out else f"refused: {str(e)[:90]}")
+    if e is not None:
+        result += f" ({type(e).__name__}: {str(e)[:70]})"
+    return result
+
+
+@pytest.mark.parametrize("kind,kw,tried,must", CORE_FAULTS,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CORE_FAULTS)])
+def test_core_reads_under_fault(proxy, registry, isolated_env, kind, kw, tried, must, rel):
+    proxy.add(kind, **kw)
+    ref = f"{proxy.host}/fixtures/mini:mini-esgz"
+    t0 = time.monotonic()
+    out, err = anyio.run(_read_all, ref)
+    result = judge_reads(out, err, must, tried, time.monotonic() - t0)
     injected = len(proxy.faults())
     assert injected >= 1, "the fault was never injected"
     rel.row("network", f"core: {tried} [{injected} injected]", f"no wrong bytes; {result}")
