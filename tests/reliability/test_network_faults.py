@@ -131,6 +131,8 @@ def judge_reads(out: dict, err, must, tried: str, took: float) -> str:
         e = err or out[failed[0]]
         return f"clear error in {took:.1f} s: {type(e).__name__}: {str(e)[:90]}"
     e = err or (out[failed[0]] if failed else None)
+    if e is None:
+        return f"all {len(out)} files right ({took:.1f} s)"
     result = (f"{len(out) - len(failed)}/{len(TRUTH)} files right, the rest a clear error"
               if e is None or out else f"refused: {str(e)[:90]}")
     if e is not None:
