@@ -68,6 +68,16 @@ DISK_AHEAD = 16 << 20         # of a sequential reader's file loaded ahead from 
 _ALIGN = 4096
 
 
+def _covering(starts: list[int], chunks: list[Chunk], offset: int, end: int) -> list[Chunk]:
+    """The chunks (in file order, starting at ``starts``) covering
+    ``[offset, end)``."""
+    i = bisect.bisect_right(starts, offset) - 1
+    out = chunks[max(i, 0):bisect.bisect_left(starts, end, max(i, 0))]
+    if out and out[0].chunk_offset + out[0].chunk_size <= offset:
+        out = out[1:]
+    return out
+
+
 class _Flight:
     __slots__ = ("event", "data", "error")
 
@@ -504,19 +514,13 @@ class LayerReader:
         starts, chunks = self._file_chunks(target)
         if not chunks or size <= 0:
             return []
-        i = max(0, bisect.bisect_right(starts, offset) - 1)
-        end = offset + size
-        j = bisect.bisect_left(starts, end, i)
-        out = chunks[i:j]
-        if out and out[0].chunk_offset + out[0].chunk_size <= offset:
-            out = out[1:]
-        return out
+        return _covering(starts, chunks, offset, offset + size)
 
-    def _read_fast(self, chunks: list[Chunk], offset: int, end: int, view: bool = False):
+    def _read_fast(self, chunks: list[Chunk], offset: int, end: int):
         """The bytes from the memory cache or verified cache files (a pread
         each), or None when any part needs the slow path (a gap, a chunk not
         verified on disk, or one on its way: its flight is awaited instead).
-        With ``view`` a single part from memory is a memoryview (no copy)."""
+        A single part from memory is a memoryview of the chunk (no copy)."""
         cache = self.cache
         keys = self._keys
         inflight = self._inflight
@@ -534,15 +538,12 @@ class LayerReader:
             if d is not None and len(d) == size:
                 if pos == cs and hi - cs == size:
                     parts.append(d)
-                elif view:
-                    parts.append(memoryview(d)[pos - cs : hi - cs])
                 else:
-                    parts.append(d[pos - cs : hi - cs])
+                    parts.append(memoryview(d)[pos - cs : hi - cs])
             elif c.index in win:
                 v, bid = win[c.index]
                 self._win_bufs.move_to_end(bid)
-                v = v[pos - cs : hi - cs]
-                parts.append(v if view else bytes(v))
+                parts.append(v[pos - cs : hi - cs])
             elif c.index in inflight:
                 return None
             else:
@@ -575,13 +576,7 @@ class LayerReader:
         if offset >= end:
             return b""
         self.reads += 1
-        # the chunks covering [offset, end) (as _chunks_for_range, inline: per-request cost)
-        i = bisect.bisect_right(starts, offset) - 1
-        if i < 0:
-            i = 0
-        chunks = fchunks[i:bisect.bisect_left(starts, end, i)]
-        if chunks and chunks[0].chunk_offset + chunks[0].chunk_size <= offset:
-            chunks = chunks[1:]
+        chunks = _covering(starts, fchunks, offset, end)
         if stream is not None:
             # The kernel reads ahead with several requests at once, so they
             # may arrive out of order: "near where the stream was" counts.
@@ -595,7 +590,7 @@ class LayerReader:
             self._seq[key] = end if prev is None or not sequential else max(prev, end)
             if sequential and end < fsize and self.readahead and self._tg is not None:
                 self._read_ahead(key, target, end)
-        result = self._read_fast(chunks, offset, end, True)
+        result = self._read_fast(chunks, offset, end)
         if result is not None:
             self.tasks.touch()
             return result

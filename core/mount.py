@@ -14,7 +14,7 @@ Python API (the CLI and the Textual app both use it):
 * ``list_mounts() -> list[dict]``: every record with live stats from the
   daemons' control sockets; ``state`` is ``"serving"`` or ``"stale"``.
 * ``daemon_request(socket_path, op) -> dict``, ``cache_usage()``,
-  ``cache_prune()``; paths: ``state_dir()``, ``runtime_dir()``.
+  ``cache_prune()``; paths: ``core.paths.state_dir()``, ``runtime_dir()``.
 
 Directories come from ``$STARGZ_TUI_STATE_DIR`` / ``$STARGZ_TUI_RUNTIME_DIR``
 / ``$STARGZ_TUI_CACHE_DIR`` when set (tests use them), else platformdirs.
@@ -42,7 +42,7 @@ import threading
 import time
 
 from .errors import MountError
-from .paths import private_dir, runtime_dir, state_dir
+from .paths import private_dir, runtime_socket, state_dir
 
 log = logging.getLogger("core.mount")
 
@@ -57,11 +57,8 @@ FORK_DAEMONS = False
 
 
 # -- directories ----------------------------------------------------------
-_private_dir = private_dir
-
-
 def _records_dir() -> str:
-    return _private_dir(os.path.join(state_dir(), "mounts"))
+    return private_dir(os.path.join(state_dir(), "mounts"))
 
 
 def _mount_id(mountpoint: str) -> str:
@@ -69,11 +66,7 @@ def _mount_id(mountpoint: str) -> str:
 
 
 def _socket_path(mid: str, n: int) -> str:
-    path = os.path.join(runtime_dir(), f"{mid}-{n}.sock")
-    if len(path.encode()) > 100:  # sun_path limit
-        short = _private_dir(os.path.join("/tmp", f"sgz-{os.getuid()}"))
-        path = os.path.join(short, f"{mid}-{n}.sock")
-    return path
+    return runtime_socket(f"{mid}-{n}.sock")
 
 
 # -- records ---------------------------------------------------------------
@@ -363,39 +356,38 @@ def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logf
                   options: dict) -> tuple[subprocess.Popen, int]:
     """Start one daemon; returns (process, read end of its ready pipe)."""
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "core.daemon", "--image", image, "--layer", str(layer),
-           "--mountpoint", mountpoint, "--control", control, "--log", logfile,
-           "--ready-fd", str(w)]
+    argv = ["--image", image, "--layer", str(layer), "--mountpoint", mountpoint,
+            "--control", control, "--log", logfile, "--ready-fd", str(w)]
     o = options
     if o.get("cache_dir"):
-        cmd += ["--cache-dir", os.path.abspath(o["cache_dir"])]
+        argv += ["--cache-dir", os.path.abspath(o["cache_dir"])]
     if o.get("cache_size") is not None:
-        cmd += ["--cache-size", str(o["cache_size"])]
+        argv += ["--cache-size", str(o["cache_size"])]
     for key, flag in (("no_prefetch", "--no-prefetch"),
                       ("no_background_fetch", "--no-background-fetch"),
                       ("wait_prefetch", "--wait-prefetch"), ("allow_other", "--allow-other"),
                       ("allow_unverified", "--allow-unverified"), ("debug", "--debug"),
                       ("no_pre_resolve", "--no-pre-resolve")):
         if o.get(key):
-            cmd.append(flag)
+            argv.append(flag)
     if o.get("silence") is not None:
-        cmd += ["--silence", str(o["silence"])]
+        argv += ["--silence", str(o["silence"])]
     if o.get("prefetch_size"):
-        cmd += ["--prefetch-size", str(o["prefetch_size"])]
+        argv += ["--prefetch-size", str(o["prefetch_size"])]
     if o.get("platform"):
-        cmd += ["--platform", o["platform"]]
+        argv += ["--platform", o["platform"]]
     if o.get("opaque_xattrs"):
-        cmd += ["--opaque-xattrs", o["opaque_xattrs"]]
+        argv += ["--opaque-xattrs", o["opaque_xattrs"]]
     if o.get("image_file"):
-        cmd += ["--image-file", o["image_file"]]
+        argv += ["--image-file", o["image_file"]]
     if o.get("resolve_timeout"):
-        cmd += ["--resolve-timeout", str(o["resolve_timeout"])]
+        argv += ["--resolve-timeout", str(o["resolve_timeout"])]
     logfd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         if FORK_DAEMONS and threading.active_count() == 1:
-            proc = _fork_daemon(cmd[3:], logfd, w)
+            proc = _fork_daemon(argv, logfd, w)
         else:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd,
+            proc = subprocess.Popen([sys.executable, "-m", "core.daemon", *argv], stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd,
                                     pass_fds=(w,), cwd="/", env=_daemon_env(),
                                     start_new_session=True)
     finally:
@@ -512,7 +504,7 @@ def _wait_ready(proc: subprocess.Popen, rfd: int, timeout: float, logfile: str) 
 def _overlay_mount(lowers: list[str], mountpoint: str, allow_other: bool) -> str:
     """Mount an overlay of ``lowers`` (top first) at ``mountpoint``; returns the kind."""
     if len(lowers) == 1:  # overlayfs needs two lower dirs without an upper
-        empty = _private_dir(os.path.join(state_dir(), "empty"))
+        empty = private_dir(os.path.join(state_dir(), "empty"))
         lowers = lowers + [empty]
     lowerdir = ":".join(p.replace(":", "\\:").replace(",", "\\,") for p in lowers)
     if os.geteuid() == 0:
@@ -561,15 +553,6 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
         except BaseException as e:  # noqa: BLE001 - thrown into the steps, which clean up
             error = e
     raise MountError("mounting took too many steps")
-
-
-def mount_layer_blocking(image: str, mountpoint: str, *, layer: str | int,
-                         platform: str | None = None, **options) -> dict:
-    """:func:`mount_image` of one layer without an event loop: what the CLI
-    uses, so nothing but the daemon's own start-up lies before the mount."""
-    if layer is None:
-        raise MountError("mount_layer_blocking mounts one layer; use mount_image")
-    return mount_blocking(image, mountpoint, layer=layer, platform=platform, **options)
 
 
 def mount_blocking(image: str, mountpoint: str, *, layer: str | int | None = None,
@@ -697,7 +680,7 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
         manifest_digest = img.manifest_digest
     mid = _mount_id(mp)
     sd = state_dir()
-    logs = _private_dir(os.path.join(sd, "logs"))
+    logs = private_dir(os.path.join(sd, "logs"))
     if layer is None:
         # the daemons read the resolved manifest and config from here
         image_file = _write_image_file(sd, mid, img)
@@ -726,7 +709,7 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
             if layer is not None:
                 lmp = mp
             else:
-                lmp = _private_dir(os.path.join(sd, "layers", mid, str(d.index)))
+                lmp = private_dir(os.path.join(sd, "layers", mid, str(d.index)))
             n = d.index if d.index is not None else 0
             entry = {"index": d.index, "digest": d.digest, "mountpoint": lmp,
                      "control": _socket_path(mid, n),
@@ -780,7 +763,7 @@ def _write_image_file(sd: str, mid: str, img) -> str:
     they are ready): they skip fetching the manifest and config again."""
     from .image import dump_image
 
-    d = _private_dir(os.path.join(sd, "images"))
+    d = private_dir(os.path.join(sd, "images"))
     fd, path = tempfile.mkstemp(prefix=f"{mid}-", suffix=".json", dir=d)
     with os.fdopen(fd, "w") as f:
         json.dump(dump_image(img), f)

@@ -42,3 +42,12 @@ def runtime_dir() -> str:
     import tempfile
 
     return private_dir(os.path.join(tempfile.gettempdir(), f"stargz-tui-{os.getuid()}"))
+
+
+def runtime_socket(name: str) -> str:
+    """A Unix socket path ``name`` in :func:`runtime_dir`, or in a short
+    private dir under /tmp when that path would not fit ``sun_path``."""
+    path = os.path.join(runtime_dir(), name)
+    if len(path.encode()) > 100:  # sun_path limit
+        path = os.path.join(private_dir(f"/tmp/sgz-{os.getuid()}"), name)
+    return path

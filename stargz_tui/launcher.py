@@ -33,12 +33,9 @@ def server_mode() -> str:
 
 
 def socket_path() -> str:
-    from core.paths import private_dir, runtime_dir
+    from core.paths import runtime_socket
 
-    path = os.path.join(runtime_dir(), SOCKET_NAME)
-    if len(path.encode()) > 100:  # sun_path limit
-        path = os.path.join(private_dir(f"/tmp/sgz-{os.getuid()}"), SOCKET_NAME)
-    return path
+    return runtime_socket(SOCKET_NAME)
 
 
 def code_stamp() -> str:

@@ -154,3 +154,15 @@ def pytest_sessionfinish(session, exitstatus):
         _write_report(session)
     except Exception as e:  # the report must never break the run
         print(f"reliability report not written: {e}", file=sys.stderr)
+
+
+@pytest.fixture
+def proxy(registry):
+    """A fault-injecting loopback proxy in front of the test registry."""
+    from faultproxy import FaultProxy
+
+    p = FaultProxy(registry.url).start()
+    try:
+        yield p
+    finally:
+        p.stop()

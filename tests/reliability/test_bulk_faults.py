@@ -26,15 +26,6 @@ BLOB_FAULTS = [f for f in CORE_FAULTS if f[1].get("path") == BLOBS and f[1].get(
 
 
 @pytest.fixture
-def proxy(registry):
-    p = FaultProxy(registry.url).start()
-    try:
-        yield p
-    finally:
-        p.stop()
-
-
-@pytest.fixture
 def counted_bulk(monkeypatch):
     """Every range read tries the bulk reader; returns the count of bulk reads."""
     monkeypatch.setattr(RegistryBlobSource, "bulk_min", 1)

@@ -55,15 +55,6 @@ def ground_truth(tag_family: str = "mini", layer: int = 0) -> dict[str, bytes]:
 TRUTH = ground_truth()
 
 
-@pytest.fixture
-def proxy(registry):
-    p = FaultProxy(registry.url).start()
-    try:
-        yield p
-    finally:
-        p.stop()
-
-
 async def _read_all(ref: str, *, timeout: float = 2.0, attempts: int = 3):
     """Open the image through the proxy and read every file of layer 0:
     returns ({path: bytes | CoreError}, error-or-None from opening)."""
