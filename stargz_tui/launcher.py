@@ -120,25 +120,37 @@ def _wait_worker(sock, reader, pid: int) -> int:
     return result["rc"]
 
 
-def start_server_background() -> None:
-    """Start the resident server detached (it exits by itself when idle)."""
+def server_log() -> str:
+    from core.paths import private_dir, state_dir
+
+    return os.path.join(private_dir(os.path.join(state_dir(), "logs")), "server.log")
+
+
+def spawn_server(ready_fd: int | None = None):
+    """Start the resident server detached (it exits by itself when idle),
+    logging to :func:`server_log`; with ``ready_fd`` it writes ``ok`` there
+    once it serves. Returns the process."""
     import subprocess
 
+    cmd = [sys.executable, "-m", "stargz_tui.resident"]
+    if ready_fd is not None:
+        cmd += ["--ready-fd", str(ready_fd)]
+    logfd = os.open(server_log(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        from core.paths import private_dir, state_dir
-
-        log = os.path.join(private_dir(os.path.join(state_dir(), "logs")), "server.log")
-        logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    except Exception:  # noqa: BLE001 - a missing server only costs speed
-        return
-    try:
-        subprocess.Popen([sys.executable, "-m", "stargz_tui.resident"],
-                         stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd, cwd="/",
-                         start_new_session=True)
-    except OSError:
-        pass
+        return subprocess.Popen(cmd, pass_fds=() if ready_fd is None else (ready_fd,),
+                                stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd, cwd="/",
+                                start_new_session=True)
     finally:
         os.close(logfd)
+
+
+def start_server_background() -> None:
+    """:func:`spawn_server` after a mount, for the next one; a server that
+    cannot start only costs speed."""
+    try:
+        spawn_server()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def main() -> int:

@@ -34,7 +34,7 @@ import struct
 import sys
 import time
 
-from .launcher import code_stamp, socket_path
+from .launcher import code_stamp, server_log, socket_path, spawn_server
 
 log = logging.getLogger("stargz_tui.resident")
 
@@ -285,20 +285,11 @@ def request(op: str, timeout: float = 3.0) -> dict | None:
 
 def start_and_wait(timeout: float = 60.0) -> dict:
     """Start a detached server and wait until it serves (or another does)."""
-    import subprocess
-
-    from core.paths import private_dir, state_dir
-
-    log_path = os.path.join(private_dir(os.path.join(state_dir(), "logs")), "server.log")
     r, w = os.pipe()
-    logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "stargz_tui.resident",
-                                 "--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
-                                stdout=logfd, stderr=logfd, cwd="/", start_new_session=True)
+        proc = spawn_server(ready_fd=w)
     finally:
         os.close(w)
-        os.close(logfd)
     try:
         ready, _, _ = select.select([r], [], [], timeout)
         line = os.read(r, 64).decode().strip() if ready else ""
@@ -306,7 +297,7 @@ def start_and_wait(timeout: float = 60.0) -> dict:
         os.close(r)
     info = request("status") or {}
     return {"started": line == "ok", "pid": info.get("pid", proc.pid if line == "ok" else None),
-            "running": bool(info), "log": log_path}
+            "running": bool(info), "log": server_log()}
 
 
 def main(argv: list[str] | None = None) -> int:
