@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import time
+import zlib
 
 import anyio
 import pytest
@@ -48,6 +50,92 @@ def test_cache_round_trip_budget_and_damage(tmp_path):
     assert not any(n.startswith(".tmp-") for _d, _s, ns in os.walk(tmp_path) for n in ns)
     assert fresh.prune()["removedChunks"] > 0 and fresh.usage()["chunks"] == 0
     assert parse_size("4G") == 4 << 30 and parse_size("512MiB") == 512 << 20
+
+
+def _rewrite_pack(path: str, *, rows=None, magic: bytes | None = None, flip_at: int | None = None):
+    """Edit a pack in place: its header rows (same header length), its
+    magic, or one byte of its data."""
+    with open(path, "r+b") as f:
+        head = f.read(12)
+        n = int.from_bytes(head[8:12], "little")
+        if rows is not None:
+            body = json.dumps(rows, separators=(",", ":")).encode()
+            assert len(body) <= n
+            f.seek(12)
+            f.write(body + b" " * (n - len(body)))
+        if magic is not None:
+            f.seek(0)
+            f.write(magic)
+        if flip_at is not None:
+            f.seek(flip_at)
+            b = f.read(1)
+            f.seek(flip_at)
+            f.write(bytes([b[0] ^ 0xFF]))
+
+
+def _pack_rows(path: str) -> list:
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    n = int.from_bytes(head[8:12], "little")
+    return json.loads(head[12:12 + n])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_loaded_chunks_checked_by_crc32_in_a_private_cache_by_digest_otherwise(tmp_path, shared):
+    """A private cache (owned by us, writable by no one else) checks a chunk
+    loaded from disk against the crc32 its pack recorded; a cache others can
+    write checks it against its digest. Which check ran is told apart by
+    damaging only the one or only the other."""
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    if shared:
+        os.chmod(root, 0o777)  # e.g. a --cache-dir on a group volume
+    data = [os.urandom(70_000) for _ in range(2)]
+    ChunkCache(str(root)).put_many([(_key(d), d) for d in data])
+    fresh = ChunkCache(str(root), memory_bytes=1 << 20)
+    assert fresh.private is (not shared)
+    path, off0, _ = fresh.location(_key(data[0]))
+    rows = _pack_rows(path)
+    assert [r[3] for r in rows] == [zlib.crc32(d) for d in data]  # what the pack records
+
+    # 1. The recorded crc32 of chunk 0 is wrong, its bytes are right.
+    rows[0][3] ^= 1
+    _rewrite_pack(path, rows=rows)
+    got = ChunkCache(str(root)).get(_key(data[0]))
+    assert got == (data[0] if shared else None)
+
+    # 2. Chunk 1's bytes are changed and its crc32 made to match them: a
+    # forgery only whoever can write the cache could make.
+    ChunkCache(str(root)).put_many([(_key(d), d) for d in data])
+    path, _, _ = ChunkCache(str(root)).location(_key(data[1]))
+    rows = _pack_rows(path)
+    forged = bytearray(data[1])
+    forged[0] ^= 0xFF
+    rows[1][3] = zlib.crc32(forged)
+    _rewrite_pack(path, rows=rows, flip_at=rows[1][1])
+    c = ChunkCache(str(root))
+    got = c.get(_key(data[1]))
+    if shared:
+        assert got is None and c.corrupt == 1 and not os.path.exists(path)
+    else:  # trusted by design: only this user (or root) could have written it
+        assert got == bytes(forged)
+
+
+def test_packs_of_the_first_format_are_read_and_checked_by_digest(tmp_path):
+    """Packs written before the crc32 was recorded (SGZPACK1: rows of
+    [key, offset, size]) are still served, checked against the digest even
+    in a private cache."""
+    data = [os.urandom(50_000) for _ in range(2)]
+    c = ChunkCache(str(tmp_path))
+    c.put_many([(_key(d), d) for d in data])
+    path, _, _ = c.location(_key(data[0]))
+    rows = _pack_rows(path)
+    _rewrite_pack(path, rows=[r[:3] for r in rows], magic=b"SGZPACK1")
+    old = ChunkCache(str(tmp_path))
+    assert old.private and old.get(_key(data[0])) == data[0]
+    _rewrite_pack(path, flip_at=rows[1][1] + 7)
+    old = ChunkCache(str(tmp_path))
+    assert old.get(_key(data[1])) is None and old.corrupt == 1
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
