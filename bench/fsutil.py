@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import subprocess
@@ -114,6 +115,32 @@ def read_all(path: str, bufsize: int = 1 << 20) -> tuple[int, float]:
     finally:
         os.close(fd)
     return n, time.perf_counter() - t0
+
+
+def direct_read_rate(paths: list[str], part: int = 4 << 20) -> float:
+    """Read ``paths`` whole with O_DIRECT in ``part``-sized reads into one
+    reused aligned buffer, one after another (queue depth 1, what the
+    daemon's disk read-ahead does per reader), page cache dropped first;
+    returns MB/s. What the disk itself gives a reader of those files."""
+    drop_caches()
+    buf = mmap.mmap(-1, part)  # page-aligned, as O_DIRECT needs
+    n = 0
+    t0 = time.perf_counter()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+        try:
+            off = 0
+            while True:
+                got = os.preadv(fd, [buf], off)
+                n += got
+                off += got
+                if got < part:
+                    break
+        finally:
+            os.close(fd)
+    dt = time.perf_counter() - t0
+    buf.close()
+    return n / dt / 1e6
 
 
 def first_byte(path: str, timeout: float = 120) -> float:

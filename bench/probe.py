@@ -3,6 +3,7 @@
     python -m bench.probe resolve REGISTRY_URL REPO DIGEST SIZE TOC_DIGEST [--mem]
     python -m bench.probe tocref  REGISTRY_URL REPO DIGEST SIZE
     python -m bench.probe bgfetch REGISTRY_URL REPO DIGEST SIZE TOC_DIGEST CACHE_DIR
+    python -m bench.probe decode  BLOB_PATH DIGEST FILE_PATH
 
 Each prints one JSON line.
 """
@@ -107,6 +108,47 @@ async def bgfetch(url, repo, digest, size, toc_digest, cache_dir) -> dict:
             "bytes_fetched": st["bytesFetched"]}
 
 
+async def decode(blob_path, digest, file_path) -> dict:
+    """What a cold read can reach on this machine at best: the work the
+    daemon does for every chunk it fetches (``decode_chunk``: inflate, then
+    sha256 against the TOC) over every chunk of ``file_path``, the
+    compressed bytes already in memory, on as many threads as there are
+    cores, and nothing else (no network, no FUSE, no cache writes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core.estargz import load_layer_index
+    from core.estargz.chunks import decode_chunk, decompress_chunk
+    from core.source import LocalBlobSource
+
+    src = LocalBlobSource(blob_path, digest)
+    ix = await load_layer_index(src)
+    entry = ix.lookup(file_path)
+    chunks = ix.chunks(entry)
+    with open(blob_path, "rb") as f:
+        blob = f.read()
+    work = [(bytes(blob[c.offset:c.end]), c) for c in chunks]
+    del blob
+    total = sum(c.chunk_size for c in chunks)
+    cores = os.cpu_count() or 1
+
+    def rate(fn) -> tuple[float, float]:
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(cores) as ex:
+            got = sum(map(len, ex.map(lambda w: fn(ix.format, *w), work)))
+        dt = time.perf_counter() - t0
+        if got != total:
+            raise RuntimeError(f"decoded {got} bytes of {total}")
+        return total / dt / 1e6, time.process_time() - c0
+
+    rate(decode_chunk)  # warm up: first-touch page faults out of the figure
+    mb_s, cpu = rate(decode_chunk)
+    inflate_mb_s, _ = rate(decompress_chunk)
+    await src.aclose()
+    return {"mb_s": mb_s, "inflate_mb_s": inflate_mb_s, "cpu_seconds": cpu, "threads": cores,
+            "bytes": total, "chunks": len(chunks)}
+
+
 def main(argv: list[str]) -> int:
     cmd, rest = argv[0], argv[1:]
     mem = "--mem" in rest
@@ -120,6 +162,9 @@ def main(argv: list[str]) -> int:
     elif cmd == "bgfetch":
         url, repo, digest, size, toc, cache = rest
         out = anyio.run(bgfetch, url, repo, digest, int(size), toc, cache)
+    elif cmd == "decode":
+        blob, digest, file_path = rest
+        out = anyio.run(decode, blob, digest, file_path)
     else:
         raise SystemExit(f"unknown probe {cmd}")
     print(json.dumps(out), flush=True)
