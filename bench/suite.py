@@ -395,6 +395,11 @@ def b4(ctx: Ctx) -> dict:
                         "what": "TOC range GET alone + json.loads"}
     rt = ours_s / ref_s
     out["ratio"] = {"time": rt, "bytes_per_entry": per_entry}
+    inflate_s = out["reference"]["inflate_seconds"]
+    out["notes"].append(
+        f"the reference leaves out inflating the TOC ({inflate_s * 1000:.0f} ms), which "
+        f"json.loads needs first and ours includes; counted in it, ours is "
+        f"{ours_s / (ref_s + inflate_s):.2f}x (the met column uses the stricter figure)")
     out["target"] = "time <= 2x download+parse; <= 300 B/entry retained"
     out["met"] = rt <= 2 and per_entry <= 300
     return out

@@ -230,7 +230,11 @@ _libc = None
 def _umount2(path: str, flags: int) -> None:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The interpreter's own symbols hold libc's umount2: no
+        # find_library, which runs `ldconfig -p` (a fork and exec per unmount).
+        _libc = ctypes.CDLL(None, use_errno=True)
+        if not hasattr(_libc, "umount2"):
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if _libc.umount2(os.fsencode(path), flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), path)
