@@ -277,6 +277,11 @@ class Daemon:
                 self._report("ok " + json.dumps({
                     "index": self.desc.index, "digest": self.desc.digest,
                     "manifestDigest": self.image.manifest_digest}))
+                from . import fuseloop
+
+                spin = fuseloop.install()  # poll /dev/fuse briefly before sleeping
+                log.info("FUSE loop polls %.0f µs before it sleeps (STARGZ_TUI_FUSE_SPIN_US)",
+                         spin * 1e6)
                 await pyfuse3.main()
                 tg.cancel_scope.cancel()
         finally:

@@ -54,6 +54,7 @@ def preload() -> None:
     import core.cache  # noqa: F401
     import core.daemon  # noqa: F401
     import core.fusefs  # noqa: F401
+    import core.fuseloop  # noqa: F401
     import core.image  # noqa: F401
     import core.layer  # noqa: F401
     import core.mount  # noqa: F401
