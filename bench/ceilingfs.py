@@ -5,7 +5,9 @@ process):
     python -m bench.ceilingfs MOUNTPOINT SIZE
 
 It serves ``data/big.txt`` (the same bytes as the ``text`` benchmark layer),
-prints ``ready`` once mounted, and unmounts on SIGTERM/SIGINT.
+prints ``ready`` once mounted, and unmounts on SIGTERM/SIGINT. Its request
+loop is the daemon's (``core.fuseloop``: it polls the device briefly before
+it sleeps, ``$STARGZ_TUI_FUSE_SPIN_US``), so it stays a ceiling for ours.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 
 import pyfuse3
 import trio
+
+from core import fuseloop
 
 from .gen import text_bytes
 
@@ -88,6 +92,7 @@ def main(argv: list[str]) -> int:
     options.add("fsname=benchceiling")
     options.add("ro")
     pyfuse3.init(fs, mountpoint, options)
+    fuseloop.install()
     print("ready", flush=True)
 
     async def run():
