@@ -15,6 +15,11 @@ What it costs and what it never does:
 
 - It holds a core for at most the window after a request, and nothing while
   the mount is idle (the loop sleeps as before once the window is over).
+- It backs off when polling does not pay: after a window in which no
+  request came, the next 1, 2, 4 ... up to ``_MAX_SKIP`` waits sleep at once
+  (a reader pausing just longer than the window between requests, e.g.
+  working on each block it reads, would otherwise keep a core polling for
+  nothing); a window that catches a request resets it.
 - It does not spin while other tasks are runnable, and it goes through the
   scheduler at least every ``_YIELD_EVERY`` seconds during a stream of
   requests, so tasks waiting on sockets or worker threads are not starved.
@@ -35,6 +40,7 @@ import trio
 
 DEFAULT_SPIN_US = 50.0
 _YIELD_EVERY = 0.0005  # seconds of back-to-back requests between scheduler passes
+_MAX_SKIP = 64  # waits that sleep at once after polling found nothing, at the most
 
 
 def spin_seconds() -> float:
@@ -55,11 +61,16 @@ class _PollingWait:
         self.spin = spin
         self._polls: dict[int, select.poll] = {}
         self._last_yield = time.perf_counter()
+        self._skip = 0  # waits left that sleep at once
+        self._backoff = 0  # how many the next empty window makes sleep at once
+        self.caught = self.missed = 0  # windows that caught a request / ran out
 
     async def __call__(self, fd) -> None:
         fd = fd if isinstance(fd, int) else fd.fileno()
         now = time.perf_counter()
-        if self.spin and trio.lowlevel.current_statistics().tasks_runnable == 0:
+        if self._skip:
+            self._skip -= 1
+        elif self.spin and trio.lowlevel.current_statistics().tasks_runnable == 0:
             poll = self._polls.get(fd)
             if poll is None:
                 poll = self._polls[fd] = select.poll()
@@ -67,12 +78,17 @@ class _PollingWait:
             end = now + self.spin
             while True:
                 if poll.poll(0):
+                    self.caught += 1
+                    self._backoff = 0
                     if now - self._last_yield >= _YIELD_EVERY:
                         self._last_yield = now
                         await trio.lowlevel.checkpoint()
                     return
                 now = time.perf_counter()
                 if now >= end:
+                    self.missed += 1
+                    self._backoff = min(max(1, 2 * self._backoff), _MAX_SKIP)
+                    self._skip = self._backoff
                     break
         self._last_yield = now
         await trio.lowlevel.wait_readable(fd)

@@ -84,6 +84,44 @@ def test_polling_wait_returns_falls_back_and_lets_io_waiters_run():
     assert seen.get("io") and seen.get("after") and seen.get("late")
 
 
+def test_an_empty_window_makes_the_next_waits_sleep_at_once():
+    """Polling backs off when it finds nothing (a reader pausing longer than
+    the window between requests must not keep a core polling), and a window
+    that catches a request resets it. The late data is sent by a task that
+    only the scheduler can run, so no window can see it early."""
+    wait = fuseloop.polling_trio(50e-6).lowlevel.wait_readable
+    ready_a, ready_b = socket.socketpair()
+    late_a, late_b = socket.socketpair()
+    ready_b.send(b"x")
+    counts = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await wait(ready_a.fileno())  # caught at once
+            counts.append((wait.caught, wait.missed))
+
+            async def send_later():
+                await trio.sleep(0.01)
+                late_b.send(b"z")
+
+            nursery.start_soon(send_later)
+            await trio.sleep(0)  # the sender is asleep now, not runnable
+            with trio.fail_after(30):
+                await wait(late_a.fileno())  # the window runs out, trio waits
+            counts.append((wait.caught, wait.missed))
+            await wait(ready_a.fileno())  # backing off: sleeps at once, no window
+            counts.append((wait.caught, wait.missed))
+            await wait(ready_a.fileno())  # polls again: caught, back-off reset
+            counts.append((wait.caught, wait.missed))
+
+    try:
+        trio.run(main)
+    finally:
+        for s_ in (ready_a, ready_b, late_a, late_b):
+            s_.close()
+    assert counts == [(1, 0), (1, 1), (1, 1), (2, 1)]
+
+
 @pytest.fixture
 def mount_env(tmp_path, monkeypatch):
     yield from isolated_mount_env(tmp_path, monkeypatch)
