@@ -24,9 +24,10 @@ bit-rotted chunk at ~30 GB/s, where sha256 runs at ~1.5 GB/s and took a
 third of a warm read's CPU. A crc32 does not catch a chunk forged on
 purpose by whoever can write the cache, so it is relied on only in a
 *private* cache (:attr:`ChunkCache.private`: the root and its ``packs``
-owned by this user and writable by no one else, as the default cache dir
-is), where only this user or root could forge a chunk, and they could as
-well change the program. In any other cache (a shared ``--cache-dir``), and
+owned by this user and writable by no one else, and every directory above
+owned by this user or root and writable by others only when sticky, as for
+the default cache dir), where only this user or root could forge a chunk,
+and they could as well change the program. In any other cache (a shared ``--cache-dir``), and
 for packs of the first format, a loaded chunk is checked against its
 digest (sha256; size for keys without a digest). For comparison,
 stargz-snapshotter checks nothing when it reads its cache. Verified chunks can then be read in
@@ -219,12 +220,23 @@ def _read_header(fd: int, file_size: int) -> list[tuple[str, int, int, int | Non
 
 
 def _is_private(path: str) -> bool:
-    """Is ``path`` a directory owned by this user that no one else can write?"""
+    """Is ``path`` a directory owned by this user that no one else can write,
+    nor swap for another (as ssh's StrictModes checks: every directory above
+    it owned by this user or root, and writable by others only when sticky)?"""
+    me = os.geteuid()
     try:
         st = os.lstat(path)
+        if st.st_uid != me or not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o022:
+            return False
+        parent = os.path.dirname(path)
+        while parent != path:
+            st = os.stat(parent)
+            if st.st_uid not in (me, 0) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+                return False
+            path, parent = parent, os.path.dirname(parent)
     except OSError:
         return False
-    return st.st_uid == os.geteuid() and stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o022
+    return True
 
 
 class ChunkCache:

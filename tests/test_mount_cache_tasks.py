@@ -80,16 +80,22 @@ def _pack_rows(path: str) -> list:
     return json.loads(head[12:12 + n])
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_loaded_chunks_checked_by_crc32_in_a_private_cache_by_digest_otherwise(tmp_path, shared):
-    """A private cache (owned by us, writable by no one else) checks a chunk
-    loaded from disk against the crc32 its pack recorded; a cache others can
-    write checks it against its digest. Which check ran is told apart by
-    damaging only the one or only the other."""
-    root = tmp_path / "cache"
+@pytest.mark.parametrize("layout", ["private", "shared", "swappable"])
+def test_loaded_chunks_checked_by_crc32_in_a_private_cache_by_digest_otherwise(tmp_path, layout):
+    """A private cache (owned by us, writable by no one else, in directories
+    no one else can swap it out of) checks a chunk loaded from disk against
+    the crc32 its pack recorded; any other cache checks it against its
+    digest. Which check ran is told apart by damaging only the one or only
+    the other."""
+    parent = tmp_path / "volume"
+    parent.mkdir()
+    root = parent / "cache"
     root.mkdir(mode=0o700)
-    if shared:
-        os.chmod(root, 0o777)  # e.g. a --cache-dir on a group volume
+    if layout == "shared":
+        os.chmod(root, 0o777)  # e.g. a --cache-dir others write to
+    elif layout == "swappable":
+        os.chmod(parent, 0o777)  # others could rename the cache dir away (no sticky bit)
+    shared = layout != "private"
     data = [os.urandom(70_000) for _ in range(2)]
     ChunkCache(str(root)).put_many([(_key(d), d) for d in data])
     fresh = ChunkCache(str(root), memory_bytes=1 << 20)
