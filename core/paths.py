@@ -39,9 +39,18 @@ def runtime_dir() -> str:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         return private_dir(os.path.join(xdg, "stargz-tui"))
-    import tempfile
+    return private_dir(os.path.join(_temp_dir(), f"stargz-tui-{os.getuid()}"))
 
-    return private_dir(os.path.join(tempfile.gettempdir(), f"stargz-tui-{os.getuid()}"))
+
+def _temp_dir() -> str:
+    """``$TMPDIR`` (or ``$TEMP``, ``$TMP``) when it is a directory, else /tmp:
+    what ``tempfile.gettempdir()`` finds on Linux, without importing
+    ``tempfile`` (and ``shutil``, ``random``...) on the launcher's path."""
+    for var in ("TMPDIR", "TEMP", "TMP"):
+        d = os.environ.get(var)
+        if d and os.path.isdir(d):
+            return os.path.abspath(d)
+    return "/tmp"
 
 
 def runtime_socket(name: str) -> str:

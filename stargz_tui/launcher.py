@@ -56,12 +56,59 @@ def code_stamp() -> str:
     return f"{sys.executable}:{root}:{count}:{newest}"
 
 
+def _json_request(req: dict) -> bytes:
+    """``req`` (str values, lists of str, dicts of str) as one JSON line,
+    with the C string encoder the ``json`` module uses: importing ``json``
+    (and ``re`` with it) would cost more than the rest of this process."""
+    from _json import encode_basestring_ascii as enc
+
+    def value(v) -> str:
+        if isinstance(v, str):
+            return enc(v)
+        if isinstance(v, list):
+            return "[" + ",".join(map(value, v)) + "]"
+        return "{" + ",".join(f"{enc(k)}:{value(x)}" for k, x in v.items()) + "}"
+
+    return (value(req) + "\n").encode("ascii")
+
+
+def _int_field(line: bytes, key: str) -> int | None:
+    """N from the server's line ``{"key": N}``; None for any other line."""
+    head = b'{"' + key.encode() + b'": '
+    body = line.strip()
+    if not (body.startswith(head) and body.endswith(b"}")):
+        return None
+    try:
+        return int(body[len(head):-1])
+    except ValueError:
+        return None
+
+
+class _Lines:
+    """Lines from a connected socket."""
+
+    def __init__(self, sock):
+        self.sock, self.buf = sock, b""
+
+    def readline(self) -> bytes:
+        while b"\n" not in self.buf:
+            piece = self.sock.recv(4096)
+            if not piece:
+                line, self.buf = self.buf, b""
+                return line
+            self.buf += piece
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
+
+
 def _via_server(argv: list[str]) -> int | None:
     """Run ``argv`` in the resident server; None when it is not there (or is
-    stale), so the caller runs the command itself. Nothing has run then."""
-    import array
-    import json
-    import socket
+    stale), so the caller runs the command itself. Nothing has run then.
+
+    Only C modules on this path (``_socket``, ``_json``): ``socket`` and
+    ``json`` import ``enum``, ``selectors`` and ``re``, ~10 ms of a start
+    that is itself ~10 ms warm (and far more with a cold page cache)."""
+    import _socket
 
     try:
         path = socket_path()
@@ -72,30 +119,28 @@ def _via_server(argv: list[str]) -> int | None:
         return None
     if not os.path.exists(path):
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(2.0)
         sock.connect(path)
         req = {"argv": argv, "env": dict(os.environ), "cwd": cwd, "stamp": code_stamp()}
-        sock.sendmsg([json.dumps(req).encode() + b"\n"],
-                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
-        reader = sock.makefile("rb")
-        first = json.loads(reader.readline() or b"{}")
-    except (OSError, ValueError):
+        fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))  # an int[3]
+        sock.sendmsg([_json_request(req)], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        lines = _Lines(sock)
+        pid = _int_field(lines.readline(), "pid")
+    except (OSError, UnicodeError):
         sock.close()
         return None
-    pid = first.get("pid") if isinstance(first, dict) else None
-    if not isinstance(pid, int):
+    if pid is None:
         sock.close()
         return None  # stale or refused: the server ran nothing
-    return _wait_worker(sock, reader, pid)
+    return _wait_worker(sock, lines, pid)
 
 
-def _wait_worker(sock, reader, pid: int) -> int:
+def _wait_worker(sock, lines: _Lines, pid: int) -> int:
     """The worker runs the command with our streams; pass on the signals we
     get (Ctrl-C reaches only this process) and return its exit status."""
-    import json
-    import signal
+    import _signal  # not ``signal``: it imports ``enum`` (see _via_server)
 
     def forward(signum, _frame):
         try:
@@ -103,21 +148,20 @@ def _wait_worker(sock, reader, pid: int) -> int:
         except OSError:
             pass
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
+    for sig in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+        _signal.signal(sig, forward)
     sock.settimeout(None)
     try:
-        line = reader.readline()
-        result = json.loads(line) if line else None
-    except (OSError, ValueError):
-        result = None
+        rc = _int_field(lines.readline(), "rc")
+    except OSError:
+        rc = None
     finally:
         sock.close()
-    if not isinstance(result, dict) or not isinstance(result.get("rc"), int):
+    if rc is None:
         print("stargz-tui: the resident server's worker ended without a result "
               "(see `stargz-tui server status`)", file=sys.stderr)
         return 1
-    return result["rc"]
+    return rc
 
 
 def server_log() -> str:

@@ -258,3 +258,25 @@ def test_ctrl_c_reaches_the_worker_and_cleans_up(mount_env):
         time.sleep(0.05)
     else:
         pytest.fail(f"daemon {daemon} outlived the interrupted mount")
+
+
+def test_launcher_wire_format_is_the_json_the_server_reads_and_writes():
+    """The launcher encodes its request and reads the server's answers
+    without the json module (startup cost): what it writes must be what
+    json.loads reads back, for any string a command line, environment or
+    path can hold, and it must take the server's json.dumps lines and no
+    others."""
+    from stargz_tui.launcher import _int_field, _json_request
+
+    odd = ["plain", "", "quote\" back\\slash", "tab\tnewline\ncr\r", "\x00\x1f\x7f",
+           "ünïcødé ✓ 🐳", os.fsdecode(b"\xff\xfe surrogate-escaped"), "</script>", "a=b=c"]
+    req = {"argv": ["mount", *odd], "env": dict(zip(odd, reversed(odd), strict=True)),
+           "cwd": odd[5], "stamp": "py:/x:3:42"}
+    line = _json_request(req)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == req
+    for key, n in (("pid", 4242), ("rc", 0), ("rc", 130), ("rc", -1)):
+        assert _int_field(json.dumps({key: n}).encode() + b"\n", key) == n
+    for bad in (b'{"stale": true}\n', b'{"refused": "bad request"}\n', b"", b'{"pid": x}\n',
+                b'{"rc": 1}\n'):
+        assert _int_field(bad, "pid") is None
