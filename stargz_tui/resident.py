@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import array
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -69,6 +70,12 @@ def preload() -> None:
                  "CapacityLimiter"):
         getattr(anyio, name, None)  # anyio imports these lazily
     cli.PARSER = cli.build_parser()  # imports every command module; reused by workers
+    # Everything loaded so far lives as long as the server: out of the
+    # collector's sight, a forked worker's or daemon's collections do not
+    # write to (and so copy) the pages it shares with the server (~4 ms less
+    # to a forked daemon's manifest and TOC).
+    gc.collect()
+    gc.freeze()
 
 
 class Server:
