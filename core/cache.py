@@ -256,9 +256,9 @@ class ChunkCache:
         self._ilock = threading.Lock()  # index refreshes
         self._disk_off_until = 0.0
         self._disk_size: int | None = None  # estimate; None = not scanned yet
-        # the index: key -> (pack name, offset, size); pack name -> its keys
-        self._index: dict[str, tuple[str, int, int]] = {}
-        self._crcs: dict[str, int] = {}  # indexed key -> the crc32 its pack recorded
+        # the index: key -> (pack name, offset, size, the crc32 the pack
+        # recorded or None); pack name -> its keys
+        self._index: dict[str, tuple[str, int, int, int | None]] = {}
         self._packs: dict[str, list[str]] = {}
         self._dir_mtime: int | None = None  # pack dir mtime at the last listing
         self._verified: dict[str, int] = {}  # chunks known good here -> size
@@ -355,9 +355,7 @@ class ChunkCache:
         keys = []
         for k, off, size, crc in rows:
             if k not in self._index:
-                self._index[k] = (name, off, size)
-                if crc is not None:
-                    self._crcs[k] = crc
+                self._index[k] = (name, off, size, crc)
                 keys.append(k)
         self._packs[name] = keys
 
@@ -369,7 +367,6 @@ class ChunkCache:
                 loc = self._index.get(k)
                 if loc is not None and loc[0] == name:
                     del self._index[k]
-                    self._crcs.pop(k, None)
                     self._verified.pop(k, None)
             for slot in (name, name + _DIRECT_SLOT):
                 fd = self._fds.pop(slot, None)
@@ -427,7 +424,7 @@ class ChunkCache:
                 pass
         return rows
 
-    def _locate(self, key: str) -> tuple[str, int, int] | None:
+    def _locate(self, key: str) -> tuple[str, int, int, int | None] | None:
         loc = self._index.get(key)
         if loc is None:
             self._refresh()
@@ -542,20 +539,14 @@ class ChunkCache:
         if loc is None:
             self.misses += 1
             return None
-        name, off, size = loc
+        name, off, size, crc = loc
         data = self._pread(name, size, off)
         if data is None:
             self._drop_pack(name)
             self.misses += 1
             return None
-        if len(data) != size or not self._intact(key, data):
-            self.corrupt += 1
-            log.warning("cached chunk %s is damaged; dropped its pack", key)
-            self._drop_pack(name)
-            try:
-                os.unlink(os.path.join(self.pack_dir, name))
-            except OSError:
-                pass
+        if len(data) != size or not self._intact(key, data, crc):
+            self._damaged(key, name)
             self.misses += 1
             return None
         self.hits += 1
@@ -583,7 +574,7 @@ class ChunkCache:
         loc = self._index.get(key)
         if loc is None:
             return None
-        name, off, _ = loc
+        name, off = loc[0], loc[1]
         fd = self._acquire_fd(name)
         got = -1
         if fd is not None:
@@ -616,7 +607,8 @@ class ChunkCache:
     def where(self, key: str) -> tuple[str, int, int] | None:
         """``(pack name, offset, size)`` of a chunk known to be on disk (no
         directory listing: None when this object has not indexed it)."""
-        return self._index.get(key)
+        loc = self._index.get(key)
+        return None if loc is None else loc[:3]
 
     def read_into(self, name: str, offset: int, length: int, buf) -> memoryview | None:
         """Read ``length`` bytes at ``offset`` of pack ``name`` into ``buf``
@@ -658,13 +650,26 @@ class ChunkCache:
             self._release_fd()
         return memoryview(buf)[:length] if got == length else None
 
-    def _intact(self, key: str, data) -> bool:
+    def _intact(self, key: str, data, crc: int | None) -> bool:
         """Is ``data``, loaded from disk, what was stored as ``key``? By
-        its pack's crc32 in a private cache, else by the key's digest."""
-        crc = self._crcs.get(key) if self.private else None
-        if crc is not None:
+        ``crc``, the crc32 its pack recorded, in a private cache; else by
+        the key's digest."""
+        if crc is not None and self.private:
             return isal_zlib.crc32(data) == crc
         return _check(key, data)
+
+    def _damaged(self, key: str, name: str | None) -> None:
+        """``key``, loaded from pack ``name``, failed its check: the pack is
+        dropped and deleted (``name`` None: no longer indexed, only counted)."""
+        self.corrupt += 1
+        log.warning("cached chunk %s is damaged; dropped its pack", key)
+        if name is None:
+            return
+        self._drop_pack(name)
+        try:
+            os.unlink(os.path.join(self.pack_dir, name))
+        except OSError:
+            pass
 
     def check_loaded(self, key: str, data) -> bool:
         """Is ``data`` (read with :meth:`read_into`) the chunk ``key``? Known
@@ -674,18 +679,11 @@ class ChunkCache:
         if self._verified.get(key) == size:
             return True
         loc = self._index.get(key)
-        if self._intact(key, data):
+        if self._intact(key, data, None if loc is None else loc[3]):
             with self._lock:
                 self._verified[key] = size
             return True
-        self.corrupt += 1
-        log.warning("cached chunk %s is damaged; dropped its pack", key)
-        if loc is not None:
-            self._drop_pack(loc[0])
-            try:
-                os.unlink(os.path.join(self.pack_dir, loc[0]))
-            except OSError:
-                pass
+        self._damaged(key, None if loc is None else loc[0])
         return False
 
     def put(self, key: str, data: bytes, *, remember: bool = True) -> bool:
