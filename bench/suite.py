@@ -251,21 +251,15 @@ def b1(ctx: Ctx) -> dict:
 
 
 @contextlib.contextmanager
-def _ceiling(size: int, mp: str):
-    """The ceiling filesystem mounted at ``mp`` for the block; yields a
-    function that reads its file once (page cache dropped) and returns MB/s."""
+def _ceiling(ctx: Ctx):
+    """The ceiling filesystem (``bench/ceilingfs.py``, its own process:
+    the text layer's file served from memory) mounted for the block;
+    yields its mountpoint."""
+    mp = ctx.mp("ceiling")
+    size = ctx.layers["text"]["file_size"]
     with fsutil.MountProcess([PY, "-m", "bench.ceilingfs", mp, str(size)], mp, ready="line",
                              env={**os.environ, "PYTHONPATH": ROOT}):
-        path = os.path.join(mp, gen.TEXT_FILE)
-
-        def read_once() -> float:
-            fsutil.drop_caches()
-            n, dt = fsutil.read_all(path)
-            if n != size:
-                raise RuntimeError(f"ceiling read {n} bytes of {size}")
-            return n / dt / 1e6
-
-        yield read_once
+        yield mp
 
 
 def b2_b3(ctx: Ctx) -> list[dict]:
@@ -273,8 +267,8 @@ def b2_b3(ctx: Ctx) -> list[dict]:
     size = ly["file_size"]
     mp = ctx.mp("b2")
 
-    def read_file(m) -> float:
-        n, dt = fsutil.read_all(os.path.join(m.mp, gen.TEXT_FILE))
+    def read_file(mp: str) -> float:
+        n, dt = fsutil.read_all(os.path.join(mp, gen.TEXT_FILE))
         if n != size:
             raise RuntimeError(f"read {n} bytes of {size}")
         return n / dt / 1e6
@@ -288,20 +282,21 @@ def b2_b3(ctx: Ctx) -> list[dict]:
         # fall on both sides of the ratio alike.
         cold, warm, same, reqs, warm_reqs = [], [], [], [], []
         for _ in range(ctx.runs):
-            ceiling_runs.append(read_ceiling())
+            fsutil.drop_caches()
+            ceiling_runs.append(read_file(ceiling_mp))
             cache = ctx.fresh_dir(name)
             fsutil.drop_caches()
             with make_mount(cache) as m:
                 mark = ctx.reg.mark()
-                cold.append(read_file(m))
+                cold.append(read_file(m.mp))
                 time.sleep(1.0)  # cache writes of the last chunks land
                 reqs.append(ctx.reg.fetched_since(mark)["requests"])
                 fsutil.drop_caches()
-                same.append(read_file(m))
+                same.append(read_file(m.mp))
             fsutil.drop_caches()
             with make_mount(cache) as m:
                 mark = ctx.reg.mark()
-                warm.append(read_file(m))
+                warm.append(read_file(m.mp))
                 time.sleep(0.3)
                 warm_reqs.append(ctx.reg.fetched_since(mark)["requests"])
         return ({"mb_s": median(cold), "requests": median(reqs)},
@@ -310,7 +305,7 @@ def b2_b3(ctx: Ctx) -> list[dict]:
                  "what": "new mount of the same cache dir, page cache dropped"})
 
     ceiling_runs: list[float] = []
-    with _ceiling(size, ctx.mp("ceiling")) as read_ceiling:
+    with _ceiling(ctx) as ceiling_mp:
         ours = measure(lambda cache: OurMount(ctx, "text", mp, cache), "b2-cache")
         peer = (None, None)
         if ctx.peer:
@@ -519,10 +514,8 @@ def b7(ctx: Ctx) -> dict:
     else:
         out["notes"].append("ratarmount not installed")
     # Context: what a pyfuse3 filesystem answering from memory does here.
-    cmp_ = ctx.mp("ceiling")
     size = ctx.layers["text"]["file_size"]
-    with fsutil.MountProcess([PY, "-m", "bench.ceilingfs", cmp_, str(size)], cmp_, ready="line",
-                             env={**os.environ, "PYTHONPATH": ROOT}):
+    with _ceiling(ctx) as cmp_:
         path = os.path.join(cmp_, gen.TEXT_FILE)
         iops = []
         for i in range(ctx.runs):
