@@ -46,6 +46,7 @@ import time
 
 from .errors import MountError
 from .paths import private_dir, runtime_socket, state_dir
+from .peer import require_own_peer
 
 log = logging.getLogger("core.mount")
 
@@ -178,12 +179,14 @@ def _stop_daemon(layer: dict, unmount: bool = False) -> None:
 
 
 def daemon_request(sock_path: str, op: str, timeout: float = 3.0, **fields) -> dict:
-    """One JSON-lines request to a daemon's control socket."""
+    """One JSON-lines request to a daemon's control socket (served by our
+    own uid, else :class:`MountError` and nothing is sent)."""
     msg = dict(fields, op=op)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(sock_path)
+            require_own_peer(s, f"the daemon socket {sock_path}")
             s.sendall((json.dumps(msg) + "\n").encode())
             buf = b""
             while not buf.endswith(b"\n") and len(buf) < (64 << 20):

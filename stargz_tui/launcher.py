@@ -123,6 +123,13 @@ def _via_server(argv: list[str]) -> int | None:
     try:
         sock.settimeout(2.0)
         sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    refused = _refuse_foreign_server(sock, path)
+    if refused is not None:
+        return refused
+    try:
         req = {"argv": argv, "env": dict(os.environ), "cwd": cwd, "stamp": code_stamp()}
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))  # an int[3]
         sock.sendmsg([_json_request(req)], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
@@ -135,6 +142,22 @@ def _via_server(argv: list[str]) -> int | None:
         sock.close()
         return None  # stale or refused: the server ran nothing
     return _wait_worker(sock, lines, pid)
+
+
+def _refuse_foreign_server(sock, path: str) -> int | None:
+    """None when the server at ``path`` runs as our uid. Otherwise nothing is
+    sent to it (our environment holds tokens, our fds are the terminal): one
+    line on stderr and exit status 1, the command is not run."""
+    from core.errors import MountError
+    from core.peer import require_own_peer
+
+    try:
+        require_own_peer(sock, f"the resident server socket {path}")
+    except MountError as e:
+        sock.close()
+        print(f"stargz-tui: {e}", file=sys.stderr)
+        return 1
+    return None
 
 
 def _wait_worker(sock, lines: _Lines, pid: int) -> int:
