@@ -276,9 +276,9 @@ import socket, sys
 c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 c.settimeout(10)
 c.connect(sys.argv[1])
-c.sendall(b'{"op": "shutdown", "unmount": true}\n')
 got = b""
 try:
+    c.sendall(b'{"op": "shutdown", "unmount": true}\n')  # EPIPE once it hung up on us
     while True:
         piece = c.recv(65536)
         if not piece:
