@@ -113,18 +113,15 @@ class Daemon:
         from anyio.abc import SocketAttribute
         from anyio.streams.buffered import BufferedByteReceiveStream
 
-        from .peer import is_own_peer, peer_uid
+        from .peer import is_own_peer, peer_text
 
         buf = BufferedByteReceiveStream(stream)
         async with stream:
             raw = stream.extra(SocketAttribute.raw_socket, None)
             if raw is None or not is_own_peer(raw):
                 # the socket is 0600 in a 0700 dir; this holds even if those were loosened
-                try:
-                    who = peer_uid(raw) if raw is not None else "?"
-                except OSError:
-                    who = "?"
-                log.warning("control socket: refused a connection from uid %s", who)
+                log.warning("control socket: refused a connection from uid %s",
+                            peer_text(raw) if raw is not None else "?")
                 return
             for _ in range(1000):
                 try:

@@ -38,6 +38,14 @@ def is_own_peer(sock) -> bool:
         return False
 
 
+def peer_text(sock) -> str:
+    """The peer's uid for a log line ("?" when it cannot be told)."""
+    try:
+        return str(peer_uid(sock))
+    except OSError:
+        return "?"
+
+
 def require_own_peer(sock, what: str) -> None:
     """Raise :class:`MountError` (one line) unless the peer of ``sock`` runs
     as our uid; ``what`` names the socket for the message."""

@@ -11,6 +11,10 @@ turn. This module therefore imports almost nothing before it knows whether
 the server is there; everything else goes through :func:`stargz_tui.cli.main`
 as before.
 
+The server's socket must be served by our own uid (``SO_PEERCRED``): one
+served by anyone else gets nothing (our environment holds tokens, our fds are
+the terminal), and the command fails with one line instead of running.
+
 ``STARGZ_TUI_SERVER``: ``auto`` (default: use the server when it runs; a
 successful ``mount`` starts one in the background for the next time),
 ``use`` (use it when it runs, never start one), ``off`` (never use it).

@@ -34,7 +34,7 @@ import socket
 import sys
 import time
 
-from core.peer import is_own_peer, peer_uid, require_own_peer
+from core.peer import is_own_peer, peer_text, require_own_peer
 
 from .launcher import code_stamp, server_log, socket_path, spawn_server
 
@@ -167,7 +167,7 @@ class Server:
         fds: list[int] = []
         try:
             if not is_own_peer(conn):
-                log.warning("refused a request from uid %s", _peer_text(conn))
+                log.warning("refused a request from uid %s", peer_text(conn))
                 return False
             conn.settimeout(5.0)
             data, fds = self._receive(conn)
@@ -272,13 +272,6 @@ class Server:
             except Exception:  # noqa: BLE001
                 pass
             os._exit(int(rc or 0) & 0xFF)
-
-
-def _peer_text(conn: socket.socket) -> str:
-    try:
-        return str(peer_uid(conn))
-    except OSError:
-        return "?"
 
 
 def request(op: str, timeout: float = 3.0) -> dict | None:
