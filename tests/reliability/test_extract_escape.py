@@ -1,4 +1,4 @@
-"""Extraction (the app's ``x``, ``core.browse.extract``) never writes, creates
+"""Extraction (the app's ``x``, ``core.extract.extract``) never writes, creates
 or chmods anything outside its destination.
 
 The natural workflow is to extract one layer after another into one
@@ -18,9 +18,9 @@ import anyio
 import pytest
 from rel_layers import BlobBuilder, sha256
 
-from core.browse import extract
 from core.errors import CoreError, ExtractError
 from core.estargz import load_layer_index
+from core.extract import extract
 from core.source import LocalBlobSource
 
 pytestmark = [pytest.mark.reliability]
