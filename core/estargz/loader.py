@@ -153,6 +153,7 @@ def parse_toc_region(footer: Footer, region: bytes, *, blob_digest: str, blob_si
         check_digest()  # a TOC that is not the annotated one: say that instead
         raise
     ix.toc_digest = check_digest()
+    ix.toc_verified = bool(expected_toc_digest)
     ix.toc_size = len(region)
     return ix
 

@@ -241,6 +241,8 @@ class LayerIndex:
         self.blob_digest = blob_digest
         self.blob_size = blob_size
         self.toc_digest = toc_digest
+        # the TOC digest matched the manifest annotation (set by the loader)
+        self.toc_verified = False
         self.toc_offset = toc_offset
         self.prefetch_end: int | None = None
         self.no_prefetch = False
