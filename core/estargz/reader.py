@@ -70,13 +70,30 @@ async def read_file_range(index: LayerIndex, source: BlobSource, entry: Entry,
 
 async def iter_file(index: LayerIndex, source: BlobSource, entry: Entry,
                     window: int = 8 << 20):
-    """Yield a file's bytes in pieces of about ``window`` bytes (for ``cat``)."""
+    """Yield a file's bytes in pieces of at most ``window`` bytes (for
+    ``cat``): its chunks in file order, about ``COALESCE_BYTES`` of them
+    fetched and verified at a time, each inflated once (a chunk is at most
+    ``MAX_CHUNK_BYTES``: the memory a read holds is bounded)."""
     target = index.entry(entry.target_id) if entry.target_id is not None else entry
-    pos = 0
-    while pos < target.size:
-        n = min(window, target.size - pos)
-        yield await read_file_range(index, source, target, pos, n)
-        pos += n
+    if target.type_code != REG:
+        raise FormatError(f"{entry.path} is a {entry.type}, not a regular file")
+    chunks = index.chunks(target)  # file order, tiling the file (checked by the index)
+    i = 0
+    while i < len(chunks):
+        batch = [chunks[i]]
+        total = chunks[i].chunk_size
+        i += 1
+        while i < len(chunks) and total + chunks[i].chunk_size <= COALESCE_BYTES:
+            batch.append(chunks[i])
+            total += chunks[i].chunk_size
+            i += 1
+        got: dict[int, bytes] = {}
+        async for c, data in fetch_chunks(index, source, batch):
+            got[c.index] = data
+        for c in batch:
+            data = got.pop(c.index)
+            for k in range(0, len(data), window):
+                yield data[k : k + window] if len(data) > window else data
 
 
 async def verify_file(index: LayerIndex, source: BlobSource, entry: Entry) -> None:
