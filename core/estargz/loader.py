@@ -102,8 +102,14 @@ def _inflate_zstd_toc(region: bytes, uncompressed_size: int | None) -> bytes:
             got += len(piece)
     except zstandard.ZstdError as e:
         raise FormatError(f"TOC is not valid zstd: {e}") from None
-    if got > limit:
-        raise FormatError("TOC inflates to more than its footer says; refused")
+    if got > limit:  # say which bound it broke
+        if uncompressed_size and limit == uncompressed_size:
+            raise FormatError(f"TOC inflates to more than the {uncompressed_size} bytes its "
+                              "footer says; refused")
+        if limit == MAX_TOC_BYTES:
+            raise FormatError(f"TOC inflates to more than {MAX_TOC_BYTES >> 20} MiB; refused")
+        raise FormatError(f"TOC inflates {len(region)} compressed bytes to more than {limit} "
+                          f"(over {MAX_TOC_RATIO}x); refused as a decompression bomb")
     return b"".join(parts)
 
 

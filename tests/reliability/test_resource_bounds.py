@@ -246,3 +246,28 @@ def test_junk_before_toc_not_fetched(mount_env, tmp_path, rel):
             "read through a mount without background fetch",
             f"cat: {peak:.0f} MB peak RSS; the mount fetched {fetched} bytes: a chunk's extent "
             "is cut to what its bytes can take, never the gap")
+
+
+@pytest.mark.parametrize("footer", ["honest", "lying"])
+def test_toc_bomb_message_says_which_bound(footer, rel):
+    """A zstd:chunked TOC that inflates past a bound is refused with a
+    message naming the bound it broke: an honest footer is not called a liar."""
+    from core.errors import FormatError
+    from core.estargz.footer import Footer, Format
+    from core.estargz.loader import parse_toc_region
+
+    size = 64 << 20 if footer == "honest" else 2 << 20
+    region = zstandard.ZstdCompressor().compress(bytes(size))
+    said = size if footer == "honest" else 1 << 20
+    f = Footer(format=Format.ZSTDCHUNKED, footer_size=48, toc_offset=0, toc_size=len(region),
+               toc_uncompressed_size=said)
+    with pytest.raises(FormatError) as ei:
+        parse_toc_region(f, region, blob_digest="sha256:" + "0" * 64, blob_size=len(region) + 48)
+    msg = str(ei.value)
+    if footer == "honest":
+        assert "footer" not in msg and "decompression bomb" in msg, msg
+    else:
+        assert f"{said} bytes its footer says" in msg, msg
+    rel.row("hostile", f"zstd:chunked TOC of {len(region)} compressed bytes inflating to "
+            f"{size >> 20} MiB, its footer {'honest' if footer == 'honest' else 'saying 1 MiB'}",
+            f"refused: {msg}")
