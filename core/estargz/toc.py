@@ -44,7 +44,13 @@ DIR, REG, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO = range(7)
 TYPE_MODE_BITS = (0o040000, 0o100000, 0o120000, 0o100000, 0o020000, 0o060000, 0o010000)
 
 # Bounds on what a TOC may claim, so hostile input is refused, not obeyed.
-MAX_ENTRIES = 5_000_000
+# Entries: a command or daemon stays under 256 MB of peak RSS on a TOC at the
+# limit. Building the index peaks at ~700 B per minimal entry (decoded
+# structs, columns, the JSON itself) though it keeps ~140-280 B: 250k
+# minimal entries peaked at 199 MB in `ls --layer 0` (300k: 231 MB, 1M: 710
+# MB, 5M: ~3.5 GB). Entries that say more are bounded by the TOC's size
+# (core.estargz.loader.MAX_TOC_BYTES).
+MAX_ENTRIES = 250_000
 MAX_PATH_DEPTH = 1024
 MAX_NAME_BYTES = 4096
 # The most file bytes a chunk of a lazy layer may declare (counting the
@@ -729,6 +735,9 @@ def _decode_toc(toc_json: bytes) -> tuple[list[_TocEntry], bool]:
     # that is a TOC built to exhaust memory in the parser; refuse it unparsed.
     if toc_json.count(b"{") > 2 * MAX_ENTRIES + 16:
         raise FormatError(f"TOC holds more objects than {MAX_ENTRIES} entries could; refused")
+    # Every entry has a "name" key (a string holding the text escapes its quotes)
+    if toc_json.count(b'"name"') > MAX_ENTRIES + 16:
+        raise FormatError(f"TOC has more than {MAX_ENTRIES} entries, the limit; refused")
     checked = True
     try:
         try:

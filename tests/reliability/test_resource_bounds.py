@@ -271,3 +271,57 @@ def test_toc_bomb_message_says_which_bound(footer, rel):
     rel.row("hostile", f"zstd:chunked TOC of {len(region)} compressed bytes inflating to "
             f"{size >> 20} MiB, its footer {'honest' if footer == 'honest' else 'saying 1 MiB'}",
             f"refused: {msg}")
+
+
+def _toc_layout(root: str, entries: list[bytes]) -> str:
+    raw = b'{"version":1,"entries":[' + b",".join(entries) + b"]}"
+    return write_layout(root, [BlobBuilder().finish(raw)])
+
+
+def _minimal_entries(n: int) -> list[bytes]:
+    return [b'{"name":"d/%d/%d","type":"reg"}' % (i // 1000, i) for i in range(n)]
+
+
+def _full_entries(budget: int) -> list[bytes]:
+    """Entries as writers state them (owner, time, digests, offsets), up to
+    ``budget`` bytes of JSON."""
+    out, size, i = [], 0, 0
+    while True:
+        e = (b'{"name":"usr/lib/python3/site-packages/pkg%d/module_%d.py","type":"reg",'
+             b'"size":0,"modtime":"2024-01-01T00:00:00Z","mode":420,"uid":0,"gid":0,'
+             b'"userName":"root","groupName":"root","digest":"sha256:%064x"}' % (i // 100, i, i))
+        if size + len(e) + 64 > budget:
+            return out
+        out.append(e)
+        size += len(e) + 1
+        i += 1
+
+
+def test_toc_entry_limit_holds_memory(tmp_path, rel):
+    """A TOC at the documented limits (entries, and size for entries that
+    say more) indexes under the memory bound; a 5M-entry TOC is refused
+    with one line before it costs gigabytes."""
+    from core.estargz.loader import MAX_TOC_BYTES
+    from core.estargz.toc import MAX_ENTRIES
+
+    seen = []
+    for what, entries in ((f"{MAX_ENTRIES} minimal entries (the entry limit)",
+                           _minimal_entries(MAX_ENTRIES)),
+                          (f"{MAX_TOC_BYTES >> 20} MiB of full entries (the size limit)",
+                           _full_entries(MAX_TOC_BYTES))):
+        ref = _toc_layout(str(tmp_path / f"toc-{len(seen)}"), entries)
+        n = len(entries)
+        del entries
+        rc, out, err, peak, took = run_measured(["ls", "--layer", "0", ref], timeout=120)
+        assert rc == 0, (what, err[-300:])
+        assert peak <= RSS_LIMIT_MB, f"ls of a TOC of {what} peaked at {peak:.0f} MB"
+        seen.append(f"{n} entries: {peak:.0f} MB, {took:.1f} s")
+    ref = _toc_layout(str(tmp_path / "toc-5m"), _minimal_entries(5_000_000))
+    rc, out, err, peak, took = run_measured(["ls", "--layer", "0", ref], timeout=120)
+    assert rc not in (0, -9) and len(err.strip().splitlines()) == 1, (rc, err[-300:])
+    assert "Traceback" not in err
+    assert peak <= RSS_LIMIT_MB, f"refusing a 5M-entry TOC peaked at {peak:.0f} MB"
+    rel.row("crash", f"TOCs at the documented limits ({MAX_ENTRIES} entries, "
+            f"{MAX_TOC_BYTES >> 20} MiB of JSON) and a 5M-entry TOC: `ls --layer 0`",
+            "served at " + "; ".join(seen) + f"; 5M entries refused ({err.strip()[:90]}) at "
+            f"{peak:.0f} MB (bound {RSS_LIMIT_MB} MB)")
