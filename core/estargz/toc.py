@@ -56,8 +56,11 @@ MAX_NAME_BYTES = 4096
 # The most file bytes a chunk of a lazy layer may declare (counting the
 # ``innerOffset`` bytes inflated before it). Writers cut chunks of at most
 # 4 MiB; a reader inflates and verifies a chunk whole, so a TOC declaring a
-# 3 GiB chunk (3 MB of gzip, 96 KB of zstd) is refused, not obeyed.
-MAX_CHUNK_BYTES = 64 << 20
+# 3 GiB chunk (3 MB of gzip, 96 KB of zstd) is refused, not obeyed. A daemon
+# holds a few chunks at once (two decoding, their cache writes): with 60 MiB
+# chunks its background fetch peaked at 277 MB, with 30 MiB ones well under
+# 256 MB, hence 32 MiB (8x what writers make).
+MAX_CHUNK_BYTES = 32 << 20
 # Compressed bytes a chunk of n file bytes may take, at most: stored deflate
 # blocks and zstd's worst case add under 1/128; the rest is for headers (gzip
 # member, zstd frame, small tar-header members before the data).

@@ -162,15 +162,15 @@ def test_chunk_bomb_refused_bounded(mount_env, tmp_path, rel):
         rc, _out, err, peak, took = run_measured(args, timeout=90, stdout=subprocess.DEVNULL)
         assert rc != 0 and rc != -9, (what, rc, err[-300:])
         assert "Traceback" not in err, err[-800:]
-        assert "64 MiB" in err, (what, err[-300:])
+        assert "32 MiB" in err, (what, err[-300:])
         assert peak <= RSS_LIMIT_MB, f"{what} peaked at {peak:.0f} MB"
         seen.append(f"{what}: exit {rc}, {peak:.0f} MB, {took:.1f} s")
     mp = mount_env.mountpoint("mnt-bomb")
     rc, _out, err, peak, took = run_measured(["mount", "--layer", "0", ref, mp], timeout=90)
     assert rc != 0, "a layer declaring a 3 GiB chunk was mounted"
-    assert len(err.strip().splitlines()) == 1 and "64 MiB" in err, err
+    assert len(err.strip().splitlines()) == 1 and "32 MiB" in err, err
     seen.append(f"mount: refused, exit {rc}, {peak:.0f} MB")
-    line = [ln for ln in err.splitlines() if "64 MiB" in ln][0]
+    line = [ln for ln in err.splitlines() if "32 MiB" in ln][0]
     rel.row("hostile", f"chunk bomb: eStargz file declared and digest-pinned as one 3 GiB chunk "
             f"of zeros ({len(blob) >> 20} MB of gzip)",
             f"refused when the TOC is indexed, one line ({line.strip()[:100]}); "
@@ -180,7 +180,9 @@ def test_chunk_bomb_refused_bounded(mount_env, tmp_path, rel):
 def test_chunk_at_limit_streams_once(tmp_path, rel):
     """A file of one large allowed chunk: `cat` inflates it once (not once
     per output window), within the memory bound."""
-    size = 60 << 20
+    from core.estargz.toc import MAX_CHUNK_BYTES
+
+    size = MAX_CHUNK_BYTES - (2 << 20)
     blob = _chunk_bomb_layer(size)
     ref = write_layout(str(tmp_path / "big-chunk"), [blob])
     out = tmp_path / "out"
@@ -189,7 +191,7 @@ def test_chunk_at_limit_streams_once(tmp_path, rel):
                                                timeout=120, stdout=f)
     assert rc == 0, err[-500:]
     assert os.path.getsize(out) == size
-    assert peak <= RSS_LIMIT_MB, f"cat of a 60 MiB chunk peaked at {peak:.0f} MB"
+    assert peak <= RSS_LIMIT_MB, f"cat of a {size >> 20} MiB chunk peaked at {peak:.0f} MB"
     # what cat streams (core.estargz.iter_file), against a counting source:
     # the chunk is fetched (and inflated) once, not once per 8 MiB window
     import hashlib
@@ -216,21 +218,45 @@ def test_chunk_at_limit_streams_once(tmp_path, rel):
     n, read, extent = anyio.run(stream)
     assert n == size
     assert read <= extent, f"cat read {read} compressed bytes for a {extent}-byte extent"
-    rel.row("crash", "`cat` of a file held in one 60 MiB chunk (60 KB of gzip)",
+    rel.row("crash", f"`cat` of a file held in one {size >> 20} MiB chunk (the limit is "
+            f"{MAX_CHUNK_BYTES >> 20} MiB)",
             f"inflated once ({read} compressed bytes read): {took:.1f} s, {peak:.0f} MB peak "
             f"RSS (bound {RSS_LIMIT_MB} MB)")
 
 
+def _vm_hwm_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
 def test_junk_before_toc_not_fetched(mount_env, tmp_path, rel):
+    """300 MB of junk after a 5-byte file's chunk (then three files of one
+    chunk near the limit each): `cat`, a mount without background fetch, and a
+    daemon fetching everything in the background stay bounded."""
     b = BlobBuilder()
     ents = b.add_file("data/five", b"12345")
-    b.buf.write(os.urandom(300 << 20))  # junk between the chunk and the TOC
+    b.buf.write(os.urandom(300 << 20))  # junk between the chunk and the next one
+    from core.estargz.toc import MAX_CHUNK_BYTES
+
+    big = MAX_CHUNK_BYTES - (2 << 20)
+    member, digest = _gzip_zeros(big)
+    for k in range(3):
+        name = f"data/zeros{k}"
+        b.buf.write(_member(_tar_header(name, big)))
+        ents.append({"name": name, "type": "reg", "size": big, "mode": 0o644,
+                     "offset": b.buf.tell(), "digest": digest, "chunkDigest": digest})
+        b.buf.write(member)
     blob = b.finish({"version": 1, "entries": [{"name": "data/", "type": "dir"}, *ents]})
     ref = write_layout(str(tmp_path / "junk"), [blob])
     del blob
     rc, out, err, peak, took = run_measured(["cat", "--layer", "0", ref, "data/five"], timeout=90)
     assert rc == 0 and out == "12345", (rc, err[-300:])
     assert peak <= 100, f"cat of a 5-byte file peaked at {peak:.0f} MB"
+    from core import mount as core_mount
+
     mp = mount_env.mountpoint("mnt-junk")
     mount_env.mount(ref, mp, layer=0, prefetch=False, background_fetch=False)
     try:
@@ -238,14 +264,27 @@ def test_junk_before_toc_not_fetched(mount_env, tmp_path, rel):
             assert f.read() == b"12345"
         fetched = mount_env.status(mp)["bytesFetched"]
     finally:
-        from core import mount as core_mount
-
         core_mount.unmount(mp, force=True)
     assert fetched < 1 << 20, f"the mount fetched {fetched} bytes for a 5-byte file"
-    rel.row("hostile", "300 MB of junk between a 5-byte file's chunk and the TOC: `cat`, and a "
-            "read through a mount without background fetch",
-            f"cat: {peak:.0f} MB peak RSS; the mount fetched {fetched} bytes: a chunk's extent "
-            "is cut to what its bytes can take, never the gap")
+    mp = mount_env.mountpoint("mnt-junk-bg")
+    mount_env.mount(ref, mp, layer=0, background_fetch=True, silence=0)
+    try:
+        st = mount_env.wait_for(mp, lambda s: s["backgroundFetchDone"], timeout=120)
+        hwm = _vm_hwm_mb(st["layers"][0]["pid"])
+        bg_fetched = st["bytesFetched"]
+        with open(os.path.join(mp, "data/zeros2"), "rb") as f:
+            assert f.read() == bytes(big)
+    finally:
+        core_mount.unmount(mp, force=True)
+    assert hwm <= RSS_LIMIT_MB, f"the daemon peaked at {hwm:.0f} MB"
+    assert bg_fetched < 10 << 20, f"the background fetch read {bg_fetched} bytes"
+    rel.row("hostile", "300 MB of junk between a 5-byte file's chunk and the next chunk (three "
+            f"files of one {big >> 20} MiB chunk each): `cat`, a mount without background fetch, a "
+            "daemon fetching everything in the background",
+            f"cat: {peak:.0f} MB peak RSS; the mount fetched {fetched} bytes for the 5-byte "
+            f"file; the background fetch {bg_fetched} bytes, daemon peak {hwm:.0f} MB (bound "
+            f"{RSS_LIMIT_MB} MB): a chunk's extent is cut to what its bytes can take, never "
+            "the gap")
 
 
 @pytest.mark.parametrize("footer", ["honest", "lying"])
