@@ -17,7 +17,7 @@ import time
 
 import pytest
 import zstandard
-from rel_layers import BlobBuilder, _member, _tar_header, write_layout
+from rel_layers import BlobBuilder, _member, _tar_header, sha256, write_layout
 
 pytestmark = [pytest.mark.reliability]
 
@@ -153,9 +153,51 @@ def _chunk_bomb_layer(size: int) -> bytes:
     return b.finish({"version": 1, "entries": [{"name": "data/", "type": "dir"}, *good, bomb]})
 
 
-def test_chunk_bomb_refused_bounded(mount_env, tmp_path, rel):
-    blob = _chunk_bomb_layer(3 << 30)
-    ref = write_layout(str(tmp_path / "chunk-bomb"), [blob])
+def _zstd_chunked_bomb_layer(size: int) -> tuple[bytes, str]:
+    """A zstd:chunked blob: one file declared (and digest-pinned) as a
+    single chunk of ``size`` zero bytes in one zstd frame, the TOC frame and
+    the footer; and the TOC digest."""
+    import hashlib
+    import json
+    import struct
+
+    cobj = zstandard.ZstdCompressor(level=3).compressobj()
+    h = hashlib.sha256()
+    frame = []
+    left = size
+    while left:
+        n = min(left, len(ZEROS))
+        frame.append(cobj.compress(ZEROS[:n]))
+        h.update(ZEROS[:n])
+        left -= n
+    frame.append(cobj.flush())
+    frame = b"".join(frame)
+    digest = "sha256:" + h.hexdigest()
+    end = len(frame)
+    toc = json.dumps({"version": 1, "entries": [
+        {"name": "data/", "type": "dir"},
+        {"name": "data/zeros.bin", "type": "reg", "size": size, "mode": 0o644, "offset": 0,
+         "endOffset": end, "digest": digest, "chunkDigest": digest}]}).encode()
+    toc_frame = zstandard.ZstdCompressor().compress(toc)
+    footer = struct.pack("<IIQQQQ", 0x184D2A50, 40, end, len(toc_frame), len(toc), 1) + b"GnUlInUx"
+    return frame + toc_frame + footer, sha256(toc)
+
+
+@pytest.mark.parametrize("fmt", ["estargz", "zstdchunked"])
+def test_chunk_bomb_refused_bounded(fmt, mount_env, tmp_path, rel):
+    if fmt == "estargz":
+        blob = _chunk_bomb_layer(3 << 30)
+        ref = write_layout(str(tmp_path / "chunk-bomb"), [blob])
+    else:
+        blob, toc_digest = _zstd_chunked_bomb_layer(3 << 30)
+
+        def annotate(m):
+            m["layers"][0]["annotations"]["containerd.io/snapshot/stargz/toc.digest"] = toc_digest
+            return m
+
+        ref = write_layout(str(tmp_path / "chunk-bomb"), [blob], annotate_toc=False,
+                           manifest_override=annotate,
+                           layer_media_type="application/vnd.oci.image.layer.v1.tar+zstd")
     seen = []
     for args, what in ((["cat", "--layer", "0", ref, "data/zeros.bin"], "cat"),
                        (["verify", "--full", "--layer", "0", ref], "verify --full")):
@@ -171,8 +213,8 @@ def test_chunk_bomb_refused_bounded(mount_env, tmp_path, rel):
     assert len(err.strip().splitlines()) == 1 and "32 MiB" in err, err
     seen.append(f"mount: refused, exit {rc}, {peak:.0f} MB")
     line = [ln for ln in err.splitlines() if "32 MiB" in ln][0]
-    rel.row("hostile", f"chunk bomb: eStargz file declared and digest-pinned as one 3 GiB chunk "
-            f"of zeros ({len(blob) >> 20} MB of gzip)",
+    rel.row("hostile", f"chunk bomb: {fmt} file declared and digest-pinned as one 3 GiB chunk "
+            f"of zeros ({len(blob) >> 10} KB blob)",
             f"refused when the TOC is indexed, one line ({line.strip()[:100]}); "
             + "; ".join(seen) + f" (bound {RSS_LIMIT_MB} MB)")
 
