@@ -34,6 +34,7 @@ PIECE = 4 << 20
 # 64 KB zstd frame holding 2 GiB of zeros) pass through this many at a time,
 # never all at once.
 OUT_PIECE = 1 << 20
+IN_PIECE = 64 << 10  # compressed bytes handed to zlib at once (see Inflater.feed)
 
 
 class _Sink:
@@ -81,6 +82,14 @@ class Inflater:
             except zstandard.ZstdError as e:
                 raise FormatError(f"corrupt zstd stream: {e}") from None
             return
+        # Input goes in IN_PIECE slices: a call that stops at OUT_PIECE
+        # copies what it did not consume (unconsumed_tail), so a whole 4 MiB
+        # piece would be copied again for every MiB a bomb inflates to.
+        view = memoryview(data)
+        for k in range(0, len(view), IN_PIECE):
+            self._feed_gzip(view[k : k + IN_PIECE], sink)
+
+    def _feed_gzip(self, data, sink: Callable[[bytes], None]) -> None:
         while True:
             if data:
                 self._member_open = True
@@ -193,7 +202,7 @@ class _GzipReader(io.RawIOBase):
         n = len(b)
         while True:
             if not self._in and not self._raw_eof:
-                self._in = self.raw.read(PIECE)
+                self._in = self.raw.read(IN_PIECE)  # small: see Inflater.feed
                 self._raw_eof = not self._in
             if self._in:
                 self._member_open = True
