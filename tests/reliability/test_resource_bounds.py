@@ -337,7 +337,7 @@ def test_toc_bomb_message_says_which_bound(footer, rel):
     from core.estargz.footer import Footer, Format
     from core.estargz.loader import parse_toc_region
 
-    size = 64 << 20 if footer == "honest" else 2 << 20
+    size = 32 << 20 if footer == "honest" else 2 << 20
     region = zstandard.ZstdCompressor().compress(bytes(size))
     said = size if footer == "honest" else 1 << 20
     f = Footer(format=Format.ZSTDCHUNKED, footer_size=48, toc_offset=0, toc_size=len(region),
