@@ -1,8 +1,21 @@
 """The chunk cache: decompressed, verified chunks on disk, an LRU in memory.
 
 Keys are chunk digests where the TOC gives one (so identical chunks of
-different layers, or of two mounts of one image, are stored once) and
-``<blob digest>-<offset>-<inner offset>-<size>`` otherwise.
+different layers, or of two mounts of one image, are stored once): such a
+chunk is checked against its digest before it is stored, so any image may
+find it. A chunk without a digest is checked by nothing: its bytes are
+whatever the image it came from says, so it must never be found by another
+image (a hostile layout that claims a genuine layer's blob digest would
+otherwise fill the genuine image's keys). Its key is
+``<scope>-<offset>-<inner offset>-<size>`` where the scope
+(:func:`digestless_scope`) is a hash of the TOC digest that vouches for the
+chunk's place (verified against the manifest annotation), the blob digest
+and the source the bytes come from (a layout path, a registry repository):
+a blob digest or a TOC alone is a claim anyone can copy (a TOC without
+digests says nothing about the bytes). A layer whose TOC is not verified
+(``--allow-unverified``), or a cache others may write, gets a
+``mem-<nonce>`` scope instead: such keys stay in this process's memory LRU
+and are never written to disk (:meth:`ChunkCache.put_many` skips them).
 
 On disk, chunks live in *pack* files under ``<root>/packs``: one pack per
 :meth:`ChunkCache.put_many` call (the reader stores each fetched range's
@@ -144,13 +157,30 @@ def _close(fd: int) -> None:
         pass
 
 
-def chunk_key(blob_digest: str, chunk) -> str:
-    """The cache key of a :class:`core.estargz.Chunk`."""
+MEMORY_ONLY = "mem-"  # the scope prefix of keys never written to disk
+
+
+def digestless_scope(index, origin: str, *, shareable: bool = True) -> str:
+    """The key scope of ``index``'s chunks without a digest (module docs):
+    shared on disk only when the TOC was verified against the manifest
+    annotation (``index.toc_verified``) and ``shareable`` (a private cache);
+    else a fresh memory-only scope, found by no other reader."""
+    if shareable and getattr(index, "toc_verified", False) and index.toc_digest:
+        h = hashlib.sha256("\0".join((index.toc_digest, index.blob_digest, origin)).encode())
+        return "toc-" + h.hexdigest()
+    return MEMORY_ONLY + os.urandom(16).hex()
+
+
+def chunk_key(blob_digest: str, chunk, scope: str | None = None) -> str:
+    """The cache key of a :class:`core.estargz.Chunk`; ``scope`` (from
+    :func:`digestless_scope`) places a chunk without a digest. Without one
+    such a chunk gets a memory-only key (that no reader of the disk finds)."""
     if chunk.digest:
         algo, _, hexd = chunk.digest.partition(":")
         return f"{algo}-{hexd}"
-    algo, _, hexd = blob_digest.partition(":")
-    return f"{algo}-{hexd}-{chunk.offset}-{chunk.inner_offset}-{chunk.chunk_size}"
+    if scope is None:
+        scope = MEMORY_ONLY + blob_digest.partition(":")[2]
+    return f"{scope}-{chunk.offset}-{chunk.inner_offset}-{chunk.chunk_size}"
 
 
 def _check(key: str, data: bytes) -> bool:
@@ -700,7 +730,7 @@ class ChunkCache:
         seen = set()
         todo = []
         for key, data in items:
-            if key in seen or key in self._index:
+            if key in seen or key in self._index or key.startswith(MEMORY_ONLY):
                 continue
             if not _KEY_RE.match(key):
                 raise ValueError(f"bad cache key {key!r}")

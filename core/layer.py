@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import anyio.to_thread
 
-from .cache import ChunkCache, chunk_key
+from .cache import MEMORY_ONLY, ChunkCache, chunk_key, digestless_scope
 from .errors import BlobReadError, ChunkDigestError, CoreError, DigestMismatchError
 from .estargz import Chunk, LayerIndex, decode_chunk
 from .source import BlobSource
@@ -115,7 +115,12 @@ class LayerReader:
         self.prefetch_size = prefetch_size
         self.name = name or index.blob_digest[:19]
         n = index.num_chunks
-        self._keys = [chunk_key(index.blob_digest, index.chunk(i)) for i in range(n)]
+        # Chunks without a digest are keyed per verified TOC and source, or
+        # kept in memory only (core.cache docs): never another image's bytes.
+        scope = digestless_scope(index, source.description, shareable=cache.private)
+        self._keys = [chunk_key(index.blob_digest, index.chunk(i), scope) for i in range(n)]
+        # ... and memory-only ones are not fetched in the background (nowhere to keep them)
+        self._memory_only = {i for i, k in enumerate(self._keys) if k.startswith(MEMORY_ONLY)}
         self._cached = bytearray(n)
         self._ncached = 0
         self._inflight: dict[int, _Flight] = {}
@@ -857,7 +862,10 @@ class LayerReader:
         their decode and write (bounded memory)."""
         self.background_started = True
         n = self.index.num_chunks
-        failed: set[int] = set()
+        failed: set[int] = set(self._memory_only)
+        if failed:
+            log.info("%s: %d chunks without a digest, nothing verifying them: read on demand "
+                     "and kept in memory only", self.name, len(failed))
         cursor = [0]
         workers = max(1, self.tasks.max_concurrent)
         backlog = anyio.Semaphore(workers + _BACKLOG)
@@ -942,7 +950,8 @@ class LayerReader:
             self.last_error = f"background fetch: {e}"
             log.warning("%s: background fetch failed: %s", self.name, e)
         finally:
-            self.background_done = self._ncached >= self.index.num_chunks
+            self.background_done = (self._ncached + len(self._memory_only)
+                                    >= self.index.num_chunks)
             if self._background_event is not None:
                 self._background_event.set()
 

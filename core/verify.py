@@ -211,16 +211,18 @@ class _FullState:
         self.blob_hash.update(piece)
         if self.inflate_error is None:
             try:
-                out = self.inflater.feed(piece)
+                self.inflater.feed(piece, self._inflated)
             except FormatError as e:
                 self.inflate_error = str(e)
-            else:
-                self.diff_hash.update(out)
-                self.usize += len(out)
         if self.ix is None:
             return
         self.buf += piece
         self._drain(final=False)
+
+    def _inflated(self, out: bytes) -> None:
+        """A piece of the decompressed stream (bounded: core.estargz.plain)."""
+        self.diff_hash.update(out)
+        self.usize += len(out)
 
     def finish(self) -> None:
         if self.inflate_error is None:

@@ -25,8 +25,12 @@ from .toc import TOC_TAR_NAME, LayerIndex, build_index
 # per entry), so most layers resolve in one request; a larger TOC costs one
 # more request for exactly the bytes missing before this tail.
 TAIL_READ = 256 << 10
-# The largest TOC we agree to inflate (a 1M-entry TOC is ~300 MB of JSON).
-MAX_TOC_BYTES = 512 << 20
+# The largest TOC (JSON) we agree to inflate: indexing peaks at ~5x the
+# JSON, so a command or daemon stays under 256 MB: 36 MiB of entries as
+# writers state them (142k entries) peaked at 216 MB in `ls --layer 0`; a
+# 100k-file layer written by core.estargz.writer has a 30 MB TOC.
+# core.estargz.toc.MAX_ENTRIES bounds entries that say less.
+MAX_TOC_BYTES = 36 << 20
 # TOC JSON (names, hex digests) compresses a few times over, never 100x:
 # a TOC claiming more than this ratio (above a small floor) is a bomb.
 MAX_TOC_RATIO = 100
@@ -102,8 +106,14 @@ def _inflate_zstd_toc(region: bytes, uncompressed_size: int | None) -> bytes:
             got += len(piece)
     except zstandard.ZstdError as e:
         raise FormatError(f"TOC is not valid zstd: {e}") from None
-    if got > limit:
-        raise FormatError("TOC inflates to more than its footer says; refused")
+    if got > limit:  # say which bound it broke
+        if uncompressed_size and limit == uncompressed_size:
+            raise FormatError(f"TOC inflates to more than the {uncompressed_size} bytes its "
+                              "footer says; refused")
+        if limit == MAX_TOC_BYTES:
+            raise FormatError(f"TOC inflates to more than {MAX_TOC_BYTES >> 20} MiB; refused")
+        raise FormatError(f"TOC inflates {len(region)} compressed bytes to more than {limit} "
+                          f"(over {MAX_TOC_RATIO}x); refused as a decompression bomb")
     return b"".join(parts)
 
 
@@ -153,6 +163,7 @@ def parse_toc_region(footer: Footer, region: bytes, *, blob_digest: str, blob_si
         check_digest()  # a TOC that is not the annotated one: say that instead
         raise
     ix.toc_digest = check_digest()
+    ix.toc_verified = bool(expected_toc_digest)
     ix.toc_size = len(region)
     return ix
 

@@ -30,11 +30,29 @@ from .footer import Format
 from .toc import REG, Entry, LayerIndex, build_index
 
 PIECE = 4 << 20
+# The most bytes one decompression step hands on: a bomb's gigabytes (a
+# 64 KB zstd frame holding 2 GiB of zeros) pass through this many at a time,
+# never all at once.
+OUT_PIECE = 1 << 20
+IN_PIECE = 64 << 10  # compressed bytes handed to zlib at once (see Inflater.feed)
+
+
+class _Sink:
+    """The writer a zstd stream writer hands its output pieces to."""
+
+    def __init__(self):
+        self.sink: Callable[[bytes], None] | None = None
+
+    def write(self, data) -> int:
+        self.sink(bytes(data))
+        return len(data)
 
 
 class Inflater:
     """Incremental decompressor of a whole blob: gzip (any number of
-    members), zstd (frames, skippable frames skipped) or tar (as is)."""
+    members), zstd (frames, skippable frames skipped) or tar (as is). Its
+    output goes to a callback in pieces of at most ``OUT_PIECE`` bytes, so
+    memory stays bounded whatever one compressed piece inflates to."""
 
     def __init__(self, fmt: str):
         if fmt in (Format.GZIP, Format.ESTARGZ, Format.STARGZ):
@@ -42,45 +60,60 @@ class Inflater:
             self._d = isal_zlib.decompressobj(31)
         elif fmt in (Format.ZSTD, Format.ZSTDCHUNKED):
             self.kind = "zstd"
-            self._d = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+            self._sink = _Sink()
+            self._w = zstandard.ZstdDecompressor().stream_writer(
+                self._sink, write_size=OUT_PIECE, write_return_read=True)
         elif fmt == Format.TAR:
             self.kind = "tar"
         else:
             raise FormatError(f"cannot decompress a {fmt} blob")
         self._member_open = False
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes, sink: Callable[[bytes], None]) -> None:
+        """Decompress ``data``; ``sink`` gets the output, piece by piece."""
         if self.kind == "tar":
-            return data
+            if data:
+                sink(data)
+            return
         if self.kind == "zstd":
+            self._sink.sink = sink
             try:
-                return self._d.decompress(data)
+                self._w.write(data)
             except zstandard.ZstdError as e:
                 raise FormatError(f"corrupt zstd stream: {e}") from None
-        out = []
-        while data:
-            self._member_open = True
+            return
+        # Input goes in IN_PIECE slices: a call that stops at OUT_PIECE
+        # copies what it did not consume (unconsumed_tail), so a whole 4 MiB
+        # piece would be copied again for every MiB a bomb inflates to.
+        view = memoryview(data)
+        for k in range(0, len(view), IN_PIECE):
+            self._feed_gzip(view[k : k + IN_PIECE], sink)
+
+    def _feed_gzip(self, data, sink: Callable[[bytes], None]) -> None:
+        while True:
+            if data:
+                self._member_open = True
             try:
-                out.append(self._d.decompress(data))
+                out = self._d.decompress(data, OUT_PIECE)
             except isal_zlib.error as e:
                 raise FormatError(f"corrupt gzip stream: {e}") from None
+            if out:
+                sink(out)
             if self._d.eof:
                 data = self._d.unused_data
                 self._d = isal_zlib.decompressobj(31)
                 self._member_open = False
+                if not data:
+                    return
             else:
-                data = b""
-        return b"".join(out)
+                data = self._d.unconsumed_tail
+                if not data and len(out) < OUT_PIECE:
+                    return  # everything in: more output needs more input
 
     def finish(self) -> None:
         """Raise unless the stream ended cleanly."""
         if self.kind == "gzip" and self._member_open:
             raise FormatError("gzip stream is truncated")
-        if self.kind == "zstd":
-            try:
-                self._d.flush()
-            except zstandard.ZstdError as e:
-                raise FormatError(f"corrupt zstd stream: {e}") from None
 
 
 async def stream_blob(source: BlobSource, piece: int = PIECE) -> AsyncIterator[bytes]:
@@ -124,33 +157,72 @@ class _SourceFile(io.RawIOBase):
 
 
 def _decompressed(raw, fmt: str):
+    """A blocking file of the decompressed stream of ``raw`` (pull-based:
+    each read decompresses at most what it returns)."""
     if fmt == Format.TAR:
         return raw
-    return _InflatingReader(raw, Inflater(fmt))
+    if fmt in (Format.ZSTD, Format.ZSTDCHUNKED):
+        return io.BufferedReader(_ZstdReader(raw), 1 << 20)
+    if fmt in (Format.GZIP, Format.ESTARGZ, Format.STARGZ):
+        return io.BufferedReader(_GzipReader(raw), 1 << 20)
+    raise FormatError(f"cannot decompress a {fmt} blob")
 
 
-class _InflatingReader(io.RawIOBase):
-    def __init__(self, raw, inflater: Inflater):
-        self.raw = raw
-        self.inflater = inflater
-        self.buf = b""
-        self.eof = False
+class _ZstdReader(io.RawIOBase):
+    def __init__(self, raw):
+        self._r = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
+                                                             closefd=False)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        while not self.buf and not self.eof:
-            data = self.raw.read(PIECE)
-            if not data:
-                self.eof = True
-                self.inflater.finish()
-                break
-            self.buf = self.inflater.feed(data)
-        n = min(len(b), len(self.buf))
-        b[:n] = self.buf[:n]
-        self.buf = self.buf[n:]
-        return n
+        try:
+            data = self._r.read(len(b))
+        except zstandard.ZstdError as e:
+            raise FormatError(f"corrupt zstd stream: {e}") from None
+        b[: len(data)] = data
+        return len(data)
+
+
+class _GzipReader(io.RawIOBase):
+    """Gzip members one after the other, ``len(b)`` bytes at most per read."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self._d = isal_zlib.decompressobj(31)
+        self._in = b""
+        self._member_open = False
+        self._raw_eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = len(b)
+        while True:
+            if not self._in and not self._raw_eof:
+                self._in = self.raw.read(IN_PIECE)  # small: see Inflater.feed
+                self._raw_eof = not self._in
+            if self._in:
+                self._member_open = True
+            try:
+                out = self._d.decompress(self._in, n)
+            except isal_zlib.error as e:
+                raise FormatError(f"corrupt gzip stream: {e}") from None
+            if self._d.eof:
+                self._in = self._d.unused_data
+                self._d = isal_zlib.decompressobj(31)
+                self._member_open = False
+            else:
+                self._in = self._d.unconsumed_tail
+            if out:
+                b[: len(out)] = out
+                return len(out)
+            if self._raw_eof and not self._in:
+                if self._member_open:
+                    raise FormatError("gzip stream is truncated")
+                return 0
 
 
 def _rfc3339(mtime) -> str:
@@ -245,7 +317,8 @@ async def build_plain_index(source: BlobSource, fmt: str,
 
 async def iter_plain_file(index: LayerIndex, source: BlobSource, entry: Entry,
                           window: int = 1 << 20) -> AsyncIterator[bytes]:
-    """A plain layer's file, streamed by decompressing the blob up to it."""
+    """A plain layer's file, streamed by decompressing the blob up to it:
+    what comes before it is decompressed and dropped a piece at a time."""
     target = index.entry(entry.target_id) if entry.target_id is not None else entry
     if target.type_code != REG:
         raise FormatError(f"{entry.path} is a {entry.type}, not a regular file")
@@ -253,19 +326,28 @@ async def iter_plain_file(index: LayerIndex, source: BlobSource, entry: Entry,
     if not chunks:
         return
     start, size = chunks[0].offset, target.size
-    inflater = Inflater(index.format)
-    pos = 0  # uncompressed position
-    sent = 0
-    async for piece in stream_blob(source):
-        out = await anyio.to_thread.run_sync(inflater.feed, piece)
-        lo = max(start - pos, 0)
-        hi = min(start + size - pos, len(out))
-        pos += len(out)
-        if hi > lo:
-            for k in range(lo, hi, window):
-                part = out[k : min(hi, k + window)]
-                sent += len(part)
-                yield part
-        if sent >= size:
-            return
-    raise FormatError(f"{entry.path}: layer ends before the file's data")
+    stop = threading.Event()
+    stream = _decompressed(io.BufferedReader(_SourceFile(source, stop, None), PIECE),
+                           index.format)
+
+    def skip(n: int) -> int:
+        done = 0
+        while done < n:
+            got = len(stream.read(min(PIECE, n - done)))
+            if not got:
+                break
+            done += got
+        return done
+
+    try:
+        if await anyio.to_thread.run_sync(skip, start) < start:
+            raise FormatError(f"{entry.path}: layer ends before the file's data")
+        sent = 0
+        while sent < size:
+            part = await anyio.to_thread.run_sync(stream.read, min(window, size - sent))
+            if not part:
+                raise FormatError(f"{entry.path}: layer ends before the file's data")
+            sent += len(part)
+            yield part
+    finally:
+        stop.set()

@@ -12,7 +12,7 @@ import anyio.to_thread
 
 from ..errors import DigestMismatchError, FormatError
 from ..source import BlobSource
-from .chunks import decode_chunk
+from .chunks import decode_chunk, decode_chunk_window
 from .toc import REG, Chunk, Entry, LayerIndex
 
 # Merge neighbouring chunks into one request up to this many compressed bytes.
@@ -31,9 +31,12 @@ def _groups(chunks: list[Chunk]) -> list[list[Chunk]]:
     return groups
 
 
-async def fetch_chunks(index: LayerIndex, source: BlobSource, chunks: list[Chunk]):
+async def fetch_chunks(index: LayerIndex, source: BlobSource, chunks: list[Chunk],
+                       windows: dict[int, tuple[int, int]] | None = None):
     """Yield ``(chunk, data)`` for ``chunks``, verified, fetching neighbours
-    together. Raises :class:`ChunkDigestError` for a chunk that fails."""
+    together. Raises :class:`ChunkDigestError` for a chunk that fails. A
+    chunk with an entry in ``windows`` (chunk index -> ``(lo, hi)``, relative
+    to the chunk) yields only those bytes, never holding the whole chunk."""
     ordered = sorted(chunks, key=lambda c: (c.offset, c.inner_offset))
     for group in _groups(ordered):
         start = group[0].offset
@@ -43,7 +46,12 @@ async def fetch_chunks(index: LayerIndex, source: BlobSource, chunks: list[Chunk
             rel = c.offset - start
             piece = blob[rel : rel + (c.end - c.offset)]
             path = index.path_of(c.entry_id)
-            data = await anyio.to_thread.run_sync(decode_chunk, index.format, piece, c, path)
+            win = windows.get(c.index) if windows else None
+            if win is None:
+                data = await anyio.to_thread.run_sync(decode_chunk, index.format, piece, c, path)
+            else:
+                data = await anyio.to_thread.run_sync(decode_chunk_window, index.format, piece,
+                                                      c, win[0], win[1], path)
             yield c, data
 
 
@@ -60,23 +68,43 @@ async def read_file_range(index: LayerIndex, source: BlobSource, entry: Entry,
     if offset >= end:
         return b""
     chunks = index.chunks_for_range(target, offset, end - offset)
+    # chunks the range covers in part: only their part is kept (decode_chunk_window)
+    windows = {c.index: (max(offset, c.chunk_offset) - c.chunk_offset,
+                         min(end, c.chunk_offset + c.chunk_size) - c.chunk_offset)
+               for c in chunks
+               if c.chunk_offset < offset or c.chunk_offset + c.chunk_size > end}
     parts: dict[int, bytes] = {}
-    async for c, data in fetch_chunks(index, source, chunks):
+    async for c, data in fetch_chunks(index, source, chunks, windows):
         parts[c.chunk_offset] = data
-    buf = b"".join(parts[c.chunk_offset] for c in chunks)
-    base = chunks[0].chunk_offset if chunks else offset
-    return buf[offset - base : end - base]
+    return b"".join(parts[c.chunk_offset] for c in chunks)
 
 
 async def iter_file(index: LayerIndex, source: BlobSource, entry: Entry,
                     window: int = 8 << 20):
-    """Yield a file's bytes in pieces of about ``window`` bytes (for ``cat``)."""
+    """Yield a file's bytes in pieces of at most ``window`` bytes (for
+    ``cat``): its chunks in file order, about ``COALESCE_BYTES`` of them
+    fetched and verified at a time, each inflated once (a chunk is at most
+    ``MAX_CHUNK_BYTES``: the memory a read holds is bounded)."""
     target = index.entry(entry.target_id) if entry.target_id is not None else entry
-    pos = 0
-    while pos < target.size:
-        n = min(window, target.size - pos)
-        yield await read_file_range(index, source, target, pos, n)
-        pos += n
+    if target.type_code != REG:
+        raise FormatError(f"{entry.path} is a {entry.type}, not a regular file")
+    chunks = index.chunks(target)  # file order, tiling the file (checked by the index)
+    i = 0
+    while i < len(chunks):
+        batch = [chunks[i]]
+        total = chunks[i].chunk_size
+        i += 1
+        while i < len(chunks) and total + chunks[i].chunk_size <= COALESCE_BYTES:
+            batch.append(chunks[i])
+            total += chunks[i].chunk_size
+            i += 1
+        got: dict[int, bytes] = {}
+        async for c, data in fetch_chunks(index, source, batch):
+            got[c.index] = data
+        for c in batch:
+            data = got.pop(c.index)
+            for k in range(0, len(data), window):
+                yield data[k : k + window] if len(data) > window else data
 
 
 async def verify_file(index: LayerIndex, source: BlobSource, entry: Entry) -> None:

@@ -22,12 +22,13 @@ from collections import deque
 from collections.abc import Iterator
 from datetime import datetime
 from itertools import compress, islice, repeat
-from operator import attrgetter, is_, is_not, lt, not_
+from operator import add, attrgetter, gt, is_, is_not, lt, not_, sub
 from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
 from ..errors import FormatError
+from .footer import Format
 
 PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
@@ -43,9 +44,32 @@ DIR, REG, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO = range(7)
 TYPE_MODE_BITS = (0o040000, 0o100000, 0o120000, 0o100000, 0o020000, 0o060000, 0o010000)
 
 # Bounds on what a TOC may claim, so hostile input is refused, not obeyed.
-MAX_ENTRIES = 5_000_000
+# Entries: a command or daemon stays under 256 MB of peak RSS on a TOC at the
+# limit. Building the index peaks at ~700 B per minimal entry (decoded
+# structs, columns, the JSON itself) though it keeps ~140-280 B: 250k
+# minimal entries peaked at 199 MB in `ls --layer 0` (300k: 231 MB, 1M: 710
+# MB, 5M: ~3.5 GB). Entries that say more are bounded by the TOC's size
+# (core.estargz.loader.MAX_TOC_BYTES).
+MAX_ENTRIES = 250_000
 MAX_PATH_DEPTH = 1024
 MAX_NAME_BYTES = 4096
+# The most file bytes a chunk of a lazy layer may declare (counting the
+# ``innerOffset`` bytes inflated before it). Writers cut chunks of at most
+# 4 MiB; a reader inflates and verifies a chunk whole, so a TOC declaring a
+# 3 GiB chunk (3 MB of gzip, 96 KB of zstd) is refused, not obeyed. A daemon
+# holds a few chunks at once (two decoding, their cache writes): with 60 MiB
+# chunks its background fetch peaked at 277 MB, with 30 MiB ones well under
+# 256 MB, hence 32 MiB (8x what writers make).
+MAX_CHUNK_BYTES = 32 << 20
+# Compressed bytes a chunk of n file bytes may take, at most: stored deflate
+# blocks and zstd's worst case add under 1/128; the rest is for headers (gzip
+# member, zstd frame, small tar-header members before the data).
+CHUNK_SLACK = 64 << 10
+
+
+def max_compressed(n: int) -> int:
+    """The most compressed bytes ``n`` inflated bytes of a chunk come from."""
+    return n + (n >> 7) + CHUNK_SLACK
 
 
 class Chunk(NamedTuple):
@@ -241,6 +265,8 @@ class LayerIndex:
         self.blob_digest = blob_digest
         self.blob_size = blob_size
         self.toc_digest = toc_digest
+        # the TOC digest matched the manifest annotation (set by the loader)
+        self.toc_verified = False
         self.toc_offset = toc_offset
         self.prefetch_end: int | None = None
         self.no_prefetch = False
@@ -712,6 +738,9 @@ def _decode_toc(toc_json: bytes) -> tuple[list[_TocEntry], bool]:
     # that is a TOC built to exhaust memory in the parser; refuse it unparsed.
     if toc_json.count(b"{") > 2 * MAX_ENTRIES + 16:
         raise FormatError(f"TOC holds more objects than {MAX_ENTRIES} entries could; refused")
+    # Every entry has a "name" key (a string holding the text escapes its quotes)
+    if toc_json.count(b'"name"') > MAX_ENTRIES + 16:
+        raise FormatError(f"TOC has more than {MAX_ENTRIES} entries, the limit; refused")
     checked = True
     try:
         try:
@@ -1180,8 +1209,29 @@ def _build_chunks(ix: LayerIndex, cc: _ChunkColumns, toc_offset: int) -> None:
                 raise FormatError(f"chunks of {ix.path_of(owner)!r} leave a gap or overlap at offset {at}")
             if last and nxt != fsize:
                 raise FormatError(f"chunks of {ix.path_of(owner)!r} cover {nxt} of {fsize} bytes")
+    if ix.format in Format.LAZY:
+        _bound_chunks(ix, owners, foffs, csizes, offs, ends, inners)
     ix._first_chunk, ix._chunk_count = first, count
     ix._c_entry, ix._c_file_off, ix._c_size = owners, foffs, csizes
     ix._c_off, ix._c_end, ix._c_inner = offs, ends, inners
     ix._c_has_digest, ix._c_digests = has_digest, digests
     ix._file_chunk_ids = array("i", by_file)
+
+
+def _bound_chunks(ix: LayerIndex, owners, foffs, csizes, offs, ends, inners) -> None:
+    """Refuse chunks declaring more than ``MAX_CHUNK_BYTES``; cut each
+    chunk's compressed extent (which runs to the next chunk, or the TOC) to
+    what its bytes can take, so junk before the TOC or between chunks is
+    never fetched for a read (``ends`` is changed in place)."""
+    m = len(offs)
+    want = list(map(add, inners, csizes)) if any(inners) else csizes
+    if max(want) > MAX_CHUNK_BYTES:
+        k = next(k for k in range(m) if want[k] > MAX_CHUNK_BYTES)
+        raise FormatError(
+            f"chunk of {ix.path_of(owners[k])!r} at file offset {foffs[k]} declares "
+            f"{want[k]} bytes, more than the {MAX_CHUNK_BYTES >> 20} MiB a chunk may hold; refused")
+    # only extents longer than the slack can be too long (C-speed filter)
+    for k in compress(range(m), map(gt, map(sub, ends, offs), repeat(CHUNK_SLACK))):
+        cap = offs[k] + max_compressed(want[k])
+        if ends[k] > cap:
+            ends[k] = cap
