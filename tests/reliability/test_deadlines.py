@@ -226,3 +226,44 @@ def test_plain_http_redirect_off_loopback_is_refused_before_connecting(
     rel.row("network", "a loopback registry redirects a blob to plain HTTP off loopback "
             f"({'this machine' + chr(39) + 's address' if listener else 'a .invalid name'})",
             f"refused before connecting: {line[:110]}; followed with --insecure-registry HOST")
+
+
+def test_bulk_read_from_trickling_registry_ends_at_the_deadline(proxy, registry, isolated_env,
+                                                                  monkeypatch, rel):
+    """The bulk reader (a blocking receive in a worker thread, whose socket
+    timeout is per receive) is held to the same deadline: cancelling it
+    aborts the receive."""
+    import anyio
+
+    from core.errors import BlobReadError
+    from core.estargz import load_layer_index, read_file_range
+    from core.image import open_image
+    from core.reference import parse_reference
+    from core.registry.store import RegistryBlobSource, RegistryStore
+
+    monkeypatch.setattr(RegistryBlobSource, "bulk_min", 1)  # every range tries it first
+
+    async def go():
+        r = parse_reference(f"{proxy.host}/{IMAGE}")
+        store = RegistryStore(r, use_keyring=False, deadline=3)
+        try:
+            img = await open_image(r, store=store)
+            d = img.layers[0]
+            src = store.blob_source(d.digest, d.size)
+            # regular reads: the source learns the blob's URL for bulk reads
+            ix = await load_layer_index(src, expected_toc_digest=d.toc_digest_annotation)
+            proxy.add("trickle", path=BLOBS, count=10_000, interval=1.0, seconds=120)
+            t0 = time.monotonic()
+            with pytest.raises(BlobReadError) as e:
+                await read_file_range(ix, src, ix.lookup("data/text.txt"))
+            return time.monotonic() - t0, str(e.value), dict(store.client.bulk_reader().stats)
+        finally:
+            await store.aclose()
+
+    took, msg, stats = anyio.run(go)
+    assert "within 3 s" in msg and "\n" not in msg, msg
+    assert took < 3 + 3, f"the read took {took:.1f} s with a 3 s deadline"
+    assert stats["connections"] >= 1, "the bulk reader was never used"
+    assert proxy.faults()
+    rel.row("network", "core, bulk range read of a registry trickling 1 byte / s, deadline 3 s",
+            f"BlobReadError after {took:.1f} s (bulk receive aborted): {msg[:100]}")
