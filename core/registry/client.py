@@ -35,7 +35,6 @@ from urllib.parse import urljoin, urlsplit
 
 import anyio
 import anyio.to_thread
-import httpcore
 import httpx
 
 from ..errors import (
@@ -54,14 +53,6 @@ from .credentials import Credentials
 from .policy import DEFAULT_DEADLINE, DEFAULT_IDLE_TIMEOUT, RETRY_STATUSES, RequestPolicy
 
 log = logging.getLogger(__name__)
-
-# httpcore reads HTTP/1.1 bodies 64 KiB at a time; a blob range of several
-# MiB then costs a trip through anyio, h11 and httpx per 64 KiB. 256 KiB (what
-# asyncio's transport hands over per socket read) halves the CPU of receiving
-# blob ranges. A read returns what arrived; it never waits to fill this.
-_READ_NUM_BYTES = 256 << 10
-if getattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", 0) < _READ_NUM_BYTES:
-    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = _READ_NUM_BYTES
 
 USER_AGENT = "stargz-tui/0.1.0"
 MAX_REDIRECTS = 5
