@@ -28,6 +28,7 @@ import email.utils
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -195,6 +196,23 @@ def describe_transport_error(e: BaseException) -> str:
     text = re.sub(r"\[Errno -?\d+\]\s*", "", text)
     text = " ".join(text.split())
     return text[:200]
+
+
+# getaddrinfo's "this name does not exist" answers (a temporary failure,
+# EAI_AGAIN, is retried like any connection error)
+_NO_SUCH_NAME = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, n)}
+
+
+def _unknown_host(e: BaseException) -> bool:
+    """Did name resolution say the host does not exist? (httpx wraps httpcore,
+    which wraps the ``socket.gaierror``.)"""
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, socket.gaierror):
+            return e.errno in _NO_SUCH_NAME
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
 
 
 def _same_origin(a: str, b: str) -> bool:
@@ -532,9 +550,7 @@ class RegistryClient:
                 failure: Reply | BaseException = reply
             except httpx.TransportError as e:
                 text = describe_transport_error(e)
-                if isinstance(e, httpx.ConnectError) and ("Name or service not known" in text
-                                                          or "No address associated" in text
-                                                          or "nodename nor servname" in text):
+                if isinstance(e, httpx.ConnectError) and _unknown_host(e):
                     raise RegistryError(f"cannot reach registry {host}: unknown host "
                                         f"({text})") from None
                 if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
