@@ -257,8 +257,9 @@ class RegistryBlobSource:
     def description(self) -> str:
         return f"{self.store.registry}/{self.repository}@{self.digest}"
 
-    def refresh(self) -> None:
-        """Forget the cached redirect and the repository's tokens."""
+    async def refresh(self) -> None:
+        """Forget the cached redirect and the repository's tokens (async, as
+        the callers that refresh a ``BlobSource`` await it)."""
         self._redirect_url = None
         self._bulk_target = None
         self.client.invalidate_tokens(repository_scope(self.repository))
@@ -294,7 +295,7 @@ class RegistryBlobSource:
         except (RegistryError, BlobReadError) as e:
             log.info("range read of %s failed (%s); refreshing and retrying once",
                      self.digest[:19], e)
-            self.refresh()
+            await self.refresh()
             data = await self._fetch(offset, length)
         self.requests += 1
         self.bytes_read += len(data)

@@ -267,3 +267,28 @@ def test_bulk_read_from_trickling_registry_ends_at_the_deadline(proxy, registry,
     assert proxy.faults()
     rel.row("network", "core, bulk range read of a registry trickling 1 byte / s, deadline 3 s",
             f"BlobReadError after {took:.1f} s (bulk receive aborted): {msg[:100]}")
+
+
+@pytest.mark.fuse
+def test_mounted_read_outlasts_two_wrong_answers(proxy, registry, mount_env, rel):
+    """The retry layers fit together in the daemon: the blob source retries a
+    wrong answer once after refreshing, and the layer reader refreshes the
+    source and reads once more (the daemon's refresh awaits the source's)."""
+    from test_network_faults import TRUTH
+
+    mp = mount_env.mountpoint("mnt")
+    mount_env.mount(f"{proxy.host}/{IMAGE}", mp, layer=0, prefetch=False,
+                    background_fetch=False)
+    name = "etc/os-release"  # one small chunk: one range request per attempt
+    proxy.add("bad_range", path=BLOBS, count=2, shift=5)
+    got, _ = _read(os.path.join(mp, name), timeout=60)
+    assert got == TRUTH[name], got
+    assert len(proxy.faults()) == 2
+    # the reader's own retry got the bytes: no read failed on the way (the
+    # kernel retries a failed read once, which would hide a failure)
+    with open(core_mount.list_mounts()[0]["layers"][0]["log"]) as f:
+        failed = [ln for ln in f if "core.fusefs ERROR" in ln]
+    assert not failed, failed
+    core_mount.unmount(mp)
+    rel.row("network", "mount: the first two range answers for a file come from the wrong "
+            "offset", "the source's retry and the layer's refresh-and-retry: right bytes")
