@@ -31,6 +31,14 @@ import time
 
 log = logging.getLogger("core.daemon")
 
+# A mounted read fails with EIO after this long without its data. Above a
+# normal chunk fetch (a window of at most 8 MiB: seconds) and above one whole
+# registry request (core.registry.policy.DEFAULT_DEADLINE, 60 s), so it only
+# fires when the registry keeps failing slowly (a trickle, a blackhole the
+# layer's refresh-and-retry hits again); an application's read() then gets an
+# error in 1.5 min instead of hanging for ever.
+DEFAULT_READ_TIMEOUT = 90.0
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m core.daemon",
@@ -57,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds background work waits after the last on-demand read")
     p.add_argument("--attr-timeout", type=float, default=1.0)
     p.add_argument("--resolve-timeout", type=float, default=30.0)
+    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+                   help="seconds a read waits for the registry before it fails with EIO "
+                        "(logged); the registry's own request deadline is request-timeout in "
+                        "registries.toml")
     p.add_argument("--platform")
     p.add_argument("--fsname", default="stargz")
     p.add_argument("--opaque-xattrs", choices=["both", "trusted", "user"], default="both",
@@ -241,6 +253,7 @@ class Daemon:
 
             self.reader = LayerReader(layer.index, layer.source, cache, tasks, refresh=refresh,
                                       prefetch_size=a.prefetch_size,
+                                      read_timeout=a.read_timeout,
                                       name=f"layer {desc.index} {desc.digest[:19]}")
             self.fs = LayerFS(layer.index, self.reader, attr_timeout=a.attr_timeout,
                               entry_timeout=a.attr_timeout, debug=a.debug,

@@ -52,3 +52,17 @@ class MountError(CoreError):
 
 class ExtractError(CoreError):
     """Extraction would write through a link or replace what it must not."""
+
+
+class CredentialsRejectedError(AuthError):
+    """The registry (or its token service) refused the credentials we sent:
+    asking again with the same ones cannot help."""
+
+
+class RequestTimeoutError(RegistryError):
+    """A registry request (with its retries, redirects and body) did not
+    complete within its total deadline."""
+
+
+class InsecureRedirectError(RegistryError):
+    """A registry redirected to plain HTTP on a host that may not use it."""

@@ -25,13 +25,17 @@ readers wait on, so two readers of one chunk cause one request.
 Also here: prefetch (the region before ``.prefetch.landmark`` in one request)
 and background fetch of everything else at low priority through the
 :class:`core.tasks.TaskManager`. If the blob source fails (expired token,
-registry restart) the reader refreshes it and retries once.
+registry restart) the reader refreshes it and retries once. A read waits
+for fetches at most ``read_timeout`` seconds (None: no bound; the mount
+daemon's ``--read-timeout``), then fails with :class:`BlobReadError` while the
+fetch goes on (the blob source bounds each request by its own deadline).
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import math
 import mmap
 import time
 from collections import OrderedDict
@@ -101,7 +105,7 @@ class LayerReader:
                  prefetch_size: int = 0, neighbours: int = DEFAULT_NEIGHBOURS,
                  readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
                  background_window: int = BACKGROUND_WINDOW,
-                 name: str = ""):
+                 read_timeout: float | None = None, name: str = ""):
         self.index = index
         self.source = source
         self.cache = cache
@@ -113,6 +117,7 @@ class LayerReader:
         self.background_window = max(self.window, background_window)
         self.neighbours = neighbours
         self.prefetch_size = prefetch_size
+        self.read_timeout = read_timeout
         self.name = name or index.blob_digest[:19]
         n = index.num_chunks
         # Chunks without a digest are keyed per verified TOC and source, or
@@ -456,19 +461,26 @@ class LayerReader:
                 self._launch(g, prioritized)
                 for c in g:
                     waits[c.index] = self._inflight[c.index]
-            pending, self._pending = self._pending, []
-            if pending:
-                async with anyio.create_task_group() as tg:
-                    for group, flights, prio in pending:
-                        tg.start_soon(self._fetch_group, group, flights, prio)
-            for c in missing:
-                f = waits[c.index]
-                await f.event.wait()
-                if f.error is not None:
-                    if isinstance(f.error, CoreError):
-                        raise f.error
-                    raise BlobReadError(f"reading {self.index.path_of(c.entry_id)}: {f.error}")
-                out[c.index] = f.data
+            # A read waits for the network at most read_timeout: a registry
+            # that answers too slowly fails the read, not the reader (the
+            # fetch itself goes on, bounded by the registry's own deadline).
+            with anyio.move_on_after(self.read_timeout or math.inf) as scope:
+                pending, self._pending = self._pending, []
+                if pending:
+                    async with anyio.create_task_group() as tg:
+                        for group, flights, prio in pending:
+                            tg.start_soon(self._fetch_group, group, flights, prio)
+                for c in missing:
+                    f = waits[c.index]
+                    await f.event.wait()
+                    if f.error is not None:
+                        if isinstance(f.error, CoreError):
+                            raise f.error
+                        raise BlobReadError(f"reading {self.index.path_of(c.entry_id)}: {f.error}")
+                    out[c.index] = f.data
+            if scope.cancelled_caught:
+                raise BlobReadError(f"no data within the read timeout ({self.read_timeout:g} "
+                                    "s); the fetch goes on in the background")
         return out
 
     def _mark_cached(self, i: int) -> None:

@@ -392,6 +392,8 @@ def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logf
         argv += ["--image-file", o["image_file"]]
     if o.get("resolve_timeout"):
         argv += ["--resolve-timeout", str(o["resolve_timeout"])]
+    if o.get("read_timeout"):
+        argv += ["--read-timeout", str(o["read_timeout"])]
     logfd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         if FORK_DAEMONS and threading.active_count() == 1:
@@ -544,7 +546,8 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
 
     Options: ``prefetch``, ``background_fetch``, ``wait_prefetch``,
     ``allow_other``, ``allow_unverified``, ``cache_dir``, ``cache_size``,
-    ``debug``, ``silence``, ``prefetch_size``, ``timeout``, ``force`` (mount
+    ``debug``, ``silence``, ``prefetch_size``, ``timeout``, ``read_timeout`` (seconds a
+    mounted read waits for the registry before EIO), ``force`` (mount
     onto a non-empty directory, which is refused otherwise). A mountpoint
     that another mount is under way at is refused at once."""
     import anyio.to_thread
@@ -684,7 +687,8 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
                   allow_other: bool = False, allow_unverified: bool = False,
                   cache_dir: str | None = None, cache_size: int | None = None,
                   debug: bool = False, silence: float | None = None, prefetch_size: int = 0,
-                  platform: str | None = None, timeout: float = READY_TIMEOUT):
+                  platform: str | None = None, timeout: float = READY_TIMEOUT,
+                  read_timeout: float | None = None):
     existing = _find_record(mp)
     if existing is not None:
         raise MountError(f"{mp} is already a stargz-tui mount of {existing['image']} "
@@ -724,7 +728,7 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
                "wait_prefetch": wait_prefetch, "allow_other": allow_other,
                "allow_unverified": allow_unverified, "debug": debug, "silence": silence,
                "prefetch_size": prefetch_size, "platform": platform,
-               "no_pre_resolve": layer is None,
+               "read_timeout": read_timeout, "no_pre_resolve": layer is None,
                # a kernel overlay (root) reads trusted.overlay.opaque and would pass
                # user.overlay.opaque through to the merged view
                "opaque_xattrs": "trusted" if layer is None and os.geteuid() == 0 else "both"}

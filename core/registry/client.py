@@ -8,11 +8,14 @@
   when the registry answers 401 mid-session;
 * redirects are followed by hand: the ``Authorization`` header never goes to
   another host than the one it was meant for;
-* bounded retries with exponential backoff and jitter on connection errors, 5xx
-  and 429 (``Retry-After`` honoured), then one clear error naming the host and
-  the status;
+* one :class:`~core.registry.policy.RequestPolicy` for every request: a total
+  deadline per request (retries, redirects and body included), an idle
+  timeout, bounded retries with exponential backoff and jitter on connection
+  errors, 5xx and 429 (``Retry-After`` honoured), then one clear error naming
+  the host and the status;
 * TLS verified; plain HTTP only for loopback hosts and configured insecure
-  registries;
+  registries, also as the target of a redirect (refused before connecting,
+  with :class:`~core.errors.InsecureRedirectError`);
 * catalog and tags listing with ``n=`` and ``Link`` pagination.
 
 Credentials are looked up (keyring, then files) only when a registry asks for
@@ -24,8 +27,8 @@ from __future__ import annotations
 import email.utils
 import logging
 import os
-import random
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -33,27 +36,26 @@ from urllib.parse import urljoin, urlsplit
 
 import anyio
 import anyio.to_thread
-import httpcore
 import httpx
 
-from ..errors import AuthError, CoreError, FormatError, NotFoundError, RegistryError
+from ..errors import (
+    AuthError,
+    CoreError,
+    CredentialsRejectedError,
+    FormatError,
+    InsecureRedirectError,
+    NotFoundError,
+    RegistryError,
+)
 from ..reference import DOCKER_HUB, DOCKER_HUB_API_HOST, is_loopback_host
 from . import credentials as _creds
 from .config import RegistryConfig, load_config
 from .credentials import Credentials
+from .policy import DEFAULT_DEADLINE, DEFAULT_IDLE_TIMEOUT, RETRY_STATUSES, RequestPolicy
 
 log = logging.getLogger(__name__)
 
-# httpcore reads HTTP/1.1 bodies 64 KiB at a time; a blob range of several
-# MiB then costs a trip through anyio, h11 and httpx per 64 KiB. 256 KiB (what
-# asyncio's transport hands over per socket read) halves the CPU of receiving
-# blob ranges. A read returns what arrived; it never waits to fill this.
-_READ_NUM_BYTES = 256 << 10
-if getattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", 0) < _READ_NUM_BYTES:
-    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = _READ_NUM_BYTES
-
 USER_AGENT = "stargz-tui/0.1.0"
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_REDIRECTS = 5
 DEFAULT_BODY_LIMIT = 16 << 20
 CREDENTIAL_LOOKUP_TIMEOUT = 30.0
@@ -196,6 +198,23 @@ def describe_transport_error(e: BaseException) -> str:
     return text[:200]
 
 
+# getaddrinfo's "this name does not exist" answers (a temporary failure,
+# EAI_AGAIN, is retried like any connection error)
+_NO_SUCH_NAME = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, n)}
+
+
+def _unknown_host(e: BaseException) -> bool:
+    """Did name resolution say the host does not exist? (httpx wraps httpcore,
+    which wraps the ``socket.gaierror``.)"""
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, socket.gaierror):
+            return e.errno in _NO_SUCH_NAME
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
 def _same_origin(a: str, b: str) -> bool:
     ua, ub = urlsplit(a), urlsplit(b)
     return (ua.scheme, ua.hostname, ua.port) == (ub.scheme, ub.hostname, ub.port)
@@ -262,7 +281,8 @@ class RegistryClient:
 
     def __init__(self, registry: str, *, config: RegistryConfig | None = None,
                  insecure_registries=(), credentials: Credentials | None = None,
-                 use_keyring: bool = True, timeout: float = 30.0, max_attempts: int = 4,
+                 use_keyring: bool = True, timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 deadline: float | None = None, max_attempts: int = 4,
                  max_retry_time: float = 60.0, backoff: float = 0.25, max_backoff: float = 8.0,
                  max_retry_after: float = 30.0, http_client: httpx.AsyncClient | None = None):
         self.registry = registry
@@ -273,11 +293,12 @@ class RegistryClient:
         self.mirrors = [self.config.base_url(m) for m in self.config.mirrors_for(registry)]
         self._explicit = credentials
         self.use_keyring = use_keyring
-        self.max_attempts = max(1, max_attempts)
-        self.max_retry_time = max_retry_time
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.max_retry_after = max_retry_after
+        if deadline is None:
+            deadline = self.config.request_timeout or DEFAULT_DEADLINE
+        self.policy = RequestPolicy(deadline=deadline, timeout=timeout,
+                                    max_attempts=max(1, max_attempts),
+                                    max_retry_time=max_retry_time, backoff=backoff,
+                                    max_backoff=max_backoff, max_retry_after=max_retry_after)
         self._own_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
@@ -402,7 +423,7 @@ class RegistryClient:
         self.stats["tokens_fetched"] += 1
         if reply.status in (401, 403):
             if creds:
-                raise AuthError(
+                raise CredentialsRejectedError(
                     f"registry {host} rejected the credentials (from {creds.source or 'login'}): "
                     f"token service answered {reason(reply.status)}"
                 )
@@ -444,7 +465,34 @@ class RegistryClient:
     async def _send(self, method: str, url: str, *, headers: dict, params=None, content=None,
                     data=None, limit: int = DEFAULT_BODY_LIMIT, auth_origin: str | None = None,
                     follow: bool = True) -> Reply:
-        """One logical request: retries, then manual redirects (auth only to ``auth_origin``)."""
+        """One logical request: retries, then manual redirects (auth only to
+        ``auth_origin``), all within the policy's deadline (uploads: the idle
+        timeout only, see core.registry.policy)."""
+        path = urlsplit(url).path
+        if content is not None:
+            return await self._send_following(method, url, headers, params, content, data, limit,
+                                              auth_origin, follow)
+        with self.policy.bounded(f"registry {_host_of(url)}: {method} {path}"):
+            return await self._send_following(method, url, headers, params, content, data, limit,
+                                              auth_origin, follow)
+
+    def _check_redirect(self, first_host: str, old: str, new: str) -> None:
+        """Refuse a redirect before connecting anywhere we may not go."""
+        u = urlsplit(new)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise RegistryError(f"registry {first_host} redirected to an unsupported URL")
+        if u.scheme == "http" and urlsplit(old).scheme == "https":
+            raise InsecureRedirectError(f"registry {first_host} redirected from HTTPS to plain "
+                                        "HTTP; refused")
+        if u.scheme == "http" and not (is_loopback_host(u.netloc)
+                                       or self.config.is_insecure(u.netloc)):
+            raise InsecureRedirectError(
+                f"refusing plain-HTTP redirect to {u.netloc}; registry {first_host} sent "
+                f"{urlsplit(old).path} there (only loopback hosts and insecure registries, "
+                f"--insecure-registry {u.netloc} or the configuration file, may use plain HTTP)")
+
+    async def _send_following(self, method, url, headers, params, content, data, limit,
+                              auth_origin, follow) -> Reply:
         target = url
         first_host = _host_of(url)
         path = urlsplit(url).path
@@ -458,11 +506,7 @@ class RegistryClient:
             if follow and reply.status in (301, 302, 303, 307, 308) and "location" in reply.headers:
                 self.stats["redirects"] += 1
                 new = urljoin(target, reply.headers["location"])
-                if urlsplit(new).scheme not in ("http", "https"):
-                    raise RegistryError(f"registry {first_host} redirected to an unsupported URL")
-                if urlsplit(new).scheme == "http" and urlsplit(target).scheme == "https":
-                    raise RegistryError(f"registry {first_host} redirected from HTTPS to plain "
-                                        "HTTP; refused")
+                self._check_redirect(first_host, target, new)
                 if reply.status == 303:
                     method, content, data = "GET", None, None
                 target, params = new, None
@@ -475,12 +519,13 @@ class RegistryClient:
 
     async def _send_retrying(self, method, url, headers, params, content, data, limit,
                              host, path) -> Reply:
-        deadline = time.monotonic() + self.max_retry_time
+        policy = self.policy
+        started = time.monotonic()
         attempt = 0
         while True:
             attempt += 1
             self.stats["requests"] += 1
-            delay = None
+            retry_after = None
             try:
                 body = content() if callable(content) else content
                 req = self._http.build_request(method, url, headers=headers, params=params,
@@ -501,15 +546,11 @@ class RegistryClient:
                               method, attempts=attempt)
                 if reply.status not in RETRY_STATUSES:
                     return reply
-                delay = _retry_after(resp.headers.get("retry-after"))
-                if delay is not None:
-                    delay = min(delay, self.max_retry_after)
+                retry_after = _retry_after(resp.headers.get("retry-after"))
                 failure: Reply | BaseException = reply
             except httpx.TransportError as e:
                 text = describe_transport_error(e)
-                if isinstance(e, httpx.ConnectError) and ("Name or service not known" in text
-                                                          or "No address associated" in text
-                                                          or "nodename nor servname" in text):
+                if isinstance(e, httpx.ConnectError) and _unknown_host(e):
                     raise RegistryError(f"cannot reach registry {host}: unknown host "
                                         f"({text})") from None
                 if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
@@ -517,12 +558,8 @@ class RegistryClient:
                                         f"({text}); if you trust this registry, set SSL_CERT_FILE "
                                         "to a CA bundle that includes its CA certificate") from None
                 failure = e
-            if attempt >= self.max_attempts:
-                break
-            if delay is None:
-                delay = min(self.max_backoff, self.backoff * (2 ** (attempt - 1)))
-                delay = delay * (0.5 + random.random())  # jitter
-            if time.monotonic() + delay > deadline:
+            delay = policy.retry_delay(attempt, retry_after)
+            if not policy.may_retry(attempt, started, delay):
                 break
             self.stats["retries"] += 1
             log.debug("retrying %s %s on %s in %.2fs (attempt %d)", method, path, host, delay,
@@ -540,8 +577,19 @@ class RegistryClient:
                       limit: int = DEFAULT_BODY_LIMIT, base: str | None = None,
                       url: str | None = None, follow: bool = True) -> Reply:
         """Send an authenticated request to ``base + path`` (or the absolute ``url`` on
-        the registry, e.g. an upload location). Handles 401 challenges and renewal."""
+        the registry, e.g. an upload location). Handles 401 challenges and renewal;
+        all of it within the policy's deadline (but uploads, see core.registry.policy)."""
         base = base or self.origin
+        if content is not None:
+            return await self._request(method, path, scope, headers, params, content, limit,
+                                       base, url, follow)
+        with self.policy.bounded(f"registry {_host_of(base)}: {method} "
+                                 f"{urlsplit(url).path if url else path}"):
+            return await self._request(method, path, scope, headers, params, content, limit,
+                                       base, url, follow)
+
+    async def _request(self, method, path, scope, headers, params, content, limit, base, url,
+                       follow) -> Reply:
         target = url or (base + path)
         hdrs = dict(headers or {})
         auth = await self._auth_header(base, scope)
@@ -573,8 +621,8 @@ class RegistryClient:
         if reply.status == 401 and challenge.scheme == "basic":
             creds = await self.credentials_for(base, _scope_repo(scope))
             src = f" (from {creds.source})" if creds and creds.source else ""
-            raise AuthError(f"registry {_host_of(base)} rejected the credentials{src}: "
-                            f"{reason(401)}")
+            raise CredentialsRejectedError(f"registry {_host_of(base)} rejected the "
+                                           f"credentials{src}: {reason(401)}")
         return reply
 
     async def get_url(self, url: str, *, headers: dict | None = None,
@@ -619,7 +667,8 @@ class RegistryClient:
                                  headers={"Authorization": creds.basic_header()},
                                  auth_origin=self.origin, limit=1 << 20)
         if reply.status == 401:
-            raise AuthError(f"registry {self.api_host} rejected the credentials: {reason(401)}")
+            raise CredentialsRejectedError(f"registry {self.api_host} rejected the credentials: "
+                                           f"{reason(401)}")
         raise_for_reply(reply, "GET /v2/")
         return "basic"
 

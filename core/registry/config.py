@@ -5,6 +5,9 @@ The file is TOML, at ``$STARGZ_TUI_REGISTRIES_CONFIG`` or
 
     # Plain HTTP (or unverified TLS) for these hosts; loopback hosts never need it.
     insecure-registries = ["registry.lan:5000"]
+    # Seconds one request (retries, redirects and body included) may take
+    # before it fails (default 60; ``--timeout`` overrides it).
+    request-timeout = 60
 
     [registries."docker.io"]
     # Tried in order for manifests and blobs, then the registry itself.
@@ -57,6 +60,7 @@ class RegistryConfig:
     insecure: set[str] = field(default_factory=set)
     path: str | None = None
     tls: set[str] = field(default_factory=set)
+    request_timeout: float | None = None  # seconds; None: the client's default
 
     def is_insecure(self, host: str) -> bool:
         h = host.lower()
@@ -76,7 +80,7 @@ class RegistryConfig:
     def with_insecure(self, hosts) -> RegistryConfig:
         extra = {parse_registry(h) for h in (hosts or ())}
         return RegistryConfig(dict(self.mirrors), set(self.insecure) | extra, self.path,
-                              set(self.tls))
+                              set(self.tls), self.request_timeout)
 
 
 def load_config(path: str | None = None) -> RegistryConfig:
@@ -90,6 +94,12 @@ def load_config(path: str | None = None) -> RegistryConfig:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise RegistryConfigError(f"cannot read registry configuration {path}: {e}") from None
     cfg = RegistryConfig(path=path)
+    timeout = doc.get("request-timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise RegistryConfigError(f"{path}: request-timeout must be a positive number of "
+                                      "seconds")
+        cfg.request_timeout = float(timeout)
     insecure = doc.get("insecure-registries", [])
     if not isinstance(insecure, list) or not all(isinstance(h, str) for h in insecure):
         raise RegistryConfigError(f"{path}: insecure-registries must be a list of hosts")

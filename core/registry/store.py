@@ -13,13 +13,15 @@ import logging
 from collections.abc import AsyncIterator
 
 from ..errors import (
-    AuthError,
     BlobReadError,
     CoreError,
+    CredentialsRejectedError,
     DigestMismatchError,
     FormatError,
+    InsecureRedirectError,
     NotFoundError,
     RegistryError,
+    RequestTimeoutError,
 )
 from ..image import (
     ACCEPTED_MANIFEST_TYPES,
@@ -46,6 +48,8 @@ SCHEMA1_TYPES = (
 )
 # A server ignoring Range sends the whole blob; accept that only for blobs this small.
 MAX_UNRANGED_BLOB = 64 << 20
+# Errors that a fresh token and a fresh redirect cannot cure: never retried.
+FINAL_ERRORS = (CredentialsRejectedError, RequestTimeoutError, InsecureRedirectError)
 # Ranges at least this long are first tried on the client's bulk reader (a
 # blocking receive in a worker thread, see core.registry.bulk), once a regular
 # read has shown which URL and credentials serve the blob.
@@ -95,7 +99,7 @@ class RegistryStore:
     Options: ``insecure_registries`` (hosts allowed plain HTTP), ``config``
     (:class:`RegistryConfig`; default: the configuration file), ``credentials``
     (skip the lookup), ``use_keyring``, ``client`` (share a :class:`RegistryClient`),
-    plus ``RegistryClient`` tuning (``timeout``, ``max_attempts``, ...).
+    plus ``RegistryClient`` tuning (``deadline``, ``timeout``, ``max_attempts``, ...).
     """
 
     def __init__(self, ref: Reference, *, client: RegistryClient | None = None,
@@ -253,8 +257,9 @@ class RegistryBlobSource:
     def description(self) -> str:
         return f"{self.store.registry}/{self.repository}@{self.digest}"
 
-    def refresh(self) -> None:
-        """Forget the cached redirect and the repository's tokens."""
+    async def refresh(self) -> None:
+        """Forget the cached redirect and the repository's tokens (async, as
+        the callers that refresh a ``BlobSource`` await it)."""
         self._redirect_url = None
         self._bulk_target = None
         self.client.invalidate_tokens(repository_scope(self.repository))
@@ -266,6 +271,17 @@ class RegistryBlobSource:
         length = max(0, min(length, self.size - offset))
         if length == 0:
             return b""
+        try:
+            with self.client.policy.bounded(f"registry {self.store.host}: bytes "
+                                            f"{offset}-{offset + length - 1} of the blob"):
+                return await self._read(offset, length)
+        except BlobReadError:
+            raise
+        except CoreError as e:
+            raise BlobReadError(f"cannot read blob {self.digest[:19]} from {self.store.host}: "
+                                f"{e}") from None
+
+    async def _read(self, offset: int, length: int) -> bytes:
         data = await self._bulk(offset, length) if length >= self.bulk_min else None
         if data is not None:
             self.requests += 1
@@ -273,20 +289,14 @@ class RegistryBlobSource:
             self.bytes_read += len(data)
             return data
         try:
-            try:
-                data = await self._fetch(offset, length)
-            except (RegistryError, BlobReadError) as e:
-                if isinstance(e, AuthError) and "rejected the credentials" in str(e):
-                    raise
-                log.info("range read of %s failed (%s); refreshing and retrying once",
-                         self.digest[:19], e)
-                self.refresh()
-                data = await self._fetch(offset, length)
-        except BlobReadError:
+            data = await self._fetch(offset, length)
+        except FINAL_ERRORS:
             raise
-        except CoreError as e:
-            raise BlobReadError(f"cannot read blob {self.digest[:19]} from {self.store.host}: "
-                                f"{e}") from None
+        except (RegistryError, BlobReadError) as e:
+            log.info("range read of %s failed (%s); refreshing and retrying once",
+                     self.digest[:19], e)
+            await self.refresh()
+            data = await self._fetch(offset, length)
         self.requests += 1
         self.bytes_read += len(data)
         return data

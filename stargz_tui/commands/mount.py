@@ -12,6 +12,8 @@ from core import mount as m
 from core.errors import MountError
 from core.units import human_size
 
+from .registry import seconds_arg as _seconds
+
 MOUNT_EXAMPLES = """\
 examples:
   stargz-tui mount localhost:5000/app:esgz /mnt/app          merged image (overlay of all layers)
@@ -64,6 +66,7 @@ def cmd_mount(args) -> int:
         allow_other=args.allow_other, allow_unverified=args.allow_unverified,
         cache_dir=args.cache_dir, cache_size=args.cache_size, debug=args.debug,
         prefetch_size=args.prefetch_size or 0, platform=args.platform, force=args.force,
+        read_timeout=args.read_timeout,
     )
     if args.layer is not None or m.FORK_DAEMONS:
         # one layer needs no event loop here: the daemon does all the fetching;
@@ -223,6 +226,10 @@ def register(subparsers) -> None:
     p.add_argument("--cache-size", type=_size_arg, metavar="SIZE",
                    help="chunk cache budget (e.g. 2G; default 4G)")
     p.add_argument("--platform", help="os/arch of a multi-platform image")
+    p.add_argument("--read-timeout", type=_seconds, metavar="SECONDS",
+                   help="a read waiting longer than this for the registry fails with EIO "
+                        "(logged; default 90); request-timeout in registries.toml bounds "
+                        "each registry request")
     p.add_argument("--debug", action="store_true", help="trace FUSE requests in the daemon log")
     p.add_argument("--force", action="store_true",
                    help="mount onto a non-empty directory (its contents are hidden meanwhile)")

@@ -19,21 +19,40 @@ class UsageError(CoreError):
     """A command was given inconsistent input."""
 
 
+def seconds_arg(text: str) -> float:
+    """argparse type: a positive number of seconds."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return v
+
+
 def add_registry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST",
                    help="allow plain HTTP to HOST (loopback hosts never need this); repeatable")
+    p.add_argument("--timeout", type=seconds_arg, metavar="SECONDS",
+                   help="give up on a registry request (retries and body included) after "
+                        "SECONDS (default: request-timeout in registries.toml, else 60)")
 
 
 def registry_options(args) -> dict:
     """Keyword arguments for ``open_store`` / ``RegistryStore`` from parsed args."""
+    out: dict = {}
     hosts = list(getattr(args, "insecure_registry", None) or [])
-    return {"insecure_registries": hosts} if hosts else {}
+    if hosts:
+        out["insecure_registries"] = hosts
+    if getattr(args, "timeout", None) is not None:
+        out["deadline"] = args.timeout
+    return out
 
 
 def _client(registry: str, args, **kw):
     from core.registry import RegistryClient
 
-    return RegistryClient(registry, insecure_registries=args.insecure_registry, **kw)
+    return RegistryClient(registry, **registry_options(args), **kw)
 
 
 async def cmd_repos(args) -> int:

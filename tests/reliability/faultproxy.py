@@ -16,6 +16,10 @@ Faults (``kind``), applied to requests whose path matches the ``path`` regex
 * ``reset``      send headers and half the body, then RST the connection
 * ``stall``      send headers and half the body, then say nothing for
                  ``seconds`` (default 60), then close
+* ``trickle``    send headers, then the body one byte every ``interval``
+                 seconds (default 2), for at most ``seconds`` (default 60), then
+                 close: every single read of the client gets data in time, so
+                 only a total deadline ends the request
 * ``truncate``   send the right Content-Length but only half the body, close
 * ``corrupt``    flip bytes in the body (right length, wrong bytes)
 * ``bad_range``  answer 206 with a Content-Range ``shift`` bytes off, and the
@@ -57,6 +61,7 @@ class Rule:
     status: int = 503
     retry_after: str | None = None
     seconds: float = 60.0
+    interval: float = 2.0
     shift: int = 1
     rng: random.Random = field(default_factory=random.Random)
     hits: int = 0
@@ -285,6 +290,9 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command == "HEAD":
                 self.wfile.flush()
                 return
+            if kind == "trickle" and data:
+                self._trickle(data, rule)
+                return
             if kind in ("reset", "stall", "truncate") and len(data) > 1:
                 half = data[: len(data) // 2]
                 self.wfile.write(half)
@@ -304,6 +312,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError:
             self.close_connection = True
+
+    def _trickle(self, data: bytes, rule: Rule) -> None:
+        end = time.monotonic() + rule.seconds
+        for i in range(len(data)):
+            if time.monotonic() > end or self.p.server is None:
+                break
+            self.wfile.write(data[i:i + 1])
+            self.wfile.flush()
+            pause = time.monotonic() + rule.interval
+            while time.monotonic() < pause and self.p.server is not None:
+                time.sleep(0.05)
+        self.connection.close()
+        self.close_connection = True
 
     def _send_simple(self, status: int, fault: str, *, retry_after: str | None = None,
                      extra: dict | None = None, code: str = "UNAVAILABLE"):
