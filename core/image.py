@@ -12,10 +12,11 @@ import hashlib
 import json
 import os
 import platform as _platform
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .errors import DigestMismatchError, FormatError, NotFoundError
+from .errors import DigestMismatchError, FormatError, NotFoundError, ReferenceError_
 from .reference import Reference, parse_reference
 from .source import BlobSource, LocalBlobSource
 
@@ -276,6 +277,17 @@ def _platform_str(p: dict | None) -> str:
     return s
 
 
+_PLATFORM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*){1,2}$")
+
+
+def check_platform(text: str) -> str:
+    """``text`` if it is ``os/arch[/variant]``; a :class:`ReferenceError_` otherwise."""
+    if not _PLATFORM_RE.match(text):
+        raise ReferenceError_(f"invalid platform {text!r}: expected os/arch[/variant], "
+                              "e.g. linux/amd64 or linux/arm64/v8")
+    return text
+
+
 def _platform_matches(want: str, have: str) -> bool:
     w, h = want.split("/"), have.split("/")
     if w[:2] != h[:2]:
@@ -338,6 +350,8 @@ async def open_image(ref: Reference | str, *, store: ImageStore | None = None,
     None."""
     if isinstance(ref, str):
         ref = parse_reference(ref)
+    if platform is not None:
+        check_platform(platform)
     if store is None:
         store = open_store(ref, **registry_options)
     data, media_type, digest = await store.get_manifest(ref)
@@ -357,6 +371,11 @@ async def open_image(ref: Reference | str, *, store: ImageStore | None = None,
     if media_type not in MANIFEST_TYPES:
         raise FormatError(f"unsupported manifest media type {media_type!r}")
     config = await fetch_config(store, doc, digest) if with_config else {}
+    if platform is not None and index is None and config.get("os") and \
+            config.get("architecture") and not _platform_matches(platform, _platform_str(config)):
+        # a single-platform image: asking for another platform is not silently ignored
+        raise NotFoundError(f"no manifest for platform {platform}: the image has only "
+                            f"{_platform_str(config)}")
     return _make_image(ref, store, doc, data, media_type, digest, config, index, index_digest,
                        platforms)
 

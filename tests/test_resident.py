@@ -135,7 +135,7 @@ def test_errors_through_server_are_one_line(mount_env, registry, tmp_path):
     via, direct = _cli(args), _cli(args, env=dict(os.environ, STARGZ_TUI_SERVER="off"))
     assert (via.returncode, via.stdout, via.stderr) == \
         (direct.returncode, direct.stdout, direct.stderr)
-    assert "not mounted" in via.stdout
+    assert via.returncode == 1 and "not mounted" in via.stderr
     assert not os.path.ismount(mp)
 
 

@@ -11,6 +11,7 @@ from core.errors import CoreError
 from core.reference import parse_reference
 from core.units import human_size
 
+from ..textsafe import safe
 from .registry import add_registry_options, registry_options
 
 # The core modules behind these commands (formats, registry client, writer)
@@ -126,38 +127,43 @@ async def cmd_inspect(args) -> int:
         print(json.dumps(data, indent=2))
     else:
         c = data["config"]
-        print(f"Reference:  {data['reference']}")
-        print(f"Manifest:   {data['manifestDigest']} ({data['manifestMediaType']})")
+        print(f"Reference:  {safe(data['reference'])}")
+        print(f"Manifest:   {safe(data['manifestDigest'])} ({safe(data['manifestMediaType'])})")
         if data["indexDigest"]:
-            print(f"Index:      {data['indexDigest']} (platforms: {', '.join(data['platforms'])})")
-        print(f"Platform:   {data['platform']}")
-        print(f"Config:     {data['configDigest']}")
+            print(f"Index:      {safe(data['indexDigest'])} "
+                  f"(platforms: {safe(', '.join(data['platforms']))})")
+        print(f"Platform:   {safe(data['platform'])}")
+        print(f"Config:     {safe(data['configDigest'])}")
         if c.get("created"):
-            print(f"Created:    {c['created']}")
+            print(f"Created:    {safe(c['created'])}")
         for key, label in (("entrypoint", "Entrypoint"), ("cmd", "Cmd")):
             if c.get(key):
-                print(f"{label + ':':<12}{json.dumps(c[key])}")
+                print(f"{label + ':':<12}{safe(json.dumps(c[key]))}")
         if c.get("workingDir"):
-            print(f"WorkingDir: {c['workingDir']}")
+            print(f"WorkingDir: {safe(c['workingDir'])}")
+        if c.get("user"):
+            print(f"User:       {safe(c['user'])}")
         for env in c.get("env") or []:
-            print(f"Env:        {env}")
+            print(f"Env:        {safe(env)}")
+        for k, v in (c.get("labels") or {}).items():
+            print(f"Label:      {safe(k)}={safe(v)}")
         print(f"Chain ID:   {data['chainID'] or '-'}")
         print(f"Layers:     {len(data['layers'])} ({human_size(data['size'])} compressed)")
         for layer in data["layers"]:
             _print_layer(layer)
     failed = [la for la in data["layers"] if la["error"]]
     for la in failed:
-        print(f"stargz-tui: layer {la['index']}: {la['error']}", file=sys.stderr)
+        print(f"stargz-tui: layer {la['index']}: {safe(la['error'])}", file=sys.stderr)
     bad = [la for la in data["layers"] if la["tocDigestVerified"] is False]
     for la in bad:
         print(f"stargz-tui: layer {la['index']}: TOC digest mismatch: annotated "
-              f"{la['tocDigestAnnotated']}, computed {la['tocDigest']}", file=sys.stderr)
+              f"{safe(la['tocDigestAnnotated'])}, computed {la['tocDigest']}", file=sys.stderr)
     return 1 if failed or bad else 0
 
 
 def _print_layer(la: dict) -> None:
-    print(f"\n  [{la['index']}] {la['digest']}")
-    print(f"      media type:   {la['mediaType']}")
+    print(f"\n  [{la['index']}] {safe(la['digest'])}")
+    print(f"      media type:   {safe(la['mediaType'])}")
     print(f"      format:       {la['format'] or '?'}")
     print(f"      size:         {human_size(la['size'])} compressed, "
           f"{human_size(la['uncompressedSize'])} uncompressed")
@@ -165,7 +171,7 @@ def _print_layer(la: dict) -> None:
         state = {True: "verified", False: "MISMATCH", None: "not annotated"}[la["tocDigestVerified"]]
         print(f"      TOC digest:   {la['tocDigest'] or '-'} ({state})")
         if la["tocDigestVerified"] is False:
-            print(f"      annotated:    {la['tocDigestAnnotated']}")
+            print(f"      annotated:    {safe(la['tocDigestAnnotated'])}")
     if la["entries"] is not None:
         print(f"      entries:      {la['entries']}, chunks: {la['chunks']}")
         if la["prefetchSize"] is not None:
@@ -173,9 +179,9 @@ def _print_layer(la: dict) -> None:
                   f"({la['prefetchChunks']} chunks)")
         elif la["noPrefetchLandmark"]:
             print("      prefetch:     none (.no.prefetch.landmark)")
-    print(f"      diffID:       {la['diffID'] or '-'}")
+    print(f"      diffID:       {safe(la['diffID'] or '-')}")
     if la["error"]:
-        print(f"      error:        {la['error']}")
+        print(f"      error:        {safe(la['error'])}")
 
 
 # ---------------------------------------------------------------- ls
@@ -199,7 +205,11 @@ async def cmd_ls(args) -> int:
             name = name[len(base) + 1:]
         elif not args.recursive and "/" in name and name != base:
             name = name.rsplit("/", 1)[1]
-        out.write((format_long(rec, name) if args.long else name) + "\n")
+        if args.long:
+            shown = dict(rec, linkTarget=safe(rec["linkTarget"] or ""))
+            out.write(format_long(shown, safe(name)) + "\n")
+        else:
+            out.write(safe(name) + "\n")
     return 0
 
 
@@ -236,9 +246,9 @@ async def cmd_verify(args) -> int:
     else:
         for c in result.checks:
             if c.ok and not args.quiet:
-                print(("skip  " if c.skipped else "ok    ") + c.line())
+                print(("skip  " if c.skipped else "ok    ") + safe(c.line()))
     for c in result.failures:
-        print(f"stargz-tui: FAILED {c.line()}", file=sys.stderr)
+        print(f"stargz-tui: FAILED {safe(c.line())}", file=sys.stderr)
     if not args.json and not args.quiet:
         n = len(result.failures)
         print(f"{'all checks hold' if not n else f'{n} check(s) failed'}"
@@ -289,8 +299,9 @@ async def cmd_convert(args) -> int:
         print(f"layer {c.index}: {c.source_digest[:19]}... -> {c.digest} "
               f"({human_size(c.size)}, TOC {c.toc_digest[:19]}...)")
         if c.missed_prioritized:
-            print(f"  prioritised files not in this layer: {', '.join(c.missed_prioritized)}")
-    print(f"wrote {dst} ({result.manifest_digest})")
+            print("  prioritised files not in this layer: "
+                  + ", ".join(safe(p) for p in c.missed_prioritized))
+    print(f"wrote {safe(dst)} ({result.manifest_digest})")
     return 0
 
 

@@ -12,6 +12,8 @@ from core import mount as m
 from core.errors import MountError
 from core.units import human_size
 
+from ..textsafe import safe
+
 MOUNT_EXAMPLES = """\
 examples:
   stargz-tui mount localhost:5000/app:esgz /mnt/app          merged image (overlay of all layers)
@@ -42,7 +44,8 @@ CACHE_EXAMPLES = """\
 examples:
   stargz-tui cache             usage of the chunk cache
   stargz-tui cache --json
-  stargz-tui cache prune       delete every cached chunk
+  stargz-tui cache prune       delete every cached chunk (refused while a mount uses it)
+  stargz-tui cache prune --force   also under live mounts (they fetch again)
 """
 
 
@@ -79,7 +82,8 @@ def cmd_mount(args) -> int:
     what = f"layer {rec['layers'][0]['index']}" if rec["kind"] == "layer" else \
         f"{len(rec['layers'])} layers ({rec['overlay']})"
     pids = ", ".join(str(e["pid"]) for e in rec["layers"])
-    print(f"mounted {rec['image']} ({what}) at {rec['mountpoint']} [daemon pid {pids}]")
+    print(f"mounted {safe(rec['image'])} ({what}) at {safe(rec['mountpoint'])} "
+          f"[daemon pid {pids}]")
     if args.foreground:
         return _foreground(rec)
     return 0
@@ -98,7 +102,7 @@ def _foreground(rec: dict) -> int:
         while not stop:
             st = m.mount_status(rec)
             if st["state"] != "serving":
-                print(f"stargz-tui: mount is no longer served: {st.get('reason', '')}",
+                print(f"stargz-tui: mount is no longer served: {safe(st.get('reason', ''))}",
                       file=sys.stderr)
                 break
             time.sleep(1.0)
@@ -110,9 +114,9 @@ def _foreground(rec: dict) -> int:
 def cmd_unmount(args) -> int:
     res = m.unmount(args.mountpoint, force=args.force)
     if res["status"] == "not-mounted":
-        print(f"{res['mountpoint']}: not mounted")
-    else:
-        print(f"unmounted {res['mountpoint']}")
+        # like umount(8): a path that is none of our mounts is an error
+        raise MountError(f"{res['mountpoint']}: not mounted (not a stargz-tui mount)")
+    print(f"unmounted {safe(res['mountpoint'])}")
     return 0
 
 
@@ -129,8 +133,8 @@ def cmd_mounts(args) -> int:
         total = st["chunksTotal"] or 0
         pct = 100.0 * st["chunksCached"] / total if total else 100.0
         bg = "done" if st["backgroundFetchDone"] else f"{pct:.0f}%"
-        print(f"{st['mountpoint']}  {st['state']}")
-        print(f"  image   {st['image']}  ({st['kind']}, {len(st['layers'])} layer(s)"
+        print(f"{safe(st['mountpoint'])}  {st['state']}")
+        print(f"  image   {safe(st['image'])}  ({st['kind']}, {len(st['layers'])} layer(s)"
               + (f", {st['overlay']}" if st.get("overlay") else "") + ")")
         print(f"  pids    {', '.join(str(p) for p in st['pids'])}")
         if st["state"] == "serving":
@@ -140,13 +144,31 @@ def cmd_mounts(args) -> int:
             if st["digestErrors"] or st["readErrors"]:
                 print(f"  errors  {st['digestErrors']} digest, {st['readErrors']} read")
         else:
-            print(f"  stale:  {st.get('reason', '')} (`stargz-tui unmount --force "
-                  f"{st['mountpoint']}` cleans it up)")
+            print(f"  stale:  {safe(st.get('reason', ''))} (`stargz-tui unmount --force "
+                  f"{safe(st['mountpoint'])}` cleans it up)")
     return 0
+
+
+def _mounts_using_cache(cache_dir: str) -> list[str]:
+    """Mountpoints of live mounts whose daemons read chunks from ``cache_dir``
+    (as each daemon reports it: its stats name its cache's directory)."""
+    out = []
+    for st in m.list_mounts():
+        for lay in st["layers"]:
+            if ((lay.get("stats") or {}).get("cache") or {}).get("dir") == cache_dir:
+                out.append(st["mountpoint"])
+                break
+    return out
 
 
 def cmd_cache(args) -> int:
     if args.action == "prune":
+        cache_dir = m.cache_usage(args.cache_dir)["dir"]
+        users = _mounts_using_cache(cache_dir)
+        if users and not args.force:
+            # pruning would make those mounts fetch again what they had
+            raise MountError(f"{cache_dir} is in use by {len(users)} live mount(s) "
+                             f"({', '.join(users)}); unmount them first or prune with --force")
         res = m.cache_prune(args.cache_dir)
         if args.json:
             print(json.dumps(res))
@@ -241,6 +263,8 @@ def register(subparsers) -> None:
     p.add_argument("action", nargs="?", choices=["show", "prune"], default="show")
     p.add_argument("--json", action="store_true")
     p.add_argument("--cache-dir", metavar="DIR")
+    p.add_argument("--force", "-f", action="store_true",
+                   help="prune even while live mounts use the cache")
     p.set_defaults(func=cmd_cache)
 
     p = subparsers.add_parser(
