@@ -22,7 +22,7 @@ DEFAULT_CHUNK_SIZE = 4 << 20  # core.estargz.writer.DEFAULT_CHUNK_SIZE
 INSPECT_EXAMPLES = """\
 examples:
   stargz-tui inspect oci:./layout:mini-esgz
-  stargz-tui inspect localhost:5000/app:esgz --platform linux/arm64
+  stargz-tui inspect localhost:5000/app:esgz --platform linux/amd64
   stargz-tui inspect oci:./layout:mini-esgz --json | jq '.layers[] | {digest, format, tocDigestVerified}'
 
 --json prints one object (documented in the README under "JSON output"): reference, manifestDigest,
@@ -47,7 +47,7 @@ devMajor, devMinor, digest, layer.
 CAT_EXAMPLES = """\
 examples:
   stargz-tui cat oci:./layout:mini-esgz etc/os-release
-  stargz-tui cat localhost:5000/app:esgz /usr/bin/python3 > python3   fetches only its chunks
+  stargz-tui cat localhost:5000/app:esgz data/random.bin > random.bin   fetches only its chunks
   stargz-tui cat oci:./layout:mini-esgz --layer 0 usr/lib/app/remove-me.py
 
 Symlinks are resolved inside the image, as a process in the container sees them.
