@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "stargz_tui.commands.registry",  # repos, tags, login, logout
     "stargz_tui.commands.mount",     # mount, unmount, mounts, cache
     "stargz_tui.commands.app",       # tui
+    "stargz_tui.commands.completion",  # completion
 ]
 
 EPILOG = """\
@@ -51,6 +52,18 @@ class _Parser(argparse.ArgumentParser):
 
     intermixed = True  # False for a parser with subcommands
     _intermixing = False
+
+    def __init__(self, *args, **kwargs):
+        # every argument added, for `stargz-tui completion` (argparse keeps
+        # its own list private)
+        self.arguments: list[argparse.Action] = []
+        self.commands: dict[str, argparse.ArgumentParser] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.arguments.append(action)
+        return action
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -88,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    parser.commands = dict(sub.choices)
     return parser
 
 

@@ -84,7 +84,8 @@ def readme_synopses() -> list[str]:
 # -- synopsis -> concrete commands ------------------------------------------------
 OPTION_VALUES = {"--layer": "0", "--platform": "linux/amd64", "--chunk-size": "64K",
                  "--prioritize-file": "etc/os-release,data/new.txt", "-u": "USER",
-                 "--estargz-chunk-size": "64K", "--cache-size": "1G", "--shell": "bash"}
+                 "--estargz-chunk-size": "64K", "--cache-size": "1G",
+                 "--estargz-record-in": "record.json"}
 PLACEHOLDERS = {"IMAGE": "oci:./layout:mini-esgz", "SRC": "oci:./layout:app",
                 "DST": "oci:./out:app-esgz", "PATH": "etc/os-release",
                 "REGISTRY": "localhost:5000", "MOUNTPOINT": "/mnt/syn"}
@@ -211,6 +212,8 @@ def test_example_runs(example, request, tmp_path, example_registry):
     work.mkdir()
     shutil.copytree(LAYOUT, work / "layout")
     _add_tag(str(work / "layout"), "app", "mini-gzip")
+    # the record an example reads (as `ctr-remote optimize --record-out` writes it)
+    (work / "record.json").write_text('{"path": "etc/os-release"}\n{"path": "data/text.txt"}\n')
     request.getfixturevalue("mount_env")  # private state, cache and runtime dirs
     path = BIN + os.pathsep + os.environ["PATH"]
     env = dict(os.environ, PATH=path)

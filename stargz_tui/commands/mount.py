@@ -28,6 +28,7 @@ UNMOUNT_EXAMPLES = """\
 examples:
   stargz-tui unmount /mnt/app            fails (naming the processes) while files are in use
   stargz-tui unmount /mnt/app --force    force, then lazy detach; also cleans stale mounts
+  stargz-tui unmount --all --force       every stargz-tui mount (without --force busy ones stay)
 """
 
 MOUNTS_EXAMPLES = """\
@@ -111,7 +112,29 @@ def _foreground(rec: dict) -> int:
     return 0
 
 
+def _unmount_all(force: bool) -> int:
+    """Every recorded mount, each on its own: one busy mount does not keep the
+    others mounted; one line per failure on stderr, exit 1 if any failed."""
+    failed = 0
+    mounts = m.list_mounts()
+    for st in mounts:
+        try:
+            res = m.unmount(st["mountpoint"], force=force)
+        except MountError as e:
+            print(f"stargz-tui: {safe(e)}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"unmounted {safe(res['mountpoint'])}")
+    if not mounts:
+        print("no mounts")
+    return 1 if failed else 0
+
+
 def cmd_unmount(args) -> int:
+    if args.all == (args.mountpoint is not None):
+        raise MountError("give a MOUNTPOINT or --all (not both)")
+    if args.all:
+        return _unmount_all(args.force)
     res = m.unmount(args.mountpoint, force=args.force)
     if res["status"] == "not-mounted":
         # like umount(8): a path that is none of our mounts is an error
@@ -248,7 +271,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("unmount", aliases=["umount"], help="unmount a stargz-tui mount",
                               epilog=UNMOUNT_EXAMPLES, formatter_class=fmt)
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    p.add_argument("--all", "-a", action="store_true", help="unmount every stargz-tui mount")
     p.add_argument("--force", "-f", action="store_true",
                    help="force / lazily detach a busy mount and stop its daemons")
     p.set_defaults(func=cmd_unmount)
