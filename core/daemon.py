@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attr-timeout", type=float, default=1.0)
     p.add_argument("--resolve-timeout", type=float, default=30.0)
     p.add_argument("--platform")
+    p.add_argument("--insecure-registry", action="append", default=[], dest="insecure_registries",
+                   help="plain HTTP to this registry host (repeatable)")
     p.add_argument("--fsname", default="stargz")
     p.add_argument("--opaque-xattrs", choices=["both", "trusted", "user"], default="both",
                    help="how opaque dirs are marked (an overlay lower of kernel overlayfs "
@@ -67,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Daemon:
+    def _registry_opts(self) -> dict:
+        """``--insecure-registry`` hosts, for the image's store."""
+        hosts = list(self.args.insecure_registries or ())
+        return {"insecure_registries": hosts} if hosts else {}
+
     def __init__(self, args):
         self.args = args
         self.ready_fd = args.ready_fd
@@ -202,12 +209,13 @@ class Daemon:
                 from .reference import parse_reference
 
                 ref = parse_reference(a.image)
-                self.image = image_from_dump(dumped, open_store(ref), ref)
+                self.image = image_from_dump(dumped, open_store(ref, **self._registry_opts()),
+                                             ref)
             else:
                 with anyio.fail_after(a.resolve_timeout + 5):
                     # the config is checked below, while the layer resolves
                     self.image = await open_image(a.image, platform=a.platform,
-                                                  with_config=False)
+                                                  with_config=False, **self._registry_opts())
             self.store = self.image.store
             self.desc = self.image.layer(a.layer)
             self.resolver = Resolver(timeout=a.resolve_timeout)

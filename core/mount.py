@@ -380,6 +380,8 @@ def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logf
         argv += ["--prefetch-size", str(o["prefetch_size"])]
     if o.get("platform"):
         argv += ["--platform", o["platform"]]
+    for host in o.get("insecure_registries") or ():
+        argv += ["--insecure-registry", host]
     if o.get("opaque_xattrs"):
         argv += ["--opaque-xattrs", o["opaque_xattrs"]]
     if o.get("image_file"):
@@ -581,7 +583,7 @@ def mount_blocking(image: str, mountpoint: str, *, layer: str | int | None = Non
     raise MountError("mounting took too many steps")
 
 
-def _open_in_child(image: str, platform: str | None):
+def _open_in_child(image: str, platform: str | None, insecure_registries=()):
     """:func:`_open_layers` run in a forked child (the event loop and the
     threads it may start for name lookups stay there); the resolved image
     comes back as :func:`core.image.dump_image` JSON over a pipe."""
@@ -599,7 +601,7 @@ def _open_in_child(image: str, platform: str | None):
             from .image import dump_image
 
             payload = {"image": dump_image(anyio.run(_open_layers, image, platform,
-                                                     backend="trio"))}
+                                                     insecure_registries, backend="trio"))}
         except errors.CoreError as e:
             payload = {"error": str(e), "type": type(e).__name__}
         except BaseException as e:  # noqa: BLE001 - reported to the parent, one line
@@ -639,10 +641,11 @@ def _open_in_child(image: str, platform: str | None):
     return image_from_dump(payload["image"], None, image)
 
 
-async def _open_layers(image: str, platform: str | None):
+async def _open_layers(image: str, platform: str | None, insecure_registries=()):
     from .image import open_image
 
-    img = await open_image(image, platform=platform)
+    opts = {"insecure_registries": list(insecure_registries)} if insecure_registries else {}
+    img = await open_image(image, platform=platform, **opts)
     try:
         if not img.layers:
             raise MountError(f"{image} has no layers")
@@ -658,7 +661,8 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
                  allow_unverified: bool = False, cache_dir: str | None = None,
                  cache_size: int | None = None, debug: bool = False,
                  silence: float | None = None, prefetch_size: int = 0,
-                 platform: str | None = None, timeout: float = READY_TIMEOUT):
+                 platform: str | None = None, insecure_registries=(),
+                 timeout: float = READY_TIMEOUT):
     """The mount as a generator of blocking steps (``("call", fn, *args)``,
     or ``("open", image, platform)`` for the merged view's image) that its
     driver runs, in a worker thread or directly; it returns the record."""
@@ -679,7 +683,7 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
         descs = [_Pending(layer)]
         manifest_digest = None
     else:
-        img = yield ("open", image, platform)
+        img = yield ("open", image, platform, tuple(insecure_registries))
         descs = list(img.layers)
         manifest_digest = img.manifest_digest
     mid = _mount_id(mp)
@@ -702,6 +706,7 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
                "wait_prefetch": wait_prefetch, "allow_other": allow_other,
                "allow_unverified": allow_unverified, "debug": debug, "silence": silence,
                "prefetch_size": prefetch_size, "platform": platform,
+               "insecure_registries": list(insecure_registries),
                "no_pre_resolve": layer is None,
                # a kernel overlay (root) reads trusted.overlay.opaque and would pass
                # user.overlay.opaque through to the merged view

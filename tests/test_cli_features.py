@@ -205,3 +205,24 @@ def test_completion_scripts(tmp_path):
                         "complete -C 'stargz-tui unmount --a'"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "--all" in r.stdout, (r.stdout, r.stderr)
+
+
+@pytest.mark.fuse
+@pytest.mark.registry
+def test_mount_insecure_registry(mount_env, registry, tmp_path, monkeypatch):
+    # the registries config says this loopback registry serves TLS: plain HTTP
+    # to it needs --insecure-registry, as it would for a LAN host
+    conf = tmp_path / "registries.toml"
+    conf.write_text(f'[registries."{registry.host}"]\ntls = true\n')
+    monkeypatch.setenv("STARGZ_TUI_REGISTRIES_CONFIG", str(conf))
+    image = registry.ref("mini-esgz")
+    for extra in ([], ["--layer", "0"]):
+        mp = mount_env.mountpoint("m" + "".join(extra).replace("-", ""))
+        r = mount_env.cli("mount", image, mp, *extra)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, (r.stdout, r.stderr)
+        assert not core_mount.is_mounted(mp)
+        mount_env.cli("mount", image, mp, *extra, "--insecure-registry", registry.host,
+                      check=True)
+        with open(os.path.join(mp, "etc/os-release"), "rb") as f:
+            assert f.read()
+        mount_env.cli("unmount", mp, check=True)

@@ -13,6 +13,7 @@ from core.errors import MountError
 from core.units import human_size
 
 from ..textsafe import safe
+from .registry import add_registry_options
 
 MOUNT_EXAMPLES = """\
 examples:
@@ -66,6 +67,7 @@ def cmd_mount(args) -> int:
         allow_other=args.allow_other, allow_unverified=args.allow_unverified,
         cache_dir=args.cache_dir, cache_size=args.cache_size, debug=args.debug,
         prefetch_size=args.prefetch_size or 0, platform=args.platform,
+        insecure_registries=args.insecure_registry,
     )
     if args.layer is not None or m.FORK_DAEMONS:
         # one layer needs no event loop here: the daemon does all the fetching;
@@ -267,6 +269,7 @@ def register(subparsers) -> None:
                    help="chunk cache budget (e.g. 2G; default 4G)")
     p.add_argument("--platform", help="os/arch of a multi-platform image")
     p.add_argument("--debug", action="store_true", help="trace FUSE requests in the daemon log")
+    add_registry_options(p)
     p.set_defaults(func=cmd_mount)
 
     p = subparsers.add_parser("unmount", aliases=["umount"], help="unmount a stargz-tui mount",
