@@ -342,6 +342,11 @@ class Daemon:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .proctitle import set_title
+
+    # in ps: a layer daemon, not the mount service or the resident server it
+    # may have been forked from
+    set_title(f"stargz-tui-daemon layer {args.layer} {args.mountpoint}")
     handlers = None
     if args.log:
         fd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -242,7 +242,8 @@ class Image:
             n = len(self.layers)
             if -n <= i < n:
                 return self.layers[i]
-            raise NotFoundError(f"layer {i} out of range: the image has {n} layers (0..{n - 1})")
+            raise NotFoundError(f"layer {i} out of range: the image has "
+                                + (f"{n} layers (0..{n - 1})" if n != 1 else "1 layer (0)"))
         key = s if s.startswith("sha256:") else "sha256:" + s
         found = [layer for layer in self.layers if layer.digest.startswith(key)]
         if len(found) == 1:

@@ -240,14 +240,20 @@ def _umount2(path: str, flags: int) -> None:
         raise OSError(e, os.strerror(e), path)
 
 
+# Processes that act for this one (the client a resident-server worker runs a
+# command for): not named as holders of a busy mount, as this process is not.
+OWN_PIDS: set[int] = set()
+
+
 def find_holders(path: str) -> list[dict]:
-    """Processes with an open file, cwd or root under ``path``."""
+    """Processes with an open file, cwd or root under ``path`` (other than
+    this process and :data:`OWN_PIDS`)."""
     path = os.path.abspath(path)
     prefix = path.rstrip("/") + "/"
-    me = os.getpid()
+    own = {os.getpid()} | OWN_PIDS
     out = []
     for pid_s in os.listdir("/proc"):
-        if not pid_s.isdigit() or int(pid_s) == me:
+        if not pid_s.isdigit() or int(pid_s) in own:
             continue
         how = []
         base = f"/proc/{pid_s}"

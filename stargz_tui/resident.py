@@ -165,7 +165,7 @@ class Server:
         """Answer one request; True when it ran a command."""
         fds: list[int] = []
         try:
-            _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
+            client_pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
             if uid != os.getuid():
                 log.warning("refused a request from uid %d", uid)
@@ -190,6 +190,7 @@ class Server:
             if len(fds) != 3:
                 conn.sendall(b'{"refused": "expected 3 file descriptors"}\n')
                 return False
+            req["clientPid"] = client_pid
             pid = os.fork()
             if pid == 0:
                 self._worker(conn, fds, req)  # never returns
@@ -235,6 +236,8 @@ class Server:
             import core.mount
 
             core.mount.become_forked_child(tuple(fds), keep=(conn.fileno(),))
+            # the client waits for this command: it is not a holder to name
+            core.mount.OWN_PIDS.add(int(req["clientPid"]))
             env = req.get("env")
             if isinstance(env, dict):
                 os.environ.clear()

@@ -226,3 +226,38 @@ def test_mount_insecure_registry(mount_env, registry, tmp_path, monkeypatch):
         with open(os.path.join(mp, "etc/os-release"), "rb") as f:
             assert f.read()
         mount_env.cli("unmount", mp, check=True)
+
+
+@pytest.mark.fuse
+def test_layer_daemons_are_named_in_ps(mount_env):
+    mp = mount_env.mountpoint()
+    mount_env.cli("mount", ref("mini-esgz"), mp, "--layer", "1", check=True)
+    pid = json.loads(mount_env.cli("mounts", "--json", check=True).stdout)[0]["pid"]
+    with open(f"/proc/{pid}/comm") as f:
+        assert f.read().strip() == "stargz-tui-daem"  # the kernel keeps 15 bytes
+    ps = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True,
+                        timeout=30, check=True).stdout.strip()
+    assert ps == f"stargz-tui-daemon layer 1 {mp}", ps
+    mount_env.cli("unmount", mp, check=True)
+
+
+@pytest.mark.fuse
+def test_busy_message_does_not_name_our_own_process(mount_env):
+    mp = mount_env.mountpoint()
+    mount_env.cli("mount", ref("mini-esgz"), mp, "--layer", "0", check=True)
+    holder = subprocess.Popen(["sleep", "60"], cwd=os.path.join(mp, "data"))
+    try:
+        # run from inside the mount: our own cwd is the reason, said as such
+        r = subprocess.run([sys.executable, "-m", "stargz_tui", "unmount", mp],
+                           capture_output=True, text=True, timeout=60, cwd=mp,
+                           env=dict(os.environ, PYTHONPATH=REPO))
+        assert r.returncode == 1 and "working directory of this command" in r.stderr, r.stderr
+        assert "pid" not in r.stderr and r.stderr.count("\n") == 1
+        # from outside: the other holder is named, this command is not
+        r = mount_env.cli("unmount", mp)
+        assert r.returncode == 1 and f"pid {holder.pid} (sleep" in r.stderr, r.stderr
+        assert r.stderr.count("pid ") == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    mount_env.cli("unmount", mp, check=True)

@@ -9,7 +9,7 @@ import sys
 
 from core.errors import CoreError
 from core.reference import parse_reference
-from core.units import human_size
+from core.units import human_size, plural
 
 from ..textsafe import safe
 from .registry import add_registry_options, registry_options
@@ -215,7 +215,7 @@ def _print_layer(la: dict) -> None:
         print(f"      entries:      {la['entries']}, chunks: {la['chunks']}")
         if la["prefetchSize"] is not None:
             print(f"      prefetch:     {human_size(la['prefetchSize'])} "
-                  f"({la['prefetchChunks']} chunks)")
+                  f"({plural(la['prefetchChunks'], 'chunk')})")
         elif la["noPrefetchLandmark"]:
             print("      prefetch:     none (.no.prefetch.landmark)")
     print(f"      diffID:       {safe(la['diffID'] or '-')}")
@@ -336,7 +336,7 @@ async def cmd_verify(args) -> int:
         print(f"stargz-tui: FAILED {safe(c.line())}", file=sys.stderr)
     if not args.json and not args.quiet:
         n = len(result.failures)
-        print(f"{'all checks hold' if not n else f'{n} check(s) failed'}"
+        print(f"{'all checks hold' if not n else plural(n, 'check') + ' failed'}"
               f" ({'full' if args.full else 'TOC digests only; --full for everything'})")
     return 0 if result.ok else 1
 

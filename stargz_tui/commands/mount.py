@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
 
 from core import mount as m
 from core.errors import MountError
-from core.units import human_size
+from core.units import human_size, plural
 
 from ..textsafe import safe
 from .registry import add_registry_options
@@ -83,7 +84,7 @@ def cmd_mount(args) -> int:
         print("stargz-tui: warning: layers without a TOC digest are mounted unverified",
               file=sys.stderr)
     what = f"layer {rec['layers'][0]['index']}" if rec["kind"] == "layer" else \
-        f"{len(rec['layers'])} layers ({rec['overlay']})"
+        f"{plural(len(rec['layers']), 'layer')} ({rec['overlay']})"
     pids = ", ".join(str(e["pid"]) for e in rec["layers"])
     print(f"mounted {safe(rec['image'])} ({what}) at {safe(rec['mountpoint'])} "
           f"[daemon pid {pids}]")
@@ -132,11 +133,27 @@ def _unmount_all(force: bool) -> int:
     return 1 if failed else 0
 
 
+def _refuse_own_cwd(mountpoint: str, force: bool) -> None:
+    """Our own working directory inside the mount keeps it busy: say so,
+    rather than naming this process among the holders."""
+    if force:
+        return
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return
+    mp = os.path.realpath(mountpoint)
+    if cwd == mp or cwd.startswith(mp.rstrip("/") + "/"):
+        raise MountError(f"{mp} is busy: the working directory of this command is inside "
+                         "it; run unmount from elsewhere (or use --force)")
+
+
 def cmd_unmount(args) -> int:
     if args.all == (args.mountpoint is not None):
         raise MountError("give a MOUNTPOINT or --all (not both)")
     if args.all:
         return _unmount_all(args.force)
+    _refuse_own_cwd(args.mountpoint, args.force)
     res = m.unmount(args.mountpoint, force=args.force)
     if res["status"] == "not-mounted":
         # like umount(8): a path that is none of our mounts is an error
@@ -159,7 +176,7 @@ def cmd_mounts(args) -> int:
         pct = 100.0 * st["chunksCached"] / total if total else 100.0
         bg = "done" if st["backgroundFetchDone"] else f"{pct:.0f}%"
         print(f"{safe(st['mountpoint'])}  {st['state']}")
-        print(f"  image   {safe(st['image'])}  ({st['kind']}, {len(st['layers'])} layer(s)"
+        print(f"  image   {safe(st['image'])}  ({st['kind']}, {plural(len(st['layers']), 'layer')}"
               + (f", {st['overlay']}" if st.get("overlay") else "") + ")")
         print(f"  pids    {', '.join(str(p) for p in st['pids'])}")
         if st["state"] == "serving":
@@ -192,20 +209,21 @@ def cmd_cache(args) -> int:
         users = _mounts_using_cache(cache_dir)
         if users and not args.force:
             # pruning would make those mounts fetch again what they had
-            raise MountError(f"{cache_dir} is in use by {len(users)} live mount(s) "
+            raise MountError(f"{cache_dir} is in use by {plural(len(users), 'live mount')} "
                              f"({', '.join(users)}); unmount them first or prune with --force")
         res = m.cache_prune(args.cache_dir)
         if args.json:
             print(json.dumps(res))
         else:
-            print(f"removed {res['removedChunks']} chunks ({human_size(res['removedBytes'])}) "
+            print(f"removed {plural(res['removedChunks'], 'chunk')} "
+                  f"({human_size(res['removedBytes'])}) "
                   f"from {res['dir']}")
         return 0
     u = m.cache_usage(args.cache_dir)
     if args.json:
         print(json.dumps(u))
     else:
-        print(f"{u['dir']}: {u['chunks']} chunks, {human_size(u['bytes'])} "
+        print(f"{u['dir']}: {plural(u['chunks'], 'chunk')}, {human_size(u['bytes'])} "
               f"(budget {human_size(u['maxBytes'])})")
     return 0
 
