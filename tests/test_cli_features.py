@@ -253,6 +253,10 @@ def test_busy_message_does_not_name_our_own_process(mount_env):
                            env=dict(os.environ, PYTHONPATH=REPO))
         assert r.returncode == 1 and "working directory of this command" in r.stderr, r.stderr
         assert "pid" not in r.stderr and r.stderr.count("\n") == 1
+        with open(os.path.join(mp, "etc/os-release"), "rb") as stdin:
+            r = subprocess.run([sys.executable, "-m", "stargz_tui", "unmount", mp], stdin=stdin,
+                               capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert r.returncode == 1 and "standard input of this command" in r.stderr, r.stderr
         # from outside: the other holder is named, this command is not
         r = mount_env.cli("unmount", mp)
         assert r.returncode == 1 and f"pid {holder.pid} (sleep" in r.stderr, r.stderr

@@ -296,3 +296,22 @@ def test_launcher_wire_format_is_the_json_the_server_reads_and_writes():
     for bad in (b'{"stale": true}\n', b'{"refused": "bad request"}\n', b"", b'{"pid": x}\n',
                 b'{"rc": 1}\n'):
         assert _int_field(bad, "pid") is None
+
+
+def test_busy_unmount_through_server_does_not_name_the_client(mount_env, tmp_path):
+    """The worker runs in the client's cwd with its stdio: a mount kept busy
+    by them is said so, the client (our own process) is never named."""
+    _start_server()
+    mp = mount_env.mountpoint()
+    image = f"oci:{os.path.join(REPO_ROOT, 'tests', 'fixtures', 'estargz-oci')}:mini-esgz"
+    assert _cli(["mount", image, mp, "--layer", "0"]).returncode == 0
+    r = _cli(["unmount", mp], cwd=os.path.join(mp, "data"))
+    assert r.returncode == 1 and "working directory of this command" in r.stderr, r.stderr
+    assert "pid " not in r.stderr and r.stderr.count("\n") == 1
+    with open(os.path.join(mp, "etc/os-release"), "rb") as stdin:
+        r = subprocess.run([sys.executable, "-m", "stargz_tui", "unmount", mp], stdin=stdin,
+                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert r.returncode == 1 and "standard input of this command" in r.stderr, r.stderr
+    assert "pid " not in r.stderr
+    assert os.path.ismount(mp)
+    assert _cli(["unmount", mp]).returncode == 0

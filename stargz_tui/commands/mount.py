@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -133,19 +134,28 @@ def _unmount_all(force: bool) -> int:
     return 1 if failed else 0
 
 
-def _refuse_own_cwd(mountpoint: str, force: bool) -> None:
-    """Our own working directory inside the mount keeps it busy: say so,
-    rather than naming this process among the holders."""
+def _refuse_own_use(mountpoint: str, force: bool) -> None:
+    """Our own working directory or standard input/output inside the mount
+    keeps it busy: say so, rather than naming this process (or, through the
+    resident server, its client, whose cwd and stdio a worker shares) among
+    the holders."""
     if force:
         return
-    try:
-        cwd = os.getcwd()
-    except OSError:
-        return
     mp = os.path.realpath(mountpoint)
-    if cwd == mp or cwd.startswith(mp.rstrip("/") + "/"):
-        raise MountError(f"{mp} is busy: the working directory of this command is inside "
-                         "it; run unmount from elsewhere (or use --force)")
+    prefix = mp.rstrip("/") + "/"
+
+    def inside(path: str) -> bool:
+        return path == mp or path.startswith(prefix)
+
+    with contextlib.suppress(OSError):
+        if inside(os.getcwd()):
+            raise MountError(f"{mp} is busy: the working directory of this command is inside "
+                             "it; run unmount from elsewhere (or use --force)")
+    for fd, name in ((0, "standard input"), (1, "standard output"), (2, "standard error")):
+        with contextlib.suppress(OSError):
+            if inside(os.readlink(f"/proc/self/fd/{fd}")):
+                raise MountError(f"{mp} is busy: the {name} of this command is a file inside "
+                                 "it (or use --force)")
 
 
 def cmd_unmount(args) -> int:
@@ -153,7 +163,7 @@ def cmd_unmount(args) -> int:
         raise MountError("give a MOUNTPOINT or --all (not both)")
     if args.all:
         return _unmount_all(args.force)
-    _refuse_own_cwd(args.mountpoint, args.force)
+    _refuse_own_use(args.mountpoint, args.force)
     res = m.unmount(args.mountpoint, force=args.force)
     if res["status"] == "not-mounted":
         # like umount(8): a path that is none of our mounts is an error
