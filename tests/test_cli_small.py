@@ -41,3 +41,23 @@ def test_unreachable_registry_is_not_remembered(tmp_path, registry, isolated_env
     names, _more = anyio.run(services.list_repositories, registry.host)
     assert "fixtures/mini" in names
     assert AppConfig.load(path).recent_registries == [registry.host]
+
+
+@pytest.mark.parametrize("tag", ["mini-esgz", "mini-zstdchunked", "special-esgz"])
+def test_entry_counts_agree_between_inspect_and_the_app(tag):
+    import json
+
+    from core import browse
+    from core.image import open_image
+
+    data = json.loads(cli("inspect", ref(tag), "--json").stdout)
+
+    async def app_counts():
+        image = await open_image(ref(tag))
+        try:
+            return [(await browse.open_layer(image, d)).entries for d in image.layers]
+        finally:
+            await image.store.aclose()
+
+    counts = anyio.run(app_counts)
+    assert counts == [la["entries"] for la in data["layers"]] and all(counts)
