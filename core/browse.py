@@ -75,7 +75,8 @@ class LayerView:
 
     @property
     def entries(self) -> int | None:
-        return len(self.index) if self.index is not None else None
+        # as `inspect` counts them: every entry but the root
+        return len(self.index) - 1 if self.index is not None else None
 
     @property
     def chunks(self) -> int | None:

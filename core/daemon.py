@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(logged); the registry's own request deadline is request-timeout in "
                         "registries.toml")
     p.add_argument("--platform")
+    p.add_argument("--insecure-registry", action="append", default=[], dest="insecure_registries",
+                   help="plain HTTP to this registry host (repeatable)")
     p.add_argument("--fsname", default="stargz")
     p.add_argument("--opaque-xattrs", choices=["both", "trusted", "user"], default="both",
                    help="how opaque dirs are marked (an overlay lower of kernel overlayfs "
@@ -79,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Daemon:
+    def _registry_opts(self) -> dict:
+        """``--insecure-registry`` hosts, for the image's store."""
+        hosts = list(self.args.insecure_registries or ())
+        return {"insecure_registries": hosts} if hosts else {}
+
     def __init__(self, args):
         self.args = args
         self.ready_fd = args.ready_fd
@@ -223,12 +230,13 @@ class Daemon:
                 from .reference import parse_reference
 
                 ref = parse_reference(a.image)
-                self.image = image_from_dump(dumped, open_store(ref), ref)
+                self.image = image_from_dump(dumped, open_store(ref, **self._registry_opts()),
+                                             ref)
             else:
                 with anyio.fail_after(a.resolve_timeout + 5):
                     # the config is checked below, while the layer resolves
                     self.image = await open_image(a.image, platform=a.platform,
-                                                  with_config=False)
+                                                  with_config=False, **self._registry_opts())
             self.store = self.image.store
             self.desc = self.image.layer(a.layer)
             self.resolver = Resolver(timeout=a.resolve_timeout)
@@ -356,6 +364,11 @@ class Daemon:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .proctitle import set_title
+
+    # in ps: a layer daemon, not the mount service or the resident server it
+    # may have been forked from
+    set_title(f"stargz-tui-daemon layer {args.layer} {args.mountpoint}")
     handlers = None
     if args.log:
         fd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

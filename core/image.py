@@ -12,10 +12,11 @@ import hashlib
 import json
 import os
 import platform as _platform
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .errors import DigestMismatchError, FormatError, NotFoundError
+from .errors import DigestMismatchError, FormatError, NotFoundError, ReferenceError_
 from .reference import Reference, parse_reference
 from .source import BlobSource, LocalBlobSource
 
@@ -241,7 +242,8 @@ class Image:
             n = len(self.layers)
             if -n <= i < n:
                 return self.layers[i]
-            raise NotFoundError(f"layer {i} out of range: the image has {n} layers (0..{n - 1})")
+            raise NotFoundError(f"layer {i} out of range: the image has "
+                                + (f"{n} layers (0..{n - 1})" if n != 1 else "1 layer (0)"))
         key = s if s.startswith("sha256:") else "sha256:" + s
         found = [layer for layer in self.layers if layer.digest.startswith(key)]
         if len(found) == 1:
@@ -274,6 +276,17 @@ def _platform_str(p: dict | None) -> str:
     if p.get("variant"):
         s += "/" + p["variant"]
     return s
+
+
+_PLATFORM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*){1,2}$")
+
+
+def check_platform(text: str) -> str:
+    """``text`` if it is ``os/arch[/variant]``; a :class:`ReferenceError_` otherwise."""
+    if not _PLATFORM_RE.match(text):
+        raise ReferenceError_(f"invalid platform {text!r}: expected os/arch[/variant], "
+                              "e.g. linux/amd64 or linux/arm64/v8")
+    return text
 
 
 def _platform_matches(want: str, have: str) -> bool:
@@ -338,6 +351,8 @@ async def open_image(ref: Reference | str, *, store: ImageStore | None = None,
     None."""
     if isinstance(ref, str):
         ref = parse_reference(ref)
+    if platform is not None:
+        check_platform(platform)
     if store is None:
         store = open_store(ref, **registry_options)
     data, media_type, digest = await store.get_manifest(ref)
@@ -357,6 +372,11 @@ async def open_image(ref: Reference | str, *, store: ImageStore | None = None,
     if media_type not in MANIFEST_TYPES:
         raise FormatError(f"unsupported manifest media type {media_type!r}")
     config = await fetch_config(store, doc, digest) if with_config else {}
+    if platform is not None and index is None and config.get("os") and \
+            config.get("architecture") and not _platform_matches(platform, _platform_str(config)):
+        # a single-platform image: asking for another platform is not silently ignored
+        raise NotFoundError(f"no manifest for platform {platform}: the image has only "
+                            f"{_platform_str(config)}")
     return _make_image(ref, store, doc, data, media_type, digest, config, index, index_digest,
                        platforms)
 

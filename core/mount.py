@@ -246,14 +246,20 @@ def _umount2(path: str, flags: int) -> None:
         raise OSError(e, os.strerror(e), path)
 
 
+# Processes that act for this one (the client a resident-server worker runs a
+# command for): not named as holders of a busy mount, as this process is not.
+OWN_PIDS: set[int] = set()
+
+
 def find_holders(path: str) -> list[dict]:
-    """Processes with an open file, cwd or root under ``path``."""
+    """Processes with an open file, cwd or root under ``path`` (other than
+    this process and :data:`OWN_PIDS`)."""
     path = os.path.abspath(path)
     prefix = path.rstrip("/") + "/"
-    me = os.getpid()
+    own = {os.getpid()} | OWN_PIDS
     out = []
     for pid_s in os.listdir("/proc"):
-        if not pid_s.isdigit() or int(pid_s) == me:
+        if not pid_s.isdigit() or int(pid_s) in own:
             continue
         how = []
         base = f"/proc/{pid_s}"
@@ -386,6 +392,8 @@ def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logf
         argv += ["--prefetch-size", str(o["prefetch_size"])]
     if o.get("platform"):
         argv += ["--platform", o["platform"]]
+    for host in o.get("insecure_registries") or ():
+        argv += ["--insecure-registry", host]
     if o.get("opaque_xattrs"):
         argv += ["--opaque-xattrs", o["opaque_xattrs"]]
     if o.get("image_file"):
@@ -592,7 +600,7 @@ def mount_blocking(image: str, mountpoint: str, *, layer: str | int | None = Non
     raise MountError("mounting took too many steps")
 
 
-def _open_in_child(image: str, platform: str | None):
+def _open_in_child(image: str, platform: str | None, insecure_registries=()):
     """:func:`_open_layers` run in a forked child (the event loop and the
     threads it may start for name lookups stay there); the resolved image
     comes back as :func:`core.image.dump_image` JSON over a pipe."""
@@ -610,7 +618,7 @@ def _open_in_child(image: str, platform: str | None):
             from .image import dump_image
 
             payload = {"image": dump_image(anyio.run(_open_layers, image, platform,
-                                                     backend="trio"))}
+                                                     insecure_registries, backend="trio"))}
         except errors.CoreError as e:
             payload = {"error": str(e), "type": type(e).__name__}
         except BaseException as e:  # noqa: BLE001 - reported to the parent, one line
@@ -650,10 +658,11 @@ def _open_in_child(image: str, platform: str | None):
     return image_from_dump(payload["image"], None, image)
 
 
-async def _open_layers(image: str, platform: str | None):
+async def _open_layers(image: str, platform: str | None, insecure_registries=()):
     from .image import open_image
 
-    img = await open_image(image, platform=platform)
+    opts = {"insecure_registries": list(insecure_registries)} if insecure_registries else {}
+    img = await open_image(image, platform=platform, **opts)
     try:
         if not img.layers:
             raise MountError(f"{image} has no layers")
@@ -687,8 +696,8 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
                   allow_other: bool = False, allow_unverified: bool = False,
                   cache_dir: str | None = None, cache_size: int | None = None,
                   debug: bool = False, silence: float | None = None, prefetch_size: int = 0,
-                  platform: str | None = None, timeout: float = READY_TIMEOUT,
-                  read_timeout: float | None = None):
+                  platform: str | None = None, insecure_registries=(),
+                  timeout: float = READY_TIMEOUT, read_timeout: float | None = None):
     existing = _find_record(mp)
     if existing is not None:
         raise MountError(f"{mp} is already a stargz-tui mount of {existing['image']} "
@@ -705,7 +714,7 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
         descs = [_Pending(layer)]
         manifest_digest = None
     else:
-        img = yield ("open", image, platform)
+        img = yield ("open", image, platform, tuple(insecure_registries))
         descs = list(img.layers)
         manifest_digest = img.manifest_digest
     mid = _mount_id(mp)
@@ -728,7 +737,9 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
                "wait_prefetch": wait_prefetch, "allow_other": allow_other,
                "allow_unverified": allow_unverified, "debug": debug, "silence": silence,
                "prefetch_size": prefetch_size, "platform": platform,
-               "read_timeout": read_timeout, "no_pre_resolve": layer is None,
+               "read_timeout": read_timeout,
+               "insecure_registries": list(insecure_registries),
+               "no_pre_resolve": layer is None,
                # a kernel overlay (root) reads trusted.overlay.opaque and would pass
                # user.overlay.opaque through to the merged view
                "opaque_xattrs": "trusted" if layer is None and os.geteuid() == 0 else "both"}

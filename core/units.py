@@ -1,4 +1,4 @@
-"""Human-readable sizes, shared by the CLI and the app."""
+"""Human-readable sizes and counts, shared by the CLI and the app."""
 
 from __future__ import annotations
 
@@ -13,3 +13,8 @@ def human_size(n: int | None) -> str:
             return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1, "layer"`` -> ``1 layer``; ``0, "match", "matches"`` -> ``0 matches``."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"

@@ -16,6 +16,8 @@ import sys
 
 from core.errors import CoreError
 
+from .textsafe import safe
+
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect at start-up
 
 # Modules providing subcommands, in the order they appear in --help.
@@ -24,6 +26,7 @@ COMMAND_MODULES = [
     "stargz_tui.commands.registry",  # repos, tags, login, logout
     "stargz_tui.commands.mount",     # mount, unmount, mounts, cache
     "stargz_tui.commands.app",       # tui
+    "stargz_tui.commands.completion",  # completion
 ]
 
 EPILOG = """\
@@ -39,14 +42,50 @@ PARSER: argparse.ArgumentParser | None = None
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line plus exit status 2."""
+    """argparse that reports usage errors as one line plus exit status 2.
+
+    A subcommand's parser (one without subcommands of its own) takes options
+    and positionals in any order (``ls IMAGE -lR data``), as argparse's
+    ``parse_known_intermixed_args`` does; the top-level parser cannot (its
+    subcommand is a positional that takes the rest) and hands the rest to the
+    subcommand's parser through :meth:`parse_known_args`."""
+
+    intermixed = True  # False for a parser with subcommands
+    _intermixing = False
+
+    def __init__(self, *args, **kwargs):
+        # every argument added, for `stargz-tui completion` (argparse keeps
+        # its own list private)
+        self.arguments: list[argparse.Action] = []
+        self.commands: dict[str, argparse.ArgumentParser] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.arguments.append(action)
+        return action
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing or not self.intermixed:
+            return super().parse_known_args(args, namespace)
+        # parse_known_intermixed_args calls parse_known_args itself (twice):
+        # those inner calls take the plain path above
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+class _TopParser(_Parser):
+    intermixed = False
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = _TopParser(
         prog="stargz-tui",
         description="Inspect, verify and lazily mount eStargz / zstd:chunked container images.",
         epilog=EPILOG,
@@ -62,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    parser.commands = dict(sub.choices)
     return parser
 
 
@@ -87,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(func, args)
     except CoreError as e:
-        print(f"stargz-tui: {e}", file=sys.stderr)
+        print(f"stargz-tui: {safe(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("stargz-tui: interrupted", file=sys.stderr)
@@ -98,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except OSError as e:
-        print(f"stargz-tui: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+        print(f"stargz-tui: {safe(e.strerror or e)}" + (f": {safe(e.filename)}" if e.filename else ""),
               file=sys.stderr)
         return 1
 

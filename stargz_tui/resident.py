@@ -34,7 +34,7 @@ import socket
 import sys
 import time
 
-from core.peer import is_own_peer, peer_text, require_own_peer
+from core.peer import is_own_peer, peer_pid, peer_text, require_own_peer
 
 from .launcher import code_stamp, server_log, socket_path, spawn_server
 
@@ -169,6 +169,7 @@ class Server:
             if not is_own_peer(conn):
                 log.warning("refused a request from uid %s", peer_text(conn))
                 return False
+            client_pid = peer_pid(conn)
             conn.settimeout(5.0)
             data, fds = self._receive(conn)
             req = json.loads(data)
@@ -189,6 +190,7 @@ class Server:
             if len(fds) != 3:
                 conn.sendall(b'{"refused": "expected 3 file descriptors"}\n')
                 return False
+            req["clientPid"] = client_pid
             pid = os.fork()
             if pid == 0:
                 self._worker(conn, fds, req)  # never returns
@@ -234,6 +236,8 @@ class Server:
             import core.mount
 
             core.mount.become_forked_child(tuple(fds), keep=(conn.fileno(),))
+            # the client waits for this command: it is not a holder to name
+            core.mount.OWN_PIDS.add(int(req["clientPid"]))
             env = req.get("env")
             if isinstance(env, dict):
                 os.environ.clear()

@@ -66,6 +66,22 @@ def _cmdline(pid: int) -> str:
         return f.read().replace(b"\0", b" ").decode()
 
 
+def _arg_env_area(pid: int) -> list[str]:
+    """arg_start, arg_end, env_start, env_end (/proc/PID/stat fields 48-51):
+    the same only in processes of one exec (a fork), random per exec (ASLR)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        rest = f.read().rsplit(b")", 1)[1].split()
+    return [v.decode() for v in rest[48 - 3: 52 - 3]]
+
+
+def _forked_from_server(pid: int) -> bool:
+    """The daemon is a fork of the running resident server, not a new
+    interpreter (its command line names it as a layer daemon, issue 18)."""
+    info = json.loads(_cli(["server", "status", "--json"]).stdout)
+    return bool(info["running"]) and _arg_env_area(pid) == _arg_env_area(info["pid"]) and \
+        _cmdline(pid).startswith("stargz-tui-daemon layer")
+
+
 def test_mount_through_server_forks_daemon_and_serves_the_layer(mount_env, registry, tmp_path):
     info = _start_server()
     tag = "mini-esgz"
@@ -78,7 +94,7 @@ def test_mount_through_server_forks_daemon_and_serves_the_layer(mount_env, regis
     rec = core_mount._find_record(os.path.realpath(mp))
     pid = rec["layers"][0]["pid"]
     # the daemon was forked from the server (no new interpreter for core.daemon)
-    assert "stargz_tui.resident" in _cmdline(pid) and "core.daemon" not in _cmdline(pid)
+    assert _forked_from_server(pid) and "core.daemon" not in _cmdline(pid)
     assert os.getsid(pid) == pid  # its own session: it outlives the server
     compare_tree(mp, raw_expected(layer_blobs(f"{family(tag)}-gzip")[0]))
     # the cache dir came from the client's environment
@@ -109,7 +125,7 @@ def test_merged_mount_through_server_forks_every_daemon(mount_env, registry):
     truth = layer_blobs(f"{family(tag)}-gzip")
     assert rec["kind"] == "merged" and len(rec["layers"]) == len(truth) > 1
     for e in rec["layers"]:  # the image was resolved once, no daemon is a new interpreter
-        assert "stargz_tui.resident" in _cmdline(e["pid"]), e
+        assert _forked_from_server(e["pid"]), e
     compare_tree(mp, merged_expected(truth), drop_xattr_prefixes=("trusted.overlay.",))
     r = _cli(["unmount", mp])
     assert r.returncode == 0, r.stderr
@@ -135,7 +151,7 @@ def test_errors_through_server_are_one_line(mount_env, registry, tmp_path):
     via, direct = _cli(args), _cli(args, env=dict(os.environ, STARGZ_TUI_SERVER="off"))
     assert (via.returncode, via.stdout, via.stderr) == \
         (direct.returncode, direct.stdout, direct.stderr)
-    assert "not mounted" in via.stdout
+    assert via.returncode == 1 and "not mounted" in via.stderr
     assert not os.path.ismount(mp)
 
 
@@ -212,7 +228,7 @@ def test_idle_server_exits_and_mount_starts_one(mount_env, registry, monkeypatch
     mp3 = mount_env.mountpoint("c")
     assert _cli(["mount", registry.ref("mini-esgz"), mp3, "--layer", "0"], env=env).returncode == 0
     pid = core_mount._find_record(os.path.realpath(mp3))["layers"][0]["pid"]
-    assert "stargz_tui.resident" in _cmdline(pid)
+    assert _forked_from_server(pid)
     for m in (mp, mp2, mp3):
         assert _cli(["unmount", m]).returncode == 0
 
@@ -239,7 +255,7 @@ def test_ctrl_c_reaches_the_worker_and_cleans_up(mount_env):
                 break
             time.sleep(0.02)
         daemon = rec["layers"][0]["pid"]
-        assert "stargz_tui.resident" in _cmdline(daemon)
+        assert _forked_from_server(daemon)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
     finally:
@@ -280,3 +296,22 @@ def test_launcher_wire_format_is_the_json_the_server_reads_and_writes():
     for bad in (b'{"stale": true}\n', b'{"refused": "bad request"}\n', b"", b'{"pid": x}\n',
                 b'{"rc": 1}\n'):
         assert _int_field(bad, "pid") is None
+
+
+def test_busy_unmount_through_server_does_not_name_the_client(mount_env, tmp_path):
+    """The worker runs in the client's cwd with its stdio: a mount kept busy
+    by them is said so, the client (our own process) is never named."""
+    _start_server()
+    mp = mount_env.mountpoint()
+    image = f"oci:{os.path.join(REPO_ROOT, 'tests', 'fixtures', 'estargz-oci')}:mini-esgz"
+    assert _cli(["mount", image, mp, "--layer", "0"]).returncode == 0
+    r = _cli(["unmount", mp], cwd=os.path.join(mp, "data"))
+    assert r.returncode == 1 and "working directory of this command" in r.stderr, r.stderr
+    assert "pid " not in r.stderr and r.stderr.count("\n") == 1
+    with open(os.path.join(mp, "etc/os-release"), "rb") as stdin:
+        r = subprocess.run([sys.executable, "-m", "stargz_tui", "unmount", mp], stdin=stdin,
+                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert r.returncode == 1 and "standard input of this command" in r.stderr, r.stderr
+    assert "pid " not in r.stderr
+    assert os.path.ismount(mp)
+    assert _cli(["unmount", mp]).returncode == 0

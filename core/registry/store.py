@@ -155,12 +155,27 @@ class RegistryStore:
 
     # -- ImageStore ------------------------------------------------------------------
 
+    async def _repository_unknown(self, repo: str, reply: Reply) -> bool:
+        """After a manifest 404: is the repository itself unknown? Distribution
+        answers MANIFEST_UNKNOWN for a tag of a missing repository too, so the
+        tags list (one small page) is asked; only NAME_UNKNOWN there says so."""
+        if "NAME_UNKNOWN" in reply.error_detail():
+            return True
+        try:
+            tags = await self._pull("GET", f"/v2/{repo}/tags/list?n=1", repo,
+                                    headers={"Accept": "application/json"}, limit=65536)
+        except (RegistryError, FormatError):
+            return False
+        return tags.status == 404 and "NAME_UNKNOWN" in tags.error_detail()
+
     async def get_manifest(self, ref: Reference) -> tuple[bytes, str, str]:
         repo = self._repo(ref)
         sel = ref.selector
         reply = await self._pull("GET", f"/v2/{repo}/manifests/{sel}", repo,
                                  headers={"Accept": ACCEPT}, limit=MAX_MANIFEST_BYTES)
         name = f"{self.registry}/{repo}"
+        if reply.status == 404 and await self._repository_unknown(repo, reply):
+            raise NotFoundError(f"repository {name} not found (NAME_UNKNOWN)")
         raise_for_reply(reply, f"manifest {name}:{sel}" if not ref.digest else
                         f"manifest {name}@{sel}",
                         not_found=(f"manifest {ref.digest} not found in {name}" if ref.digest

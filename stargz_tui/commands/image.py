@@ -9,25 +9,30 @@ import sys
 
 from core.errors import CoreError
 from core.reference import parse_reference
-from core.units import human_size
+from core.units import human_size, plural
 
+from ..textsafe import safe
 from .registry import add_registry_options, registry_options
 
 # The core modules behind these commands (formats, registry client, writer)
 # are imported by the command that needs them, not to build the parser: every
 # `stargz-tui` start (e.g. `mount`) would pay for them otherwise.
 DEFAULT_CHUNK_SIZE = 4 << 20  # core.estargz.writer.DEFAULT_CHUNK_SIZE
+MIN_CHUNK_SIZE = 4 << 10
 
 INSPECT_EXAMPLES = """\
 examples:
   stargz-tui inspect oci:./layout:mini-esgz
-  stargz-tui inspect localhost:5000/app:esgz --platform linux/arm64
+  stargz-tui inspect localhost:5000/app:esgz --platform linux/amd64
   stargz-tui inspect oci:./layout:mini-esgz --json | jq '.layers[] | {digest, format, tocDigestVerified}'
+  stargz-tui inspect localhost:5000/app:esgz --raw | sha256sum   the manifest digest
+  stargz-tui inspect oci:./layout:mini-esgz --config | jq .history
 
 --json prints one object (documented in the README under "JSON output"): reference, manifestDigest,
 platform, config, diffIDs, chainID and layers[] with digest, mediaType, size,
 format (estargz zstdchunked stargz gzip zstd tar), tocDigest, tocDigestAnnotated,
 tocDigestVerified, diffID, uncompressedSize, entries, chunks, prefetchSize, ...
+and history[] (the config's history entries, unchanged).
 """
 
 LS_EXAMPLES = """\
@@ -46,7 +51,7 @@ devMajor, devMinor, digest, layer.
 CAT_EXAMPLES = """\
 examples:
   stargz-tui cat oci:./layout:mini-esgz etc/os-release
-  stargz-tui cat localhost:5000/app:esgz /usr/bin/python3 > python3   fetches only its chunks
+  stargz-tui cat localhost:5000/app:esgz data/random.bin > random.bin   fetches only its chunks
   stargz-tui cat oci:./layout:mini-esgz --layer 0 usr/lib/app/remove-me.py
 
 Symlinks are resolved inside the image, as a process in the container sees them.
@@ -67,11 +72,14 @@ examples:
   stargz-tui convert oci:./layout:mini-gzip oci:./out:mini-esgz
   stargz-tui convert oci:./layout:app oci:./layout:app-esgz --chunk-size 64K
   stargz-tui convert oci:./layout:app oci:./out:app --prioritize-file etc/os-release,bin/sh
+  stargz-tui convert oci:./layout:app localhost:5000/app:esgz   push to a registry
+  stargz-tui convert oci:./layout:app oci:./out:app --estargz-record-in record.json
 
 The destination layout is created when missing; an existing one gets the tag
-added (replacing an older image of that tag). Prioritised files (comma
-separated, or @FILE with one path a line) go to the front of each layer,
-before a .prefetch.landmark.
+added (replacing an older image of that tag); a registry DST gets the blobs
+and the manifest pushed. Prioritised files (comma separated, or @FILE with one
+path a line or JSON lines {"path": ...}) go to the front of each layer, before
+a .prefetch.landmark. Chunks are at least 4K.
 """
 
 
@@ -114,7 +122,37 @@ def _add_common(p: argparse.ArgumentParser, layer: bool = True) -> None:
 # ---------------------------------------------------------------- inspect
 
 
+async def _inspect_bytes(args) -> bytes:
+    """``--raw``: the manifest (or index) as the store served it; with
+    ``--platform``, that platform's manifest. ``--config``: the config blob."""
+    from core.image import open_store
+
+    ref = parse_reference(args.image)
+    if args.raw and not args.platform:
+        store = open_store(ref, **registry_options(args))
+        try:
+            data, _media_type, _digest = await store.get_manifest(ref)
+        finally:
+            await store.aclose()
+        return data
+    image = await _open(args)
+    try:
+        if args.raw:
+            return image.manifest_bytes
+        desc = image.manifest["config"]
+        return await image.store.get_blob_bytes(image.config_digest, desc.get("size"))
+    finally:
+        await image.store.aclose()
+
+
 async def cmd_inspect(args) -> int:
+    if args.raw or args.config:
+        if args.raw and args.config:
+            raise CoreError("--raw and --config print different documents: give one")
+        data = await _inspect_bytes(args)
+        sys.stdout.buffer.write(data)  # exactly as served: no newline added
+        sys.stdout.buffer.flush()
+        return 0
     image = await _open(args)
     from core.inspect import inspect_image
 
@@ -122,42 +160,49 @@ async def cmd_inspect(args) -> int:
         data = await inspect_image(image)
     finally:
         await image.store.aclose()
+    # the config's history entries as they are (config.history counts them)
+    data["history"] = [h for h in image.config.get("history") or [] if isinstance(h, dict)]
     if args.json:
         print(json.dumps(data, indent=2))
     else:
         c = data["config"]
-        print(f"Reference:  {data['reference']}")
-        print(f"Manifest:   {data['manifestDigest']} ({data['manifestMediaType']})")
+        print(f"Reference:  {safe(data['reference'])}")
+        print(f"Manifest:   {safe(data['manifestDigest'])} ({safe(data['manifestMediaType'])})")
         if data["indexDigest"]:
-            print(f"Index:      {data['indexDigest']} (platforms: {', '.join(data['platforms'])})")
-        print(f"Platform:   {data['platform']}")
-        print(f"Config:     {data['configDigest']}")
+            print(f"Index:      {safe(data['indexDigest'])} "
+                  f"(platforms: {safe(', '.join(data['platforms']))})")
+        print(f"Platform:   {safe(data['platform'])}")
+        print(f"Config:     {safe(data['configDigest'])}")
         if c.get("created"):
-            print(f"Created:    {c['created']}")
+            print(f"Created:    {safe(c['created'])}")
         for key, label in (("entrypoint", "Entrypoint"), ("cmd", "Cmd")):
             if c.get(key):
-                print(f"{label + ':':<12}{json.dumps(c[key])}")
+                print(f"{label + ':':<12}{safe(json.dumps(c[key]))}")
         if c.get("workingDir"):
-            print(f"WorkingDir: {c['workingDir']}")
+            print(f"WorkingDir: {safe(c['workingDir'])}")
+        if c.get("user"):
+            print(f"User:       {safe(c['user'])}")
         for env in c.get("env") or []:
-            print(f"Env:        {env}")
+            print(f"Env:        {safe(env)}")
+        for k, v in (c.get("labels") or {}).items():
+            print(f"Label:      {safe(k)}={safe(v)}")
         print(f"Chain ID:   {data['chainID'] or '-'}")
         print(f"Layers:     {len(data['layers'])} ({human_size(data['size'])} compressed)")
         for layer in data["layers"]:
             _print_layer(layer)
     failed = [la for la in data["layers"] if la["error"]]
     for la in failed:
-        print(f"stargz-tui: layer {la['index']}: {la['error']}", file=sys.stderr)
+        print(f"stargz-tui: layer {la['index']}: {safe(la['error'])}", file=sys.stderr)
     bad = [la for la in data["layers"] if la["tocDigestVerified"] is False]
     for la in bad:
         print(f"stargz-tui: layer {la['index']}: TOC digest mismatch: annotated "
-              f"{la['tocDigestAnnotated']}, computed {la['tocDigest']}", file=sys.stderr)
+              f"{safe(la['tocDigestAnnotated'])}, computed {la['tocDigest']}", file=sys.stderr)
     return 1 if failed or bad else 0
 
 
 def _print_layer(la: dict) -> None:
-    print(f"\n  [{la['index']}] {la['digest']}")
-    print(f"      media type:   {la['mediaType']}")
+    print(f"\n  [{la['index']}] {safe(la['digest'])}")
+    print(f"      media type:   {safe(la['mediaType'])}")
     print(f"      format:       {la['format'] or '?'}")
     print(f"      size:         {human_size(la['size'])} compressed, "
           f"{human_size(la['uncompressedSize'])} uncompressed")
@@ -165,17 +210,17 @@ def _print_layer(la: dict) -> None:
         state = {True: "verified", False: "MISMATCH", None: "not annotated"}[la["tocDigestVerified"]]
         print(f"      TOC digest:   {la['tocDigest'] or '-'} ({state})")
         if la["tocDigestVerified"] is False:
-            print(f"      annotated:    {la['tocDigestAnnotated']}")
+            print(f"      annotated:    {safe(la['tocDigestAnnotated'])}")
     if la["entries"] is not None:
         print(f"      entries:      {la['entries']}, chunks: {la['chunks']}")
         if la["prefetchSize"] is not None:
             print(f"      prefetch:     {human_size(la['prefetchSize'])} "
-                  f"({la['prefetchChunks']} chunks)")
+                  f"({plural(la['prefetchChunks'], 'chunk')})")
         elif la["noPrefetchLandmark"]:
             print("      prefetch:     none (.no.prefetch.landmark)")
-    print(f"      diffID:       {la['diffID'] or '-'}")
+    print(f"      diffID:       {safe(la['diffID'] or '-')}")
     if la["error"]:
-        print(f"      error:        {la['error']}")
+        print(f"      error:        {safe(la['error'])}")
 
 
 # ---------------------------------------------------------------- ls
@@ -199,7 +244,11 @@ async def cmd_ls(args) -> int:
             name = name[len(base) + 1:]
         elif not args.recursive and "/" in name and name != base:
             name = name.rsplit("/", 1)[1]
-        out.write((format_long(rec, name) if args.long else name) + "\n")
+        if args.long:
+            shown = dict(rec, linkTarget=safe(rec["linkTarget"] or ""))
+            out.write(format_long(shown, safe(name)) + "\n")
+        else:
+            out.write(safe(name) + "\n")
     return 0
 
 
@@ -220,6 +269,48 @@ async def cmd_cat(args) -> int:
 
 
 # ---------------------------------------------------------------- verify
+class _Progress:
+    """One self-overwriting progress line on stderr, for a terminal only: none
+    with --json or --quiet, or when stderr is not a TTY (piped, a log file).
+    At most ten updates a second."""
+
+    INTERVAL = 0.1
+
+    def __init__(self):
+        self.last = 0.0
+        self.width = 0
+
+    @classmethod
+    def for_args(cls, args) -> _Progress | None:
+        if getattr(args, "json", False) or getattr(args, "quiet", False):
+            return None
+        return cls() if sys.stderr.isatty() else None
+
+    def show(self, text: str, force: bool = False) -> None:
+        import time
+
+        now = time.monotonic()
+        if not force and now - self.last < self.INTERVAL:
+            return
+        self.last = now
+        pad = " " * max(0, self.width - len(text))
+        self.width = len(text)
+        sys.stderr.write("\r" + text + pad)
+        sys.stderr.flush()
+
+    def verify(self, p) -> None:
+        pct = 100 * p.done // max(p.total, 1)
+        what = "TOC" if p.stage == "toc" else "reading blob"
+        self.show(f"verify layer {p.layer}: {what} {pct:3d}% "
+                  f"({human_size(p.done)}/{human_size(p.total)})", force=p.done >= p.total)
+
+    def clear(self) -> None:
+        if self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+            self.width = 0
+
+
 async def cmd_verify(args) -> int:
     from core.verify import verify_image
 
@@ -227,43 +318,82 @@ async def cmd_verify(args) -> int:
     layers = [args.layer] if args.layer is not None else None
     if layers is not None:
         image.layer(args.layer)  # a bad selector is an error, not a failed check
+    show = _Progress.for_args(args)
     try:
-        result = await verify_image(image, layers=layers, full=args.full)
+        result = await verify_image(image, layers=layers, full=args.full,
+                                    progress=show.verify if show else None)
     finally:
         await image.store.aclose()
+        if show:
+            show.clear()
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         for c in result.checks:
             if c.ok and not args.quiet:
-                print(("skip  " if c.skipped else "ok    ") + c.line())
+                print(("skip  " if c.skipped else "ok    ") + safe(c.line()))
     for c in result.failures:
-        print(f"stargz-tui: FAILED {c.line()}", file=sys.stderr)
+        print(f"stargz-tui: FAILED {safe(c.line())}", file=sys.stderr)
     if not args.json and not args.quiet:
         n = len(result.failures)
-        print(f"{'all checks hold' if not n else f'{n} check(s) failed'}"
+        print(f"{'all checks hold' if not n else plural(n, 'check') + ' failed'}"
               f" ({'full' if args.full else 'TOC digests only; --full for everything'})")
     return 0 if result.ok else 1
 
 
 # ---------------------------------------------------------------- convert
-def _prioritized(text: str | None) -> list[str]:
-    if not text:
-        return []
-    if text.startswith("@"):
+def _read_list(path: str) -> list[str]:
+    """The paths of a list file: one path a line (``#`` comments), or JSON
+    lines ``{"path": ...}`` as ``ctr-remote optimize --record-out`` writes them
+    (told apart by the first non-empty line starting with ``{``)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise CoreError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not lines or not lines[0].startswith("{"):
+        return [line for line in lines if not line.startswith("#")]
+    out = []
+    for n, line in enumerate(lines, 1):
         try:
-            with open(text[1:], encoding="utf-8") as f:
-                return [line.strip() for line in f if line.strip() and not line.startswith("#")]
-        except OSError as e:
-            raise CoreError(f"cannot read {text[1:]}: {e.strerror}") from None
-    return [p.strip() for p in text.split(",") if p.strip()]
+            rec = json.loads(line)
+        except ValueError:
+            raise CoreError(f"{path}:{n}: not a JSON line") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("path"), str):
+            raise CoreError(f"{path}:{n}: a record needs a \"path\" string")
+        if rec["path"] not in out:  # a record-out names a file once per access
+            out.append(rec["path"])
+    return out
+
+
+def _prioritized(text: str | None, record_in: str | None = None) -> list[str]:
+    out = []
+    if text and text.startswith("@"):
+        out += _read_list(text[1:])
+    elif text:
+        out += [p.strip() for p in text.split(",") if p.strip()]
+    if record_in:
+        out += [p for p in _read_list(record_in) if p not in out]
+    return out
+
+
+def _chunk_size(text: str) -> int:
+    n = _size(text)
+    if n < MIN_CHUNK_SIZE:
+        # tiny chunks multiply TOC entries and gzip members: a 1 MiB layer grows
+        # tens of times its size
+        raise argparse.ArgumentTypeError(f"chunk size {text} is below the minimum of 4K")
+    return n
 
 
 async def cmd_convert(args) -> int:
     from core.convert import convert_image, open_writer
 
+    if args.zstdchunked:
+        raise CoreError("zstd:chunked output is not supported yet: convert writes eStargz "
+                        "(drop --zstdchunked)")
     dst = parse_reference(args.dst)
-    prioritized = _prioritized(args.prioritize_file)
+    prioritized = _prioritized(args.prioritize_file, args.record_in)
     image = await _open(args)
     writer = open_writer(dst, **registry_options(args))
 
@@ -289,8 +419,9 @@ async def cmd_convert(args) -> int:
         print(f"layer {c.index}: {c.source_digest[:19]}... -> {c.digest} "
               f"({human_size(c.size)}, TOC {c.toc_digest[:19]}...)")
         if c.missed_prioritized:
-            print(f"  prioritised files not in this layer: {', '.join(c.missed_prioritized)}")
-    print(f"wrote {dst} ({result.manifest_digest})")
+            print("  prioritised files not in this layer: "
+                  + ", ".join(safe(p) for p in c.missed_prioritized))
+    print(f"wrote {safe(dst)} ({result.manifest_digest})")
     return 0
 
 
@@ -303,6 +434,9 @@ def register(subparsers) -> None:
                               epilog=INSPECT_EXAMPLES, formatter_class=fmt)
     _add_common(p, layer=False)
     p.add_argument("--json", action="store_true", help="print JSON (keys documented in the README)")
+    p.add_argument("--raw", action="store_true",
+                   help="print the manifest (or index) bytes exactly as served")
+    p.add_argument("--config", action="store_true", help="print the config blob exactly as stored")
     add_registry_options(p)
     p.set_defaults(func=cmd_inspect)
 
@@ -341,15 +475,27 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("convert", help="write an eStargz copy of an image",
                               description="Convert every layer of SRC to eStargz and write the "
-                              "image to DST (oci:DIR[:TAG]).",
+                              "image to DST: an OCI layout (oci:DIR[:TAG]) or a registry "
+                              "reference, pushed there. ctr-remote's option names "
+                              "(--estargz-chunk-size, --estargz-prioritized-files, "
+                              "--estargz-record-in) are accepted.",
                               epilog=CONVERT_EXAMPLES, formatter_class=fmt)
     p.add_argument("image", metavar="SRC", help="source image (registry reference or oci:DIR[:TAG])")
-    p.add_argument("dst", metavar="DST", help="destination, oci:DIR[:TAG]")
+    p.add_argument("dst", metavar="DST",
+                   help="destination: oci:DIR[:TAG] or a registry reference (pushed)")
     p.add_argument("--platform", metavar="OS/ARCH", help="platform to pick from an index")
-    p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="N",
-                   help="chunk size in bytes (K/M suffixes allowed; default 4M)")
-    p.add_argument("--prioritize-file", metavar="LIST",
-                   help="comma-separated paths (or @FILE) to put first, before a prefetch landmark")
+    p.add_argument("--chunk-size", "--estargz-chunk-size", dest="chunk_size", type=_chunk_size,
+                   default=DEFAULT_CHUNK_SIZE, metavar="N",
+                   help="chunk size in bytes (K/M suffixes allowed; at least 4K; default 4M)")
+    p.add_argument("--prioritize-file", "--estargz-prioritized-files", dest="prioritize_file",
+                   metavar="LIST",
+                   help="comma-separated paths (or @FILE: one path a line, or JSON lines "
+                        "{\"path\": ...}) to put first, before a prefetch landmark")
+    p.add_argument("--estargz-record-in", dest="record_in", metavar="FILE",
+                   help="prioritise the files of a record (JSON lines {\"path\": ...}, "
+                        "as ctr-remote optimize --record-out writes)")
+    p.add_argument("--zstdchunked", action="store_true",
+                   help="ctr-remote's zstd:chunked output: not supported yet (refused)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     add_registry_options(p)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import signal
 import sys
 import time
 
 from core import mount as m
 from core.errors import MountError
-from core.units import human_size
+from core.units import human_size, plural
 
+from ..textsafe import safe
+from .registry import add_registry_options
 from .registry import seconds_arg as _seconds
 
 MOUNT_EXAMPLES = """\
@@ -30,6 +34,7 @@ UNMOUNT_EXAMPLES = """\
 examples:
   stargz-tui unmount /mnt/app            fails (naming the processes) while files are in use
   stargz-tui unmount /mnt/app --force    force, then lazy detach; also cleans stale mounts
+  stargz-tui unmount --all --force       every stargz-tui mount (without --force busy ones stay)
 """
 
 MOUNTS_EXAMPLES = """\
@@ -46,7 +51,8 @@ CACHE_EXAMPLES = """\
 examples:
   stargz-tui cache             usage of the chunk cache
   stargz-tui cache --json
-  stargz-tui cache prune       delete every cached chunk
+  stargz-tui cache prune       delete every cached chunk (refused while a mount uses it)
+  stargz-tui cache prune --force   also under live mounts (they fetch again)
 """
 
 
@@ -67,6 +73,7 @@ def cmd_mount(args) -> int:
         cache_dir=args.cache_dir, cache_size=args.cache_size, debug=args.debug,
         prefetch_size=args.prefetch_size or 0, platform=args.platform, force=args.force,
         read_timeout=args.read_timeout,
+        insecure_registries=args.insecure_registry,
     )
     if args.layer is not None or m.FORK_DAEMONS:
         # one layer needs no event loop here: the daemon does all the fetching;
@@ -82,9 +89,10 @@ def cmd_mount(args) -> int:
         print("stargz-tui: warning: layers without a TOC digest are mounted unverified",
               file=sys.stderr)
     what = f"layer {rec['layers'][0]['index']}" if rec["kind"] == "layer" else \
-        f"{len(rec['layers'])} layers ({rec['overlay']})"
+        f"{plural(len(rec['layers']), 'layer')} ({rec['overlay']})"
     pids = ", ".join(str(e["pid"]) for e in rec["layers"])
-    print(f"mounted {rec['image']} ({what}) at {rec['mountpoint']} [daemon pid {pids}]")
+    print(f"mounted {safe(rec['image'])} ({what}) at {safe(rec['mountpoint'])} "
+          f"[daemon pid {pids}]")
     if args.foreground:
         return _foreground(rec)
     return 0
@@ -103,7 +111,7 @@ def _foreground(rec: dict) -> int:
         while not stop:
             st = m.mount_status(rec)
             if st["state"] != "serving":
-                print(f"stargz-tui: mount is no longer served: {st.get('reason', '')}",
+                print(f"stargz-tui: mount is no longer served: {safe(st.get('reason', ''))}",
                       file=sys.stderr)
                 break
             time.sleep(1.0)
@@ -112,12 +120,59 @@ def _foreground(rec: dict) -> int:
     return 0
 
 
+def _unmount_all(force: bool) -> int:
+    """Every recorded mount, each on its own: one busy mount does not keep the
+    others mounted; one line per failure on stderr, exit 1 if any failed."""
+    failed = 0
+    mounts = m.list_mounts()
+    for st in mounts:
+        try:
+            res = m.unmount(st["mountpoint"], force=force)
+        except MountError as e:
+            print(f"stargz-tui: {safe(e)}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"unmounted {safe(res['mountpoint'])}")
+    if not mounts:
+        print("no mounts")
+    return 1 if failed else 0
+
+
+def _refuse_own_use(mountpoint: str, force: bool) -> None:
+    """Our own working directory or standard input/output inside the mount
+    keeps it busy: say so, rather than naming this process (or, through the
+    resident server, its client, whose cwd and stdio a worker shares) among
+    the holders."""
+    if force:
+        return
+    mp = os.path.realpath(mountpoint)
+    prefix = mp.rstrip("/") + "/"
+
+    def inside(path: str) -> bool:
+        return path == mp or path.startswith(prefix)
+
+    with contextlib.suppress(OSError):
+        if inside(os.getcwd()):
+            raise MountError(f"{mp} is busy: the working directory of this command is inside "
+                             "it; run unmount from elsewhere (or use --force)")
+    for fd, name in ((0, "standard input"), (1, "standard output"), (2, "standard error")):
+        with contextlib.suppress(OSError):
+            if inside(os.readlink(f"/proc/self/fd/{fd}")):
+                raise MountError(f"{mp} is busy: the {name} of this command is a file inside "
+                                 "it (or use --force)")
+
+
 def cmd_unmount(args) -> int:
+    if args.all == (args.mountpoint is not None):
+        raise MountError("give a MOUNTPOINT or --all (not both)")
+    if args.all:
+        return _unmount_all(args.force)
+    _refuse_own_use(args.mountpoint, args.force)
     res = m.unmount(args.mountpoint, force=args.force)
     if res["status"] == "not-mounted":
-        print(f"{res['mountpoint']}: not mounted")
-    else:
-        print(f"unmounted {res['mountpoint']}")
+        # like umount(8): a path that is none of our mounts is an error
+        raise MountError(f"{res['mountpoint']}: not mounted (not a stargz-tui mount)")
+    print(f"unmounted {safe(res['mountpoint'])}")
     return 0
 
 
@@ -134,8 +189,8 @@ def cmd_mounts(args) -> int:
         total = st["chunksTotal"] or 0
         pct = 100.0 * st["chunksCached"] / total if total else 100.0
         bg = "done" if st["backgroundFetchDone"] else f"{pct:.0f}%"
-        print(f"{st['mountpoint']}  {st['state']}")
-        print(f"  image   {st['image']}  ({st['kind']}, {len(st['layers'])} layer(s)"
+        print(f"{safe(st['mountpoint'])}  {st['state']}")
+        print(f"  image   {safe(st['image'])}  ({st['kind']}, {plural(len(st['layers']), 'layer')}"
               + (f", {st['overlay']}" if st.get("overlay") else "") + ")")
         print(f"  pids    {', '.join(str(p) for p in st['pids'])}")
         if st["state"] == "serving":
@@ -145,25 +200,44 @@ def cmd_mounts(args) -> int:
             if st["digestErrors"] or st["readErrors"]:
                 print(f"  errors  {st['digestErrors']} digest, {st['readErrors']} read")
         else:
-            print(f"  stale:  {st.get('reason', '')} (`stargz-tui unmount --force "
-                  f"{st['mountpoint']}` cleans it up)")
+            print(f"  stale:  {safe(st.get('reason', ''))} (`stargz-tui unmount --force "
+                  f"{safe(st['mountpoint'])}` cleans it up)")
     return 0
+
+
+def _mounts_using_cache(cache_dir: str) -> list[str]:
+    """Mountpoints of live mounts whose daemons read chunks from ``cache_dir``
+    (as each daemon reports it: its stats name its cache's directory)."""
+    out = []
+    for st in m.list_mounts():
+        for lay in st["layers"]:
+            if ((lay.get("stats") or {}).get("cache") or {}).get("dir") == cache_dir:
+                out.append(st["mountpoint"])
+                break
+    return out
 
 
 def cmd_cache(args) -> int:
     if args.action == "prune":
+        cache_dir = m.cache_usage(args.cache_dir)["dir"]
+        users = _mounts_using_cache(cache_dir)
+        if users and not args.force:
+            # pruning would make those mounts fetch again what they had
+            raise MountError(f"{cache_dir} is in use by {plural(len(users), 'live mount')} "
+                             f"({', '.join(users)}); unmount them first or prune with --force")
         res = m.cache_prune(args.cache_dir)
         if args.json:
             print(json.dumps(res))
         else:
-            print(f"removed {res['removedChunks']} chunks ({human_size(res['removedBytes'])}) "
+            print(f"removed {plural(res['removedChunks'], 'chunk')} "
+                  f"({human_size(res['removedBytes'])}) "
                   f"from {res['dir']}")
         return 0
     u = m.cache_usage(args.cache_dir)
     if args.json:
         print(json.dumps(u))
     else:
-        print(f"{u['dir']}: {u['chunks']} chunks, {human_size(u['bytes'])} "
+        print(f"{u['dir']}: {plural(u['chunks'], 'chunk')}, {human_size(u['bytes'])} "
               f"(budget {human_size(u['maxBytes'])})")
     return 0
 
@@ -233,11 +307,13 @@ def register(subparsers) -> None:
     p.add_argument("--debug", action="store_true", help="trace FUSE requests in the daemon log")
     p.add_argument("--force", action="store_true",
                    help="mount onto a non-empty directory (its contents are hidden meanwhile)")
+    add_registry_options(p)
     p.set_defaults(func=cmd_mount)
 
     p = subparsers.add_parser("unmount", aliases=["umount"], help="unmount a stargz-tui mount",
                               epilog=UNMOUNT_EXAMPLES, formatter_class=fmt)
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    p.add_argument("--all", "-a", action="store_true", help="unmount every stargz-tui mount")
     p.add_argument("--force", "-f", action="store_true",
                    help="force / lazily detach a busy mount and stop its daemons")
     p.set_defaults(func=cmd_unmount)
@@ -252,6 +328,8 @@ def register(subparsers) -> None:
     p.add_argument("action", nargs="?", choices=["show", "prune"], default="show")
     p.add_argument("--json", action="store_true")
     p.add_argument("--cache-dir", metavar="DIR")
+    p.add_argument("--force", "-f", action="store_true",
+                   help="prune even while live mounts use the cache")
     p.set_defaults(func=cmd_cache)
 
     p = subparsers.add_parser(

@@ -14,6 +14,8 @@ import sys
 from core.errors import AuthError, CoreError
 from core.reference import parse_reference, parse_registry
 
+from ..textsafe import safe
+
 
 class UsageError(CoreError):
     """A command was given inconsistent input."""
@@ -66,7 +68,7 @@ async def cmd_repos(args) -> int:
                 break
             names.append(name)
             if not args.json:
-                print(name, flush=False)
+                print(safe(name), flush=False)
     finally:
         await client.aclose()
     if args.json:
@@ -105,7 +107,7 @@ async def cmd_tags(args) -> int:
         print()
     else:
         for t in tags:
-            print(t)
+            print(safe(t))
         if truncated:
             print(f"(stopped after {args.limit}; use --limit to see more)", file=sys.stderr)
     return 0
@@ -144,7 +146,7 @@ async def cmd_login(args) -> int:
             kind = await client.check_login()
         except AuthError:
             raise AuthError(f"login to {registry} failed: the registry rejected the "
-                            f"credentials for user '{username}'") from None
+                            f"credentials for user '{safe(username)}'") from None
     finally:
         await client.aclose()
     credentials.store(registry, creds)

@@ -185,7 +185,9 @@ def _our_daemons(under: str = "") -> list[int]:
                 cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
             except OSError:
                 continue
-            if b"core.daemon" in cmd and any(under.encode() in a for a in cmd):
+            # a daemon names itself "stargz-tui-daemon layer N MOUNTPOINT"
+            named = cmd[0].startswith(b"stargz-tui-daemon")
+            if (named or b"core.daemon" in cmd) and any(under.encode() in a for a in cmd):
                 out.append(int(d))
     return out
 
