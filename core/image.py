@@ -41,8 +41,18 @@ LAYER_TYPES = (
 # Annotations.
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+# zstd:chunked, as containers/storage writes it: the older generation (podman
+# 4.x) under ``io.containers.``, the current one under ``io.github.containers.``.
+# The manifest checksum (sha256 of the compressed TOC) is that format's TOC
+# trust anchor, as the toc.digest annotation is eStargz's.
 ZSTD_MANIFEST_CHECKSUM_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
 ZSTD_MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-position"
+ZSTD2_PREFIX = "io.github.containers.zstd-chunked."
+ZSTD2_MANIFEST_CHECKSUM_ANNOTATION = ZSTD2_PREFIX + "manifest-checksum"
+ZSTD2_MANIFEST_POSITION_ANNOTATION = ZSTD2_PREFIX + "manifest-position"
+ZSTD2_TARSPLIT_POSITION_ANNOTATION = ZSTD2_PREFIX + "tarsplit-position"
+ZSTD_MANIFEST_CHECKSUM_ANNOTATIONS = (ZSTD2_MANIFEST_CHECKSUM_ANNOTATION,
+                                      ZSTD_MANIFEST_CHECKSUM_ANNOTATION)
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 
 # Manifests and configs are small; refuse to buffer anything larger.
@@ -210,8 +220,26 @@ class LayerDescriptor:
             return None
 
     @property
+    def zstd_manifest_checksum_key(self) -> str | None:
+        """Which manifest-checksum annotation the layer carries (the current
+        generation's first), or None."""
+        for key in ZSTD_MANIFEST_CHECKSUM_ANNOTATIONS:
+            if self.annotations.get(key):
+                return key
+        return None
+
+    @property
     def zstd_manifest_checksum(self) -> str | None:
-        return self.annotations.get(ZSTD_MANIFEST_CHECKSUM_ANNOTATION)
+        key = self.zstd_manifest_checksum_key
+        return self.annotations[key] if key else None
+
+    @property
+    def toc_anchor(self) -> str | None:
+        """The annotation that anchors trust in the layer's TOC: eStargz's
+        toc.digest, else a zstd:chunked manifest checksum; None without one."""
+        if self.toc_digest_annotation:
+            return TOC_DIGEST_ANNOTATION
+        return self.zstd_manifest_checksum_key
 
 
 @dataclass

@@ -17,7 +17,7 @@ from .estargz import iter_file, load_layer_index, read_footer
 from .estargz.footer import Format
 from .estargz.plain import build_plain_index, iter_plain_file
 from .estargz.toc import DIR, REG, SYMLINK, Entry, LayerIndex
-from .image import Image, LayerDescriptor
+from .image import TOC_DIGEST_ANNOTATION, Image, LayerDescriptor
 from .overlay import MergedTree
 from .verify import chain_ids
 
@@ -43,7 +43,10 @@ def _prefetch_size(ix: LayerIndex) -> int | None:
 
 async def layer_info(image: Image, desc: LayerDescriptor) -> dict:
     """One layer's summary (the items of ``inspect --json``'s ``layers``)."""
-    ann = desc.toc_digest_annotation
+    # The TOC's trust anchor: eStargz's toc.digest, else a zstd:chunked
+    # manifest checksum (the sha256 of the compressed TOC, not of its JSON).
+    anchor = desc.toc_anchor
+    ann = desc.annotations.get(anchor) if anchor else None
     info: dict = {
         "index": desc.index,
         "digest": desc.digest,
@@ -53,6 +56,7 @@ async def layer_info(image: Image, desc: LayerDescriptor) -> dict:
         "tocDigest": None,
         "tocDigestAnnotated": ann,
         "tocDigestVerified": None,
+        "tocDigestAnchor": anchor,
         "diffID": desc.diff_id,
         "uncompressedSize": desc.uncompressed_size_annotation,
         "entries": None,
@@ -63,6 +67,7 @@ async def layer_info(image: Image, desc: LayerDescriptor) -> dict:
         "tocOffset": None,
         "tocSize": None,
         "manifestChecksumAnnotated": desc.zstd_manifest_checksum,
+        "manifestChecksum": None,
         "annotations": dict(desc.annotations),
         "error": None,
     }
@@ -81,7 +86,10 @@ async def layer_info(image: Image, desc: LayerDescriptor) -> dict:
         info["error"] = str(e)
         return info
     info["tocDigest"] = ix.toc_digest
-    info["tocDigestVerified"] = (ix.toc_digest == ann) if ann else None
+    info["manifestChecksum"] = ix.manifest_checksum
+    if ann:
+        computed = ix.toc_digest if anchor == TOC_DIGEST_ANNOTATION else ix.manifest_checksum
+        info["tocDigestVerified"] = computed == ann
     info["entries"] = sum(1 for e in ix.iter_entries() if e.id != 0)
     info["chunks"] = ix.num_chunks
     info["prefetchSize"] = _prefetch_size(ix)

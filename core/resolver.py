@@ -84,8 +84,10 @@ class Resolver:
 
     async def _resolve(self, store, desc, allow_unverified: bool) -> ResolvedLayer:
         expected = desc.toc_digest_annotation
+        # zstd:chunked layers are anchored by their manifest checksum instead.
+        manifest_checksum = getattr(desc, "zstd_manifest_checksum", None)
         warnings = []
-        if not expected:
+        if not (expected or manifest_checksum):
             if not allow_unverified:
                 # say "plain gzip" rather than "no annotation" when that is the real story
                 probe = store.blob_source(desc.digest, desc.size)
@@ -102,7 +104,8 @@ class Resolver:
                         "cannot be read lazily (convert it to eStargz)")
                 raise DigestMismatchError(
                     f"layer {desc.digest[:19]} has no TOC digest annotation "
-                    "(containerd.io/snapshot/stargz/toc.digest); refusing to mount it "
+                    "(containerd.io/snapshot/stargz/toc.digest, or a zstd:chunked "
+                    "manifest-checksum); refusing to mount it "
                     "(--allow-unverified mounts it anyway)")
             warnings.append(f"layer {desc.digest[:19]} has no TOC digest annotation: "
                             "its TOC is not verified")
@@ -112,7 +115,7 @@ class Resolver:
             with anyio.fail_after(self.timeout):
                 index = await load_layer_index(
                     source, expected_toc_digest=expected,
-                    expected_manifest_checksum=getattr(desc, "zstd_manifest_checksum", None))
+                    expected_manifest_checksum=manifest_checksum)
         except TimeoutError:
             await _close(source)
             raise MountError(
@@ -122,7 +125,7 @@ class Resolver:
             await _close(source)
             raise
         return ResolvedLayer(digest=desc.digest, index=index, source=source, descriptor=desc,
-                             verified=bool(expected), warnings=warnings)
+                             verified=bool(expected or manifest_checksum), warnings=warnings)
 
     def release(self, digest: str) -> None:
         layer = self._layers.get(digest)

@@ -245,6 +245,13 @@ class LayerIndex:
         self.prefetch_end: int | None = None
         self.no_prefetch = False
         self.toc_size = 0  # compressed bytes of the TOC region
+        # zstd:chunked only (filled in by core/estargz/zstdchunked.py): the
+        # sha256 of the compressed TOC (what the manifest-checksum annotation
+        # states), the Chunk.index of "zeros" chunks (holes, served without
+        # fetching), and where the tar-split lives (None: not in the blob).
+        self.manifest_checksum: str | None = None
+        self.zero_chunks: frozenset[int] = frozenset()
+        self.tar_split = None
         self.warnings: list[str] = []
         # Per-entry columns.
         self._names: list[str] = []

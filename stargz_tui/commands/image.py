@@ -150,9 +150,15 @@ async def cmd_inspect(args) -> int:
         print(f"stargz-tui: layer {la['index']}: {la['error']}", file=sys.stderr)
     bad = [la for la in data["layers"] if la["tocDigestVerified"] is False]
     for la in bad:
-        print(f"stargz-tui: layer {la['index']}: TOC digest mismatch: annotated "
-              f"{la['tocDigestAnnotated']}, computed {la['tocDigest']}", file=sys.stderr)
+        computed = la["manifestChecksum"] if _by_checksum(la) else la["tocDigest"]
+        print(f"stargz-tui: layer {la['index']}: TOC digest mismatch: {la['tocDigestAnchor']} "
+              f"annotation says {la['tocDigestAnnotated']}, computed {computed}", file=sys.stderr)
     return 1 if failed or bad else 0
+
+
+def _by_checksum(la: dict) -> bool:
+    """The layer's TOC is anchored by a zstd:chunked manifest checksum."""
+    return bool(la["tocDigestAnchor"]) and la["tocDigestAnchor"].endswith("manifest-checksum")
 
 
 def _print_layer(la: dict) -> None:
@@ -164,6 +170,9 @@ def _print_layer(la: dict) -> None:
     if la["tocDigest"] or la["tocDigestAnnotated"]:
         state = {True: "verified", False: "MISMATCH", None: "not annotated"}[la["tocDigestVerified"]]
         print(f"      TOC digest:   {la['tocDigest'] or '-'} ({state})")
+        if _by_checksum(la):
+            # zstd:chunked: the anchor is the digest of the compressed TOC.
+            print(f"      anchored by:  {la['tocDigestAnchor']} ({la['manifestChecksum'] or '-'})")
         if la["tocDigestVerified"] is False:
             print(f"      annotated:    {la['tocDigestAnnotated']}")
     if la["entries"] is not None:
