@@ -106,3 +106,23 @@ def test_flipped_manifest_checksum_refuses_the_mount(mount_env, podman_registry)
     r = mount_env.cli("inspect", ref, "--json")
     assert r.returncode == 1
     assert json.loads(r.stdout)["layers"][0]["tocDigestVerified"] is False
+
+
+def test_verify_full_says_podman_rewrote_the_layer(mount_env, podman_registry):
+    """podman 4.3 re-emits the tar, so the blob's diffID is not the config's:
+    verify --full fails on it, in one line that says why and that the files
+    verify (every chunk and file digest held)."""
+    ref = f"{podman_registry.host}/podman/mini:zc"
+    r = mount_env.cli("verify", ref, "--full", "--json")
+    assert r.returncode == 1
+    checks = json.loads(r.stdout)["checks"]
+    diff = [c for c in checks if c["name"] == "diff-id"]
+    assert diff and all(not c["ok"] for c in diff)
+    for c in diff:
+        assert "rewritten by its producer" in c["message"]
+        assert "files themselves verify" in c["message"]
+    assert all(c["ok"] for c in checks if c["name"] in ("chunks", "files", "manifest-checksum",
+                                                         "blob-digest"))
+    r = mount_env.cli("verify", ref, "--full")
+    lines = [ln for ln in r.stderr.splitlines() if "diff-id" in ln]
+    assert len(lines) == 2 and all("rewritten by its producer" in ln for ln in lines)

@@ -19,6 +19,7 @@ from ..errors import DigestMismatchError, FormatError
 from ..source import BlobSource
 from .footer import MAX_FOOTER_SIZE, Footer, Format, parse_footer
 from .toc import TOC_TAR_NAME, LayerIndex, build_index
+from .zstdchunked import annotate_index
 
 # How much of the tail to read in the first request: the footer and the TOC
 # of a layer with up to several thousand files (a compressed TOC takes ~30 B
@@ -162,6 +163,8 @@ def parse_toc_region(footer: Footer, region: bytes, *, blob_digest: str, blob_si
     ix.toc_digest = check_digest()
     ix.toc_size = len(region)
     ix.manifest_checksum = manifest_checksum
+    if footer.format == Format.ZSTDCHUNKED:
+        annotate_index(ix, toc_json, footer.tar_split)
     return ix
 
 

@@ -14,6 +14,7 @@ from ..errors import DigestMismatchError, FormatError
 from ..source import BlobSource
 from .chunks import decode_chunk
 from .toc import REG, Chunk, Entry, LayerIndex
+from .zstdchunked import zero_chunk_data
 
 # Merge neighbouring chunks into one request up to this many compressed bytes.
 COALESCE_BYTES = 4 << 20
@@ -34,7 +35,13 @@ def _groups(chunks: list[Chunk]) -> list[list[Chunk]]:
 async def fetch_chunks(index: LayerIndex, source: BlobSource, chunks: list[Chunk]):
     """Yield ``(chunk, data)`` for ``chunks``, verified, fetching neighbours
     together. Raises :class:`ChunkDigestError` for a chunk that fails."""
-    ordered = sorted(chunks, key=lambda c: (c.offset, c.inner_offset))
+    # Holes (zstd:chunked "zeros" chunks) are made here, never fetched.
+    zeros = index.zero_chunks
+    for c in chunks:
+        if c.index in zeros:
+            yield c, zero_chunk_data(c, index.path_of(c.entry_id))
+    ordered = sorted((c for c in chunks if c.index not in zeros),
+                     key=lambda c: (c.offset, c.inner_offset))
     for group in _groups(ordered):
         start = group[0].offset
         end = max(c.end for c in group)
