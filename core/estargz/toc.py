@@ -882,6 +882,8 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
                                              for k in chunks.owners]))
     for owner, i in chunk_refs:
         chunks.add(_chunk_record(owner, ents[i], path_of(owner), blob_size))
+    if chunk_refs:
+        _move_end_hints(chunks, {owner for owner, _ in chunk_refs})
     del fields
     ix.no_prefetch = NO_PREFETCH_LANDMARK in landmark_offsets
     if PREFETCH_LANDMARK in landmark_offsets:
@@ -1029,6 +1031,26 @@ def _chunk_record(owner: int, raw: _TocEntry, path: str, blob_size: int) -> tupl
         _int(raw.innerOffset, "innerOffset", path),
         None if raw.chunkDigest is _NO_DIGEST else _digest_bytes(raw.chunkDigest),
     )
+
+
+def _move_end_hints(cc: _ChunkColumns, multi: set[int]) -> None:
+    """zstd:chunked's ``endOffset`` (on a file's first entry) ends the file's
+    *last* chunk: for files of several chunks, move it there, or the first
+    chunk's extent would run over all the others (and a read of it fetch
+    them, holes included)."""
+    last: dict[int, int] = {}
+    hint_of: dict[int, int] = {}
+    for k, owner in enumerate(cc.owners):
+        if owner not in multi:
+            continue
+        if cc.hints[k] is not None:
+            hint_of[owner] = cc.hints[k]
+            cc.hints[k] = None
+        j = last.get(owner)
+        if j is None or cc.file_offs[k] > cc.file_offs[j]:
+            last[owner] = k
+    for owner, hint in hint_of.items():
+        cc.hints[last[owner]] = hint
 
 
 def _resolve_hardlinks(ix: LayerIndex, hardlinks, by_path) -> None:
