@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 
 import httpx
 
@@ -27,7 +28,8 @@ class Podman:
     def __init__(self, workdir: str):
         self.workdir = workdir
         self.root = os.path.join(workdir, "root")
-        self.runroot = os.path.join(workdir, "run")
+        # podman refuses a runroot path longer than 50 characters.
+        self.runroot = tempfile.mkdtemp(prefix="sgz-pm-")
         os.makedirs(self.root, exist_ok=True)
         os.makedirs(self.runroot, exist_ok=True)
         self.policy = self._write("policy.json", json.dumps(

@@ -82,7 +82,7 @@ def clean_entry_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------- input
-def _open_tar_input(src, tmpdir: str | None, check: Callable[[], None]):
+def open_tar_input(src, tmpdir: str | None, check: Callable[[], None]):
     """A seekable binary file holding the uncompressed tar, and a cleanup."""
     own = None
     if isinstance(src, (str, os.PathLike)):
@@ -248,7 +248,7 @@ class _Output:
         self._emit(data)
 
 
-def _modtime(mtime) -> str:
+def toc_modtime(mtime) -> str:
     try:
         t = round(float(mtime))
     except (TypeError, ValueError):
@@ -261,7 +261,7 @@ def _modtime(mtime) -> str:
         return ""
 
 
-def _xattrs(ti: tarfile.TarInfo) -> dict[str, str]:
+def tar_xattrs(ti: tarfile.TarInfo) -> dict[str, str]:
     out = {}
     for k, v in ti.pax_headers.items():
         if k.startswith("SCHILY.xattr."):
@@ -312,7 +312,7 @@ def build_estargz(src, dst, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
         if cancel is not None and cancel.is_set():
             raise ConversionCancelled("conversion cancelled")
 
-    f, cleanup = _open_tar_input(src, tmpdir, check)
+    f, cleanup = open_tar_input(src, tmpdir, check)
     own_dst = None
     try:
         members = _scan(f)
@@ -386,7 +386,7 @@ def _write(f, dst, ordered, chunk_size, level, check, progress) -> WriteResult:
                      "type": typ}
         if typ == "reg" and ti.size:
             ent["size"] = ti.size
-        mt = _modtime(ti.mtime)
+        mt = toc_modtime(ti.mtime)
         if mt:
             ent["modtime"] = mt
         if typ in ("symlink", "hardlink"):
@@ -408,7 +408,7 @@ def _write(f, dst, ordered, chunk_size, level, check, progress) -> WriteResult:
                 ent["devMajor"] = ti.devmajor
             if ti.devminor:
                 ent["devMinor"] = ti.devminor
-        xa = _xattrs(ti)
+        xa = tar_xattrs(ti)
         if xa:
             ent["xattrs"] = xa
         out.open_gz()

@@ -67,6 +67,7 @@ examples:
   stargz-tui convert oci:./layout:mini-gzip oci:./out:mini-esgz
   stargz-tui convert oci:./layout:app oci:./layout:app-esgz --chunk-size 64K
   stargz-tui convert oci:./layout:app oci:./out:app --prioritize-file etc/os-release,bin/sh
+  stargz-tui convert oci:./layout:app oci:./out:app-zc --format zstd:chunked
 
 The destination layout is created when missing; an existing one gets the tag
 added (replacing an older image of that tag). Prioritised files (comma
@@ -285,7 +286,8 @@ async def cmd_convert(args) -> int:
 
     try:
         result = await convert_image(image, writer, tag=dst.tag, chunk_size=args.chunk_size,
-                                     prioritized_files=prioritized, progress=progress)
+                                     prioritized_files=prioritized, progress=progress,
+                                     format=args.format)
     finally:
         await image.store.aclose()
         await writer.aclose()
@@ -359,6 +361,9 @@ def register(subparsers) -> None:
                    help="chunk size in bytes (K/M suffixes allowed; default 4M)")
     p.add_argument("--prioritize-file", metavar="LIST",
                    help="comma-separated paths (or @FILE) to put first, before a prefetch landmark")
+    p.add_argument("--format", choices=("estargz", "zstd:chunked"), default="estargz",
+                   help="layer format: eStargz (default) or zstd:chunked (containers/storage's "
+                   "current generation; diffIDs unchanged)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     add_registry_options(p)
