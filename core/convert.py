@@ -229,6 +229,12 @@ async def convert_image(image: Image, writer: ImageWriter, *, tag: str | None = 
     converted: list[LayerConversion] = []
     new_layers: list[dict] = []
     for desc in image.layers:
+        if desc.foreign:
+            # Not ours to fetch or redistribute: the descriptor goes over as it is.
+            converted.append(LayerConversion(desc.index, desc.digest, desc.digest, desc.size,
+                                             desc.diff_id or "", "", 0))
+            new_layers.append(dict(image.manifest["layers"][desc.index]))
+            continue
         source = image.store.blob_source(desc.digest, desc.size)
         with tempfile.TemporaryDirectory(dir=tmpdir, prefix="stargz-tui-convert-") as tmp:
             src_path = os.path.join(tmp, "in")

@@ -38,6 +38,15 @@ LAYER_TYPES = (
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 )
 
+# Non-distributable ("foreign") layers: their blobs live at the descriptor's
+# ``urls``, outside the registry, under their owner's terms; we never fetch them.
+FOREIGN_LAYER_TYPES = (
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+)
+
 # Annotations.
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
@@ -206,6 +215,17 @@ class LayerDescriptor:
     size: int
     annotations: dict = field(default_factory=dict)
     diff_id: str | None = None
+    urls: list[str] = field(default_factory=list)
+
+    @property
+    def foreign(self) -> bool:
+        """A non-distributable layer (see FOREIGN_LAYER_TYPES)."""
+        return self.media_type in FOREIGN_LAYER_TYPES
+
+    def foreign_reason(self) -> str:
+        where = f" at {self.urls[0]}" if self.urls else ""
+        return (f"layer {self.index} is a non-distributable (foreign) layer ({self.media_type}) "
+                f"whose blob lives outside the registry{where}; stargz-tui does not fetch it")
 
     @property
     def toc_digest_annotation(self) -> str | None:
@@ -413,6 +433,7 @@ def _make_image(ref: Reference, store: ImageStore, doc: dict, data: bytes, media
             index=i, digest=ld["digest"], media_type=ld.get("mediaType", ""), size=size,
             annotations=dict(ld.get("annotations") or {}),
             diff_id=diff_ids[i] if i < len(diff_ids) else None,
+            urls=[u for u in ld.get("urls") or [] if isinstance(u, str)],
         ))
     return Image(
         reference=ref, store=store, manifest_digest=digest, manifest=doc, config=config,

@@ -16,7 +16,7 @@ from .errors import CoreError, FormatError, NotFoundError
 from .estargz import iter_file, load_layer_index, read_footer
 from .estargz.footer import Format
 from .estargz.plain import build_plain_index, iter_plain_file
-from .estargz.toc import DIR, REG, SYMLINK, Entry, LayerIndex
+from .estargz.toc import DIR, HARDLINK, REG, SYMLINK, Entry, LayerIndex
 from .image import TOC_DIGEST_ANNOTATION, Image, LayerDescriptor
 from .overlay import MergedTree
 from .verify import chain_ids
@@ -29,7 +29,10 @@ async def load_index(image: Image, desc: LayerDescriptor, *,
                      progress: Callable[[int, int], None] | None = None) -> LayerIndex:
     """The entry index of a layer: its TOC for lazy formats (not checked
     against the annotation here: ``layer_info`` and ``core.verify`` compare),
-    or, for plain tar/gzip/zstd layers, an index built by streaming the blob."""
+    or, for plain tar/gzip/zstd layers, an index built by streaming the blob.
+    Foreign layers are refused (their blobs are not the registry's to give)."""
+    if desc.foreign:
+        raise FormatError(desc.foreign_reason())
     source = image.store.blob_source(desc.digest, desc.size)
     footer = await read_footer(source)
     if footer.format in Format.LAZY:
@@ -69,8 +72,12 @@ async def layer_info(image: Image, desc: LayerDescriptor) -> dict:
         "manifestChecksumAnnotated": desc.zstd_manifest_checksum,
         "manifestChecksum": None,
         "annotations": dict(desc.annotations),
+        "foreign": desc.foreign,
+        "urls": list(desc.urls),
         "error": None,
     }
+    if desc.foreign:
+        return info  # shown, never fetched
     try:
         source = image.store.blob_source(desc.digest, desc.size)
         footer = await read_footer(source)
@@ -276,8 +283,28 @@ class ImageTree:
             raise NotFoundError(f"{path}: no such file or directory in the image")
         return p, hit[0], hit[1]
 
+    def hardlink_below(self, li: int, e: Entry) -> tuple[int, Entry] | None:
+        """The file a hardlink names in the layers below its own, when its
+        target is not in its layer (overlayfs links it to that file)."""
+        if self.raw or e.type_code != HARDLINK or e.target_id is not None or li == 0:
+            return None
+        hit = MergedTree(self.indexes[:li]).lookup(e.link_name)
+        if hit is None or hit[1].type_code not in (REG, HARDLINK):
+            return None
+        t = hit[1]
+        if t.type_code == HARDLINK:
+            if t.target_id is None:
+                return self.hardlink_below(hit[0], t)
+            t = self.indexes[hit[0]].entry(t.target_id)
+        return hit[0], t
+
     def record(self, path: str, li: int, e: Entry) -> dict:
-        return entry_record(e, path, self.layer_no(li))
+        rec = entry_record(e, path, self.layer_no(li))
+        below = self.hardlink_below(li, e)
+        if below is not None:  # the merged file is the earlier layer's
+            t = below[1]
+            rec.update(size=t.size, mode=t.mode, uid=t.uid, gid=t.gid)
+        return rec
 
     def list(self, path: str = "", *, recursive: bool = False) -> list[dict]:
         """Entry records under ``path`` (sorted by path), or the entry itself
@@ -305,6 +332,9 @@ class ImageTree:
         p, li, e = self.resolve(path)
         if e.type_code == DIR:
             raise FormatError(f"{path}: is a directory")
+        below = self.hardlink_below(li, e)
+        if below is not None:
+            li, e = below
         if e.type_code not in (REG,) and e.target_id is None:
             raise FormatError(f"{path}: is a {e.type}, not a regular file")
         ix = self.indexes[li]

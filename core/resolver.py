@@ -83,6 +83,8 @@ class Resolver:
             ev.set()
 
     async def _resolve(self, store, desc, allow_unverified: bool) -> ResolvedLayer:
+        if getattr(desc, "foreign", False):
+            raise MountError(desc.foreign_reason() + ": not mounted")
         expected = desc.toc_digest_annotation
         # zstd:chunked layers are anchored by their manifest checksum instead.
         manifest_checksum = getattr(desc, "zstd_manifest_checksum", None)
@@ -124,6 +126,12 @@ class Resolver:
         except BaseException:
             await _close(source)
             raise
+        if index.outside_hardlinks:
+            await _close(source)
+            e = index.entry(index.outside_hardlinks[0])
+            raise MountError(
+                f"layer {desc.digest[:19]} has a hardlink {e.path} to {e.link_name}, a file of "
+                "an earlier layer: a layer mount cannot serve it (ls and cat read it)")
         return ResolvedLayer(digest=desc.digest, index=index, source=source, descriptor=desc,
                              verified=bool(expected or manifest_checksum), warnings=warnings)
 

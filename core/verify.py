@@ -142,6 +142,8 @@ async def verify_toc(image: Image, desc: LayerDescriptor, *,
     layer has no TOC or it could not be read) and the detected format."""
     n = desc.index
     checks: list[Check] = []
+    if desc.foreign:
+        return [Check("layer", True, desc.foreign_reason(), n, skipped=True)], None, "?"
     try:
         source = image.store.blob_source(desc.digest, desc.size)
         if progress:
@@ -527,7 +529,12 @@ async def verify_image(image: Image, *, layers: list | None = None, full: bool =
             result.diff_ids[desc.index] = lv.diff_id
         if lv.toc_digest:
             result.toc_digests[desc.index] = lv.toc_digest
-    if full and layers is None and image.layers:
+    foreign = [d.index for d in image.layers if d.foreign]
+    if full and layers is None and image.layers and foreign:
+        result.checks.append(Check(
+            "chain-id", True, f"not computed: layer(s) {', '.join(map(str, foreign))} are "
+            "foreign and not fetched", skipped=True))
+    elif full and layers is None and image.layers:
         computed = [result.diff_ids.get(d.index) for d in image.layers]
         if all(computed) and computed == list(diff_ids):
             result.chain_ids = chain_ids(computed)

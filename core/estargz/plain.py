@@ -162,15 +162,19 @@ def _rfc3339(mtime) -> str:
 
 _TYPES = {
     tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg", tarfile.CONTTYPE: "reg",
+    tarfile.GNUTYPE_SPARSE: "reg",
     tarfile.LNKTYPE: "hardlink", tarfile.SYMTYPE: "symlink", tarfile.DIRTYPE: "dir",
     tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
 }
 
 
-def _scan_tar(fileobj) -> tuple[list[dict], int]:
-    """TOC-shaped entries for every member of a tar stream, and the stream's
-    length up to the end of the last member."""
+def _scan_tar(fileobj) -> tuple[list[dict], int, dict[str, tuple]]:
+    """TOC-shaped entries for every member of a tar stream, the stream's
+    length up to the end of the last member, and the sparse map of each
+    sparse file (name -> ((file offset, length), ...) of its stored data,
+    which follows its header packed, without the holes)."""
     entries: list[dict] = []
+    sparse: dict[str, tuple] = {}
     end = 0
     try:
         tf = tarfile.open(fileobj=fileobj, mode="r|", encoding="utf-8",
@@ -209,6 +213,8 @@ def _scan_tar(fileobj) -> tuple[list[dict], int]:
                 if m.size:
                     e["offset"] = m.offset_data
                     e["chunkSize"] = m.size
+                if m.issparse():
+                    sparse[m.name] = tuple((off, n) for off, n in m.sparse if n)
             entries.append(e)
             tf.members = []
             end = m.offset_data + ((m.size + 511) & ~511 if m.isreg() else 0)
@@ -216,7 +222,7 @@ def _scan_tar(fileobj) -> tuple[list[dict], int]:
         raise FormatError(f"layer is not a valid tar stream: {e}") from None
     except EOFError:
         raise FormatError("layer's tar stream is truncated") from None
-    return entries, end
+    return entries, end, sparse
 
 
 async def build_plain_index(source: BlobSource, fmt: str,
@@ -226,11 +232,16 @@ async def build_plain_index(source: BlobSource, fmt: str,
 
     def work():
         raw = io.BufferedReader(_SourceFile(source, stop, progress), PIECE)
-        entries, end = _scan_tar(io.BufferedReader(_decompressed(raw, fmt), 1 << 20))
+        entries, end, sparse = _scan_tar(io.BufferedReader(_decompressed(raw, fmt), 1 << 20))
         total = max(end, 1) + 1
-        return build_index({"version": 1, "entries": entries}, format=fmt,
-                           blob_digest=source.digest, blob_size=total,
-                           toc_digest="", toc_offset=total)
+        ix = build_index({"version": 1, "entries": entries}, format=fmt,
+                         blob_digest=source.digest, blob_size=total,
+                         toc_digest="", toc_offset=total)
+        for name, smap in sparse.items():
+            e = ix.lookup(name)
+            if e is not None:
+                ix.sparse_maps[e.id] = smap
+        return ix
 
     try:
         ix = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
@@ -253,6 +264,12 @@ async def iter_plain_file(index: LayerIndex, source: BlobSource, entry: Entry,
     if not chunks:
         return
     start, size = chunks[0].offset, target.size
+    smap = index.sparse_maps.get(target.id)
+    if smap is not None:
+        async for piece in _expand_sparse(_stored(index, source, start,
+                                                  sum(n for _, n in smap)), smap, size):
+            yield piece
+        return
     inflater = Inflater(index.format)
     pos = 0  # uncompressed position
     sent = 0
@@ -269,3 +286,51 @@ async def iter_plain_file(index: LayerIndex, source: BlobSource, entry: Entry,
         if sent >= size:
             return
     raise FormatError(f"{entry.path}: layer ends before the file's data")
+
+
+async def _stored(index: LayerIndex, source: BlobSource, start: int, size: int):
+    """``size`` bytes of the uncompressed stream from ``start``."""
+    inflater = Inflater(index.format)
+    pos = sent = 0
+    async for piece in stream_blob(source):
+        out = await anyio.to_thread.run_sync(inflater.feed, piece)
+        lo = max(start - pos, 0)
+        hi = min(start + size - pos, len(out))
+        pos += len(out)
+        if hi > lo:
+            sent += hi - lo
+            yield out[lo:hi]
+        if sent >= size:
+            return
+    raise FormatError("layer ends before a sparse file's data")
+
+
+async def _expand_sparse(stored, smap: tuple, size: int, window: int = 1 << 20):
+    """A sparse file's bytes: its stored data placed at the map's offsets,
+    zeros in between and up to ``size``."""
+    pos = 0  # file offset written so far
+    regions = list(smap)
+    ri = 0
+    left = regions[0][1] if regions else 0
+    async for piece in stored:
+        view = memoryview(piece)
+        while view:
+            while ri < len(regions) and left == 0:
+                ri += 1
+                left = regions[ri][1] if ri < len(regions) else 0
+            if ri >= len(regions):
+                break
+            off = regions[ri][0] + regions[ri][1] - left
+            while pos < off:
+                n = min(window, off - pos)
+                yield bytes(n)
+                pos += n
+            take = min(left, len(view))
+            yield bytes(view[:take])
+            view = view[take:]
+            pos += take
+            left -= take
+    while pos < size:
+        n = min(window, size - pos)
+        yield bytes(n)
+        pos += n

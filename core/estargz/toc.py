@@ -252,6 +252,11 @@ class LayerIndex:
         self.manifest_checksum: str | None = None
         self.zero_chunks: frozenset[int] = frozenset()
         self.tar_split = None
+        # Hardlinks whose target is not in this layer (entry ids), and, for
+        # plain layers, the sparse map of each sparse file (entry id ->
+        # ((file offset, length), ...) of its stored data).
+        self.outside_hardlinks: list[int] = []
+        self.sparse_maps: dict[int, tuple[tuple[int, int], ...]] = {}
         self.warnings: list[str] = []
         # Per-entry columns.
         self._names: list[str] = []
@@ -1072,7 +1077,12 @@ def _resolve_hardlinks(ix: LayerIndex, hardlinks, by_path) -> None:
                 nxt = by_path.get(_norm_name(nxt_link))
             tid = nxt
         if tid is None:
-            raise FormatError(f"hardlink {ix.path_of(id)!r} points to a missing entry {link!r}")
+            # Its target is a file of an earlier layer (overlayfs links it
+            # there): the merged view resolves it; the layer alone cannot.
+            ix.outside_hardlinks.append(id)
+            ix.warnings.append(f"hardlink {ix.path_of(id)!r} points to {link!r}, which is not "
+                               "in this layer (a file of an earlier layer)")
+            continue
         if ix._types[tid] == DIR:
             raise FormatError(f"hardlink {ix.path_of(id)!r} points to a directory")
         ix._extras.setdefault(id, {})["target"] = tid

@@ -166,6 +166,9 @@ def _print_layer(la: dict) -> None:
     print(f"\n  [{la['index']}] {la['digest']}")
     print(f"      media type:   {la['mediaType']}")
     print(f"      format:       {la['format'] or '?'}")
+    if la.get("foreign"):
+        where = la["urls"][0] if la.get("urls") else "no URL given"
+        print(f"      foreign:      non-distributable, not fetched ({where})")
     print(f"      size:         {human_size(la['size'])} compressed, "
           f"{human_size(la['uncompressedSize'])} uncompressed")
     if la["tocDigest"] or la["tocDigestAnnotated"]:
