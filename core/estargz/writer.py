@@ -282,6 +282,19 @@ _TYPES = {
 }
 
 
+def require_utf8(ti: tarfile.TarInfo) -> None:
+    """Refuse a member whose name or link target is not UTF-8: a TOC is JSON,
+    which holds only Unicode (Go's writers would silently turn such bytes
+    into U+FFFD, naming another file)."""
+    for what, text in (("name", ti.name), ("link target", ti.linkname)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise FormatError(f"tar member '{shown}': its {what} is not UTF-8, which a TOC "
+                              "(JSON) cannot hold") from None
+
+
 def _header(ti: tarfile.TarInfo) -> bytes:
     try:
         return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
@@ -381,6 +394,7 @@ def _write(f, dst, ordered, chunk_size, level, check, progress) -> WriteResult:
         typ = _TYPES.get(ti.type)
         if typ is None:
             raise FormatError(f"unsupported tar entry type {ti.type!r} for {ti.name!r}")
+        require_utf8(ti)
         landmark = isinstance(ti, _Landmark)
         ent: dict = {"name": ti.name + ("/" if typ == "dir" and not ti.name.endswith("/") else ""),
                      "type": typ}

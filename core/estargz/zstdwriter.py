@@ -38,7 +38,13 @@ import crcmod
 import zstandard
 
 from ..errors import CoreError, FormatError
-from .writer import ConversionCancelled, open_tar_input, tar_xattrs, toc_modtime
+from .writer import (
+    ConversionCancelled,
+    open_tar_input,
+    require_utf8,
+    tar_xattrs,
+    toc_modtime,
+)
 from .zstdchunked import TarSplit, footer_frame, skippable_frame
 
 ZSTD2_PREFIX = "io.github.containers.zstd-chunked."
@@ -245,6 +251,7 @@ def _write(f, dst, chunk_size, level, check, progress) -> ZstdChunkedResult:
             typ = _TYPES.get(m.type)
             if typ is None:
                 raise FormatError(f"unsupported tar entry type {m.type!r} for {m.name!r}")
+            require_utf8(m)
             nentries += 1
             segment(m.offset_data)
             size = m.size if typ == "reg" else 0
