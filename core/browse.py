@@ -117,13 +117,17 @@ async def open_layer(image: Image, desc: LayerDescriptor, cache=None) -> LayerVi
     view.index = index
     view.format = index.format
     ann = desc.toc_digest_annotation
+    computed = index.toc_digest
+    if not ann and desc.zstd_manifest_checksum:
+        # zstd:chunked: the manifest checksum (of the compressed TOC) anchors it.
+        ann, computed = desc.zstd_manifest_checksum, index.manifest_checksum
     if not ann:
         view.toc_state = TOC_ABSENT
-    elif ann == index.toc_digest:
+    elif ann == computed:
         view.toc_state = TOC_VERIFIED
     else:
         view.toc_state = TOC_MISMATCH
-        view.error = (f"the TOC digest {short_digest(index.toc_digest)} does not match the "
+        view.error = (f"the TOC digest {short_digest(computed)} does not match the "
                       f"annotation {short_digest(ann)}")
     if cache is not None:
         view.cached_chunks = await anyio.to_thread.run_sync(count_cached, index, cache)

@@ -1,6 +1,8 @@
-"""Converting an image to eStargz: every layer through the writer
-(core.estargz.writer), a new config (diffIDs) and manifest (layer
-annotations), written through an :class:`ImageWriter`.
+"""Converting an image to eStargz (core.estargz.writer) or to zstd:chunked,
+containers/storage's current generation (core.estargz.zstdwriter): every
+layer through the writer, a new config (diffIDs) and manifest (layer
+annotations), written through an :class:`ImageWriter`. A zstd:chunked layer
+decompresses to its source tar unchanged, so its diffID is the source's.
 
 The seam for destinations: :func:`open_writer` returns an
 :class:`OCILayoutWriter` for ``oci:DIR[:TAG]`` and asks
@@ -27,6 +29,7 @@ import anyio.to_thread
 from .errors import CoreError, FormatError
 from .estargz.plain import stream_blob
 from .estargz.writer import DEFAULT_CHUNK_SIZE, WriteResult, build_estargz
+from .estargz.zstdwriter import build_zstdchunked
 from .image import (
     OCI_CONFIG,
     OCI_MANIFEST,
@@ -38,6 +41,8 @@ from .image import (
 from .reference import Reference, parse_reference
 
 ESTARGZ_LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
+ZSTD_LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd"
+FORMATS = ("estargz", "zstd:chunked")
 OCI_LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
 
 
@@ -197,20 +202,39 @@ class ConvertProgress:
     total: int
 
 
+def _estargz_annotations(res: WriteResult) -> dict[str, str]:
+    return {TOC_DIGEST_ANNOTATION: res.toc_digest,
+            UNCOMPRESSED_SIZE_ANNOTATION: str(res.uncompressed_size)}
+
+
 async def convert_image(image: Image, writer: ImageWriter, *, tag: str | None = None,
                         chunk_size: int = DEFAULT_CHUNK_SIZE,
                         prioritized_files: list[str] | tuple[str, ...] = (),
                         progress: Callable[[ConvertProgress], None] | None = None,
-                        tmpdir: str | None = None) -> ConvertResult:
+                        tmpdir: str | None = None, format: str = "estargz") -> ConvertResult:
     """Convert every layer of ``image`` to eStargz and write the new image
     (layers, config, manifest tagged ``tag``) through ``writer``.
 
     Prioritised files apply to every layer (missing ones are allowed, as
     ``ctr-remote image convert`` does); layers already in eStargz are
-    rebuilt from their tar. Cancellable; temporary files are removed."""
+    rebuilt from their tar. Cancellable; temporary files are removed.
+    ``format`` is ``estargz`` or ``zstd:chunked`` (which has no prefetch
+    landmark, so no prioritised files)."""
+    if format not in FORMATS:
+        raise FormatError(f"unknown format {format!r} (estargz or zstd:chunked)")
+    zstd = format == "zstd:chunked"
+    if zstd and prioritized_files:
+        raise FormatError("prioritised files are an eStargz feature; zstd:chunked has no "
+                          "prefetch landmark")
     converted: list[LayerConversion] = []
     new_layers: list[dict] = []
     for desc in image.layers:
+        if desc.foreign:
+            # Not ours to fetch or redistribute: the descriptor goes over as it is.
+            converted.append(LayerConversion(desc.index, desc.digest, desc.digest, desc.size,
+                                             desc.diff_id or "", "", 0))
+            new_layers.append(dict(image.manifest["layers"][desc.index]))
+            continue
         source = image.store.blob_source(desc.digest, desc.size)
         with tempfile.TemporaryDirectory(dir=tmpdir, prefix="stargz-tui-convert-") as tmp:
             src_path = os.path.join(tmp, "in")
@@ -233,25 +257,33 @@ async def convert_image(image: Image, writer: ImageWriter, *, tag: str | None = 
                 if progress:
                     anyio.from_thread.run_sync(progress, ConvertProgress(n, "convert", d, t))
 
+            if zstd:
+                build = functools.partial(build_zstdchunked, src_path, out_path,
+                                          chunk_size=chunk_size, progress=report,
+                                          cancel=cancel, tmpdir=tmp)
+            else:
+                build = functools.partial(build_estargz, src_path, out_path,
+                                          chunk_size=chunk_size,
+                                          prioritized_files=list(prioritized_files),
+                                          progress=report, cancel=cancel, tmpdir=tmp)
             try:
-                res: WriteResult = await anyio.to_thread.run_sync(
-                    functools.partial(build_estargz, src_path, out_path, chunk_size=chunk_size,
-                                      prioritized_files=list(prioritized_files),
-                                      progress=report, cancel=cancel, tmpdir=tmp),
-                    abandon_on_cancel=True)
+                res = await anyio.to_thread.run_sync(build, abandon_on_cancel=True)
             finally:
                 cancel.set()
-            await writer.put_blob_file(out_path, res.blob_digest, res.blob_size,
-                                       ESTARGZ_LAYER_TYPE)
+            media_type = ZSTD_LAYER_TYPE if zstd else ESTARGZ_LAYER_TYPE
+            await writer.put_blob_file(out_path, res.blob_digest, res.blob_size, media_type)
         converted.append(LayerConversion(desc.index, desc.digest, res.blob_digest, res.blob_size,
                                          res.diff_id, res.toc_digest, res.uncompressed_size,
-                                         res.missed_prioritized))
+                                         getattr(res, "missed_prioritized", [])))
         ann = {k: v for k, v in desc.annotations.items()
                if not k.startswith(("containerd.io/snapshot/stargz/", "io.containers.estargz.",
-                                    "io.containers.zstd-chunked."))}
-        ann[TOC_DIGEST_ANNOTATION] = res.toc_digest
-        ann[UNCOMPRESSED_SIZE_ANNOTATION] = str(res.uncompressed_size)
-        new_layers.append({"mediaType": ESTARGZ_LAYER_TYPE, "digest": res.blob_digest,
+                                    "io.containers.zstd-chunked.",
+                                    "io.github.containers.zstd-chunked."))}
+        if zstd:
+            ann.update(res.annotations)
+        else:
+            ann.update(_estargz_annotations(res))
+        new_layers.append({"mediaType": media_type, "digest": res.blob_digest,
                            "size": res.blob_size, "annotations": ann})
     config = json.loads(json.dumps(image.config))
     config.setdefault("rootfs", {"type": "layers"})

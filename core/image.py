@@ -39,11 +39,30 @@ LAYER_TYPES = (
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 )
 
+# Non-distributable ("foreign") layers: their blobs live at the descriptor's
+# ``urls``, outside the registry, under their owner's terms; we never fetch them.
+FOREIGN_LAYER_TYPES = (
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+)
+
 # Annotations.
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+# zstd:chunked, as containers/storage writes it: the older generation (podman
+# 4.x) under ``io.containers.``, the current one under ``io.github.containers.``.
+# The manifest checksum (sha256 of the compressed TOC) is that format's TOC
+# trust anchor, as the toc.digest annotation is eStargz's.
 ZSTD_MANIFEST_CHECKSUM_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
 ZSTD_MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-position"
+ZSTD2_PREFIX = "io.github.containers.zstd-chunked."
+ZSTD2_MANIFEST_CHECKSUM_ANNOTATION = ZSTD2_PREFIX + "manifest-checksum"
+ZSTD2_MANIFEST_POSITION_ANNOTATION = ZSTD2_PREFIX + "manifest-position"
+ZSTD2_TARSPLIT_POSITION_ANNOTATION = ZSTD2_PREFIX + "tarsplit-position"
+ZSTD_MANIFEST_CHECKSUM_ANNOTATIONS = (ZSTD2_MANIFEST_CHECKSUM_ANNOTATION,
+                                      ZSTD_MANIFEST_CHECKSUM_ANNOTATION)
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 
 # Manifests and configs are small; refuse to buffer anything larger.
@@ -197,6 +216,17 @@ class LayerDescriptor:
     size: int
     annotations: dict = field(default_factory=dict)
     diff_id: str | None = None
+    urls: list[str] = field(default_factory=list)
+
+    @property
+    def foreign(self) -> bool:
+        """A non-distributable layer (see FOREIGN_LAYER_TYPES)."""
+        return self.media_type in FOREIGN_LAYER_TYPES
+
+    def foreign_reason(self) -> str:
+        where = f" at {self.urls[0]}" if self.urls else ""
+        return (f"layer {self.index} is a non-distributable (foreign) layer ({self.media_type}) "
+                f"whose blob lives outside the registry{where}; stargz-tui does not fetch it")
 
     @property
     def toc_digest_annotation(self) -> str | None:
@@ -211,8 +241,26 @@ class LayerDescriptor:
             return None
 
     @property
+    def zstd_manifest_checksum_key(self) -> str | None:
+        """Which manifest-checksum annotation the layer carries (the current
+        generation's first), or None."""
+        for key in ZSTD_MANIFEST_CHECKSUM_ANNOTATIONS:
+            if self.annotations.get(key):
+                return key
+        return None
+
+    @property
     def zstd_manifest_checksum(self) -> str | None:
-        return self.annotations.get(ZSTD_MANIFEST_CHECKSUM_ANNOTATION)
+        key = self.zstd_manifest_checksum_key
+        return self.annotations[key] if key else None
+
+    @property
+    def toc_anchor(self) -> str | None:
+        """The annotation that anchors trust in the layer's TOC: eStargz's
+        toc.digest, else a zstd:chunked manifest checksum; None without one."""
+        if self.toc_digest_annotation:
+            return TOC_DIGEST_ANNOTATION
+        return self.zstd_manifest_checksum_key
 
 
 @dataclass
@@ -405,6 +453,7 @@ def _make_image(ref: Reference, store: ImageStore, doc: dict, data: bytes, media
             index=i, digest=ld["digest"], media_type=ld.get("mediaType", ""), size=size,
             annotations=dict(ld.get("annotations") or {}),
             diff_id=diff_ids[i] if i < len(diff_ids) else None,
+            urls=[u for u in ld.get("urls") or [] if isinstance(u, str)],
         ))
     return Image(
         reference=ref, store=store, manifest_digest=digest, manifest=doc, config=config,

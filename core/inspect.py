@@ -16,8 +16,8 @@ from .errors import CoreError, FormatError, NotFoundError
 from .estargz import iter_file, load_layer_index, read_footer
 from .estargz.footer import Format
 from .estargz.plain import build_plain_index, iter_plain_file
-from .estargz.toc import DIR, REG, SYMLINK, Entry, LayerIndex
-from .image import Image, LayerDescriptor
+from .estargz.toc import DIR, HARDLINK, REG, SYMLINK, Entry, LayerIndex
+from .image import TOC_DIGEST_ANNOTATION, Image, LayerDescriptor
 from .overlay import MergedTree
 from .verify import chain_ids
 
@@ -29,7 +29,10 @@ async def load_index(image: Image, desc: LayerDescriptor, *,
                      progress: Callable[[int, int], None] | None = None) -> LayerIndex:
     """The entry index of a layer: its TOC for lazy formats (not checked
     against the annotation here: ``layer_info`` and ``core.verify`` compare),
-    or, for plain tar/gzip/zstd layers, an index built by streaming the blob."""
+    or, for plain tar/gzip/zstd layers, an index built by streaming the blob.
+    Foreign layers are refused (their blobs are not the registry's to give)."""
+    if desc.foreign:
+        raise FormatError(desc.foreign_reason())
     source = image.store.blob_source(desc.digest, desc.size)
     footer = await read_footer(source)
     if footer.format in Format.LAZY:
@@ -43,7 +46,10 @@ def _prefetch_size(ix: LayerIndex) -> int | None:
 
 async def layer_info(image: Image, desc: LayerDescriptor) -> dict:
     """One layer's summary (the items of ``inspect --json``'s ``layers``)."""
-    ann = desc.toc_digest_annotation
+    # The TOC's trust anchor: eStargz's toc.digest, else a zstd:chunked
+    # manifest checksum (the sha256 of the compressed TOC, not of its JSON).
+    anchor = desc.toc_anchor
+    ann = desc.annotations.get(anchor) if anchor else None
     info: dict = {
         "index": desc.index,
         "digest": desc.digest,
@@ -53,6 +59,7 @@ async def layer_info(image: Image, desc: LayerDescriptor) -> dict:
         "tocDigest": None,
         "tocDigestAnnotated": ann,
         "tocDigestVerified": None,
+        "tocDigestAnchor": anchor,
         "diffID": desc.diff_id,
         "uncompressedSize": desc.uncompressed_size_annotation,
         "entries": None,
@@ -63,9 +70,14 @@ async def layer_info(image: Image, desc: LayerDescriptor) -> dict:
         "tocOffset": None,
         "tocSize": None,
         "manifestChecksumAnnotated": desc.zstd_manifest_checksum,
+        "manifestChecksum": None,
         "annotations": dict(desc.annotations),
+        "foreign": desc.foreign,
+        "urls": list(desc.urls),
         "error": None,
     }
+    if desc.foreign:
+        return info  # shown, never fetched
     try:
         source = image.store.blob_source(desc.digest, desc.size)
         footer = await read_footer(source)
@@ -81,7 +93,10 @@ async def layer_info(image: Image, desc: LayerDescriptor) -> dict:
         info["error"] = str(e)
         return info
     info["tocDigest"] = ix.toc_digest
-    info["tocDigestVerified"] = (ix.toc_digest == ann) if ann else None
+    info["manifestChecksum"] = ix.manifest_checksum
+    if ann:
+        computed = ix.toc_digest if anchor == TOC_DIGEST_ANNOTATION else ix.manifest_checksum
+        info["tocDigestVerified"] = computed == ann
     info["entries"] = sum(1 for e in ix.iter_entries() if e.id != 0)
     info["chunks"] = ix.num_chunks
     info["prefetchSize"] = _prefetch_size(ix)
@@ -268,8 +283,28 @@ class ImageTree:
             raise NotFoundError(f"{path}: no such file or directory in the image")
         return p, hit[0], hit[1]
 
+    def hardlink_below(self, li: int, e: Entry) -> tuple[int, Entry] | None:
+        """The file a hardlink names in the layers below its own, when its
+        target is not in its layer (overlayfs links it to that file)."""
+        if self.raw or e.type_code != HARDLINK or e.target_id is not None or li == 0:
+            return None
+        hit = MergedTree(self.indexes[:li]).lookup(e.link_name)
+        if hit is None or hit[1].type_code not in (REG, HARDLINK):
+            return None
+        t = hit[1]
+        if t.type_code == HARDLINK:
+            if t.target_id is None:
+                return self.hardlink_below(hit[0], t)
+            t = self.indexes[hit[0]].entry(t.target_id)
+        return hit[0], t
+
     def record(self, path: str, li: int, e: Entry) -> dict:
-        return entry_record(e, path, self.layer_no(li))
+        rec = entry_record(e, path, self.layer_no(li))
+        below = self.hardlink_below(li, e)
+        if below is not None:  # the merged file is the earlier layer's
+            t = below[1]
+            rec.update(size=t.size, mode=t.mode, uid=t.uid, gid=t.gid)
+        return rec
 
     def list(self, path: str = "", *, recursive: bool = False) -> list[dict]:
         """Entry records under ``path`` (sorted by path), or the entry itself
@@ -297,6 +332,9 @@ class ImageTree:
         p, li, e = self.resolve(path)
         if e.type_code == DIR:
             raise FormatError(f"{path}: is a directory")
+        below = self.hardlink_below(li, e)
+        if below is not None:
+            li, e = below
         if e.type_code not in (REG,) and e.target_id is None:
             raise FormatError(f"{path}: is a {e.type}, not a regular file")
         ix = self.indexes[li]

@@ -47,6 +47,7 @@ import anyio.to_thread
 from .cache import MEMORY_ONLY, ChunkCache, chunk_key, digestless_scope
 from .errors import BlobReadError, ChunkDigestError, CoreError, DigestMismatchError
 from .estargz import Chunk, LayerIndex, decode_chunk
+from .estargz.zstdchunked import zero_chunk_data
 from .source import BlobSource
 from .tasks import TaskManager
 
@@ -128,6 +129,12 @@ class LayerReader:
         self._memory_only = {i for i, k in enumerate(self._keys) if k.startswith(MEMORY_ONLY)}
         self._cached = bytearray(n)
         self._ncached = 0
+        # Holes (zstd:chunked "zeros" chunks) are made, never fetched: they
+        # count as cached, so no plan, prefetch or background fetch asks for them.
+        self._zeros = index.zero_chunks
+        for i in self._zeros:
+            self._cached[i] = 1
+        self._ncached = len(self._zeros)
         self._inflight: dict[int, _Flight] = {}
         self._seq: dict[object, int] = {}
         self._tg = None
@@ -422,6 +429,9 @@ class LayerReader:
         on_disk: list[Chunk] = []
         missing: list[Chunk] = []
         for c in chunks:
+            if c.index in self._zeros:
+                out[c.index] = zero_chunk_data(c, self.index.path_of(c.entry_id))
+                continue
             d = self.cache.get_memory(self._keys[c.index])
             if d is not None and len(d) == c.chunk_size:
                 out[c.index] = d

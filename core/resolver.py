@@ -83,9 +83,13 @@ class Resolver:
             ev.set()
 
     async def _resolve(self, store, desc, allow_unverified: bool) -> ResolvedLayer:
+        if getattr(desc, "foreign", False):
+            raise MountError(desc.foreign_reason() + ": not mounted")
         expected = desc.toc_digest_annotation
+        # zstd:chunked layers are anchored by their manifest checksum instead.
+        manifest_checksum = getattr(desc, "zstd_manifest_checksum", None)
         warnings = []
-        if not expected:
+        if not (expected or manifest_checksum):
             if not allow_unverified:
                 # say "plain gzip" rather than "no annotation" when that is the real story
                 probe = store.blob_source(desc.digest, desc.size)
@@ -102,7 +106,8 @@ class Resolver:
                         "cannot be read lazily (convert it to eStargz)")
                 raise DigestMismatchError(
                     f"layer {desc.digest[:19]} has no TOC digest annotation "
-                    "(containerd.io/snapshot/stargz/toc.digest); refusing to mount it "
+                    "(containerd.io/snapshot/stargz/toc.digest, or a zstd:chunked "
+                    "manifest-checksum); refusing to mount it "
                     "(--allow-unverified mounts it anyway)")
             warnings.append(f"layer {desc.digest[:19]} has no TOC digest annotation: "
                             "its TOC is not verified")
@@ -112,7 +117,7 @@ class Resolver:
             with anyio.fail_after(self.timeout):
                 index = await load_layer_index(
                     source, expected_toc_digest=expected,
-                    expected_manifest_checksum=getattr(desc, "zstd_manifest_checksum", None))
+                    expected_manifest_checksum=manifest_checksum)
         except TimeoutError:
             await _close(source)
             raise MountError(
@@ -121,8 +126,14 @@ class Resolver:
         except BaseException:
             await _close(source)
             raise
+        if index.outside_hardlinks:
+            await _close(source)
+            e = index.entry(index.outside_hardlinks[0])
+            raise MountError(
+                f"layer {desc.digest[:19]} has a hardlink {e.path} to {e.link_name}, a file of "
+                "an earlier layer: a layer mount cannot serve it (ls and cat read it)")
         return ResolvedLayer(digest=desc.digest, index=index, source=source, descriptor=desc,
-                             verified=bool(expected), warnings=warnings)
+                             verified=bool(expected or manifest_checksum), warnings=warnings)
 
     def release(self, digest: str) -> None:
         layer = self._layers.get(digest)

@@ -4,9 +4,9 @@
   subfield holding ``%016x`` (TOC offset) + ``STARGZ``.
 * legacy stargz (CRFS): a 47-byte empty gzip member whose extra field is
   ``%016xSTARGZ`` without a subfield header.
-* zstd:chunked: a zstd skippable frame (magic 0x184D2A50, 40-byte payload:
-  TOC offset, compressed length, uncompressed length, manifest type, then
-  the ``GnUlInUx`` magic), 48 bytes in all.
+* zstd:chunked: a zstd skippable frame ending in the ``GnUlInUx`` magic,
+  48 bytes (older generation) or 72 bytes with the tar-split's place
+  (current generation); see :mod:`.zstdchunked`.
 * anything else: plain gzip / zstd / tar, told apart by the blob's head.
 """
 
@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import FormatError
+from .zstdchunked import FOOTER_V2_SIZE, TarSplit, parse_footer_frame
 
 
 class Format:
@@ -34,9 +35,7 @@ ESTARGZ_FOOTER_SIZE = 51
 STARGZ_FOOTER_SIZE = 47
 ZSTDCHUNKED_FOOTER_SIZE = 48
 # Enough tail to recognise any of the footers in one range request.
-MAX_FOOTER_SIZE = 64
-ZSTD_SKIPPABLE_MAGIC = 0x184D2A50
-ZSTDCHUNKED_MAGIC = b"GnUlInUx"
+MAX_FOOTER_SIZE = FOOTER_V2_SIZE
 ZSTD_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -54,6 +53,7 @@ class Footer:
     toc_offset: int | None = None
     toc_size: int | None = None
     toc_uncompressed_size: int | None = None
+    tar_split: TarSplit | None = None  # zstd:chunked's current generation
 
 
 def _parse_hex_offset(s: bytes) -> int | None:
@@ -97,14 +97,10 @@ def parse_footer(tail: bytes, blob_size: int, head: bytes = b"") -> Footer:
         off = _parse_hex_offset(extra[:16])
         if off is not None:
             return _checked(Footer(Format.STARGZ, STARGZ_FOOTER_SIZE, off), blob_size)
-    if len(tail) >= ZSTDCHUNKED_FOOTER_SIZE and tail[-8:] == ZSTDCHUNKED_MAGIC:
-        f = tail[-ZSTDCHUNKED_FOOTER_SIZE:]
-        magic, frame_len = struct.unpack_from("<II", f, 0)
-        if magic == ZSTD_SKIPPABLE_MAGIC and frame_len == 40:
-            off, clen, ulen, _mtype = struct.unpack_from("<QQQQ", f, 8)
-            return _checked(
-                Footer(Format.ZSTDCHUNKED, ZSTDCHUNKED_FOOTER_SIZE, off, clen, ulen), blob_size
-            )
+    zf = parse_footer_frame(tail)
+    if zf is not None:
+        return _checked(Footer(Format.ZSTDCHUNKED, zf.size, zf.toc_offset, zf.toc_size,
+                               zf.toc_uncompressed_size, zf.tar_split), blob_size)
     if head.startswith(GZIP_MAGIC):
         return Footer(Format.GZIP)
     if head.startswith(ZSTD_FRAME_MAGIC):
@@ -125,6 +121,9 @@ def _checked(footer: Footer, blob_size: int) -> Footer:
         )
     if footer.toc_size is not None and footer.toc_offset + footer.toc_size > end:
         raise FormatError(f"{footer.format} footer says the TOC runs past the blob's end")
+    ts = footer.tar_split
+    if ts is not None and ts.size and (ts.offset < 0 or ts.offset + ts.size > end):
+        raise FormatError(f"{footer.format} footer puts the tar-split outside the blob")
     return footer
 
 

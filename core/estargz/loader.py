@@ -19,6 +19,7 @@ from ..errors import DigestMismatchError, FormatError
 from ..source import BlobSource
 from .footer import MAX_FOOTER_SIZE, Footer, Format, parse_footer
 from .toc import TOC_TAR_NAME, LayerIndex, build_index
+from .zstdchunked import annotate_index
 
 # How much of the tail to read in the first request: the footer and the TOC
 # of a layer with up to several thousand files (a compressed TOC takes ~30 B
@@ -121,9 +122,10 @@ def parse_toc_region(footer: Footer, region: bytes, *, blob_digest: str, blob_si
                      expected_toc_digest: str | None = None,
                      expected_manifest_checksum: str | None = None) -> LayerIndex:
     """Inflate, check and index a TOC region (blocking; run in a thread)."""
+    manifest_checksum = None
     if footer.format == Format.ZSTDCHUNKED:
+        got = manifest_checksum = "sha256:" + hashlib.sha256(region).hexdigest()
         if expected_manifest_checksum:
-            got = "sha256:" + hashlib.sha256(region).hexdigest()
             if got != expected_manifest_checksum:
                 raise DigestMismatchError(
                     f"zstd:chunked manifest checksum mismatch: annotated "
@@ -131,6 +133,12 @@ def parse_toc_region(footer: Footer, region: bytes, *, blob_digest: str, blob_si
                 )
         toc_json = _inflate_zstd_toc(region, footer.toc_uncompressed_size)
     else:
+        if expected_manifest_checksum and not expected_toc_digest:
+            # The checksum anchors only a zstd:chunked TOC: an anchor that
+            # cannot be checked is no anchor.
+            raise DigestMismatchError(
+                f"layer is {footer.format}, but its only TOC anchor is a zstd:chunked "
+                "manifest-checksum; refusing to trust its TOC")
         toc_json = _inflate_gzip_toc(region)
     # The TOC digest is the sha256 of the TOC JSON (what the annotation
     # states). hashlib releases the GIL over large buffers, so a big TOC is
@@ -165,6 +173,9 @@ def parse_toc_region(footer: Footer, region: bytes, *, blob_digest: str, blob_si
     ix.toc_digest = check_digest()
     ix.toc_verified = bool(expected_toc_digest)
     ix.toc_size = len(region)
+    ix.manifest_checksum = manifest_checksum
+    if footer.format == Format.ZSTDCHUNKED:
+        annotate_index(ix, toc_json, footer.tar_split)
     return ix
 
 
@@ -172,10 +183,10 @@ async def load_layer_index(source: BlobSource, *, expected_toc_digest: str | Non
                            require_toc_digest: bool = False,
                            expected_manifest_checksum: str | None = None) -> LayerIndex:
     """Fetch, verify and index a layer's TOC (see docs/CONTRACTS.md)."""
-    if require_toc_digest and not expected_toc_digest:
+    if require_toc_digest and not (expected_toc_digest or expected_manifest_checksum):
         raise DigestMismatchError(
-            "layer has no TOC digest annotation (containerd.io/snapshot/stargz/toc.digest); "
-            "refusing to trust its TOC"
+            "layer has no TOC digest annotation (containerd.io/snapshot/stargz/toc.digest "
+            "or a zstd:chunked manifest-checksum); refusing to trust its TOC"
         )
     size = source.size
     tail_len = min(size, TAIL_READ)

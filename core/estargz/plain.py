@@ -234,15 +234,19 @@ def _rfc3339(mtime) -> str:
 
 _TYPES = {
     tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg", tarfile.CONTTYPE: "reg",
+    tarfile.GNUTYPE_SPARSE: "reg",
     tarfile.LNKTYPE: "hardlink", tarfile.SYMTYPE: "symlink", tarfile.DIRTYPE: "dir",
     tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
 }
 
 
-def _scan_tar(fileobj) -> tuple[list[dict], int]:
-    """TOC-shaped entries for every member of a tar stream, and the stream's
-    length up to the end of the last member."""
+def _scan_tar(fileobj) -> tuple[list[dict], int, dict[str, tuple]]:
+    """TOC-shaped entries for every member of a tar stream, the stream's
+    length up to the end of the last member, and the sparse map of each
+    sparse file (name -> ((file offset, length), ...) of its stored data,
+    which follows its header packed, without the holes)."""
     entries: list[dict] = []
+    sparse: dict[str, tuple] = {}
     end = 0
     try:
         tf = tarfile.open(fileobj=fileobj, mode="r|", encoding="utf-8",
@@ -281,6 +285,8 @@ def _scan_tar(fileobj) -> tuple[list[dict], int]:
                 if m.size:
                     e["offset"] = m.offset_data
                     e["chunkSize"] = m.size
+                if m.issparse():
+                    sparse[m.name] = tuple((off, n) for off, n in m.sparse if n)
             entries.append(e)
             tf.members = []
             end = m.offset_data + ((m.size + 511) & ~511 if m.isreg() else 0)
@@ -288,7 +294,7 @@ def _scan_tar(fileobj) -> tuple[list[dict], int]:
         raise FormatError(f"layer is not a valid tar stream: {e}") from None
     except EOFError:
         raise FormatError("layer's tar stream is truncated") from None
-    return entries, end
+    return entries, end, sparse
 
 
 async def build_plain_index(source: BlobSource, fmt: str,
@@ -298,11 +304,16 @@ async def build_plain_index(source: BlobSource, fmt: str,
 
     def work():
         raw = io.BufferedReader(_SourceFile(source, stop, progress), PIECE)
-        entries, end = _scan_tar(io.BufferedReader(_decompressed(raw, fmt), 1 << 20))
+        entries, end, sparse = _scan_tar(io.BufferedReader(_decompressed(raw, fmt), 1 << 20))
         total = max(end, 1) + 1
-        return build_index({"version": 1, "entries": entries}, format=fmt,
-                           blob_digest=source.digest, blob_size=total,
-                           toc_digest="", toc_offset=total)
+        ix = build_index({"version": 1, "entries": entries}, format=fmt,
+                         blob_digest=source.digest, blob_size=total,
+                         toc_digest="", toc_offset=total)
+        for name, smap in sparse.items():
+            e = ix.lookup(name)
+            if e is not None:
+                ix.sparse_maps[e.id] = smap
+        return ix
 
     try:
         ix = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
@@ -326,6 +337,19 @@ async def iter_plain_file(index: LayerIndex, source: BlobSource, entry: Entry,
     if not chunks:
         return
     start, size = chunks[0].offset, target.size
+    smap = index.sparse_maps.get(target.id)
+    stored = sum(n for _, n in smap) if smap is not None else size
+    pieces = _stored(index, source, start, stored, entry.path, window)
+    if smap is not None:
+        pieces = _expand_sparse(pieces, smap, size, window)
+    async for part in pieces:
+        yield part
+
+
+async def _stored(index: LayerIndex, source: BlobSource, start: int, size: int,
+                  what: str, window: int) -> AsyncIterator[bytes]:
+    """``size`` bytes of the uncompressed stream from ``start``, at most
+    ``window`` at a time (pulled: nothing is decompressed ahead of a read)."""
     stop = threading.Event()
     stream = _decompressed(io.BufferedReader(_SourceFile(source, stop, None), PIECE),
                            index.format)
@@ -341,13 +365,44 @@ async def iter_plain_file(index: LayerIndex, source: BlobSource, entry: Entry,
 
     try:
         if await anyio.to_thread.run_sync(skip, start) < start:
-            raise FormatError(f"{entry.path}: layer ends before the file's data")
+            raise FormatError(f"{what}: layer ends before the file's data")
         sent = 0
         while sent < size:
             part = await anyio.to_thread.run_sync(stream.read, min(window, size - sent))
             if not part:
-                raise FormatError(f"{entry.path}: layer ends before the file's data")
+                raise FormatError(f"{what}: layer ends before the file's data")
             sent += len(part)
             yield part
     finally:
         stop.set()
+
+
+async def _expand_sparse(stored, smap: tuple, size: int, window: int = 1 << 20):
+    """A sparse file's bytes: its stored data placed at the map's offsets,
+    zeros in between and up to ``size``."""
+    pos = 0  # file offset written so far
+    regions = list(smap)
+    ri = 0
+    left = regions[0][1] if regions else 0
+    async for piece in stored:
+        view = memoryview(piece)
+        while view:
+            while ri < len(regions) and left == 0:
+                ri += 1
+                left = regions[ri][1] if ri < len(regions) else 0
+            if ri >= len(regions):
+                break
+            off = regions[ri][0] + regions[ri][1] - left
+            while pos < off:
+                n = min(window, off - pos)
+                yield bytes(n)
+                pos += n
+            take = min(left, len(view))
+            yield bytes(view[:take])
+            view = view[take:]
+            pos += take
+            left -= take
+    while pos < size:
+        n = min(window, size - pos)
+        yield bytes(n)
+        pos += n

@@ -14,6 +14,7 @@ from ..errors import DigestMismatchError, FormatError
 from ..source import BlobSource
 from .chunks import decode_chunk, decode_chunk_window
 from .toc import REG, Chunk, Entry, LayerIndex
+from .zstdchunked import zero_chunk_data
 
 # Merge neighbouring chunks into one request up to this many compressed bytes.
 COALESCE_BYTES = 4 << 20
@@ -37,7 +38,15 @@ async def fetch_chunks(index: LayerIndex, source: BlobSource, chunks: list[Chunk
     together. Raises :class:`ChunkDigestError` for a chunk that fails. A
     chunk with an entry in ``windows`` (chunk index -> ``(lo, hi)``, relative
     to the chunk) yields only those bytes, never holding the whole chunk."""
-    ordered = sorted(chunks, key=lambda c: (c.offset, c.inner_offset))
+    # Holes (zstd:chunked "zeros" chunks) are made here, never fetched.
+    zeros = index.zero_chunks
+    for c in chunks:
+        if c.index in zeros:
+            data = zero_chunk_data(c, index.path_of(c.entry_id))
+            win = windows.get(c.index) if windows else None
+            yield c, (data if win is None else data[win[0]:win[1]])
+    ordered = sorted((c for c in chunks if c.index not in zeros),
+                     key=lambda c: (c.offset, c.inner_offset))
     for group in _groups(ordered):
         start = group[0].offset
         end = max(c.end for c in group)

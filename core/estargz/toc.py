@@ -271,6 +271,18 @@ class LayerIndex:
         self.prefetch_end: int | None = None
         self.no_prefetch = False
         self.toc_size = 0  # compressed bytes of the TOC region
+        # zstd:chunked only (filled in by core/estargz/zstdchunked.py): the
+        # sha256 of the compressed TOC (what the manifest-checksum annotation
+        # states), the Chunk.index of "zeros" chunks (holes, served without
+        # fetching), and where the tar-split lives (None: not in the blob).
+        self.manifest_checksum: str | None = None
+        self.zero_chunks: frozenset[int] = frozenset()
+        self.tar_split = None
+        # Hardlinks whose target is not in this layer (entry ids), and, for
+        # plain layers, the sparse map of each sparse file (entry id ->
+        # ((file offset, length), ...) of its stored data).
+        self.outside_hardlinks: list[int] = []
+        self.sparse_maps: dict[int, tuple[tuple[int, int], ...]] = {}
         self.warnings: list[str] = []
         # Per-entry columns.
         self._names: list[str] = []
@@ -904,6 +916,8 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
                                              for k in chunks.owners]))
     for owner, i in chunk_refs:
         chunks.add(_chunk_record(owner, ents[i], path_of(owner), blob_size))
+    if chunk_refs:
+        _move_end_hints(chunks, {owner for owner, _ in chunk_refs})
     del fields
     ix.no_prefetch = NO_PREFETCH_LANDMARK in landmark_offsets
     if PREFETCH_LANDMARK in landmark_offsets:
@@ -1053,6 +1067,26 @@ def _chunk_record(owner: int, raw: _TocEntry, path: str, blob_size: int) -> tupl
     )
 
 
+def _move_end_hints(cc: _ChunkColumns, multi: set[int]) -> None:
+    """zstd:chunked's ``endOffset`` (on a file's first entry) ends the file's
+    *last* chunk: for files of several chunks, move it there, or the first
+    chunk's extent would run over all the others (and a read of it fetch
+    them, holes included)."""
+    last: dict[int, int] = {}
+    hint_of: dict[int, int] = {}
+    for k, owner in enumerate(cc.owners):
+        if owner not in multi:
+            continue
+        if cc.hints[k] is not None:
+            hint_of[owner] = cc.hints[k]
+            cc.hints[k] = None
+        j = last.get(owner)
+        if j is None or cc.file_offs[k] > cc.file_offs[j]:
+            last[owner] = k
+    for owner, hint in hint_of.items():
+        cc.hints[last[owner]] = hint
+
+
 def _resolve_hardlinks(ix: LayerIndex, hardlinks, by_path) -> None:
     for id, link in hardlinks:
         try:
@@ -1072,7 +1106,12 @@ def _resolve_hardlinks(ix: LayerIndex, hardlinks, by_path) -> None:
                 nxt = by_path.get(_norm_name(nxt_link))
             tid = nxt
         if tid is None:
-            raise FormatError(f"hardlink {ix.path_of(id)!r} points to a missing entry {link!r}")
+            # Its target is a file of an earlier layer (overlayfs links it
+            # there): the merged view resolves it; the layer alone cannot.
+            ix.outside_hardlinks.append(id)
+            ix.warnings.append(f"hardlink {ix.path_of(id)!r} points to {link!r}, which is not "
+                               "in this layer (a file of an earlier layer)")
+            continue
         if ix._types[tid] == DIR:
             raise FormatError(f"hardlink {ix.path_of(id)!r} points to a directory")
         ix._extras.setdefault(id, {})["target"] = tid

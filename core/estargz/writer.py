@@ -82,7 +82,7 @@ def clean_entry_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------- input
-def _open_tar_input(src, tmpdir: str | None, check: Callable[[], None]):
+def open_tar_input(src, tmpdir: str | None, check: Callable[[], None]):
     """A seekable binary file holding the uncompressed tar, and a cleanup."""
     own = None
     if isinstance(src, (str, os.PathLike)):
@@ -248,7 +248,7 @@ class _Output:
         self._emit(data)
 
 
-def _modtime(mtime) -> str:
+def toc_modtime(mtime) -> str:
     try:
         t = round(float(mtime))
     except (TypeError, ValueError):
@@ -261,7 +261,7 @@ def _modtime(mtime) -> str:
         return ""
 
 
-def _xattrs(ti: tarfile.TarInfo) -> dict[str, str]:
+def tar_xattrs(ti: tarfile.TarInfo) -> dict[str, str]:
     out = {}
     for k, v in ti.pax_headers.items():
         if k.startswith("SCHILY.xattr."):
@@ -280,6 +280,19 @@ _TYPES = {
     tarfile.LNKTYPE: "hardlink", tarfile.SYMTYPE: "symlink", tarfile.DIRTYPE: "dir",
     tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
 }
+
+
+def require_utf8(ti: tarfile.TarInfo) -> None:
+    """Refuse a member whose name or link target is not UTF-8: a TOC is JSON,
+    which holds only Unicode (Go's writers would silently turn such bytes
+    into U+FFFD, naming another file)."""
+    for what, text in (("name", ti.name), ("link target", ti.linkname)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise FormatError(f"tar member '{shown}': its {what} is not UTF-8, which a TOC "
+                              "(JSON) cannot hold") from None
 
 
 def _header(ti: tarfile.TarInfo) -> bytes:
@@ -312,7 +325,7 @@ def build_estargz(src, dst, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
         if cancel is not None and cancel.is_set():
             raise ConversionCancelled("conversion cancelled")
 
-    f, cleanup = _open_tar_input(src, tmpdir, check)
+    f, cleanup = open_tar_input(src, tmpdir, check)
     own_dst = None
     try:
         members = _scan(f)
@@ -381,12 +394,13 @@ def _write(f, dst, ordered, chunk_size, level, check, progress) -> WriteResult:
         typ = _TYPES.get(ti.type)
         if typ is None:
             raise FormatError(f"unsupported tar entry type {ti.type!r} for {ti.name!r}")
+        require_utf8(ti)
         landmark = isinstance(ti, _Landmark)
         ent: dict = {"name": ti.name + ("/" if typ == "dir" and not ti.name.endswith("/") else ""),
                      "type": typ}
         if typ == "reg" and ti.size:
             ent["size"] = ti.size
-        mt = _modtime(ti.mtime)
+        mt = toc_modtime(ti.mtime)
         if mt:
             ent["modtime"] = mt
         if typ in ("symlink", "hardlink"):
@@ -408,7 +422,7 @@ def _write(f, dst, ordered, chunk_size, level, check, progress) -> WriteResult:
                 ent["devMajor"] = ti.devmajor
             if ti.devminor:
                 ent["devMinor"] = ti.devminor
-        xa = _xattrs(ti)
+        xa = tar_xattrs(ti)
         if xa:
             ent["xattrs"] = xa
         out.open_gz()

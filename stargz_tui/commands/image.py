@@ -74,6 +74,7 @@ examples:
   stargz-tui convert oci:./layout:app oci:./out:app --prioritize-file etc/os-release,bin/sh
   stargz-tui convert oci:./layout:app localhost:5000/app:esgz   push to a registry
   stargz-tui convert oci:./layout:app oci:./out:app --estargz-record-in record.json
+  stargz-tui convert oci:./layout:app oci:./out:app-zc --format zstd:chunked
 
 The destination layout is created when missing; an existing one gets the tag
 added (replacing an older image of that tag); a registry DST gets the blobs
@@ -195,20 +196,33 @@ async def cmd_inspect(args) -> int:
         print(f"stargz-tui: layer {la['index']}: {safe(la['error'])}", file=sys.stderr)
     bad = [la for la in data["layers"] if la["tocDigestVerified"] is False]
     for la in bad:
-        print(f"stargz-tui: layer {la['index']}: TOC digest mismatch: annotated "
-              f"{safe(la['tocDigestAnnotated'])}, computed {la['tocDigest']}", file=sys.stderr)
+        computed = la["manifestChecksum"] if _by_checksum(la) else la["tocDigest"]
+        print(f"stargz-tui: layer {la['index']}: TOC digest mismatch: {la['tocDigestAnchor']} "
+              f"annotation says {safe(la['tocDigestAnnotated'])}, computed {computed}",
+              file=sys.stderr)
     return 1 if failed or bad else 0
+
+
+def _by_checksum(la: dict) -> bool:
+    """The layer's TOC is anchored by a zstd:chunked manifest checksum."""
+    return bool(la["tocDigestAnchor"]) and la["tocDigestAnchor"].endswith("manifest-checksum")
 
 
 def _print_layer(la: dict) -> None:
     print(f"\n  [{la['index']}] {safe(la['digest'])}")
     print(f"      media type:   {safe(la['mediaType'])}")
     print(f"      format:       {la['format'] or '?'}")
+    if la.get("foreign"):
+        where = la["urls"][0] if la.get("urls") else "no URL given"
+        print(f"      foreign:      non-distributable, not fetched ({where})")
     print(f"      size:         {human_size(la['size'])} compressed, "
           f"{human_size(la['uncompressedSize'])} uncompressed")
     if la["tocDigest"] or la["tocDigestAnnotated"]:
         state = {True: "verified", False: "MISMATCH", None: "not annotated"}[la["tocDigestVerified"]]
         print(f"      TOC digest:   {la['tocDigest'] or '-'} ({state})")
+        if _by_checksum(la):
+            # zstd:chunked: the anchor is the digest of the compressed TOC.
+            print(f"      anchored by:  {la['tocDigestAnchor']} ({la['manifestChecksum'] or '-'})")
         if la["tocDigestVerified"] is False:
             print(f"      annotated:    {safe(la['tocDigestAnnotated'])}")
     if la["entries"] is not None:
@@ -389,9 +403,6 @@ def _chunk_size(text: str) -> int:
 async def cmd_convert(args) -> int:
     from core.convert import convert_image, open_writer
 
-    if args.zstdchunked:
-        raise CoreError("zstd:chunked output is not supported yet: convert writes eStargz "
-                        "(drop --zstdchunked)")
     dst = parse_reference(args.dst)
     prioritized = _prioritized(args.prioritize_file, args.record_in)
     image = await _open(args)
@@ -406,7 +417,8 @@ async def cmd_convert(args) -> int:
 
     try:
         result = await convert_image(image, writer, tag=dst.tag, chunk_size=args.chunk_size,
-                                     prioritized_files=prioritized, progress=progress)
+                                     prioritized_files=prioritized, progress=progress,
+                                     format=args.format)
     finally:
         await image.store.aclose()
         await writer.aclose()
@@ -494,8 +506,11 @@ def register(subparsers) -> None:
     p.add_argument("--estargz-record-in", dest="record_in", metavar="FILE",
                    help="prioritise the files of a record (JSON lines {\"path\": ...}, "
                         "as ctr-remote optimize --record-out writes)")
-    p.add_argument("--zstdchunked", action="store_true",
-                   help="ctr-remote's zstd:chunked output: not supported yet (refused)")
+    p.add_argument("--format", choices=("estargz", "zstd:chunked"), default="estargz",
+                   help="layer format: eStargz (default) or zstd:chunked (containers/storage's "
+                   "current generation; diffIDs unchanged)")
+    p.add_argument("--zstdchunked", dest="format", action="store_const", const="zstd:chunked",
+                   help="ctr-remote's name for --format zstd:chunked")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     add_registry_options(p)
