@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 
+from . import fusecheck, idmap
 from .errors import MountError
 from .paths import private_dir, runtime_socket, state_dir
 
@@ -386,6 +387,9 @@ def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logf
         argv += ["--image-file", o["image_file"]]
     if o.get("resolve_timeout"):
         argv += ["--resolve-timeout", str(o["resolve_timeout"])]
+    for key, flag in (("uid_map", "--uid-map"), ("gid_map", "--gid-map")):
+        for r in o.get(key) or ():
+            argv += [flag, str(r)]
     logfd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         if FORK_DAEMONS and threading.active_count() == 1:
@@ -538,7 +542,8 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
 
     Options: ``prefetch``, ``background_fetch``, ``wait_prefetch``,
     ``allow_other``, ``allow_unverified``, ``cache_dir``, ``cache_size``,
-    ``debug``, ``silence``, ``prefetch_size``, ``timeout``."""
+    ``debug``, ``silence``, ``prefetch_size``, ``timeout``; id mapping
+    (core.idmap): ``map_owner``, ``uid_map``/``gid_map`` (``C:H:N`` strings)."""
     import anyio.to_thread
 
     steps = _mount_steps(image, mountpoint, layer=layer, platform=platform, **options)
@@ -658,7 +663,8 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
                  allow_unverified: bool = False, cache_dir: str | None = None,
                  cache_size: int | None = None, debug: bool = False,
                  silence: float | None = None, prefetch_size: int = 0,
-                 platform: str | None = None, timeout: float = READY_TIMEOUT):
+                 platform: str | None = None, timeout: float = READY_TIMEOUT,
+                 map_owner: bool = False, uid_map=(), gid_map=()):
     """The mount as a generator of blocking steps (``("call", fn, *args)``,
     or ``("open", image, platform)`` for the merged view's image) that its
     driver runs, in a worker thread or directly; it returns the record."""
@@ -682,6 +688,10 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
         img = yield ("open", image, platform)
         descs = list(img.layers)
         manifest_digest = img.manifest_digest
+    # a plain user's fuse-overlayfs is one more FUSE mount
+    fusecheck.check_mount(mp, allow_other=allow_other, merged=layer is None,
+                          fuse_mounts=len(descs) + (layer is None and os.geteuid() != 0))
+    uid_ranges, gid_ranges = _id_ranges(map_owner, uid_map, gid_map)
     mid = _mount_id(mp)
     sd = state_dir()
     logs = private_dir(os.path.join(sd, "logs"))
@@ -695,7 +705,8 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
         "cacheDir": os.path.abspath(cache_dir) if cache_dir else None,
         "options": {"prefetch": prefetch, "backgroundFetch": background_fetch,
                     "allowOther": allow_other, "allowUnverified": allow_unverified,
-                    "debug": debug},
+                    "debug": debug, "uidMap": [str(r) for r in uid_ranges],
+                    "gidMap": [str(r) for r in gid_ranges]},
     }
     options = {"cache_dir": cache_dir, "cache_size": cache_size,
                "no_prefetch": not prefetch, "no_background_fetch": not background_fetch,
@@ -703,6 +714,9 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
                "allow_unverified": allow_unverified, "debug": debug, "silence": silence,
                "prefetch_size": prefetch_size, "platform": platform,
                "no_pre_resolve": layer is None,
+               # each layer's daemon shows the mapped ids: the overlay over them
+               # (kernel or fuse-overlayfs) shows what its lowers show
+               "uid_map": uid_ranges, "gid_map": gid_ranges,
                # a kernel overlay (root) reads trusted.overlay.opaque and would pass
                # user.overlay.opaque through to the merged view
                "opaque_xattrs": "trusted" if layer is None and os.geteuid() == 0 else "both"}
@@ -750,6 +764,16 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
         if image_file:
             with contextlib.suppress(OSError):
                 os.unlink(image_file)
+
+
+def _id_ranges(map_owner: bool, uid_map, gid_map) -> tuple[list, list]:
+    """The uid and gid ranges of a mount (core.idmap): explicit ones first,
+    then ``map_owner``'s (the first range holding an id wins)."""
+    uids, gids = idmap.parse_ranges(uid_map), idmap.parse_ranges(gid_map)
+    if map_owner:
+        ou, og = idmap.owner_mapping()
+        uids, gids = uids + ou, gids + og
+    return uids, gids
 
 
 class _Pending:

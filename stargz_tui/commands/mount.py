@@ -17,6 +17,7 @@ examples:
   stargz-tui mount localhost:5000/app:esgz /mnt/app          merged image (overlay of all layers)
   stargz-tui mount oci:./layout:mini-esgz /mnt/l0 --layer 0  one raw layer
   stargz-tui mount ghcr.io/org/app:esgz /mnt/app --wait-prefetch --cache-size 2G
+  stargz-tui mount localhost:5000/app:esgz ~/mnt/app --map-owner   as a plain user: root's files are yours
 
 The mount is served by a background daemon per layer; `stargz-tui mounts` shows
 live state and `stargz-tui unmount MOUNTPOINT` stops it.
@@ -62,6 +63,7 @@ def cmd_mount(args) -> int:
         allow_other=args.allow_other, allow_unverified=args.allow_unverified,
         cache_dir=args.cache_dir, cache_size=args.cache_size, debug=args.debug,
         prefetch_size=args.prefetch_size or 0, platform=args.platform,
+        map_owner=args.map_owner, uid_map=args.uid_map, gid_map=args.gid_map,
     )
     if args.layer is not None or m.FORK_DAEMONS:
         # one layer needs no event loop here: the daemon does all the fetching;
@@ -221,6 +223,14 @@ def register(subparsers) -> None:
     p.add_argument("--cache-size", type=_size_arg, metavar="SIZE",
                    help="chunk cache budget (e.g. 2G; default 4G)")
     p.add_argument("--platform", help="os/arch of a multi-platform image")
+    p.add_argument("--map-owner", action="store_true",
+                   help="show the image's root (uid/gid 0) as you and its other ids in your "
+                        "/etc/subuid, /etc/subgid ranges, as rootless podman does")
+    p.add_argument("--uid-map", action="append", metavar="C:H:N", default=[],
+                   help="show image uids C..C+N-1 as H..H+N-1 (fuse-overlayfs syntax; "
+                        "repeatable, before --map-owner's)")
+    p.add_argument("--gid-map", action="append", metavar="C:H:N", default=[],
+                   help="the same for gids")
     p.add_argument("--debug", action="store_true", help="trace FUSE requests in the daemon log")
     p.set_defaults(func=cmd_mount)
 
