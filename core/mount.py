@@ -388,8 +388,8 @@ def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logf
     if o.get("resolve_timeout"):
         argv += ["--resolve-timeout", str(o["resolve_timeout"])]
     for key, flag in (("uid_map", "--uid-map"), ("gid_map", "--gid-map")):
-        for r in o.get(key) or ():
-            argv += [flag, str(r)]
+        for id_range in o.get(key) or ():
+            argv += [flag, str(id_range)]
     logfd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         if FORK_DAEMONS and threading.active_count() == 1:

@@ -243,14 +243,18 @@ def _may(node, uid: int, gids: set[int], bits: int) -> bool:
 def check_tree(root: str, tag: str, layer: str, uid_map=(), gid_map=()) -> dict:
     """Walk ``root`` as the calling user and compare every path, type, mode,
     owner (through the maps), size, byte, link, device and xattr with the
-    -gzip ground truth of ``tag``; paths the expected modes deny her must
+    -gzip ground truth of fixture ``tag`` (or the tars ``/a.tar,/b.tar``); paths the expected modes deny her must
     answer EACCES. Returns ``{"problems", "denied", "files", "bytes"}``."""
     import hashlib
     import stat as st_
+    from pathlib import Path
 
     from fuse_helpers import layer_blobs, merged_expected, raw_expected
 
-    truth = layer_blobs(tag.split("-", 1)[0] + "-gzip")
+    if tag.startswith("/"):  # the source tars themselves, bottom layer first
+        truth = [Path(p) for p in tag.split(",")]
+    else:
+        truth = layer_blobs(tag.split("-", 1)[0] + "-gzip")
     expected = merged_expected(truth) if layer == "merged" else raw_expected(truth[int(layer)])
     for n in expected.values():
         if n.uid is not None:
