@@ -154,11 +154,17 @@ class PlainUser:
 
     def run(self, argv: list[str], *, env: dict | None = None, input: str | None = None,
             timeout: float = 180, cwd: str | None = None,
-            wrap: list[str] | None = None) -> subprocess.CompletedProcess:
-        """``argv`` as this user, in a clean environment (``env`` adds to it)."""
+            root_setup: str | None = None) -> subprocess.CompletedProcess:
+        """``argv`` as this user, in a clean environment (``env`` adds to it).
+        ``root_setup``: shell commands run first as root in a private mount
+        namespace that the command then runs in (to hide or replace a system
+        file for this one command, e.g. ``mount --bind /dev/null /usr/bin/x``)."""
         full = dict(self.env, **(env or {}))
         cmd = ["runuser", "-u", self.name, "--", "env", "-i",
-               *(f"{k}={v}" for k, v in full.items()), *(wrap or []), *argv]
+               *(f"{k}={v}" for k, v in full.items()), *argv]
+        if root_setup:
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+                   root_setup + '\nexec "$@"', "sh", *cmd]
         return subprocess.run(cmd, input=input, capture_output=True, text=True,
                               timeout=timeout, cwd=cwd or self.home)
 
