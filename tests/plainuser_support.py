@@ -31,6 +31,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_DIRS = {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"}
@@ -134,6 +135,17 @@ class Install:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
 class PlainUser:
     """Runs commands as one plain user with the :class:`Install`."""
 
@@ -192,6 +204,44 @@ class PlainUser:
     def image(self, tag: str) -> str:
         """The fixture layout's ``tag`` as an ``oci:`` reference she can read."""
         return f"oci:{self.install.src}/tests/fixtures/estargz-oci:{tag}"
+
+    def spawn(self, argv: list[str], *, env: dict | None = None,
+              **kw) -> subprocess.Popen:
+        """A long-running process of hers (``setpriv`` execs in place, so the
+        Popen's pid is her process's, which the caller stops)."""
+        full = dict(self.env, **(env or {}))
+        return subprocess.Popen(["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}",
+                                 "--init-groups", "env", "-i",
+                                 *(f"{k}={v}" for k, v in full.items()), *argv],
+                                cwd=self.home, start_new_session=True, **kw)
+
+    def start_secret_service(self) -> tuple[dict, list[subprocess.Popen]]:
+        """Her own D-Bus session with gnome-keyring's Secret Service, unlocked
+        (as tests/registry_helpers.SecretServiceSession does for root): the
+        env to use and the processes to stop."""
+        procs = []
+        bus = self.spawn(["dbus-daemon", "--session", "--nofork", "--nopidfile",
+                          "--print-address=1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        procs.append(bus)
+        address = bus.stdout.readline().decode().strip()
+        assert address, "dbus-daemon did not print its address"
+        env = {"DBUS_SESSION_BUS_ADDRESS": address,
+               "PYTHON_KEYRING_BACKEND": "keyring.backends.SecretService.Keyring"}
+        gk = self.spawn(["gnome-keyring-daemon", "--foreground", "--unlock",
+                         "--components=secrets"], env=env, stdin=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(gk)
+        gk.stdin.write(b"her-own-keyring-password")
+        gk.stdin.close()
+        probe = ("import secretstorage; c = secretstorage.get_default_collection("
+                 "secretstorage.dbus_init()); assert not c.is_locked()")
+        for _ in range(100):  # bounded: ~20 s
+            if self.python(probe, env=env, timeout=30).returncode == 0:
+                return env, procs
+            time.sleep(0.2)
+        stop_all(procs)
+        raise AssertionError(f"{self.name}'s Secret Service did not come up")
 
     def mkdir(self, rel: str) -> str:
         """A directory of hers under her home (an empty mountpoint)."""
