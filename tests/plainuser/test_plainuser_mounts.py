@@ -155,3 +155,32 @@ def test_cache_convert_verify_as_plain_user(alice):
     assert usage["dir"].startswith(alice.home + "/") and usage["chunks"] > 0
     r = alice.cli("cache", "prune", "--json", check=True)
     assert json.loads(r.stdout)["removedChunks"] == usage["chunks"]
+
+
+def test_resident_server_mounts_as_plain_user(alice):
+    """``mount`` through her resident server (the default mode): it runs as
+    her, its socket dir is hers, and its mounts equal the ground truth."""
+    env = {"STARGZ_TUI_SERVER": "auto"}
+    try:
+        r = alice.cli("server", "start", env=env)
+        assert r.returncode == 0 and "resident server running" in r.stdout, r.stderr
+        info = json.loads(alice.cli("server", "status", "--json", env=env, check=True).stdout)
+        assert info["running"]
+        with open(f"/proc/{info['pid']}/status") as f:
+            uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+        assert set(uids) == {str(alice.uid)}
+        sock_dir = f"{alice.run_dir}/stargz-tui"
+        assert stat.S_IMODE(os.stat(sock_dir).st_mode) == 0o700
+        for layer in ("0", "merged"):
+            mp = alice.mkdir(f"mnt-resident-{layer}")
+            extra = [] if layer == "merged" else ["--layer", layer]
+            r = alice.cli("mount", alice.image("mini-esgz"), mp, *extra, env=env)
+            assert r.returncode == 0, r.stderr
+            (m,) = alice.mounts()
+            assert m["state"] == "serving"
+            res = alice.check_tree(mp, "mini-esgz", layer)
+            assert res["problems"] == [], "\n".join(res["problems"][:20])
+            r = alice.cli("unmount", mp, env=env)
+            assert r.returncode == 0, r.stderr
+    finally:
+        alice.cli("server", "stop", env=env)
