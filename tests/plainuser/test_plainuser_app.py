@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 
@@ -24,3 +25,8 @@ def test_app_mounts_and_unmounts_from_mounts_screen_as_plain_user(alice):
     assert got["os_release"] > 0
     assert got["mounted_after"] is False and got["records_after"] == []
     assert alice.mounts() == []
+    # her settings (recent images) are hers alone
+    conf = f"{alice.home}/.config/stargz-tui"
+    for path, mode in ((conf, 0o700), (f"{conf}/app.toml", 0o600)):
+        st = os.stat(path)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (alice.uid, mode), path
