@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opaque-xattrs", choices=["both", "trusted", "user"], default="both",
                    help="how opaque dirs are marked (an overlay lower of kernel overlayfs "
                         "only needs trusted.overlay.opaque)")
+    p.add_argument("--uid-map", action="append", default=[], metavar="C:H:N",
+                   help="show image uid C+k as H+k (core.idmap); repeatable")
+    p.add_argument("--gid-map", action="append", default=[], metavar="C:H:N",
+                   help="show image gid C+k as H+k; repeatable")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -212,6 +216,7 @@ class Daemon:
         from .cache import ChunkCache
         from .errors import CoreError, MountError
         from .fusefs import OPAQUE_XATTRS, LayerFS
+        from .idmap import IdMapper, parse_ranges
         from .image import image_from_dump, open_image, open_store
         from .layer import LayerReader
         from .resolver import Resolver
@@ -265,6 +270,7 @@ class Daemon:
                                       name=f"layer {desc.index} {desc.digest[:19]}")
             self.fs = LayerFS(layer.index, self.reader, attr_timeout=a.attr_timeout,
                               entry_timeout=a.attr_timeout, debug=a.debug,
+                              idmap=IdMapper(parse_ranges(a.uid_map), parse_ranges(a.gid_map)),
                               opaque_xattrs=[x for x in OPAQUE_XATTRS
                                              if a.opaque_xattrs == "both"
                                              or x.startswith(a.opaque_xattrs.encode())])
@@ -275,7 +281,12 @@ class Daemon:
             try:
                 pyfuse3.init(self.fs, a.mountpoint, options)
             except RuntimeError as e:
-                raise MountError(f"cannot mount {a.mountpoint}: {e}") from None
+                # libfuse prints the cause on stderr (our log), not in the exception
+                from .fusecheck import fuse_failure_cause
+
+                sys.stderr.flush()
+                cause = fuse_failure_cause(a.log)
+                raise MountError(f"cannot mount {a.mountpoint}: {cause or e}") from None
             self.fs.tune_kernel_after_init(a.mountpoint)  # bigger kernel reads (perf hook)
         except TimeoutError:
             self._report(f"error opening {a.image} timed out")

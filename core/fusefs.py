@@ -26,6 +26,7 @@ import pyfuse3
 from .errors import CoreError
 from .estargz import LayerIndex
 from .estargz.toc import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, WHITEOUT_PREFIX
+from .idmap import IdMapper
 from .layer import LayerReader
 
 log = logging.getLogger("core.fusefs")
@@ -97,8 +98,10 @@ class LayerFS(pyfuse3.Operations):
 
     def __init__(self, index: LayerIndex, reader: LayerReader, *,
                  attr_timeout: float = 1.0, entry_timeout: float = 1.0,
-                 debug: bool = False, opaque_xattrs=OPAQUE_XATTRS):
+                 debug: bool = False, opaque_xattrs=OPAQUE_XATTRS, idmap: IdMapper | None = None):
         super().__init__()
+        # ids shown for the image's (core.idmap); None shows them exactly
+        self.idmap = idmap if idmap else None
         self.opaque_xattrs = tuple(opaque_xattrs)
         self.index = index
         self.reader = reader
@@ -178,6 +181,10 @@ class LayerFS(pyfuse3.Operations):
             self._dir_nlink[dir_id] = n
         return n
 
+    def _ids(self, uid: int, gid: int) -> tuple[int, int]:
+        m = self.idmap
+        return (uid, gid) if m is None else (m.uid(uid), m.gid(gid))
+
     def _attr(self, entry_id: int) -> pyfuse3.EntryAttributes:
         ix = self.index
         e = ix.entry(entry_id)
@@ -192,7 +199,7 @@ class LayerFS(pyfuse3.Operations):
             a.st_ino = (entry_id + 1) | _WHITEOUT_BIT
             a.st_mode = stat.S_IFCHR
             a.st_nlink = 1
-            a.st_uid, a.st_gid = e.uid, e.gid
+            a.st_uid, a.st_gid = self._ids(e.uid, e.gid)
             a.st_rdev = 0
             a.st_size = 0
             a.st_blocks = 0
@@ -204,7 +211,7 @@ class LayerFS(pyfuse3.Operations):
         code = t.type_code
         a.st_ino = t.id + 1
         a.st_mode = _TYPE_BITS.get(code, stat.S_IFREG) | (t.mode & 0o7777)
-        a.st_uid, a.st_gid = t.uid, t.gid
+        a.st_uid, a.st_gid = self._ids(t.uid, t.gid)
         if code == DIR:
             a.st_nlink = self._nlink_dir(t.id)
             a.st_size = 4096
@@ -358,7 +365,12 @@ class LayerFS(pyfuse3.Operations):
 
     async def listxattr(self, inode, ctx):
         self._trace("listxattr", inode)
-        return list(self._xattrs(inode))
+        names = list(self._xattrs(inode))
+        if ctx is not None and ctx.uid != 0:
+            # the kernel answers ENODATA to a plain user's getxattr of trusted.*:
+            # listing names she cannot read would break copy tools (cp -a, tar)
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     async def statfs(self, ctx):
         s = pyfuse3.StatvfsData()

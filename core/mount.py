@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 
+from . import fusecheck, idmap
 from .errors import MountError
 from .paths import private_dir, runtime_socket, state_dir
 from .peer import require_own_peer
@@ -402,6 +403,9 @@ def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logf
         argv += ["--resolve-timeout", str(o["resolve_timeout"])]
     if o.get("read_timeout"):
         argv += ["--read-timeout", str(o["read_timeout"])]
+    for key, flag in (("uid_map", "--uid-map"), ("gid_map", "--gid-map")):
+        for id_range in o.get(key) or ():
+            argv += [flag, str(id_range)]
     logfd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         if FORK_DAEMONS and threading.active_count() == 1:
@@ -557,7 +561,8 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
     ``debug``, ``silence``, ``prefetch_size``, ``timeout``, ``read_timeout`` (seconds a
     mounted read waits for the registry before EIO), ``force`` (mount
     onto a non-empty directory, which is refused otherwise). A mountpoint
-    that another mount is under way at is refused at once."""
+    that another mount is under way at is refused at once.; id mapping
+    (core.idmap): ``map_owner``, ``uid_map``/``gid_map`` (``C:H:N`` strings)."""
     import anyio.to_thread
 
     steps = _mount_steps(image, mountpoint, layer=layer, platform=platform, **options)
@@ -697,7 +702,8 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
                   cache_dir: str | None = None, cache_size: int | None = None,
                   debug: bool = False, silence: float | None = None, prefetch_size: int = 0,
                   platform: str | None = None, insecure_registries=(),
-                  timeout: float = READY_TIMEOUT, read_timeout: float | None = None):
+                  timeout: float = READY_TIMEOUT, read_timeout: float | None = None,
+                  map_owner: bool = False, uid_map=(), gid_map=()):
     existing = _find_record(mp)
     if existing is not None:
         raise MountError(f"{mp} is already a stargz-tui mount of {existing['image']} "
@@ -717,6 +723,10 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
         img = yield ("open", image, platform, tuple(insecure_registries))
         descs = list(img.layers)
         manifest_digest = img.manifest_digest
+    # a plain user's fuse-overlayfs is one more FUSE mount
+    fusecheck.check_mount(mp, allow_other=allow_other, merged=layer is None,
+                          fuse_mounts=len(descs) + (layer is None and os.geteuid() != 0))
+    uid_ranges, gid_ranges = _id_ranges(map_owner, uid_map, gid_map)
     mid = _mount_id(mp)
     sd = state_dir()
     logs = private_dir(os.path.join(sd, "logs"))
@@ -730,7 +740,8 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
         "cacheDir": os.path.abspath(cache_dir) if cache_dir else None,
         "options": {"prefetch": prefetch, "backgroundFetch": background_fetch,
                     "allowOther": allow_other, "allowUnverified": allow_unverified,
-                    "debug": debug},
+                    "debug": debug, "uidMap": [str(r) for r in uid_ranges],
+                    "gidMap": [str(r) for r in gid_ranges]},
     }
     options = {"cache_dir": cache_dir, "cache_size": cache_size,
                "no_prefetch": not prefetch, "no_background_fetch": not background_fetch,
@@ -740,6 +751,9 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
                "read_timeout": read_timeout,
                "insecure_registries": list(insecure_registries),
                "no_pre_resolve": layer is None,
+               # each layer's daemon shows the mapped ids: the overlay over them
+               # (kernel or fuse-overlayfs) shows what its lowers show
+               "uid_map": uid_ranges, "gid_map": gid_ranges,
                # a kernel overlay (root) reads trusted.overlay.opaque and would pass
                # user.overlay.opaque through to the merged view
                "opaque_xattrs": "trusted" if layer is None and os.geteuid() == 0 else "both"}
@@ -836,6 +850,16 @@ def _refuse_non_empty(mp: str) -> None:
     if first is not None:
         raise MountError(f"{mp} is not empty (it holds {first.name!r}): a mount would hide "
                          "its contents; choose an empty directory or pass --force")
+
+
+def _id_ranges(map_owner: bool, uid_map, gid_map) -> tuple[list, list]:
+    """The uid and gid ranges of a mount (core.idmap): explicit ones first,
+    then ``map_owner``'s (the first range holding an id wins)."""
+    uids, gids = idmap.parse_ranges(uid_map), idmap.parse_ranges(gid_map)
+    if map_owner:
+        ou, og = idmap.owner_mapping()
+        uids, gids = uids + ou, gids + og
+    return uids, gids
 
 
 class _Pending:

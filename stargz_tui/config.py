@@ -91,9 +91,15 @@ class AppConfig:
                 lines.append(f"{_toml_str(k)} = {_toml_str(v)}")
         text = "\n".join(lines) + "\n"
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            # recent images and registries are the user's business: 0700 / 0600
+            d = os.path.dirname(self.path)
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            st = os.stat(d)
+            if st.st_uid == os.getuid() and st.st_mode & 0o077:
+                os.chmod(d, 0o700)
             tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w", encoding="utf-8") as f:
                 f.write(text)
             os.replace(tmp, self.path)
         except OSError:

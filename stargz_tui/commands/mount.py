@@ -23,6 +23,7 @@ examples:
   stargz-tui mount localhost:5000/app:esgz /mnt/app          merged image (overlay of all layers)
   stargz-tui mount oci:./layout:mini-esgz /mnt/l0 --layer 0  one raw layer
   stargz-tui mount ghcr.io/org/app:esgz /mnt/app --wait-prefetch --cache-size 2G
+  stargz-tui mount localhost:5000/app:esgz ~/mnt/app --map-owner   as a plain user: root's files are yours
 
 The mount is served by a background daemon per layer; `stargz-tui mounts` shows
 live state and `stargz-tui unmount MOUNTPOINT` stops it. MOUNTPOINT must be an
@@ -74,6 +75,7 @@ def cmd_mount(args) -> int:
         prefetch_size=args.prefetch_size or 0, platform=args.platform, force=args.force,
         read_timeout=args.read_timeout,
         insecure_registries=args.insecure_registry,
+        map_owner=args.map_owner, uid_map=args.uid_map, gid_map=args.gid_map,
     )
     if args.layer is not None or m.FORK_DAEMONS:
         # one layer needs no event loop here: the daemon does all the fetching;
@@ -304,6 +306,14 @@ def register(subparsers) -> None:
                    help="a read waiting longer than this for the registry fails with EIO "
                         "(logged; default 90); request-timeout in registries.toml bounds "
                         "each registry request")
+    p.add_argument("--map-owner", action="store_true",
+                   help="show the image's root (uid/gid 0) as you and its other ids in your "
+                        "/etc/subuid, /etc/subgid ranges, as rootless podman does")
+    p.add_argument("--uid-map", action="append", metavar="C:H:N", default=[],
+                   help="show image uids C..C+N-1 as H..H+N-1 (fuse-overlayfs syntax; "
+                        "repeatable, before --map-owner's)")
+    p.add_argument("--gid-map", action="append", metavar="C:H:N", default=[],
+                   help="the same for gids")
     p.add_argument("--debug", action="store_true", help="trace FUSE requests in the daemon log")
     p.add_argument("--force", action="store_true",
                    help="mount onto a non-empty directory (its contents are hidden meanwhile)")
