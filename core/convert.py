@@ -34,6 +34,7 @@ from .image import (
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
     Image,
+    LayerDescriptor,
 )
 from .reference import Reference, parse_reference
 
@@ -201,16 +202,24 @@ async def convert_image(image: Image, writer: ImageWriter, *, tag: str | None = 
                         chunk_size: int = DEFAULT_CHUNK_SIZE,
                         prioritized_files: list[str] | tuple[str, ...] = (),
                         progress: Callable[[ConvertProgress], None] | None = None,
-                        tmpdir: str | None = None) -> ConvertResult:
+                        tmpdir: str | None = None,
+                        plan: Callable[[LayerDescriptor], list[str] | None] | None = None,
+                        ) -> ConvertResult:
     """Convert every layer of ``image`` to eStargz and write the new image
     (layers, config, manifest tagged ``tag``) through ``writer``.
 
     Prioritised files apply to every layer (missing ones are allowed, as
     ``ctr-remote image convert`` does); layers already in eStargz are
-    rebuilt from their tar. Cancellable; temporary files are removed."""
+    rebuilt from their tar. Cancellable; temporary files are removed.
+
+    ``plan(desc)``, when given, decides per layer instead: the files to
+    prioritise in it, or None to copy the layer byte-identical (descriptor
+    and diffID kept) — what ``optimize`` does with a layer nothing was
+    recorded from."""
     converted: list[LayerConversion] = []
     new_layers: list[dict] = []
     for desc in image.layers:
+        files = plan(desc) if plan is not None else list(prioritized_files)
         source = image.store.blob_source(desc.digest, desc.size)
         with tempfile.TemporaryDirectory(dir=tmpdir, prefix="stargz-tui-convert-") as tmp:
             src_path = os.path.join(tmp, "in")
@@ -227,6 +236,16 @@ async def convert_image(image: Image, writer: ImageWriter, *, tag: str | None = 
             if "sha256:" + h.hexdigest() != desc.digest:
                 raise FormatError(f"layer {desc.index} ({desc.digest[:19]}) does not match its "
                                   "digest; refusing to convert it")
+            if files is None:
+                if not desc.diff_id:
+                    raise FormatError(f"layer {desc.index} has no diffID in the image config; "
+                                      "cannot keep it as it is")
+                await writer.put_blob_file(src_path, desc.digest, desc.size, desc.media_type)
+                converted.append(LayerConversion(
+                    desc.index, desc.digest, desc.digest, desc.size, desc.diff_id,
+                    desc.toc_digest_annotation or "", desc.uncompressed_size_annotation or 0))
+                new_layers.append(dict(image.manifest["layers"][desc.index]))
+                continue
             cancel = threading.Event()
 
             def report(d: int, t: int, n=desc.index) -> None:
@@ -236,7 +255,7 @@ async def convert_image(image: Image, writer: ImageWriter, *, tag: str | None = 
             try:
                 res: WriteResult = await anyio.to_thread.run_sync(
                     functools.partial(build_estargz, src_path, out_path, chunk_size=chunk_size,
-                                      prioritized_files=list(prioritized_files),
+                                      prioritized_files=files,
                                       progress=report, cancel=cancel, tmpdir=tmp),
                     abandon_on_cancel=True)
             finally:

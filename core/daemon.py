@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opaque-xattrs", choices=["both", "trusted", "user"], default="both",
                    help="how opaque dirs are marked (an overlay lower of kernel overlayfs "
                         "only needs trusted.overlay.opaque)")
+    p.add_argument("--record", metavar="FILE",
+                   help="append each regular file opened to FILE (core.record)")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -105,6 +107,8 @@ class Daemon:
             out.update(self.reader.stats())
         if self.resolver is not None:
             out["preResolved"] = self.resolver.pre_resolved
+        if self.fs is not None and self.fs.recorder is not None:
+            out["recorded"] = self.fs.recorder.count
         return out
 
     async def _handle(self, stream) -> None:
@@ -233,11 +237,18 @@ class Daemon:
             self.reader = LayerReader(layer.index, layer.source, cache, tasks, refresh=refresh,
                                       prefetch_size=a.prefetch_size,
                                       name=f"layer {desc.index} {desc.digest[:19]}")
+            recorder = None
+            if a.record:
+                from .record import Recorder
+
+                recorder = Recorder(a.record, layer.index.path_of, layer=desc.index,
+                                    manifest_digest=self.image.manifest_digest)
             self.fs = LayerFS(layer.index, self.reader, attr_timeout=a.attr_timeout,
                               entry_timeout=a.attr_timeout, debug=a.debug,
                               opaque_xattrs=[x for x in OPAQUE_XATTRS
                                              if a.opaque_xattrs == "both"
-                                             or x.startswith(a.opaque_xattrs.encode())])
+                                             or x.startswith(a.opaque_xattrs.encode())],
+                              recorder=recorder)
             options = set(pyfuse3.default_options)
             options |= {f"fsname={a.fsname}", "subtype=stargz", "ro", "nosuid", "nodev"}
             if a.allow_other:

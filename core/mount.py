@@ -386,6 +386,8 @@ def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logf
         argv += ["--image-file", o["image_file"]]
     if o.get("resolve_timeout"):
         argv += ["--resolve-timeout", str(o["resolve_timeout"])]
+    if o.get("record"):
+        argv += ["--record", o["record"]]
     logfd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         if FORK_DAEMONS and threading.active_count() == 1:
@@ -538,7 +540,8 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
 
     Options: ``prefetch``, ``background_fetch``, ``wait_prefetch``,
     ``allow_other``, ``allow_unverified``, ``cache_dir``, ``cache_size``,
-    ``debug``, ``silence``, ``prefetch_size``, ``timeout``."""
+    ``debug``, ``silence``, ``prefetch_size``, ``timeout``, ``record`` (a file
+    the daemons append each file opened to, see :mod:`core.record`)."""
     import anyio.to_thread
 
     steps = _mount_steps(image, mountpoint, layer=layer, platform=platform, **options)
@@ -658,7 +661,8 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
                  allow_unverified: bool = False, cache_dir: str | None = None,
                  cache_size: int | None = None, debug: bool = False,
                  silence: float | None = None, prefetch_size: int = 0,
-                 platform: str | None = None, timeout: float = READY_TIMEOUT):
+                 platform: str | None = None, timeout: float = READY_TIMEOUT,
+                 record: str | None = None):
     """The mount as a generator of blocking steps (``("call", fn, *args)``,
     or ``("open", image, platform)`` for the merged view's image) that its
     driver runs, in a worker thread or directly; it returns the record."""
@@ -684,6 +688,8 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
         manifest_digest = img.manifest_digest
     mid = _mount_id(mp)
     sd = state_dir()
+    if record:
+        record = _start_record(record)
     logs = private_dir(os.path.join(sd, "logs"))
     if layer is None:
         # the daemons read the resolved manifest and config from here
@@ -692,7 +698,7 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
         "id": mid, "mountpoint": mp, "image": image, "manifestDigest": manifest_digest,
         "kind": "layer" if layer is not None else "merged",
         "overlay": None, "created": time.time(), "layers": [],
-        "cacheDir": os.path.abspath(cache_dir) if cache_dir else None,
+        "cacheDir": os.path.abspath(cache_dir) if cache_dir else None, "record": record,
         "options": {"prefetch": prefetch, "backgroundFetch": background_fetch,
                     "allowOther": allow_other, "allowUnverified": allow_unverified,
                     "debug": debug},
@@ -702,7 +708,7 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
                "wait_prefetch": wait_prefetch, "allow_other": allow_other,
                "allow_unverified": allow_unverified, "debug": debug, "silence": silence,
                "prefetch_size": prefetch_size, "platform": platform,
-               "no_pre_resolve": layer is None,
+               "no_pre_resolve": layer is None, "record": record,
                # a kernel overlay (root) reads trusted.overlay.opaque and would pass
                # user.overlay.opaque through to the merged view
                "opaque_xattrs": "trusted" if layer is None and os.geteuid() == 0 else "both"}
@@ -750,6 +756,18 @@ def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
         if image_file:
             with contextlib.suppress(OSError):
                 os.unlink(image_file)
+
+
+def _start_record(path: str) -> str:
+    """Create (or empty) the record file every layer daemon appends to
+    (core.record); returns its absolute path (the daemons run in /)."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "w"):
+            pass
+    except OSError as e:
+        raise MountError(f"cannot write the record file {path}: {e.strerror}") from None
+    return path
 
 
 class _Pending:
@@ -835,7 +853,7 @@ def unmount(mountpoint: str, *, force: bool = False) -> dict:
 
 # -- listing ---------------------------------------------------------------------
 _SUM_FIELDS = ("bytesFetched", "requests", "chunksCached", "chunksTotal", "digestErrors",
-               "readErrors", "errors", "retries", "blobSize", "prefetchBytes")
+               "readErrors", "errors", "retries", "blobSize", "prefetchBytes", "recorded")
 
 
 def _layer_status(e: dict, mounted: dict[str, str]) -> dict:
@@ -868,7 +886,7 @@ def mount_status(rec: dict, mounted: dict[str, str] | None = None) -> dict:
         "overlay": rec.get("overlay"), "manifestDigest": rec.get("manifestDigest"),
         "pid": layers[0]["pid"] if layers else None, "pids": [lay["pid"] for lay in layers],
         "state": "serving" if serving else "stale", "created": rec.get("created"),
-        "layers": layers,
+        "layers": layers, "record": rec.get("record"),
     }
     for k in _SUM_FIELDS:
         out[k] = sum((lay.get("stats") or {}).get(k, 0) or 0 for lay in layers)

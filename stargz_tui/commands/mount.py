@@ -17,6 +17,7 @@ examples:
   stargz-tui mount localhost:5000/app:esgz /mnt/app          merged image (overlay of all layers)
   stargz-tui mount oci:./layout:mini-esgz /mnt/l0 --layer 0  one raw layer
   stargz-tui mount ghcr.io/org/app:esgz /mnt/app --wait-prefetch --cache-size 2G
+  stargz-tui mount oci:./layout:app /mnt/app --record app.json   record what gets opened
 
 The mount is served by a background daemon per layer; `stargz-tui mounts` shows
 live state and `stargz-tui unmount MOUNTPOINT` stops it.
@@ -35,7 +36,9 @@ examples:
 
 --json prints a list of objects with mountpoint, image, kind, layers, pid, pids,
 state ("serving" or "stale"), bytesFetched, requests, chunksCached, chunksTotal,
-prefetchDone, backgroundFetchDone, digestErrors, readErrors (and reason when stale).
+prefetchDone, backgroundFetchDone, digestErrors, readErrors, record and recorded
+(the record file of a recording mount and how many files it holds so far; reason
+when stale).
 """
 
 CACHE_EXAMPLES = """\
@@ -62,6 +65,7 @@ def cmd_mount(args) -> int:
         allow_other=args.allow_other, allow_unverified=args.allow_unverified,
         cache_dir=args.cache_dir, cache_size=args.cache_size, debug=args.debug,
         prefetch_size=args.prefetch_size or 0, platform=args.platform,
+        record=args.record,
     )
     if args.layer is not None or m.FORK_DAEMONS:
         # one layer needs no event loop here: the daemon does all the fetching;
@@ -137,6 +141,8 @@ def cmd_mounts(args) -> int:
             print(f"  fetched {human_size(st['bytesFetched'])} in {st['requests']} requests; "
                   f"chunks {st['chunksCached']}/{total} cached; prefetch {pf}; "
                   f"background fetch {bg}")
+            if st.get("record"):
+                print(f"  record  {st['recorded']} file(s) recorded to {st['record']}")
             if st["digestErrors"] or st["readErrors"]:
                 print(f"  errors  {st['digestErrors']} digest, {st['readErrors']} read")
         else:
@@ -221,6 +227,9 @@ def register(subparsers) -> None:
     p.add_argument("--cache-size", type=_size_arg, metavar="SIZE",
                    help="chunk cache budget (e.g. 2G; default 4G)")
     p.add_argument("--platform", help="os/arch of a multi-platform image")
+    p.add_argument("--record", metavar="FILE",
+                   help="write each file opened through the mount to FILE, in order, as "
+                        "JSON lines (ctr-remote's --estargz-record-in format)")
     p.add_argument("--debug", action="store_true", help="trace FUSE requests in the daemon log")
     p.set_defaults(func=cmd_mount)
 
