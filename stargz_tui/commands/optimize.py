@@ -32,22 +32,27 @@ async def cmd_optimize(args) -> int:
 
     if args.cmd[:1] == ["--"]:
         args.cmd = args.cmd[1:]
+    say = sys.stderr if args.json else sys.stdout
+    run = None
     if args.record_in:
         entries = read_record(args.record_in)
-        print(f"using {len(entries)} recorded file(s) from {args.record_in}")
+        print(f"using {len(entries)} recorded file(s) from {args.record_in}", file=say)
     else:
         res = await record_workload(args.src, args.cmd, period=args.period,
                                     record_out=args.record_out, platform=args.platform,
                                     stdout=sys.stderr)
         entries = res.entries
         print(f"{' '.join(res.argv)}: {res.describe()}; {len(entries)} file(s) recorded"
-              + (f" to {res.record_file}" if res.record_file else ""))
+              + (f" to {res.record_file}" if res.record_file else ""), file=say)
+        run = {"argv": res.argv, "status": res.status, "timedOut": res.timed_out,
+               "seconds": round(res.seconds, 3), "recorded": len(entries),
+               "recordFile": res.record_file}
     out = await optimize_image(args.src, args.dst, entries, platform=args.platform,
                                chunk_size=args.chunk_size)
     if args.json:
         print(json.dumps({**out.convert.to_dict(),
                           "prioritized": {str(k): v for k, v in out.prioritized.items()},
-                          "kept": out.kept, "missed": out.missed}, indent=2))
+                          "kept": out.kept, "missed": out.missed, "run": run}, indent=2))
         return 0
     for c in out.convert.layers:
         if c.index in out.kept:
