@@ -9,6 +9,8 @@ import sys
 
 from core.units import human_size
 
+DEFAULT_PERIOD = 10.0  # ctr-remote image optimize's --period (core.optimize.DEFAULT_PERIOD)
+
 EXAMPLES = """\
 examples:
   stargz-tui optimize oci:./layout:app oci:./layout:app-opt
@@ -30,8 +32,7 @@ async def cmd_optimize(args) -> int:
     from core.optimize import optimize_image, record_workload
     from core.record import read_record
 
-    if args.cmd[:1] == ["--"]:
-        args.cmd = args.cmd[1:]
+    _parse_words(args)
     say = sys.stderr if args.json else sys.stdout
     run = None
     if args.record_in:
@@ -67,20 +68,15 @@ async def cmd_optimize(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    from core.optimize import DEFAULT_PERIOD
+class _WordsParser(argparse.ArgumentParser):
+    """Parses what follows ``optimize`` (options may come after SRC DST and
+    before ``--``), with the CLI's one-line usage errors."""
 
-    p = subparsers.add_parser(
-        "optimize", help="record a workload's reads and rebuild the image to start faster",
-        description="Mount SRC, run CMD in it and record the files it opens, then convert "
-                    "SRC to DST as eStargz with those files before each layer's prefetch "
-                    "landmark (layers nothing was read from are kept byte-identical).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST")
-    p.add_argument("cmd", metavar="CMD", nargs="*",
-                   help="after --: the command and its arguments (default: the image's "
-                        "entrypoint and cmd)")
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"stargz-tui optimize: error: {message}\n")
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record-out", metavar="FILE", help="also keep the record in FILE")
     p.add_argument("--record-in", metavar="FILE",
                    help="skip the run: prioritise the files of this record or list")
@@ -89,4 +85,30 @@ def register(subparsers) -> None:
     p.add_argument("--platform", metavar="OS/ARCH")
     p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES")
     p.add_argument("--json", action="store_true")
+
+
+def _parse_words(args) -> None:
+    """SRC DST [options] [-- CMD ARGS...] from ``args.words`` into ``args``
+    (argparse's subparsers cannot take options between positionals and
+    ``--``; an intermixed parse can)."""
+    p = _WordsParser(prog="stargz-tui optimize", add_help=False)
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("cmd", nargs="*")
+    _add_options(p)
+    p.parse_intermixed_args(args.words, namespace=args)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "optimize", help="record a workload's reads and rebuild the image to start faster",
+        description="Mount SRC, run CMD in it and record the files it opens, then convert "
+                    "SRC to DST as eStargz with those files before each layer's prefetch "
+                    "landmark (layers nothing was read from are kept byte-identical).",
+        usage="stargz-tui optimize SRC DST [options] [-- CMD [ARGS...]]",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("words", metavar="SRC DST [-- CMD ARGS]", nargs=argparse.REMAINDER,
+                   help="the source and destination images; after --, the command and its "
+                        "arguments (default: the image's entrypoint and cmd)")
+    _add_options(p)
     p.set_defaults(func=cmd_optimize)
