@@ -73,7 +73,7 @@ class _Tree:
             for lib in _ldd_libs(host):
                 self.add(lib, depth + 1)
 
-    def add_tree(self, top: str, skip=("__pycache__",)) -> None:
+    def add_tree(self, top: str, skip=()) -> None:
         for dirpath, dirnames, filenames in os.walk(top):
             dirnames[:] = sorted(d for d in dirnames if d not in skip)
             self.add(dirpath)
