@@ -9,7 +9,9 @@ that one layer (eStargz built by core.estargz.writer, or plain tar+gzip) and
 tag ``tag``; returns ``{"layout", "tag", "ref", "paths", "blob_size"}``.
 Paths keep their host names (``/usr/bin/python3`` -> ``usr/bin/python3``),
 symlinks stay symlinks (their targets are added too), so the merged root
-is runnable with ``chroot``. Used by tests/test_optimize.py and bench B9.
+is runnable with ``chroot``. ``write_tar_layout`` does the same for any tar
+(bench B9 gives it a Debian root filesystem made by ``mmdebstrap``). Used by
+tests/test_optimize.py and bench B9.
 """
 
 from __future__ import annotations
@@ -130,12 +132,27 @@ def build_userland_tar(tar_path: str, *, programs=(), trees=(), files=None) -> l
 def write_userland_layout(root: str, *, programs=(), trees=(), files=None,
                           config: dict | None = None, tag: str = "userland",
                           estargz: bool = True, chunk_size: int = 4 << 20) -> dict:
+    os.makedirs(root, exist_ok=True)
+    tar_path = os.path.join(root, "layer.tar")
+    paths = build_userland_tar(tar_path, programs=programs, trees=trees, files=files)
+    try:
+        out = write_tar_layout(root, tar_path, config=config, tag=tag, estargz=estargz,
+                               chunk_size=chunk_size)
+    finally:
+        os.unlink(tar_path)
+    out["paths"] = paths
+    return out
+
+
+def write_tar_layout(root: str, tar_path: str, *, config: dict | None = None,
+                     tag: str = "userland", estargz: bool = True,
+                     chunk_size: int = 4 << 20) -> dict:
+    """An OCI layout at ``root`` (added to its index under ``tag``) whose one
+    layer is ``tar_path``: eStargz by core.estargz.writer, or tar+gzip."""
     from core.estargz.writer import build_estargz
 
     os.makedirs(os.path.join(root, "blobs", "sha256"), exist_ok=True)
     blobs = os.path.join(root, "blobs", "sha256")
-    tar_path = os.path.join(root, "layer.tar")
-    paths = build_userland_tar(tar_path, programs=programs, trees=trees, files=files)
     tmp_blob = os.path.join(root, "layer.tmp")
     if estargz:
         res = build_estargz(tar_path, tmp_blob, chunk_size=chunk_size)
@@ -151,7 +168,6 @@ def write_userland_layout(root: str, *, programs=(), trees=(), files=None,
         size, diff_id = len(data), "sha256:" + hashlib.sha256(raw).hexdigest()
         annotations = {}
     os.replace(tmp_blob, os.path.join(blobs, digest[7:]))
-    os.unlink(tar_path)
 
     def put(obj: dict) -> tuple[str, int]:
         data = json.dumps(obj).encode()
@@ -185,5 +201,5 @@ def write_userland_layout(root: str, *, programs=(), trees=(), files=None,
                                "annotations": {"org.opencontainers.image.ref.name": tag}})
     with open(index_path, "w") as f:
         json.dump(index, f)
-    return {"layout": root, "tag": tag, "ref": f"oci:{root}:{tag}", "paths": paths,
-            "blob_size": size, "digest": digest}
+    return {"layout": root, "tag": tag, "ref": f"oci:{root}:{tag}", "blob_size": size,
+            "digest": digest}
