@@ -86,7 +86,7 @@ def workload(config: dict, cmd: list[str] | None, image: str = "the image"
     return argv, env, cwd
 
 
-def _start_error(line: str, image: str, argv: list[str], cwd: str) -> CoreError:
+def start_error(line: str, image: str, argv: list[str], cwd: str) -> CoreError:
     kind, _, detail = line.partition(" ")
     if kind == "userns":
         return CoreError("cannot run the command as a plain user: user namespaces are not "
@@ -160,7 +160,7 @@ async def record_workload(src: str, cmd: list[str] | None, *, period: float = DE
         finally:
             await anyio.to_thread.run_sync(lambda: unmount(root, force=True))
         if err:
-            raise _start_error(err, src, argv, cwd)
+            raise start_error(err, src, argv, cwd)
         entries = read_record(record_file)
     finally:
         from .mount import is_mounted

@@ -11,10 +11,11 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import tarfile
 
 import pytest
-from fuse_helpers import FIXTURES, isolated_mount_env, walk
+from fuse_helpers import FIXTURES, ROOT, isolated_mount_env, walk
 
 from bench.userland import write_userland_layout
 from core.estargz.toc import PREFETCH_LANDMARK
@@ -163,3 +164,23 @@ def test_bad_input_is_one_line(mount_env, userland, tmp_path):
         assert r.stderr.strip().splitlines() == [line], argv
     assert not os.path.exists(tmp_path / "out" / "index.json")  # nothing was written
     assert not [m for m in open("/proc/self/mountinfo") if "stargz-tui-optimize-" in m]
+
+
+def test_a_plain_user_without_user_namespaces_gets_one_line(tmp_path):
+    """In a user namespace that maps nobody (so it may not create another),
+    the sandbox reports why before running anything, and optimize turns that
+    into its one line. (Debian's python3: the venv's may sit under 0700 /root.)"""
+    from core.optimize import start_error
+
+    r, w = os.pipe()
+    p = subprocess.run(["unshare", "--user", "/usr/bin/python3", "-m", "core.sandbox",
+                        "--root", str(tmp_path), "--status-fd", str(w), "--", "/bin/true"],
+                       pass_fds=(w,), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    os.close(w)
+    with os.fdopen(r) as f:
+        line = f.read().strip()
+    assert p.returncode == 127 and p.stderr == ""
+    assert line == "error userns unshare: Operation not permitted"
+    assert str(start_error(line[6:], "oci:x:y", ["/bin/true"], "/")) == (
+        "cannot run the command as a plain user: user namespaces are not available here "
+        "(unshare: Operation not permitted); run optimize as root or use --record-in")
