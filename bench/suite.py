@@ -41,6 +41,7 @@ FIGURES = {
     "B6": "background fetch of the whole big layer into the cache",
     "B7": "random 4 KiB reads over warm files (IOPS)",
     "B8": "TUI opens the layer screen of a 100k-entry layer",
+    "B9": "python3 import workload: start to exit, optimized lazy vs full pull",
 }
 
 
@@ -543,6 +544,12 @@ def b8(ctx: Ctx) -> dict:
     return out
 
 
+def b9(ctx: Ctx) -> dict:
+    from . import b9 as b9mod  # issue 16: bench/b9.py
+
+    return b9mod.b9(ctx, fig, median, OurMount, peer_mount)
+
+
 def _probe_app(ctx: Ctx) -> dict:
     ref = ctx.refs["many"] if ctx.source == "registry" else ctx.oci_refs["many"]
     p = subprocess.run([PY, "-m", "bench.appprobe", ref], capture_output=True,
@@ -782,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         rm = shutil.which("ratarmount") or os.path.join(os.path.dirname(PY), "ratarmount")
         ctx.ratarmount = rm if os.path.exists(rm) else None
         plan = [("B1", b1), ("B2", b2_b3), ("B4", b4), ("B5", b5), ("B6", b6), ("B7", b7),
-                ("B8", b8)]
+                ("B8", b8), ("B9", b9)]
         for id_, fn in plan:
             ids = {"B2", "B3"} if id_ == "B2" else {id_}
             if not ids & only:

@@ -37,6 +37,7 @@ from .image import (
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
     Image,
+    LayerDescriptor,
 )
 from .reference import Reference, parse_reference
 
@@ -211,7 +212,9 @@ async def convert_image(image: Image, writer: ImageWriter, *, tag: str | None = 
                         chunk_size: int = DEFAULT_CHUNK_SIZE,
                         prioritized_files: list[str] | tuple[str, ...] = (),
                         progress: Callable[[ConvertProgress], None] | None = None,
-                        tmpdir: str | None = None, format: str = "estargz") -> ConvertResult:
+                        tmpdir: str | None = None, format: str = "estargz",
+                        plan: Callable[[LayerDescriptor], list[str] | None] | None = None,
+                        ) -> ConvertResult:
     """Convert every layer of ``image`` to eStargz and write the new image
     (layers, config, manifest tagged ``tag``) through ``writer``.
 
@@ -219,11 +222,16 @@ async def convert_image(image: Image, writer: ImageWriter, *, tag: str | None = 
     ``ctr-remote image convert`` does); layers already in eStargz are
     rebuilt from their tar. Cancellable; temporary files are removed.
     ``format`` is ``estargz`` or ``zstd:chunked`` (which has no prefetch
-    landmark, so no prioritised files)."""
+    landmark, so no prioritised files).
+
+    ``plan(desc)``, when given, decides per layer instead: the files to
+    prioritise in it, or None to copy the layer byte-identical (descriptor
+    and diffID kept) — what ``optimize`` does with a layer nothing was
+    recorded from."""
     if format not in FORMATS:
         raise FormatError(f"unknown format {format!r} (estargz or zstd:chunked)")
     zstd = format == "zstd:chunked"
-    if zstd and prioritized_files:
+    if zstd and (prioritized_files or plan is not None):
         raise FormatError("prioritised files are an eStargz feature; zstd:chunked has no "
                           "prefetch landmark")
     converted: list[LayerConversion] = []
@@ -235,6 +243,7 @@ async def convert_image(image: Image, writer: ImageWriter, *, tag: str | None = 
                                              desc.diff_id or "", "", 0))
             new_layers.append(dict(image.manifest["layers"][desc.index]))
             continue
+        files = plan(desc) if plan is not None else list(prioritized_files)
         source = image.store.blob_source(desc.digest, desc.size)
         with tempfile.TemporaryDirectory(dir=tmpdir, prefix="stargz-tui-convert-") as tmp:
             src_path = os.path.join(tmp, "in")
@@ -251,6 +260,16 @@ async def convert_image(image: Image, writer: ImageWriter, *, tag: str | None = 
             if "sha256:" + h.hexdigest() != desc.digest:
                 raise FormatError(f"layer {desc.index} ({desc.digest[:19]}) does not match its "
                                   "digest; refusing to convert it")
+            if files is None:
+                if not desc.diff_id:
+                    raise FormatError(f"layer {desc.index} has no diffID in the image config; "
+                                      "cannot keep it as it is")
+                await writer.put_blob_file(src_path, desc.digest, desc.size, desc.media_type)
+                converted.append(LayerConversion(
+                    desc.index, desc.digest, desc.digest, desc.size, desc.diff_id,
+                    desc.toc_digest_annotation or "", desc.uncompressed_size_annotation or 0))
+                new_layers.append(dict(image.manifest["layers"][desc.index]))
+                continue
             cancel = threading.Event()
 
             def report(d: int, t: int, n=desc.index) -> None:
@@ -264,7 +283,7 @@ async def convert_image(image: Image, writer: ImageWriter, *, tag: str | None = 
             else:
                 build = functools.partial(build_estargz, src_path, out_path,
                                           chunk_size=chunk_size,
-                                          prioritized_files=list(prioritized_files),
+                                          prioritized_files=files,
                                           progress=report, cancel=cancel, tmpdir=tmp)
             try:
                 res = await anyio.to_thread.run_sync(build, abandon_on_cancel=True)
@@ -274,7 +293,7 @@ async def convert_image(image: Image, writer: ImageWriter, *, tag: str | None = 
             await writer.put_blob_file(out_path, res.blob_digest, res.blob_size, media_type)
         converted.append(LayerConversion(desc.index, desc.digest, res.blob_digest, res.blob_size,
                                          res.diff_id, res.toc_digest, res.uncompressed_size,
-                                         getattr(res, "missed_prioritized", [])))
+                                         res.missed_prioritized))
         ann = {k: v for k, v in desc.annotations.items()
                if not k.startswith(("containerd.io/snapshot/stargz/", "io.containers.estargz.",
                                     "io.containers.zstd-chunked.",

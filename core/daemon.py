@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show image uid C+k as H+k (core.idmap); repeatable")
     p.add_argument("--gid-map", action="append", default=[], metavar="C:H:N",
                    help="show image gid C+k as H+k; repeatable")
+    p.add_argument("--record", metavar="FILE",
+                   help="append each regular file opened to FILE (core.record)")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -128,6 +130,8 @@ class Daemon:
             out.update(self.reader.stats())
         if self.resolver is not None:
             out["preResolved"] = self.resolver.pre_resolved
+        if self.fs is not None and self.fs.recorder is not None:
+            out["recorded"] = self.fs.recorder.count
         return out
 
     async def _handle(self, stream) -> None:
@@ -268,12 +272,19 @@ class Daemon:
                                       prefetch_size=a.prefetch_size,
                                       read_timeout=a.read_timeout,
                                       name=f"layer {desc.index} {desc.digest[:19]}")
+            recorder = None
+            if a.record:
+                from .record import Recorder
+
+                recorder = Recorder(a.record, layer.index.path_of, layer=desc.index,
+                                    manifest_digest=self.image.manifest_digest)
             self.fs = LayerFS(layer.index, self.reader, attr_timeout=a.attr_timeout,
                               entry_timeout=a.attr_timeout, debug=a.debug,
                               idmap=IdMapper(parse_ranges(a.uid_map), parse_ranges(a.gid_map)),
                               opaque_xattrs=[x for x in OPAQUE_XATTRS
                                              if a.opaque_xattrs == "both"
-                                             or x.startswith(a.opaque_xattrs.encode())])
+                                             or x.startswith(a.opaque_xattrs.encode())],
+                              recorder=recorder)
             options = set(pyfuse3.default_options)
             options |= {f"fsname={a.fsname}", "subtype=stargz", "ro", "nosuid", "nodev"}
             if a.allow_other:

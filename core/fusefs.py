@@ -98,10 +98,12 @@ class LayerFS(pyfuse3.Operations):
 
     def __init__(self, index: LayerIndex, reader: LayerReader, *,
                  attr_timeout: float = 1.0, entry_timeout: float = 1.0,
-                 debug: bool = False, opaque_xattrs=OPAQUE_XATTRS, idmap: IdMapper | None = None):
+                 debug: bool = False, opaque_xattrs=OPAQUE_XATTRS, idmap: IdMapper | None = None,
+                 recorder=None):
         super().__init__()
         # ids shown for the image's (core.idmap); None shows them exactly
         self.idmap = idmap if idmap else None
+        self.recorder = recorder  # core.record.Recorder: notes each file opened
         self.opaque_xattrs = tuple(opaque_xattrs)
         self.index = index
         self.reader = reader
@@ -308,6 +310,8 @@ class LayerFS(pyfuse3.Operations):
         self._next_fh += 1
         self._open[fh] = tid if tid is not None else eid
         self.open_files += 1
+        if self.recorder is not None:
+            self.recorder.note(self._open[fh])
         # contents never change for the life of the mount: the page cache may keep them
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 

@@ -406,6 +406,8 @@ def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logf
     for key, flag in (("uid_map", "--uid-map"), ("gid_map", "--gid-map")):
         for id_range in o.get(key) or ():
             argv += [flag, str(id_range)]
+    if o.get("record"):
+        argv += ["--record", o["record"]]
     logfd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         if FORK_DAEMONS and threading.active_count() == 1:
@@ -560,9 +562,11 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
     ``allow_other``, ``allow_unverified``, ``cache_dir``, ``cache_size``,
     ``debug``, ``silence``, ``prefetch_size``, ``timeout``, ``read_timeout`` (seconds a
     mounted read waits for the registry before EIO), ``force`` (mount
-    onto a non-empty directory, which is refused otherwise). A mountpoint
-    that another mount is under way at is refused at once.; id mapping
-    (core.idmap): ``map_owner``, ``uid_map``/``gid_map`` (``C:H:N`` strings)."""
+    onto a non-empty directory, which is refused otherwise), id mapping
+    (core.idmap): ``map_owner``, ``uid_map``/``gid_map`` (``C:H:N`` strings),
+    ``record`` (a file the daemons append each file opened to, see
+    :mod:`core.record`). A mountpoint that another mount is under way at is
+    refused at once."""
     import anyio.to_thread
 
     steps = _mount_steps(image, mountpoint, layer=layer, platform=platform, **options)
@@ -703,7 +707,7 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
                   debug: bool = False, silence: float | None = None, prefetch_size: int = 0,
                   platform: str | None = None, insecure_registries=(),
                   timeout: float = READY_TIMEOUT, read_timeout: float | None = None,
-                  map_owner: bool = False, uid_map=(), gid_map=()):
+                  map_owner: bool = False, uid_map=(), gid_map=(), record: str | None = None):
     existing = _find_record(mp)
     if existing is not None:
         raise MountError(f"{mp} is already a stargz-tui mount of {existing['image']} "
@@ -729,6 +733,8 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
     uid_ranges, gid_ranges = _id_ranges(map_owner, uid_map, gid_map)
     mid = _mount_id(mp)
     sd = state_dir()
+    if record:
+        record = _start_record(record)
     logs = private_dir(os.path.join(sd, "logs"))
     if layer is None:
         # the daemons read the resolved manifest and config from here
@@ -737,7 +743,7 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
         "id": mid, "mountpoint": mp, "image": image, "manifestDigest": manifest_digest,
         "kind": "layer" if layer is not None else "merged",
         "overlay": None, "created": time.time(), "layers": [],
-        "cacheDir": os.path.abspath(cache_dir) if cache_dir else None,
+        "cacheDir": os.path.abspath(cache_dir) if cache_dir else None, "record": record,
         "options": {"prefetch": prefetch, "backgroundFetch": background_fetch,
                     "allowOther": allow_other, "allowUnverified": allow_unverified,
                     "debug": debug, "uidMap": [str(r) for r in uid_ranges],
@@ -754,6 +760,7 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
                # each layer's daemon shows the mapped ids: the overlay over them
                # (kernel or fuse-overlayfs) shows what its lowers show
                "uid_map": uid_ranges, "gid_map": gid_ranges,
+               "record": record,
                # a kernel overlay (root) reads trusted.overlay.opaque and would pass
                # user.overlay.opaque through to the merged view
                "opaque_xattrs": "trusted" if layer is None and os.geteuid() == 0 else "both"}
@@ -862,6 +869,18 @@ def _id_ranges(map_owner: bool, uid_map, gid_map) -> tuple[list, list]:
     return uids, gids
 
 
+def _start_record(path: str) -> str:
+    """Create (or empty) the record file every layer daemon appends to
+    (core.record); returns its absolute path (the daemons run in /)."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "w"):
+            pass
+    except OSError as e:
+        raise MountError(f"cannot write the record file {path}: {e.strerror}") from None
+    return path
+
+
 class _Pending:
     """The layer of a single-layer mount before its daemon resolved it."""
 
@@ -945,7 +964,7 @@ def unmount(mountpoint: str, *, force: bool = False) -> dict:
 
 # -- listing ---------------------------------------------------------------------
 _SUM_FIELDS = ("bytesFetched", "requests", "chunksCached", "chunksTotal", "digestErrors",
-               "readErrors", "errors", "retries", "blobSize", "prefetchBytes")
+               "readErrors", "errors", "retries", "blobSize", "prefetchBytes", "recorded")
 
 
 def _layer_status(e: dict, mounted: dict[str, str]) -> dict:
@@ -978,7 +997,7 @@ def mount_status(rec: dict, mounted: dict[str, str] | None = None) -> dict:
         "overlay": rec.get("overlay"), "manifestDigest": rec.get("manifestDigest"),
         "pid": layers[0]["pid"] if layers else None, "pids": [lay["pid"] for lay in layers],
         "state": "serving" if serving else "stale", "created": rec.get("created"),
-        "layers": layers,
+        "layers": layers, "record": rec.get("record"),
     }
     for k in _SUM_FIELDS:
         out[k] = sum((lay.get("stats") or {}).get(k, 0) or 0 for lay in layers)

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "stargz_tui.commands.image",     # inspect, ls, cat, verify, convert
     "stargz_tui.commands.registry",  # repos, tags, login, logout
     "stargz_tui.commands.mount",     # mount, unmount, mounts, cache
+    "stargz_tui.commands.optimize",  # optimize
     "stargz_tui.commands.app",       # tui
     "stargz_tui.commands.completion",  # completion
 ]

@@ -32,7 +32,7 @@ import re
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import crcmod
 import zstandard
@@ -80,6 +80,8 @@ class ZstdChunkedResult:
     chunks: int
     holes: int
     annotations: dict[str, str]
+    # zstd:chunked has no prefetch landmark, so no prioritised files to miss
+    missed_prioritized: list[str] = field(default_factory=list)
 
 
 def _runs(read_at, start: int, size: int, chunk_size: int) -> Iterator[tuple[int, int, bool]]:

@@ -24,6 +24,7 @@ examples:
   stargz-tui mount oci:./layout:mini-esgz /mnt/l0 --layer 0  one raw layer
   stargz-tui mount ghcr.io/org/app:esgz /mnt/app --wait-prefetch --cache-size 2G
   stargz-tui mount localhost:5000/app:esgz ~/mnt/app --map-owner   as a plain user: root's files are yours
+  stargz-tui mount oci:./layout:app /mnt/app --record app.json   record what gets opened
 
 The mount is served by a background daemon per layer; `stargz-tui mounts` shows
 live state and `stargz-tui unmount MOUNTPOINT` stops it. MOUNTPOINT must be an
@@ -45,7 +46,9 @@ examples:
 
 --json prints a list of objects with mountpoint, image, kind, layers, pid, pids,
 state ("serving" or "stale"), bytesFetched, requests, chunksCached, chunksTotal,
-prefetchDone, backgroundFetchDone, digestErrors, readErrors (and reason when stale).
+prefetchDone, backgroundFetchDone, digestErrors, readErrors, record and recorded
+(the record file of a recording mount and how many files it holds so far; reason
+when stale).
 """
 
 CACHE_EXAMPLES = """\
@@ -76,6 +79,7 @@ def cmd_mount(args) -> int:
         read_timeout=args.read_timeout,
         insecure_registries=args.insecure_registry,
         map_owner=args.map_owner, uid_map=args.uid_map, gid_map=args.gid_map,
+        record=args.record,
     )
     if args.layer is not None or m.FORK_DAEMONS:
         # one layer needs no event loop here: the daemon does all the fetching;
@@ -199,6 +203,8 @@ def cmd_mounts(args) -> int:
             print(f"  fetched {human_size(st['bytesFetched'])} in {st['requests']} requests; "
                   f"chunks {st['chunksCached']}/{total} cached; prefetch {pf}; "
                   f"background fetch {bg}")
+            if st.get("record"):
+                print(f"  record  {st['recorded']} file(s) recorded to {st['record']}")
             if st["digestErrors"] or st["readErrors"]:
                 print(f"  errors  {st['digestErrors']} digest, {st['readErrors']} read")
         else:
@@ -314,6 +320,9 @@ def register(subparsers) -> None:
                         "repeatable, before --map-owner's)")
     p.add_argument("--gid-map", action="append", metavar="C:H:N", default=[],
                    help="the same for gids")
+    p.add_argument("--record", metavar="FILE",
+                   help="write each file opened through the mount to FILE, in order, as "
+                        "JSON lines (ctr-remote's --estargz-record-in format)")
     p.add_argument("--debug", action="store_true", help="trace FUSE requests in the daemon log")
     p.add_argument("--force", action="store_true",
                    help="mount onto a non-empty directory (its contents are hidden meanwhile)")

@@ -231,9 +231,17 @@ class LayerScreen(BaseScreen):
             t.append(f" ⇒ /{e.link_name}", "dim cyan")
         elif e.type == "reg":
             t.append(f"  {browse.human_size(e.size)}", "dim")
+            if node.layer_no == self.n and self._prioritized(e):
+                t.append("  prefetch", "green")
         if self.merged and node.layer_no != self.n:
             t.append(f"  L{node.layer_no}", "dim italic")
         return t
+
+    def _prioritized(self, e) -> bool:
+        """Before this layer's prefetch landmark (what `optimize` put first)."""
+        end = self.index.prefetch_end
+        chunks = self.index.chunks(e) if end is not None else ()
+        return bool(chunks) and chunks[0].offset < end
 
     def reload_tree(self) -> None:
         tree = self.query_one("#toc", Tree)

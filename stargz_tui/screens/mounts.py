@@ -111,6 +111,8 @@ class MountsScreen(BaseScreen):
         t = Text()
         if m.get("reason"):
             t.append(f"{m['reason']}\n", "red")
+        if m.get("record"):
+            t.append(f"recording: {m.get('recorded', 0)} file(s) to {m['record']}\n", "magenta")
         for lay in m.get("layers") or []:
             st = lay.get("stats") or {}
             t.append(f"layer {lay['index']} ", "bold")
