@@ -9,6 +9,7 @@ from textual.binding import Binding
 
 from .config import AppConfig
 from .services import Services
+from .text import printable
 
 LIGHT_THEME = "textual-light"
 DARK_THEME = "textual-dark"
@@ -43,7 +44,7 @@ class StargzApp(App):
         if self.config.keys:
             self.set_keymap(self.config.keys)
         if self.config.error:
-            self.notify(self.config.error, severity="warning")
+            self.notify(printable(self.config.error), severity="warning", markup=False)
         self.push_screen(HomeScreen())
         if self.target:
             self.open_target(self.target)

@@ -9,6 +9,8 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from ..text import plain
+
 INTRO = """[b]stargz-tui[/b] — browse lazily pulled images (eStargz, zstd:chunked, stargz).
 Home → registry → repository → tag → image → layer → file.  Ctrl+P opens the command palette.
 """
@@ -38,7 +40,8 @@ class HelpScreen(ModalScreen):
                     continue
                 seen.add(b.action)
                 keys = self.app.get_key_display(b)
-                t.add_row(keys, b.description, b.id or "")
+                # keys come from the user's app.toml: shown as text, never markup
+                t.add_row(plain(keys), plain(b.description), plain(b.id or ""))
         t.add_row("ctrl+p", "Command palette", "")
         t.add_row("ctrl+t", "Dark / light theme", "theme")
         with VerticalScroll(id="help-box"):

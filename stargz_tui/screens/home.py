@@ -8,6 +8,7 @@ from textual.containers import Vertical
 from textual.widgets import Header, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
+from ..text import plain
 from ..widgets import AppFooter
 from .base import BaseScreen
 
@@ -45,11 +46,11 @@ class HomeScreen(BaseScreen):
         if regs:
             ol.add_option(Option("[b]Registries[/b]", disabled=True))
             for r in regs:
-                ol.add_option(Option(f"  ⌂ {r}", id=f"reg:{r}"))
+                ol.add_option(Option(plain(f"  ⌂ {r}"), id=f"reg:{r}"))
         if cfg.recent_images:
             ol.add_option(Option("[b]Recent images[/b]", disabled=True))
             for r in cfg.recent_images:
-                ol.add_option(Option(f"  ◆ {r}", id=f"img:{r}"))
+                ol.add_option(Option(plain(f"  ◆ {r}"), id=f"img:{r}"))
         if not regs and not cfg.recent_images:
             ol.add_option(Option("[dim]Nothing recent yet: type a reference above and press Enter.[/dim]",
                                  disabled=True))

@@ -22,6 +22,7 @@ from textual.widgets import (
 
 from core import browse
 
+from ..text import multiline, plain, printable
 from ..widgets import AppFooter
 from .base import BaseScreen
 
@@ -65,7 +66,7 @@ class ImageScreen(BaseScreen):
         yield AppFooter()
 
     def on_mount(self) -> None:
-        self.sub_title = self.ref_text
+        self.sub_title = printable(self.ref_text)
         self.query_one("#platform").display = False
         t = self.query_one("#layers", DataTable)
         t.add_column("#", key="n")
@@ -97,7 +98,7 @@ class ImageScreen(BaseScreen):
             self.session = await self.services.open_image(self.ref_text, self.platform)
         except Exception as e:  # noqa: BLE001 - shown as one sentence
             self.query_one("#loading").display = False
-            self.query_one("#image-info", Static).update(Text(f"Cannot open {self.ref_text}", "red"))
+            self.query_one("#image-info", Static).update(plain(f"Cannot open {self.ref_text}", "red"))
             self.fail(e)
             return
         self.show_image()
@@ -107,24 +108,26 @@ class ImageScreen(BaseScreen):
         self.query_one("#loading").display = False
         bad = [v for v in self.session.views if v is not None and v.toc_state == browse.TOC_MISMATCH]
         if bad:
-            self.notify(f"Layer {bad[0].desc.index}: {bad[0].error}.", severity="error", timeout=8)
+            self.notify(printable(f"Layer {bad[0].desc.index}: {bad[0].error}."), severity="error",
+                        timeout=8, markup=False)
 
     def show_image(self) -> None:
         img = self.session.image
         info = Table.grid(padding=(0, 1))
         info.add_column(style="bold")
         info.add_column()
-        info.add_row("image", str(img.reference))
+        info.add_row("image", plain(img.reference))
         if img.index_digest:
-            info.add_row("index", f"{img.index_digest}  ({len(img.platforms)} platforms)")
-        info.add_row("manifest", f"{img.manifest_digest}  {img.manifest_media_type.rsplit('.', 1)[-1]}")
+            info.add_row("index", plain(f"{img.index_digest}  ({len(img.platforms)} platforms)"))
+        info.add_row("manifest", plain(f"{img.manifest_digest}  "
+                                       f"{img.manifest_media_type.rsplit('.', 1)[-1]}"))
         total = sum(d.size for d in img.layers)
-        info.add_row("platform", f"{img.os_arch}   {len(img.layers)} layers, "
-                                 f"{browse.human_size(total)} compressed")
+        info.add_row("platform", plain(f"{img.os_arch}   {len(img.layers)} layers, "
+                                       f"{browse.human_size(total)} compressed"))
         self.query_one("#image-info", Static).update(info)
         sel = self.query_one("#platform", Select)
         if len(img.platforms) > 1:
-            sel.set_options([(p, p) for p in img.platforms])
+            sel.set_options([(plain(p), p) for p in img.platforms])
             sel.display = True
             if img.platform in img.platforms:
                 sel.value = img.platform
@@ -140,26 +143,27 @@ class ImageScreen(BaseScreen):
         def cmd(v):
             return " ".join(json.dumps(x) if " " in x else x for x in v) if isinstance(v, list) else "-"
 
-        grid.add_row("config", img.config_digest)
-        grid.add_row("created", str(img.config.get("created", "-")))
-        grid.add_row("entrypoint", cmd(c.get("Entrypoint")))
-        grid.add_row("cmd", cmd(c.get("Cmd")))
-        grid.add_row("workdir", c.get("WorkingDir") or "/")
-        grid.add_row("user", c.get("User") or "root")
+        # every value is the image author's: plain text, never markup
+        grid.add_row("config", plain(img.config_digest))
+        grid.add_row("created", plain(img.config.get("created", "-")))
+        grid.add_row("entrypoint", plain(cmd(c.get("Entrypoint"))))
+        grid.add_row("cmd", plain(cmd(c.get("Cmd"))))
+        grid.add_row("workdir", plain(c.get("WorkingDir") or "/"))
+        grid.add_row("user", plain(c.get("User") or "root"))
         for i, e in enumerate(c.get("Env") or []):
-            grid.add_row("env" if i == 0 else "", e)
+            grid.add_row("env" if i == 0 else "", plain(e))
         for i, p in enumerate(sorted((c.get("ExposedPorts") or {}).keys())):
-            grid.add_row("ports" if i == 0 else "", p)
+            grid.add_row("ports" if i == 0 else "", plain(p))
         for i, (k, v) in enumerate(sorted((c.get("Labels") or {}).items())):
-            grid.add_row("labels" if i == 0 else "", f"{k}={v}")
+            grid.add_row("labels" if i == 0 else "", plain(f"{k}={v}"))
         self.query_one("#config", Static).update(grid)
         h = self.query_one("#history", DataTable)
         h.clear()
         for i, item in enumerate(img.config.get("history") or []):
-            h.add_row(str(i), (item.get("created_by") or "").strip()[:200],
+            h.add_row(str(i), plain(str(item.get("created_by") or "").strip()[:200]),
                       "yes" if item.get("empty_layer") else "")
         self.query_one("#manifest", Static).update(
-            json.dumps(img.manifest, indent=2, sort_keys=True))
+            multiline(json.dumps(img.manifest, indent=2, sort_keys=True)))
 
     def refresh_layers(self) -> None:
         t = self.query_one("#layers", DataTable)
@@ -169,7 +173,7 @@ class ImageScreen(BaseScreen):
         for n, d in enumerate(self.session.image.layers):
             v = self.session.views[n]
             if v is None:
-                t.add_row(str(n), browse.short_digest(d.digest), browse.human_size(d.size),
+                t.add_row(str(n), plain(browse.short_digest(d.digest)), browse.human_size(d.size),
                           "…", "…", "", "", "", "", "", key=str(n))
                 continue
             toc = Text(v.toc_state, TOC_STYLE.get(v.toc_state, ""))
@@ -179,8 +183,8 @@ class ImageScreen(BaseScreen):
                 toc = Text("verified+data", "green")
             pct = v.cached_percent
             t.add_row(
-                str(n), browse.short_digest(d.digest), browse.human_size(d.size),
-                v.format_label, toc,
+                str(n), plain(browse.short_digest(d.digest)), browse.human_size(d.size),
+                plain(v.format_label), toc,
                 "-" if v.entries is None else str(v.entries),
                 "-" if v.chunks is None else str(v.chunks),
                 "-" if v.prefetch_bytes is None else browse.human_size(v.prefetch_bytes),
@@ -231,7 +235,8 @@ class ImageScreen(BaseScreen):
             self.notify("That layer is still loading.")
             return
         if v.index is None:
-            self.notify(f"Layer {n} cannot be browsed: {v.error}", severity="warning", timeout=8)
+            self.notify(printable(f"Layer {n} cannot be browsed: {v.error}"), severity="warning",
+                        timeout=8, markup=False)
             return
         from .layer import LayerScreen
 
@@ -268,7 +273,8 @@ class ImageScreen(BaseScreen):
             self.notify(f"Layer {n} is not mounted; press m to mount it.", severity="warning")
             return
         self.app.copy_to_clipboard(m["mountpoint"])
-        self.notify(f"Layer {n} is mounted at {m['mountpoint']} (path copied).")
+        self.notify(printable(f"Layer {n} is mounted at {m['mountpoint']} (path copied)."),
+                    markup=False)
         self.app.action_mounts()
 
     def _mount(self, layer: int | None) -> None:
@@ -283,7 +289,7 @@ class ImageScreen(BaseScreen):
             return
         d = self.session.image.layers[n].digest
         self.app.copy_to_clipboard(d)
-        self.notify(f"Copied {browse.short_digest(d)}.")
+        self.notify(printable(f"Copied {browse.short_digest(d)}."), markup=False)
 
     def action_platform(self) -> None:
         sel = self.query_one("#platform", Select)

@@ -15,6 +15,7 @@ from textual.widgets.tree import TreeNode
 
 from core import browse
 
+from ..text import plain, printable
 from ..widgets import MARKER_GLYPH, MARKER_STYLE, AppFooter, ChunkMap, legend
 from .base import BaseScreen
 
@@ -119,7 +120,7 @@ class LayerScreen(BaseScreen):
 
     def on_mount(self) -> None:
         d = self.session.image.layers[self.n]
-        self.sub_title = f"{self.session.ref_text} · layer {self.n}"
+        self.sub_title = printable(f"{self.session.ref_text} · layer {self.n}")
         self.query_one("#filter").display = False
         tree = self.query_one("#toc", Tree)
         tree.show_root = True
@@ -175,8 +176,8 @@ class LayerScreen(BaseScreen):
         d = self.session.image.layers[self.n]
         t = Text()
         t.append(f"layer {self.n}/{len(self.session.image.layers) - 1} ", "bold")
-        t.append(f"{v.format_label} ", "cyan")
-        t.append(browse.short_digest(d.digest) + " ")
+        t.append(f"{printable(v.format_label)} ", "cyan")
+        t.append(printable(browse.short_digest(d.digest)) + " ")
         t.append(f"TOC {v.toc_state}", "green" if v.toc_state == browse.TOC_VERIFIED else "yellow")
         t.append(f" · {len(ix)} entries · {ix.num_chunks} chunks · {browse.human_size(d.size)}")
         if self.wasted_bytes:
@@ -211,7 +212,7 @@ class LayerScreen(BaseScreen):
         t.append(MARKER_GLYPH.get(mk, " ") + " ", MARKER_STYLE.get(mk, ""))
         name = node.name
         if e.is_whiteout:
-            t.append(e.whiteout_target, "red strike")
+            t.append(printable(e.whiteout_target), "red strike")
             t.append(" (whiteout)", "red")
             return t
         if e.is_opaque_marker:
@@ -224,11 +225,11 @@ class LayerScreen(BaseScreen):
             style += " strike"
         if node.path in self.matches:
             style += " reverse"
-        t.append(name + ("/" if node.is_dir else ""), style.strip())
+        t.append(printable(name) + ("/" if node.is_dir else ""), style.strip())
         if e.type == "symlink":
-            t.append(f" → {e.link_name}", "dim cyan")
+            t.append(f" → {printable(e.link_name)}", "dim cyan")
         elif e.type == "hardlink":
-            t.append(f" ⇒ /{e.link_name}", "dim cyan")
+            t.append(f" ⇒ /{printable(e.link_name)}", "dim cyan")
         elif e.type == "reg":
             t.append(f"  {browse.human_size(e.size)}", "dim")
         if self.merged and node.layer_no != self.n:
@@ -306,11 +307,11 @@ class LayerScreen(BaseScreen):
         grid.add_column(style="bold", no_wrap=True)
         grid.add_column(overflow="fold")
         for k, v in browse.entry_details(ix, e):
-            grid.add_row(k, v)
+            grid.add_row(plain(k), plain(v))  # names, links, xattrs: the image's strings
         if node.marker:
             grid.add_row("change", Text(node.marker, MARKER_STYLE[node.marker]))
         if node.layer_no != self.n:
-            grid.add_row("from", f"layer {node.layer_no}")
+            grid.add_row("from", plain(f"layer {node.layer_no}"))
         self.query_one("#entry-info", Static).update(grid)
         self.show_chunks(node)
 
@@ -328,7 +329,7 @@ class LayerScreen(BaseScreen):
         for i, (c, s) in enumerate(zip(chunks[:2000], states, strict=False)):
             ct.add_row(str(i), str(c.chunk_offset), browse.human_size(c.chunk_size),
                        f"{c.offset}-{c.end}", Text(s, style[s]),
-                       browse.short_digest(c.digest, 10))
+                       plain(browse.short_digest(c.digest, 10)))
 
     # -- search ------------------------------------------------------------------------
     def action_search(self) -> None:
@@ -408,7 +409,8 @@ class LayerScreen(BaseScreen):
         if e is None:
             return
         if e.type not in ("reg", "hardlink"):
-            self.notify(f"/{e.path} is a {e.type}; only files can be viewed.", severity="warning")
+            self.notify(printable(f"/{e.path} is a {e.type}; only files can be viewed."),
+                        severity="warning", markup=False)
             return
         from .modals import FileViewer
 
@@ -431,7 +433,7 @@ class LayerScreen(BaseScreen):
         node, e = self._entry()
         digest = (e.digest if e is not None else None) or self.session.image.layers[self.n].digest
         self.app.copy_to_clipboard(digest)
-        self.notify(f"Copied {browse.short_digest(digest)}.")
+        self.notify(printable(f"Copied {browse.short_digest(digest)}."), markup=False)
 
     def action_wasted(self) -> None:
         from .modals import TextModal
@@ -443,7 +445,7 @@ class LayerScreen(BaseScreen):
         t.add_column("size", justify="right", style="red")
         t.add_column("path")
         for p, s in self.wasted_items[:500]:
-            t.add_row(browse.human_size(s), "/" + p)
+            t.add_row(browse.human_size(s), plain("/" + p))
         title = (f"Layer {self.n} wastes {browse.human_size(self.wasted_bytes)} on "
                  f"{len(self.wasted_items)} files that upper layers replace or remove")
         if not self.wasted_items:

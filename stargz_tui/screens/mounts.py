@@ -11,6 +11,7 @@ from textual.widgets import DataTable, Header, Static
 
 from core.browse import human_size
 
+from ..text import plain, printable
 from ..widgets import AppFooter
 from .base import BaseScreen
 
@@ -71,8 +72,8 @@ class MountsScreen(BaseScreen):
             state = m.get("state", "?")
             errors = (m.get("digestErrors") or 0) + (m.get("readErrors") or 0)
             t.add_row(
-                m["mountpoint"], m.get("image", ""), m.get("kind") or "",
-                Text(state, "green" if state == "serving" else "bold red"),
+                plain(m["mountpoint"]), plain(m.get("image", "")), plain(m.get("kind") or ""),
+                plain(state, "green" if state == "serving" else "bold red"),
                 human_size(m.get("bytesFetched") or 0),
                 f"{cached}/{total}" + (f" {100 * cached // total}%" if total else ""),
                 Text("done", "green") if m.get("prefetchDone") else Text("…", "cyan"),
@@ -86,7 +87,7 @@ class MountsScreen(BaseScreen):
         if err is not None:
             from ..services import one_line
 
-            head.update(Text(f"Cannot list mounts: {one_line(err)}", "red"))
+            head.update(plain(f"Cannot list mounts: {one_line(err)}", "red"))
         elif self.services.mount_manager() is not None:
             head.update(Text(f"{len(mounts)} mount{'s' if len(mounts) != 1 else ''} · "
                              "refreshed every second", "dim"))
@@ -110,16 +111,16 @@ class MountsScreen(BaseScreen):
             return
         t = Text()
         if m.get("reason"):
-            t.append(f"{m['reason']}\n", "red")
+            t.append(f"{printable(m['reason'])}\n", "red")
         for lay in m.get("layers") or []:
             st = lay.get("stats") or {}
             t.append(f"layer {lay['index']} ", "bold")
-            t.append(f"{lay['digest'][:19]} pid {lay.get('pid')} {lay.get('state')} ")
+            t.append(printable(f"{lay['digest'][:19]} pid {lay.get('pid')} {lay.get('state')} "))
             t.append(f"fetched {human_size(st.get('bytesFetched') or 0)} in "
                      f"{st.get('requests', 0)} requests · cached "
                      f"{st.get('chunksCached', 0)}/{st.get('chunksTotal', 0)}")
             if st.get("lastError"):
-                t.append(f" · {st['lastError']}", "red")
+                t.append(f" · {printable(st['lastError'])}", "red")
             t.append("\n")
         d.update(t)
 
@@ -149,17 +150,17 @@ class MountsScreen(BaseScreen):
         except Exception as e:  # noqa: BLE001 - one sentence
             self.fail(e)
         else:
-            self.notify(f"Unmounted {mountpoint}.")
+            self.notify(printable(f"Unmounted {mountpoint}."), markup=False)
         self.refresh_mounts()
 
     def action_copy_path(self) -> None:
         m = self._current()
         if m is not None:
             self.app.copy_to_clipboard(m["mountpoint"])
-            self.notify(f"Copied {m['mountpoint']}.")
+            self.notify(printable(f"Copied {m['mountpoint']}."), markup=False)
 
     def action_shell_hint(self) -> None:
         m = self._current()
         if m is not None:
-            self.notify(f"cd {m['mountpoint']}   (unmount with: stargz-tui unmount "
-                        f"{m['mountpoint']})", timeout=10)
+            self.notify(printable(f"cd {m['mountpoint']}   (unmount with: stargz-tui unmount "
+                                  f"{m['mountpoint']})"), timeout=10, markup=False)
