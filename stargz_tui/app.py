@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding
@@ -19,7 +20,8 @@ class StargzApp(App):
     """stargz-tui: inspect, verify and mount lazily pulled images."""
 
     TITLE = "stargz-tui"
-    CSS_PATH = "app.tcss"
+    # absolute: Textual resolves a relative path against a subclass's module
+    CSS_PATH = str(Path(__file__).with_name("app.tcss"))
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
     BINDINGS = [
         Binding("question_mark", "help", "Help", id="help", key_display="?"),
