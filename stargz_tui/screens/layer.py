@@ -15,15 +15,19 @@ from textual.widgets.tree import TreeNode
 
 from core import browse
 
+from .. import search
 from ..text import plain, printable
 from ..widgets import MARKER_GLYPH, MARKER_STYLE, AppFooter, ChunkMap, legend
 from .base import BaseScreen
 
 BATCH = 500          # tree children added per expansion step
 MAX_MATCHES = 5000   # search results kept (the tree shows them and their parents)
-TYPE_CYCLE = [None, {"reg"}, {"dir"}, {"symlink"}, {"hardlink"}, {"char", "block", "fifo"}]
-TYPE_NAMES = {None: "all", "reg": "files", "dir": "dirs", "symlink": "symlinks",
-              "hardlink": "hardlinks", "char": "devices"}
+# The `t` key's cycle: (what the notification says, the types shown).
+TYPE_CYCLE: list[tuple[str, frozenset[str] | None]] = [
+    ("all", None), ("files", frozenset({"reg"})), ("dirs", frozenset({"dir"})),
+    ("symlinks", frozenset({"symlink"})), ("hardlinks", frozenset({"hardlink"})),
+    ("devices and fifos", frozenset({"char", "block", "fifo"})),
+]
 
 
 class More:
@@ -31,32 +35,6 @@ class More:
 
     def __init__(self, path: str, offset: int, total: int):
         self.path, self.offset, self.total = path, offset, total
-
-
-def _size(text: str) -> int:
-    text = text.strip().lower().rstrip("b").rstrip("i")
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:], 1)
-    try:
-        return int(float(text.rstrip("kmg") or 0) * mult)
-    except ValueError:
-        return 0
-
-
-def parse_query(text: str) -> tuple[str, set[str] | None, int]:
-    """``name type:reg size>1M`` -> (name, types, min_size)."""
-    name, types, min_size = [], None, 0
-    for tok in text.split():
-        low = tok.lower()
-        if low.startswith(("type:", "t:")):
-            kinds = low.split(":", 1)[1]
-            types = {"file": "reg", "f": "reg", "d": "dir", "l": "symlink", "link": "symlink",
-                     "dev": "char"}.get(kinds, kinds)
-            types = {types} if types != "char" else {"char", "block", "fifo"}
-        elif low.startswith(("size>", ">")):
-            min_size = _size(low.split(">", 1)[1])
-        else:
-            name.append(tok)
-    return " ".join(name), types, min_size
 
 
 class LayerScreen(BaseScreen):
@@ -75,7 +53,7 @@ class LayerScreen(BaseScreen):
                 show=False, key_display="["),
     ]
     COMMAND_HELP = {
-        "search": "Filter the tree by name, type:reg|dir|symlink, size>1M",
+        "search": "Filter the tree: words, globs (*.txt), type:reg|dir|symlink|dev, size>1M",
         "toggle_merged": "Switch between this layer's TOC and the merged image view",
         "view": "Show a text file in place (fetches only its chunks)",
         "extract": "Write the selected file or directory to a local path",
@@ -92,9 +70,8 @@ class LayerScreen(BaseScreen):
         self.browser: browse.LayerBrowser | None = None
         self.merged = False
         self.query_text = ""
-        self.types: set[str] | None = None
         self.type_pos = 0
-        self.min_size = 0
+        self.problems: list[str] = []  # partial/unknown search terms, shown in the head
         self.allowed: set[str] | None = None
         self.matches: set[str] = set()
         self.layer_states: list[str] = []
@@ -114,8 +91,8 @@ class LayerScreen(BaseScreen):
                 yield VerticalScroll(Static(id="entry-info"), id="entry-scroll")
                 yield ChunkMap("file   ", id="entry-map")
                 yield DataTable(id="chunks", cursor_type="row", zebra_stripes=True)
-        yield Input(placeholder="search: name  type:reg|dir|symlink|dev  size>1M   (Esc clears)",
-                    id="filter")
+        yield Input(placeholder="search: words  *.glob  dir/name  type:reg|dir|symlink|dev  "
+                                "size>1M  (all must match; Esc clears)", id="filter")
         yield AppFooter()
 
     def on_mount(self) -> None:
@@ -184,9 +161,15 @@ class LayerScreen(BaseScreen):
             t.append(f" · wasted {browse.human_size(self.wasted_bytes)}", "red")
         t.append(f" · view: {'merged' if self.merged else 'raw'}", "bold magenta")
         if self.allowed is not None:
-            t.append(f" · filter: {len(self.matches)} match", "bold yellow")
-            if len(self.matches) >= MAX_MATCHES:
-                t.append("+", "bold yellow")
+            n = len(self.matches)
+            more = "+" if n >= MAX_MATCHES else ""
+            t.append(f" · filter: {n}{more} {'match' if n == 1 else 'matches'}", "bold yellow")
+            label = TYPE_CYCLE[self.type_pos][0]
+            if self.type_pos:
+                t.append(f" ({label})", "bold yellow")
+        for p in self.problems:
+            t.append(" · ")
+            t.append(printable(p), "bold red")
         self.query_one("#layer-head", Static).update(t)
 
     def update_status(self) -> None:
@@ -348,33 +331,37 @@ class LayerScreen(BaseScreen):
 
     def action_cycle_type(self) -> None:
         self.type_pos = (self.type_pos + 1) % len(TYPE_CYCLE)
-        self.types = TYPE_CYCLE[self.type_pos]
-        name = TYPE_NAMES[next(iter(self.types))] if self.types else "all"
-        self.notify(f"Showing {name}.", timeout=2)
-        self.run_search()
+        self.notify(f"Showing {TYPE_CYCLE[self.type_pos][0]}.", timeout=2)
+        self.run_search(debounce=False)
 
     @work(exclusive=True, group="search")
-    async def run_search(self) -> None:
-        await asyncio.sleep(0.15)  # debounce typing
-        text, types, min_size = parse_query(self.query_text)
-        types = types or self.types
-        if not text and not types and not min_size:
+    async def run_search(self, debounce: bool = True) -> None:
+        if debounce:
+            await asyncio.sleep(0.15)  # typing: search once it pauses
+        if self.browser is None:
+            return
+        query = search.parse_query(self.query_text).with_types(TYPE_CYCLE[self.type_pos][1])
+        self.problems = query.problems
+        if query.empty:
             self.allowed = None
             self.matches = set()
         else:
-            paths = await asyncio.to_thread(self.browser.search, text, types=types,
-                                            min_size=min_size, limit=MAX_MATCHES)
+            paths = await asyncio.to_thread(search.find, self.browser, query,
+                                            merged=self.merged, limit=MAX_MATCHES)
             self.matches = set(paths)
             self.allowed = browse.ancestors_of(paths)
-        self.reload_tree()
+        if self.is_attached:  # (the screen may have gone while the thread ran)
+            self.reload_tree()
 
     def clear_filter(self) -> bool:
         f = self.query_one("#filter", Input)
         if self.allowed is None and not f.display:
             return False
-        f.value = ""
+        with f.prevent(Input.Changed):  # (no search for the emptied input)
+            f.value = ""
         f.display = False
-        self.types, self.type_pos = None, 0
+        self.type_pos = 0
+        self.problems = []
         self.query_text = ""
         self.allowed, self.matches = None, set()
         self.reload_tree()
@@ -397,7 +384,10 @@ class LayerScreen(BaseScreen):
             self.notify("The merged view needs every lower layer's TOC.", severity="warning")
             return
         self.merged = not self.merged
-        self.reload_tree()
+        if self.allowed is not None:
+            self.run_search(debounce=False)  # the merged view has other paths
+        else:
+            self.reload_tree()
 
     def _entry(self):
         if self.current is None or self.browser is None:
