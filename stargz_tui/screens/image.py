@@ -23,9 +23,16 @@ from textual.widgets import (
 from core import browse
 
 from ..text import multiline, plain, printable
-from ..widgets import AppFooter
+from ..widgets import KeyBar
 from .base import BaseScreen
 
+# layers table columns: (label, key); narrow terminals keep the key ones
+COLUMNS = [("#", "n"), ("digest", "digest"), ("size", "size"), ("format", "format"),
+           ("TOC", "toc"), ("entries", "entries"), ("chunks", "chunks"),
+           ("prefetch", "prefetch"), ("cached", "cached"), ("mounted", "mounted")]
+COLUMNS_NARROW = [c for c in COLUMNS if c[1] not in ("entries", "prefetch")]
+WIDE = 110            # (the app's -wide breakpoint)
+CACHED_SECONDS = 2.0  # how often the cached column is brought up to date
 TOC_STYLE = {browse.TOC_VERIFIED: "green", browse.TOC_MISMATCH: "bold red",
              browse.TOC_ABSENT: "yellow", browse.TOC_NONE: "dim"}
 
@@ -63,26 +70,17 @@ class ImageScreen(BaseScreen):
             with TabPane("Manifest", id="tab-manifest"):
                 yield VerticalScroll(Static(id="manifest"))
         yield LoadingIndicator(id="loading")
-        yield AppFooter()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.sub_title = printable(self.ref_text)
         self.query_one("#platform").display = False
-        t = self.query_one("#layers", DataTable)
-        t.add_column("#", key="n")
-        t.add_column("digest", key="digest")
-        t.add_column("size", key="size")
-        t.add_column("format", key="format")
-        t.add_column("TOC", key="toc")
-        t.add_column("entries", key="entries")
-        t.add_column("chunks", key="chunks")
-        t.add_column("prefetch", key="prefetch")
-        t.add_column("cached", key="cached")
-        t.add_column("mounted", key="mounted")
+        self._set_columns()
         h = self.query_one("#history", DataTable)
         h.add_columns("#", "created by", "empty")
         self.load()
         self.refresh_mounts()
+        self.set_interval(CACHED_SECONDS, self.refresh_cached)
         self.query_one("#layers", DataTable).focus()
 
     def on_screen_resume(self) -> None:
@@ -165,35 +163,86 @@ class ImageScreen(BaseScreen):
         self.query_one("#manifest", Static).update(
             multiline(json.dumps(img.manifest, indent=2, sort_keys=True)))
 
+    def _set_columns(self) -> bool:
+        """The layers table's columns for this width (narrow: the key ones);
+        True when they changed (and the table was emptied)."""
+        cols = COLUMNS_NARROW if self.app.size.width < WIDE else COLUMNS
+        t = self.query_one("#layers", DataTable)
+        if [str(c.label) for c in t.columns.values()] == [label for label, _ in cols]:
+            return False
+        t.clear(columns=True)
+        for label, key in cols:
+            t.add_column(label, key=key)
+        return True
+
+    def on_resize(self) -> None:
+        if self._set_columns() and self.session is not None:
+            self.refresh_layers()
+
+    def _row(self, n: int, mounted: set[str], narrow: bool) -> dict:
+        d = self.session.image.layers[n]
+        v = self.session.views[n]
+        digest = browse.short_digest(d.digest)
+        row = {"n": str(n), "digest": plain(digest.split(":", 1)[-1] if narrow else digest),
+               "size": browse.human_size(d.size)}
+        if v is None:
+            return {**row, "format": "…", "toc": "…"}
+        toc = Text(v.toc_state, TOC_STYLE.get(v.toc_state, ""))
+        if v.failed_chunks:
+            toc = Text(f"{len(v.failed_chunks)} bad chunks", "bold red")
+        elif v.verified == "full":
+            toc = Text("verified+data", "green")
+        return {
+            **row, "format": plain(v.format_label), "toc": toc,
+            "entries": "-" if v.entries is None else str(v.entries),
+            "chunks": "-" if v.chunks is None else str(v.chunks),
+            "prefetch": "-" if v.prefetch_bytes is None else browse.human_size(v.prefetch_bytes),
+            "cached": self._cached_cell(v),
+            "mounted": Text("yes", "green") if d.digest in mounted else Text("no", "dim"),
+        }
+
+    @staticmethod
+    def _cached_cell(v) -> str:
+        pct = v.cached_percent
+        return "-" if pct is None else f"{pct:.0f}%"
+
     def refresh_layers(self) -> None:
         t = self.query_one("#layers", DataTable)
         keep = t.cursor_row
         t.clear()
         mounted = self._mounted_digests()
-        for n, d in enumerate(self.session.image.layers):
-            v = self.session.views[n]
-            if v is None:
-                t.add_row(str(n), plain(browse.short_digest(d.digest)), browse.human_size(d.size),
-                          "…", "…", "", "", "", "", "", key=str(n))
-                continue
-            toc = Text(v.toc_state, TOC_STYLE.get(v.toc_state, ""))
-            if v.failed_chunks:
-                toc = Text(f"{len(v.failed_chunks)} bad chunks", "bold red")
-            elif v.verified == "full":
-                toc = Text("verified+data", "green")
-            pct = v.cached_percent
-            t.add_row(
-                str(n), plain(browse.short_digest(d.digest)), browse.human_size(d.size),
-                plain(v.format_label), toc,
-                "-" if v.entries is None else str(v.entries),
-                "-" if v.chunks is None else str(v.chunks),
-                "-" if v.prefetch_bytes is None else browse.human_size(v.prefetch_bytes),
-                "-" if pct is None else f"{pct:.0f}%",
-                Text("yes", "green") if d.digest in mounted else Text("no", "dim"),
-                key=str(n),
-            )
+        keys = [str(k.value) for k in t.columns]
+        narrow = len(keys) < len(COLUMNS)
+        for n in range(len(self.session.image.layers)):
+            row = self._row(n, mounted, narrow)
+            t.add_row(*(row.get(k, "") for k in keys), key=str(n))
         if keep is not None and keep < t.row_count:
             t.move_cursor(row=keep)
+
+    # -- the cached column follows the chunk cache (a mount filling it) ----------------
+    @work(exclusive=True, group="cached", thread=True)
+    def refresh_cached(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        counts = {}
+        for n, v in enumerate(session.views):
+            if v is not None and v.index is not None and v.index.num_chunks:
+                states = self.services.chunk_states(session, n)
+                counts[n] = sum(1 for st in states if st == browse.CHUNK_CACHED)
+        self.app.call_from_thread(self._set_cached, session, counts)
+
+    def _set_cached(self, session, counts: dict[int, int]) -> None:
+        if session is not self.session or not self.is_attached:
+            return
+        t = self.query_one("#layers", DataTable)
+        for n, cached in counts.items():
+            v = session.views[n]
+            if v is None or v.cached_chunks == cached:
+                continue
+            v.cached_chunks = cached
+            if "cached" in [str(k.value) for k in t.columns] and t.row_count > n:
+                t.update_cell(str(n), "cached", self._cached_cell(v))
 
     def _mounted_digests(self) -> set[str]:
         return {lay.get("digest") for m in self.mounts for lay in m.get("layers") or []

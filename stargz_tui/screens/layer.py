@@ -17,7 +17,7 @@ from core import browse
 
 from .. import search
 from ..text import plain, printable
-from ..widgets import MARKER_GLYPH, MARKER_STYLE, AppFooter, ChunkMap, legend
+from ..widgets import MARKER_GLYPH, MARKER_STYLE, ChunkMap, KeyBar, legend
 from .base import BaseScreen
 
 BATCH = 500          # tree children added per expansion step
@@ -41,7 +41,7 @@ class LayerScreen(BaseScreen):
     BINDINGS = [
         Binding("slash", "search", "Search", id="search", key_display="/"),
         Binding("t", "cycle_type", "Type", id="type_filter"),
-        Binding("m", "toggle_merged", "Merged/raw", id="merged"),
+        Binding("m", "toggle_merged", "Merged", id="merged"),
         Binding("o", "view", "View", id="view"),
         Binding("x", "extract", "Extract", id="extract"),
         Binding("v", "verify", "Verify", id="verify_layer"),
@@ -78,6 +78,7 @@ class LayerScreen(BaseScreen):
         self.wasted_bytes: int | None = None
         self.wasted_items: list[tuple[str, int]] = []
         self.current: browse.Node | None = None
+        self.filled: set = set()  # ids of tree nodes whose children were added
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -93,7 +94,7 @@ class LayerScreen(BaseScreen):
                 yield DataTable(id="chunks", cursor_type="row", zebra_stripes=True)
         yield Input(placeholder="search: words  *.glob  dir/name  type:reg|dir|symlink|dev  "
                                 "size>1M  (all must match; Esc clears)", id="filter")
-        yield AppFooter()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         d = self.session.image.layers[self.n]
@@ -222,6 +223,7 @@ class LayerScreen(BaseScreen):
     def reload_tree(self) -> None:
         tree = self.query_one("#toc", Tree)
         tree.clear()
+        self.filled.clear()
         tree.root.data = browse.Node("", "/", self.n, 0, True)
         self.fill(tree.root, 0)
         tree.root.expand()
@@ -250,10 +252,10 @@ class LayerScreen(BaseScreen):
     def fill(self, node: TreeNode, offset: int) -> None:
         data = node.data
         if offset == 0:
-            if getattr(node, "_filled", False):
+            if node.id in self.filled:
                 return
             node.remove_children()
-            node._filled = True  # type: ignore[attr-defined]
+            self.filled.add(node.id)
         kids = self.children_of(data.path)
         for k in kids[offset : offset + BATCH]:
             if k.is_dir:

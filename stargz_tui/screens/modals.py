@@ -218,6 +218,33 @@ class TextModal(ModalScreen):
             yield Label("[dim]Esc closes[/dim]")
 
 
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question; dismisses with True only on an explicit yes."""
+
+    BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
+
+    def __init__(self, question: str, yes_label: str = "Yes"):
+        super().__init__()
+        self.question = question
+        self.yes_label = yes_label
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="confirm-box"):
+            yield Label(plain(self.question))
+            with Horizontal(classes="buttons"):
+                yield Button(f"{self.yes_label} (y)", variant="error", id="confirm-yes")
+                yield Button("Cancel (n)", id="confirm-no")
+
+    def on_mount(self) -> None:
+        self.query_one("#confirm-no", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "confirm-yes")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+
 class LoginScreen(ModalScreen):
     """Store credentials for a registry in the keyring (through core)."""
 

@@ -11,7 +11,7 @@ from textual.widgets import Header, Input, Label, LoadingIndicator, OptionList
 from textual.widgets.option_list import Option
 
 from ..text import plain, printable
-from ..widgets import AppFooter
+from ..widgets import KeyBar
 from .base import BaseScreen
 
 MORE = "__more__"
@@ -45,7 +45,7 @@ class ReposScreen(BaseScreen):
                 yield Label("[b]Tags[/b]", id="tags-label")
                 yield OptionList(id="tags")
                 yield LoadingIndicator(id="tags-loading")
-        yield AppFooter()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.sub_title = printable(self.registry)
@@ -114,6 +114,8 @@ class ReposScreen(BaseScreen):
         ol.add_options([Option(plain(t), id=f"t:{t}") for t in shown])
         if self.tags_more:
             ol.add_option(Option("[dim italic]… load more[/]", id=MORE))
+        if ol.option_count:
+            ol.highlighted = 0  # a cursor to show where Enter goes
         label = Text("Tags ", "bold")
         label.append_text(plain(f"{self.repo or ''} {len(shown)}/{len(self.tags)}"
                                 f"{'+' if self.tags_more else ''}", "dim"))
