@@ -35,7 +35,9 @@ def help_rows(app, screen) -> list[tuple[str, str, str]]:
         row = rows.setdefault(b.action, [[], b.description, b.id or ""])
         if key not in row[0]:
             row[0].append(key)
-    rows.setdefault("command_palette", [["ctrl+p"], "Command palette", ""])
+        row[2] = row[2] or b.id or ""
+    palette = rows.setdefault("command_palette", [["^p"], "", ""])
+    palette[1] = "Command palette"
     return [(", ".join(k), d, i) for k, d, i in rows.values()]
 
 

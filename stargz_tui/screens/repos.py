@@ -21,7 +21,6 @@ class ReposScreen(BaseScreen):
     BINDINGS = [
         Binding("slash", "filter", "Filter", id="filter_repos", key_display="/"),
         Binding("r", "reload", "Reload", id="reload_repos"),
-        Binding("tab", "focus_next", "Switch pane", show=False),
     ]
 
     def __init__(self, registry: str):
