@@ -318,10 +318,16 @@ class LayerBrowser:
         return MODIFIED if self._lower.lookup(path) is not None else ADDED
 
     def _whiteouts(self, path: str) -> list[str]:
+        """Names this layer removes from the layers below at ``path``: its
+        whiteouts, and with an opaque marker everything they had there."""
         d = self.index.lookup(path) if path else self.index.root
         if d is None or d.type_code != DIR:
             return []
-        return [e.whiteout_target for e in self.index.children(d) if e.is_whiteout]
+        kids = self.index.children(d)
+        names = [e.whiteout_target for e in kids if e.is_whiteout]
+        if any(e.is_opaque_marker for e in kids):
+            names += [name for name, _li, _e in self._lower.children(path)]
+        return list(dict.fromkeys(names))
 
     def children(self, path: str, *, merged: bool = False) -> list[Node]:
         if merged and self._merged is not None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
-from textual.widgets import Footer
-from textual.widgets._footer import FooterKey
 
 from core.browse import CHUNK_CACHED, CHUNK_FAILED, CHUNK_MISSING, CHUNK_PREFETCH, chunk_map
 
@@ -61,36 +59,55 @@ class ChunkMap(Widget):
         return t
 
 
-class AppFooter(Footer):
-    """Textual's footer, cheaper to (re)build: the same keys and looks.
+class KeyBar(Widget):
+    """The footer: the screen's keys on one line, cut to fit the width.
 
-    Textual rebuilds the footer on every bindings signal (focus moves, screen
-    pushes) even when the keys it shows did not change, and every key it
-    builds toggles its ``-compact`` class twice (its own default, then the
-    footer's value), each a style update of the key. Here a key starts with
-    the footer's value, and the footer is rebuilt only when what it shows
-    changes.
+    Built from public APIs only (``Screen.active_bindings`` and its
+    ``bindings_updated_signal``). Each action shows once (its first key, as
+    remapped by ``[keys]`` in app.toml); when the line is too narrow the last
+    keys are dropped, never ``? Help``, which lists them all.
     """
 
-    _shown: tuple | None = None
+    DEFAULT_CSS = """
+    KeyBar {
+        dock: bottom; height: 1; background: $footer-background;
+        color: $footer-description-foreground;
+    }
+    KeyBar > .keybar--key { color: $footer-key-foreground; text-style: bold; }
+    KeyBar > .keybar--disabled { color: $text-disabled; }
+    """
+    COMPONENT_CLASSES = {"keybar--key", "keybar--disabled"}
 
-    def compose(self):
-        compact = self.compact
-        for w in super().compose():
-            # (the command palette's key is not bound to the footer's value)
-            if isinstance(w, FooterKey) and not w.has_class("-command-palette"):
-                w.set_reactive(FooterKey.compact, compact)
-                w.set_class(compact, "-compact", update=False)
-            yield w
+    def on_mount(self) -> None:
+        self.screen.bindings_updated_signal.subscribe(self, self._bindings_changed)
 
-    def _signature(self, screen) -> tuple:
-        return tuple((b.key, b.description, enabled, tooltip, b.action)
-                     for (_, b, enabled, tooltip) in screen.active_bindings.values() if b.show)
+    def _bindings_changed(self, _screen) -> None:
+        self.refresh()
 
-    def bindings_changed(self, screen) -> None:
-        if self.is_attached and screen is self.screen and screen.app.app_focus:
-            shown = self._signature(screen)
-            if self._bindings_ready and shown == self._shown:
-                return
-            self._shown = shown
-        super().bindings_changed(screen)
+    def keys(self) -> list[tuple[str, str, bool]]:
+        """``(key, description, enabled)`` of each action shown, in order."""
+        out: dict[str, tuple[str, str, bool]] = {}
+        for _node, b, enabled, _tip in self.screen.active_bindings.values():
+            if not b.show or not b.description:
+                continue
+            action = b.action
+            if action not in out:
+                out[action] = (self.app.get_key_display(b), b.description, enabled)
+        help_key = [v for a, v in out.items() if a == "app.help" or a == "help"]
+        rest = [v for a, v in out.items() if a not in ("app.help", "help")]
+        return rest + help_key
+
+    def render(self) -> Text:
+        key_style = self.get_component_rich_style("keybar--key")
+        off_style = self.get_component_rich_style("keybar--disabled")
+        items = self.keys()
+        width = self.size.width
+        parts = [(f" {k} ", f"{d} ", on) for k, d, on in items]
+        # drop keys before the last (help) until the line fits
+        while len(parts) > 1 and sum(len(a) + len(b) for a, b, _ in parts) > width:
+            del parts[-2]
+        t = Text(no_wrap=True, overflow="crop")
+        for key, desc, on in parts:
+            t.append(key, key_style if on else off_style)
+            t.append(desc, None if on else off_style)
+        return t

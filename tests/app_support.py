@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import html
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import time
@@ -217,3 +219,25 @@ def big_layout(dest: Path, n_files: int = 100_000, flat: int = 20_000) -> str:
         "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(manifest),
         "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "big"}}]}))
     return f"oci:{dest}:big"
+
+
+_SVG_TEXT = re.compile(r'<text [^>]*?x="([\d.]+)"[^>]*?clip-path="url\(#[^)]*?-line-(\d+)\)">(.*?)</text>',
+                       re.S)
+
+
+def screen_text(app) -> str:
+    """What the terminal shows right now, as plain text lines (read back from
+    Textual's SVG screenshot, which places each run of text at its column)."""
+    rows: dict[int, dict[int, str]] = {}
+    for x, line, text in _SVG_TEXT.findall(app.export_screenshot()):
+        col = round(float(x) / 12.2)
+        rows.setdefault(int(line), {})[col] = html.unescape(text).replace("\xa0", " ")
+    out = []
+    for n in range(max(rows, default=-1) + 1):
+        buf: list[str] = []
+        for col, text in sorted(rows.get(n, {}).items()):
+            if len(buf) < col:
+                buf.extend(" " * (col - len(buf)))
+            buf[col:col + len(text)] = list(text)
+        out.append("".join(buf).rstrip("\n").rstrip())
+    return "\n".join(out)

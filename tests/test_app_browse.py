@@ -38,7 +38,7 @@ async def test_navigate_layout_to_file(app_env):  # noqa: F811
     app = StargzApp()
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: screen_named(app, "HomeScreen"), "home")
-        await pilot.press(*LAYOUT_REF)
+        await pilot.press("slash", *LAYOUT_REF)  # (the list has the focus: / to type)
         await pilot.press("enter")
         repos = await wait_for(pilot, lambda: screen_named(app, "ReposScreen"), "repos")
         tags = repos.query_one("#tags", OptionList)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import anyio
 import pytest
 from app_support import (
     LAYOUT_REF,
+    ROOT,
     app_env,  # noqa: F401 - fixture
     open_image_screen,
     screen_named,
@@ -106,3 +108,126 @@ async def test_layer_view_counts_chunks_in_a_mounts_own_cache_dir(mount_env, tmp
     # with the mount gone, the shared cache decides again
     view = await services.load_layer(session, 0)
     assert view.cached_chunks == 0
+
+
+async def _mounts_row(pilot, app, mp):
+    await pilot.press("M")
+    mounts = await wait_for(pilot, lambda: screen_named(app, "MountsScreen"), "mounts")
+    table = mounts.query_one("#mounts", DataTable)
+    await wait_for(pilot, lambda: table.row_count == 1, "the mount listed")
+    return mounts, table
+
+
+async def test_busy_unmount_names_the_key_and_force_asks_first(mount_env, tmp_path):
+    mp = mount_env.mountpoint("busy")
+    await core_mount.mount_image(f"{LAYOUT_REF}:mini-esgz", mp, layer=0, silence=0.2)
+    holder = subprocess.Popen(["sleep", "60"], cwd=mp)  # keeps the mount busy
+    try:
+        app = StargzApp()
+        async with app.run_test(size=(120, 30)) as pilot:
+            await wait_for(pilot, lambda: screen_named(app, "HomeScreen"), "home")
+            mounts, table = await _mounts_row(pilot, app, mp)
+            await pilot.press("u")
+            note = await wait_for(pilot, lambda: [n for n in app._notifications
+                                                  if "busy" in n.message], "the busy error")
+            assert "press F to force-unmount" in note[0].message
+            assert "--force" not in note[0].message
+            assert core_mount.is_mounted(str(mp))
+            # F asks; "n" keeps the mount
+            await pilot.press("F")
+            await wait_for(pilot, lambda: screen_named(app, "ConfirmScreen"), "the question")
+            await pilot.press("n")
+            await wait_for(pilot, lambda: screen_named(app, "MountsScreen"), "no")
+            await pilot.pause(0.3)
+            assert core_mount.is_mounted(str(mp))
+            # "y" detaches it under its user
+            await pilot.press("F")
+            await wait_for(pilot, lambda: screen_named(app, "ConfirmScreen"), "the question")
+            await pilot.press("y")
+            await wait_for(pilot, lambda: table.row_count == 0, "the mount gone", 60)
+            assert not core_mount.is_mounted(str(mp))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+async def test_cached_column_follows_a_mount(mount_env):
+    """The image screen's cached column follows the chunk cache a mount fills,
+    without pressing r."""
+    mp = mount_env.mountpoint("live")
+    app = StargzApp(f"{LAYOUT_REF}:mini-esgz")
+    async with app.run_test(size=(120, 30)) as pilot:
+        image = await open_image_screen(pilot, app)
+        table = image.query_one("#layers", DataTable)
+        assert str(table.get_cell("0", "cached")) == "0%"
+        await core_mount.mount_image(f"{LAYOUT_REF}:mini-esgz", mp, layer=0, silence=0.2)
+        try:
+            await wait_for(pilot, lambda: mount_env.status(mp)["backgroundFetchDone"],
+                           "the mount to fetch every chunk", 60)
+            await wait_for(pilot, lambda: str(table.get_cell("0", "cached")) == "100%",
+                           "the cached column at 100%")
+        finally:
+            core_mount.unmount(str(mp))
+
+
+def test_shell_key_opens_shell_in_the_mountpoint(mount_env, tmp_path):
+    """`s` on the Mounts screen suspends the app and runs $SHELL in the
+    mountpoint: the real `stargz-tui tui` in a pseudo-terminal."""
+    import pty
+    import select
+    import time
+
+    mp = mount_env.mountpoint("shell")
+    anyio.run(lambda: core_mount.mount_image(f"{LAYOUT_REF}:mini-esgz", mp, layer=0,
+                                             silence=0.2))
+    out = tmp_path / "shell-ran"
+    shell = tmp_path / "fake-shell"
+    shell.write_text(f"#!/bin/sh\npwd > '{out}'\nls >> '{out}'\n")
+    shell.chmod(0o755)
+    env = {**os.environ, "SHELL": str(shell), "TERM": "xterm-256color",
+           "COLUMNS": "100", "LINES": "30"}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the app on the pty
+        os.execve(os.path.join(ROOT, ".venv", "bin", "stargz-tui"),
+                  ["stargz-tui", "tui"], env)
+    screen = b""
+
+    def pump(until: float) -> None:
+        nonlocal screen
+        while time.monotonic() < until:
+            r, _, _ = select.select([fd], [], [], 0.1)
+            if r:
+                try:
+                    screen += os.read(fd, 65536)
+                except OSError:
+                    return
+
+    try:
+        pump(time.monotonic() + 4)  # start-up
+        os.write(fd, b"M")
+        deadline = time.monotonic() + 30
+        while b"shell" not in screen and time.monotonic() < deadline:
+            pump(time.monotonic() + 0.5)  # the mount row shows its mountpoint
+        os.write(fd, b"s")
+        deadline = time.monotonic() + 30
+        while not out.exists() and time.monotonic() < deadline:
+            pump(time.monotonic() + 0.2)
+        pump(time.monotonic() + 1.5)  # back in the app
+        os.write(fd, b"q")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            pump(time.monotonic() + 0.2)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the app did not quit after the shell")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(fd)
+        core_mount.unmount(str(mp), force=True)
+    lines = out.read_text().splitlines()
+    assert lines[0] == str(mp)
+    assert "data" in lines[1:]  # the shell saw the mounted layer

@@ -1,4 +1,9 @@
-"""``stargz-tui tui [IMAGE|REGISTRY]``: the terminal app."""
+"""``stargz-tui tui [IMAGE|REGISTRY]``: the terminal app.
+
+Exit status: 0 when the user quits; 1 when the app ended on an uncaught
+exception (Textual prints its traceback and sets the app's return code; we
+pass that on instead of reporting success).
+"""
 
 from __future__ import annotations
 
@@ -19,5 +24,10 @@ def run(args) -> int:
     from ..app import DARK_THEME, LIGHT_THEME, StargzApp
 
     theme = LIGHT_THEME if args.light else DARK_THEME if args.dark else None
-    StargzApp(args.target, theme=theme).run()
-    return 0
+    return run_app(StargzApp(args.target, theme=theme))
+
+
+def run_app(app, **run_options) -> int:
+    """Run ``app`` to the end; its exit status (non-zero after a crash)."""
+    app.run(**run_options)
+    return app.return_code or 0

@@ -1,4 +1,8 @@
-"""Things every screen shares: error notifications and a cancel key."""
+"""Things every screen shares: error notifications and a cancel key.
+
+Notifications never parse markup (``markup=False``): they quote names and
+messages from images and registries (see stargz_tui/text.py).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from ..services import one_line
+from ..text import printable
 
 
 class BaseScreen(Screen):
@@ -16,8 +21,8 @@ class BaseScreen(Screen):
         return self.app.services
 
     def fail(self, err: BaseException, what: str = "") -> None:
-        msg = one_line(err)
-        self.notify(f"{what}: {msg}" if what else msg, severity="error", timeout=8)
+        msg = printable(one_line(err))
+        self.notify(f"{what}: {msg}" if what else msg, severity="error", timeout=8, markup=False)
 
     def action_back(self) -> None:
         busy = [w for w in self.workers if w.is_running and w.group == "task"]

@@ -9,14 +9,36 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from ..text import plain
+
 INTRO = """[b]stargz-tui[/b] — browse lazily pulled images (eStargz, zstd:chunked, stargz).
 Home → registry → repository → tag → image → layer → file.  Ctrl+P opens the command palette.
 """
 
 TREE_HELP = """[b]Layer tree[/b]  markers: [green]+ added[/]  [yellow]~ modified[/]  [red]- removed[/] (against the layers below)
-Search with [b]/[/b]: words match names; [b]type:reg|dir|symlink|dev[/b], [b]size>1M[/b] filter; the tree stays navigable.
+Search with [b]/[/b]: every term must match — words (in the path), globs ([b]*.txt[/b], [b]f0\\[0-3][/b], [b]usr/*/lib[/b]),
+[b]type:reg|dir|symlink|hardlink|dev[/b], [b]size>1M[/b] / [b]size<10K[/b]; [b]t[/b] cycles a type filter. The merged view ([b]m[/b]) searches the merged image.
 Chunk map: [green]█[/] cached  [cyan]▓[/] prefetch region  [grey50]░[/] not cached  [bold red]█[/] failed verification.
 """
+
+
+def help_rows(app, screen) -> list[tuple[str, str, str]]:
+    """``(keys, description, binding id)`` for each action of ``screen`` and
+    the app, once each, with the keys as bound now (``[keys]`` remaps
+    included): read from the screen's live bindings, not the class lists."""
+    rows: dict[str, list] = {}
+    nodes = {id(screen), id(app)}
+    for node, b, _enabled, _tip in screen.active_bindings.values():
+        if id(node) not in nodes or not b.description:
+            continue
+        key = app.get_key_display(b)
+        row = rows.setdefault(b.action, [[], b.description, b.id or ""])
+        if key not in row[0]:
+            row[0].append(key)
+        row[2] = row[2] or b.id or ""
+    palette = rows.setdefault("command_palette", [["^p"], "", ""])
+    palette[1] = "Command palette"
+    return [(", ".join(k), d, i) for k, d, i in rows.values()]
 
 
 class HelpScreen(ModalScreen):
@@ -31,16 +53,9 @@ class HelpScreen(ModalScreen):
         t.add_column("key", style="bold cyan", no_wrap=True)
         t.add_column("action")
         t.add_column("binding id (app.toml [keys])", style="dim")
-        seen = set()
-        for node in (self.under, self.app):
-            for b in getattr(node, "BINDINGS", []):
-                if not isinstance(b, Binding) or not b.description or b.action in seen:
-                    continue
-                seen.add(b.action)
-                keys = self.app.get_key_display(b)
-                t.add_row(keys, b.description, b.id or "")
-        t.add_row("ctrl+p", "Command palette", "")
-        t.add_row("ctrl+t", "Dark / light theme", "theme")
+        for keys, desc, bid in help_rows(self.app, self.under):
+            # keys come from the user's app.toml: shown as text, never markup
+            t.add_row(plain(keys), plain(desc), plain(bid))
         with VerticalScroll(id="help-box"):
             yield Static(INTRO)
             yield Static(t)

@@ -1,4 +1,8 @@
-"""Home: enter an image or a registry; recent and configured registries."""
+"""Home: enter an image or a registry; recent and configured registries.
+
+The list has the focus, so the app's keys (``q``, ``M``, ``?``) act; ``/``
+(or Tab) moves to the input to type a reference, Escape leaves it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from textual.containers import Vertical
 from textual.widgets import Header, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from ..widgets import AppFooter
+from ..text import plain
+from ..widgets import KeyBar
 from .base import BaseScreen
 
 
@@ -17,6 +22,7 @@ class HomeScreen(BaseScreen):
         Binding("slash", "focus_input", "Enter reference", id="open", key_display="/"),
         Binding("L", "login", "Login", id="login"),
         Binding("delete", "forget", "Forget", id="forget", show=False),
+        Binding("escape", "leave_input", "Leave the input", show=False),
     ]
 
     def compose(self) -> ComposeResult:
@@ -27,12 +33,12 @@ class HomeScreen(BaseScreen):
             yield Input(placeholder="image (ghcr.io/org/app:tag, oci:DIR:TAG) or registry (localhost:5000)",
                         id="target")
             yield OptionList(id="recent")
-        yield AppFooter()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.sub_title = "home"
         self.refresh_list()
-        self.query_one("#target", Input).focus()
+        self.query_one("#recent", OptionList).focus()
 
     def on_screen_resume(self) -> None:
         self.refresh_list()
@@ -45,14 +51,14 @@ class HomeScreen(BaseScreen):
         if regs:
             ol.add_option(Option("[b]Registries[/b]", disabled=True))
             for r in regs:
-                ol.add_option(Option(f"  ⌂ {r}", id=f"reg:{r}"))
+                ol.add_option(Option(plain(f"  ⌂ {r}"), id=f"reg:{r}"))
         if cfg.recent_images:
             ol.add_option(Option("[b]Recent images[/b]", disabled=True))
             for r in cfg.recent_images:
-                ol.add_option(Option(f"  ◆ {r}", id=f"img:{r}"))
+                ol.add_option(Option(plain(f"  ◆ {r}"), id=f"img:{r}"))
         if not regs and not cfg.recent_images:
-            ol.add_option(Option("[dim]Nothing recent yet: type a reference above and press Enter.[/dim]",
-                                 disabled=True))
+            ol.add_option(Option("[dim]Nothing recent yet: press / to type a reference, "
+                                 "then Enter.[/dim]", disabled=True))
 
     def _auth_registries(self) -> list[str]:
         try:
@@ -82,6 +88,9 @@ class HomeScreen(BaseScreen):
 
     def action_focus_input(self) -> None:
         self.query_one("#target", Input).focus()
+
+    def action_leave_input(self) -> None:
+        self.query_one("#recent", OptionList).focus()
 
     def action_forget(self) -> None:
         ol = self.query_one("#recent", OptionList)

@@ -22,9 +22,17 @@ from textual.widgets import (
 
 from core import browse
 
-from ..widgets import AppFooter
+from ..text import multiline, plain, printable
+from ..widgets import KeyBar
 from .base import BaseScreen
 
+# layers table columns: (label, key); narrow terminals keep the key ones
+COLUMNS = [("#", "n"), ("digest", "digest"), ("size", "size"), ("format", "format"),
+           ("TOC", "toc"), ("entries", "entries"), ("chunks", "chunks"),
+           ("prefetch", "prefetch"), ("cached", "cached"), ("mounted", "mounted")]
+COLUMNS_NARROW = [c for c in COLUMNS if c[1] not in ("entries", "prefetch")]
+WIDE = 110            # (the app's -wide breakpoint)
+CACHED_SECONDS = 2.0  # how often the cached column is brought up to date
 TOC_STYLE = {browse.TOC_VERIFIED: "green", browse.TOC_MISMATCH: "bold red",
              browse.TOC_ABSENT: "yellow", browse.TOC_NONE: "dim"}
 
@@ -62,26 +70,17 @@ class ImageScreen(BaseScreen):
             with TabPane("Manifest", id="tab-manifest"):
                 yield VerticalScroll(Static(id="manifest"))
         yield LoadingIndicator(id="loading")
-        yield AppFooter()
+        yield KeyBar()
 
     def on_mount(self) -> None:
-        self.sub_title = self.ref_text
+        self.sub_title = printable(self.ref_text)
         self.query_one("#platform").display = False
-        t = self.query_one("#layers", DataTable)
-        t.add_column("#", key="n")
-        t.add_column("digest", key="digest")
-        t.add_column("size", key="size")
-        t.add_column("format", key="format")
-        t.add_column("TOC", key="toc")
-        t.add_column("entries", key="entries")
-        t.add_column("chunks", key="chunks")
-        t.add_column("prefetch", key="prefetch")
-        t.add_column("cached", key="cached")
-        t.add_column("mounted", key="mounted")
+        self._set_columns()
         h = self.query_one("#history", DataTable)
         h.add_columns("#", "created by", "empty")
         self.load()
         self.refresh_mounts()
+        self.set_interval(CACHED_SECONDS, self.refresh_cached)
         self.query_one("#layers", DataTable).focus()
 
     def on_screen_resume(self) -> None:
@@ -97,7 +96,7 @@ class ImageScreen(BaseScreen):
             self.session = await self.services.open_image(self.ref_text, self.platform)
         except Exception as e:  # noqa: BLE001 - shown as one sentence
             self.query_one("#loading").display = False
-            self.query_one("#image-info", Static).update(Text(f"Cannot open {self.ref_text}", "red"))
+            self.query_one("#image-info", Static).update(plain(f"Cannot open {self.ref_text}", "red"))
             self.fail(e)
             return
         self.show_image()
@@ -107,24 +106,26 @@ class ImageScreen(BaseScreen):
         self.query_one("#loading").display = False
         bad = [v for v in self.session.views if v is not None and v.toc_state == browse.TOC_MISMATCH]
         if bad:
-            self.notify(f"Layer {bad[0].desc.index}: {bad[0].error}.", severity="error", timeout=8)
+            self.notify(printable(f"Layer {bad[0].desc.index}: {bad[0].error}."), severity="error",
+                        timeout=8, markup=False)
 
     def show_image(self) -> None:
         img = self.session.image
         info = Table.grid(padding=(0, 1))
         info.add_column(style="bold")
         info.add_column()
-        info.add_row("image", str(img.reference))
+        info.add_row("image", plain(img.reference))
         if img.index_digest:
-            info.add_row("index", f"{img.index_digest}  ({len(img.platforms)} platforms)")
-        info.add_row("manifest", f"{img.manifest_digest}  {img.manifest_media_type.rsplit('.', 1)[-1]}")
+            info.add_row("index", plain(f"{img.index_digest}  ({len(img.platforms)} platforms)"))
+        info.add_row("manifest", plain(f"{img.manifest_digest}  "
+                                       f"{img.manifest_media_type.rsplit('.', 1)[-1]}"))
         total = sum(d.size for d in img.layers)
-        info.add_row("platform", f"{img.os_arch}   {len(img.layers)} layers, "
-                                 f"{browse.human_size(total)} compressed")
+        info.add_row("platform", plain(f"{img.os_arch}   {len(img.layers)} layers, "
+                                       f"{browse.human_size(total)} compressed"))
         self.query_one("#image-info", Static).update(info)
         sel = self.query_one("#platform", Select)
         if len(img.platforms) > 1:
-            sel.set_options([(p, p) for p in img.platforms])
+            sel.set_options([(plain(p), p) for p in img.platforms])
             sel.display = True
             if img.platform in img.platforms:
                 sel.value = img.platform
@@ -140,56 +141,108 @@ class ImageScreen(BaseScreen):
         def cmd(v):
             return " ".join(json.dumps(x) if " " in x else x for x in v) if isinstance(v, list) else "-"
 
-        grid.add_row("config", img.config_digest)
-        grid.add_row("created", str(img.config.get("created", "-")))
-        grid.add_row("entrypoint", cmd(c.get("Entrypoint")))
-        grid.add_row("cmd", cmd(c.get("Cmd")))
-        grid.add_row("workdir", c.get("WorkingDir") or "/")
-        grid.add_row("user", c.get("User") or "root")
+        # every value is the image author's: plain text, never markup
+        grid.add_row("config", plain(img.config_digest))
+        grid.add_row("created", plain(img.config.get("created", "-")))
+        grid.add_row("entrypoint", plain(cmd(c.get("Entrypoint"))))
+        grid.add_row("cmd", plain(cmd(c.get("Cmd"))))
+        grid.add_row("workdir", plain(c.get("WorkingDir") or "/"))
+        grid.add_row("user", plain(c.get("User") or "root"))
         for i, e in enumerate(c.get("Env") or []):
-            grid.add_row("env" if i == 0 else "", e)
+            grid.add_row("env" if i == 0 else "", plain(e))
         for i, p in enumerate(sorted((c.get("ExposedPorts") or {}).keys())):
-            grid.add_row("ports" if i == 0 else "", p)
+            grid.add_row("ports" if i == 0 else "", plain(p))
         for i, (k, v) in enumerate(sorted((c.get("Labels") or {}).items())):
-            grid.add_row("labels" if i == 0 else "", f"{k}={v}")
+            grid.add_row("labels" if i == 0 else "", plain(f"{k}={v}"))
         self.query_one("#config", Static).update(grid)
         h = self.query_one("#history", DataTable)
         h.clear()
         for i, item in enumerate(img.config.get("history") or []):
-            h.add_row(str(i), (item.get("created_by") or "").strip()[:200],
+            h.add_row(str(i), plain(str(item.get("created_by") or "").strip()[:200]),
                       "yes" if item.get("empty_layer") else "")
         self.query_one("#manifest", Static).update(
-            json.dumps(img.manifest, indent=2, sort_keys=True))
+            multiline(json.dumps(img.manifest, indent=2, sort_keys=True)))
+
+    def _set_columns(self) -> bool:
+        """The layers table's columns for this width (narrow: the key ones);
+        True when they changed (and the table was emptied)."""
+        cols = COLUMNS_NARROW if self.app.size.width < WIDE else COLUMNS
+        t = self.query_one("#layers", DataTable)
+        if [str(c.label) for c in t.columns.values()] == [label for label, _ in cols]:
+            return False
+        t.clear(columns=True)
+        for label, key in cols:
+            t.add_column(label, key=key)
+        return True
+
+    def on_resize(self) -> None:
+        if self._set_columns() and self.session is not None:
+            self.refresh_layers()
+
+    def _row(self, n: int, mounted: set[str], narrow: bool) -> dict:
+        d = self.session.image.layers[n]
+        v = self.session.views[n]
+        digest = browse.short_digest(d.digest)
+        row = {"n": str(n), "digest": plain(digest.split(":", 1)[-1] if narrow else digest),
+               "size": browse.human_size(d.size)}
+        if v is None:
+            return {**row, "format": "…", "toc": "…"}
+        toc = Text(v.toc_state, TOC_STYLE.get(v.toc_state, ""))
+        if v.failed_chunks:
+            toc = Text(f"{len(v.failed_chunks)} bad chunks", "bold red")
+        elif v.verified == "full":
+            toc = Text("verified+data", "green")
+        return {
+            **row, "format": plain(v.format_label), "toc": toc,
+            "entries": "-" if v.entries is None else str(v.entries),
+            "chunks": "-" if v.chunks is None else str(v.chunks),
+            "prefetch": "-" if v.prefetch_bytes is None else browse.human_size(v.prefetch_bytes),
+            "cached": self._cached_cell(v),
+            "mounted": Text("yes", "green") if d.digest in mounted else Text("no", "dim"),
+        }
+
+    @staticmethod
+    def _cached_cell(v) -> str:
+        pct = v.cached_percent
+        return "-" if pct is None else f"{pct:.0f}%"
 
     def refresh_layers(self) -> None:
         t = self.query_one("#layers", DataTable)
         keep = t.cursor_row
         t.clear()
         mounted = self._mounted_digests()
-        for n, d in enumerate(self.session.image.layers):
-            v = self.session.views[n]
-            if v is None:
-                t.add_row(str(n), browse.short_digest(d.digest), browse.human_size(d.size),
-                          "…", "…", "", "", "", "", "", key=str(n))
-                continue
-            toc = Text(v.toc_state, TOC_STYLE.get(v.toc_state, ""))
-            if v.failed_chunks:
-                toc = Text(f"{len(v.failed_chunks)} bad chunks", "bold red")
-            elif v.verified == "full":
-                toc = Text("verified+data", "green")
-            pct = v.cached_percent
-            t.add_row(
-                str(n), browse.short_digest(d.digest), browse.human_size(d.size),
-                v.format_label, toc,
-                "-" if v.entries is None else str(v.entries),
-                "-" if v.chunks is None else str(v.chunks),
-                "-" if v.prefetch_bytes is None else browse.human_size(v.prefetch_bytes),
-                "-" if pct is None else f"{pct:.0f}%",
-                Text("yes", "green") if d.digest in mounted else Text("no", "dim"),
-                key=str(n),
-            )
+        keys = [str(k.value) for k in t.columns]
+        narrow = len(keys) < len(COLUMNS)
+        for n in range(len(self.session.image.layers)):
+            row = self._row(n, mounted, narrow)
+            t.add_row(*(row.get(k, "") for k in keys), key=str(n))
         if keep is not None and keep < t.row_count:
             t.move_cursor(row=keep)
+
+    # -- the cached column follows the chunk cache (a mount filling it) ----------------
+    @work(exclusive=True, group="cached", thread=True)
+    def refresh_cached(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        counts = {}
+        for n, v in enumerate(session.views):
+            if v is not None and v.index is not None and v.index.num_chunks:
+                states = self.services.chunk_states(session, n)
+                counts[n] = sum(1 for st in states if st == browse.CHUNK_CACHED)
+        self.app.call_from_thread(self._set_cached, session, counts)
+
+    def _set_cached(self, session, counts: dict[int, int]) -> None:
+        if session is not self.session or not self.is_attached:
+            return
+        t = self.query_one("#layers", DataTable)
+        for n, cached in counts.items():
+            v = session.views[n]
+            if v is None or v.cached_chunks == cached:
+                continue
+            v.cached_chunks = cached
+            if "cached" in [str(k.value) for k in t.columns] and t.row_count > n:
+                t.update_cell(str(n), "cached", self._cached_cell(v))
 
     def _mounted_digests(self) -> set[str]:
         return {lay.get("digest") for m in self.mounts for lay in m.get("layers") or []
@@ -231,7 +284,8 @@ class ImageScreen(BaseScreen):
             self.notify("That layer is still loading.")
             return
         if v.index is None:
-            self.notify(f"Layer {n} cannot be browsed: {v.error}", severity="warning", timeout=8)
+            self.notify(printable(f"Layer {n} cannot be browsed: {v.error}"), severity="warning",
+                        timeout=8, markup=False)
             return
         from .layer import LayerScreen
 
@@ -268,7 +322,8 @@ class ImageScreen(BaseScreen):
             self.notify(f"Layer {n} is not mounted; press m to mount it.", severity="warning")
             return
         self.app.copy_to_clipboard(m["mountpoint"])
-        self.notify(f"Layer {n} is mounted at {m['mountpoint']} (path copied).")
+        self.notify(printable(f"Layer {n} is mounted at {m['mountpoint']} (path copied)."),
+                    markup=False)
         self.app.action_mounts()
 
     def _mount(self, layer: int | None) -> None:
@@ -283,7 +338,7 @@ class ImageScreen(BaseScreen):
             return
         d = self.session.image.layers[n].digest
         self.app.copy_to_clipboard(d)
-        self.notify(f"Copied {browse.short_digest(d)}.")
+        self.notify(printable(f"Copied {browse.short_digest(d)}."), markup=False)
 
     def action_platform(self) -> None:
         sel = self.query_one("#platform", Select)

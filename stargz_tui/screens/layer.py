@@ -15,14 +15,19 @@ from textual.widgets.tree import TreeNode
 
 from core import browse
 
-from ..widgets import MARKER_GLYPH, MARKER_STYLE, AppFooter, ChunkMap, legend
+from .. import search
+from ..text import plain, printable
+from ..widgets import MARKER_GLYPH, MARKER_STYLE, ChunkMap, KeyBar, legend
 from .base import BaseScreen
 
 BATCH = 500          # tree children added per expansion step
 MAX_MATCHES = 5000   # search results kept (the tree shows them and their parents)
-TYPE_CYCLE = [None, {"reg"}, {"dir"}, {"symlink"}, {"hardlink"}, {"char", "block", "fifo"}]
-TYPE_NAMES = {None: "all", "reg": "files", "dir": "dirs", "symlink": "symlinks",
-              "hardlink": "hardlinks", "char": "devices"}
+# The `t` key's cycle: (what the notification says, the types shown).
+TYPE_CYCLE: list[tuple[str, frozenset[str] | None]] = [
+    ("all", None), ("files", frozenset({"reg"})), ("dirs", frozenset({"dir"})),
+    ("symlinks", frozenset({"symlink"})), ("hardlinks", frozenset({"hardlink"})),
+    ("devices and fifos", frozenset({"char", "block", "fifo"})),
+]
 
 
 class More:
@@ -32,37 +37,11 @@ class More:
         self.path, self.offset, self.total = path, offset, total
 
 
-def _size(text: str) -> int:
-    text = text.strip().lower().rstrip("b").rstrip("i")
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:], 1)
-    try:
-        return int(float(text.rstrip("kmg") or 0) * mult)
-    except ValueError:
-        return 0
-
-
-def parse_query(text: str) -> tuple[str, set[str] | None, int]:
-    """``name type:reg size>1M`` -> (name, types, min_size)."""
-    name, types, min_size = [], None, 0
-    for tok in text.split():
-        low = tok.lower()
-        if low.startswith(("type:", "t:")):
-            kinds = low.split(":", 1)[1]
-            types = {"file": "reg", "f": "reg", "d": "dir", "l": "symlink", "link": "symlink",
-                     "dev": "char"}.get(kinds, kinds)
-            types = {types} if types != "char" else {"char", "block", "fifo"}
-        elif low.startswith(("size>", ">")):
-            min_size = _size(low.split(">", 1)[1])
-        else:
-            name.append(tok)
-    return " ".join(name), types, min_size
-
-
 class LayerScreen(BaseScreen):
     BINDINGS = [
         Binding("slash", "search", "Search", id="search", key_display="/"),
         Binding("t", "cycle_type", "Type", id="type_filter"),
-        Binding("m", "toggle_merged", "Merged/raw", id="merged"),
+        Binding("m", "toggle_merged", "Merged", id="merged"),
         Binding("o", "view", "View", id="view"),
         Binding("x", "extract", "Extract", id="extract"),
         Binding("v", "verify", "Verify", id="verify_layer"),
@@ -74,7 +53,7 @@ class LayerScreen(BaseScreen):
                 show=False, key_display="["),
     ]
     COMMAND_HELP = {
-        "search": "Filter the tree by name, type:reg|dir|symlink, size>1M",
+        "search": "Filter the tree: words, globs (*.txt), type:reg|dir|symlink|dev, size>1M",
         "toggle_merged": "Switch between this layer's TOC and the merged image view",
         "view": "Show a text file in place (fetches only its chunks)",
         "extract": "Write the selected file or directory to a local path",
@@ -91,15 +70,15 @@ class LayerScreen(BaseScreen):
         self.browser: browse.LayerBrowser | None = None
         self.merged = False
         self.query_text = ""
-        self.types: set[str] | None = None
         self.type_pos = 0
-        self.min_size = 0
+        self.problems: list[str] = []  # partial/unknown search terms, shown in the head
         self.allowed: set[str] | None = None
         self.matches: set[str] = set()
         self.layer_states: list[str] = []
         self.wasted_bytes: int | None = None
         self.wasted_items: list[tuple[str, int]] = []
         self.current: browse.Node | None = None
+        self.filled: set = set()  # ids of tree nodes whose children were added
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -113,13 +92,13 @@ class LayerScreen(BaseScreen):
                 yield VerticalScroll(Static(id="entry-info"), id="entry-scroll")
                 yield ChunkMap("file   ", id="entry-map")
                 yield DataTable(id="chunks", cursor_type="row", zebra_stripes=True)
-        yield Input(placeholder="search: name  type:reg|dir|symlink|dev  size>1M   (Esc clears)",
-                    id="filter")
-        yield AppFooter()
+        yield Input(placeholder="search: words  *.glob  dir/name  type:reg|dir|symlink|dev  "
+                                "size>1M  (all must match; Esc clears)", id="filter")
+        yield KeyBar()
 
     def on_mount(self) -> None:
         d = self.session.image.layers[self.n]
-        self.sub_title = f"{self.session.ref_text} · layer {self.n}"
+        self.sub_title = printable(f"{self.session.ref_text} · layer {self.n}")
         self.query_one("#filter").display = False
         tree = self.query_one("#toc", Tree)
         tree.show_root = True
@@ -175,17 +154,23 @@ class LayerScreen(BaseScreen):
         d = self.session.image.layers[self.n]
         t = Text()
         t.append(f"layer {self.n}/{len(self.session.image.layers) - 1} ", "bold")
-        t.append(f"{v.format_label} ", "cyan")
-        t.append(browse.short_digest(d.digest) + " ")
+        t.append(f"{printable(v.format_label)} ", "cyan")
+        t.append(printable(browse.short_digest(d.digest)) + " ")
         t.append(f"TOC {v.toc_state}", "green" if v.toc_state == browse.TOC_VERIFIED else "yellow")
         t.append(f" · {len(ix)} entries · {ix.num_chunks} chunks · {browse.human_size(d.size)}")
         if self.wasted_bytes:
             t.append(f" · wasted {browse.human_size(self.wasted_bytes)}", "red")
         t.append(f" · view: {'merged' if self.merged else 'raw'}", "bold magenta")
         if self.allowed is not None:
-            t.append(f" · filter: {len(self.matches)} match", "bold yellow")
-            if len(self.matches) >= MAX_MATCHES:
-                t.append("+", "bold yellow")
+            n = len(self.matches)
+            more = "+" if n >= MAX_MATCHES else ""
+            t.append(f" · filter: {n}{more} {'match' if n == 1 else 'matches'}", "bold yellow")
+            label = TYPE_CYCLE[self.type_pos][0]
+            if self.type_pos:
+                t.append(f" ({label})", "bold yellow")
+        for p in self.problems:
+            t.append(" · ")
+            t.append(printable(p), "bold red")
         self.query_one("#layer-head", Static).update(t)
 
     def update_status(self) -> None:
@@ -211,7 +196,7 @@ class LayerScreen(BaseScreen):
         t.append(MARKER_GLYPH.get(mk, " ") + " ", MARKER_STYLE.get(mk, ""))
         name = node.name
         if e.is_whiteout:
-            t.append(e.whiteout_target, "red strike")
+            t.append(printable(e.whiteout_target), "red strike")
             t.append(" (whiteout)", "red")
             return t
         if e.is_opaque_marker:
@@ -224,11 +209,11 @@ class LayerScreen(BaseScreen):
             style += " strike"
         if node.path in self.matches:
             style += " reverse"
-        t.append(name + ("/" if node.is_dir else ""), style.strip())
+        t.append(printable(name) + ("/" if node.is_dir else ""), style.strip())
         if e.type == "symlink":
-            t.append(f" → {e.link_name}", "dim cyan")
+            t.append(f" → {printable(e.link_name)}", "dim cyan")
         elif e.type == "hardlink":
-            t.append(f" ⇒ /{e.link_name}", "dim cyan")
+            t.append(f" ⇒ /{printable(e.link_name)}", "dim cyan")
         elif e.type == "reg":
             t.append(f"  {browse.human_size(e.size)}", "dim")
             if node.layer_no == self.n and self._prioritized(e):
@@ -246,6 +231,7 @@ class LayerScreen(BaseScreen):
     def reload_tree(self) -> None:
         tree = self.query_one("#toc", Tree)
         tree.clear()
+        self.filled.clear()
         tree.root.data = browse.Node("", "/", self.n, 0, True)
         self.fill(tree.root, 0)
         tree.root.expand()
@@ -274,10 +260,10 @@ class LayerScreen(BaseScreen):
     def fill(self, node: TreeNode, offset: int) -> None:
         data = node.data
         if offset == 0:
-            if getattr(node, "_filled", False):
+            if node.id in self.filled:
                 return
             node.remove_children()
-            node._filled = True  # type: ignore[attr-defined]
+            self.filled.add(node.id)
         kids = self.children_of(data.path)
         for k in kids[offset : offset + BATCH]:
             if k.is_dir:
@@ -314,11 +300,11 @@ class LayerScreen(BaseScreen):
         grid.add_column(style="bold", no_wrap=True)
         grid.add_column(overflow="fold")
         for k, v in browse.entry_details(ix, e):
-            grid.add_row(k, v)
+            grid.add_row(plain(k), plain(v))  # names, links, xattrs: the image's strings
         if node.marker:
             grid.add_row("change", Text(node.marker, MARKER_STYLE[node.marker]))
         if node.layer_no != self.n:
-            grid.add_row("from", f"layer {node.layer_no}")
+            grid.add_row("from", plain(f"layer {node.layer_no}"))
         self.query_one("#entry-info", Static).update(grid)
         self.show_chunks(node)
 
@@ -336,7 +322,7 @@ class LayerScreen(BaseScreen):
         for i, (c, s) in enumerate(zip(chunks[:2000], states, strict=False)):
             ct.add_row(str(i), str(c.chunk_offset), browse.human_size(c.chunk_size),
                        f"{c.offset}-{c.end}", Text(s, style[s]),
-                       browse.short_digest(c.digest, 10))
+                       plain(browse.short_digest(c.digest, 10)))
 
     # -- search ------------------------------------------------------------------------
     def action_search(self) -> None:
@@ -355,33 +341,37 @@ class LayerScreen(BaseScreen):
 
     def action_cycle_type(self) -> None:
         self.type_pos = (self.type_pos + 1) % len(TYPE_CYCLE)
-        self.types = TYPE_CYCLE[self.type_pos]
-        name = TYPE_NAMES[next(iter(self.types))] if self.types else "all"
-        self.notify(f"Showing {name}.", timeout=2)
-        self.run_search()
+        self.notify(f"Showing {TYPE_CYCLE[self.type_pos][0]}.", timeout=2)
+        self.run_search(debounce=False)
 
     @work(exclusive=True, group="search")
-    async def run_search(self) -> None:
-        await asyncio.sleep(0.15)  # debounce typing
-        text, types, min_size = parse_query(self.query_text)
-        types = types or self.types
-        if not text and not types and not min_size:
+    async def run_search(self, debounce: bool = True) -> None:
+        if debounce:
+            await asyncio.sleep(0.15)  # typing: search once it pauses
+        if self.browser is None:
+            return
+        query = search.parse_query(self.query_text).with_types(TYPE_CYCLE[self.type_pos][1])
+        self.problems = query.problems
+        if query.empty:
             self.allowed = None
             self.matches = set()
         else:
-            paths = await asyncio.to_thread(self.browser.search, text, types=types,
-                                            min_size=min_size, limit=MAX_MATCHES)
+            paths = await asyncio.to_thread(search.find, self.browser, query,
+                                            merged=self.merged, limit=MAX_MATCHES)
             self.matches = set(paths)
             self.allowed = browse.ancestors_of(paths)
-        self.reload_tree()
+        if self.is_attached:  # (the screen may have gone while the thread ran)
+            self.reload_tree()
 
     def clear_filter(self) -> bool:
         f = self.query_one("#filter", Input)
         if self.allowed is None and not f.display:
             return False
-        f.value = ""
+        with f.prevent(Input.Changed):  # (no search for the emptied input)
+            f.value = ""
         f.display = False
-        self.types, self.type_pos = None, 0
+        self.type_pos = 0
+        self.problems = []
         self.query_text = ""
         self.allowed, self.matches = None, set()
         self.reload_tree()
@@ -404,7 +394,10 @@ class LayerScreen(BaseScreen):
             self.notify("The merged view needs every lower layer's TOC.", severity="warning")
             return
         self.merged = not self.merged
-        self.reload_tree()
+        if self.allowed is not None:
+            self.run_search(debounce=False)  # the merged view has other paths
+        else:
+            self.reload_tree()
 
     def _entry(self):
         if self.current is None or self.browser is None:
@@ -416,7 +409,8 @@ class LayerScreen(BaseScreen):
         if e is None:
             return
         if e.type not in ("reg", "hardlink"):
-            self.notify(f"/{e.path} is a {e.type}; only files can be viewed.", severity="warning")
+            self.notify(printable(f"/{e.path} is a {e.type}; only files can be viewed."),
+                        severity="warning", markup=False)
             return
         from .modals import FileViewer
 
@@ -439,7 +433,7 @@ class LayerScreen(BaseScreen):
         node, e = self._entry()
         digest = (e.digest if e is not None else None) or self.session.image.layers[self.n].digest
         self.app.copy_to_clipboard(digest)
-        self.notify(f"Copied {browse.short_digest(digest)}.")
+        self.notify(printable(f"Copied {browse.short_digest(digest)}."), markup=False)
 
     def action_wasted(self) -> None:
         from .modals import TextModal
@@ -451,7 +445,7 @@ class LayerScreen(BaseScreen):
         t.add_column("size", justify="right", style="red")
         t.add_column("path")
         for p, s in self.wasted_items[:500]:
-            t.add_row(browse.human_size(s), "/" + p)
+            t.add_row(browse.human_size(s), plain("/" + p))
         title = (f"Layer {self.n} wastes {browse.human_size(self.wasted_bytes)} on "
                  f"{len(self.wasted_items)} files that upper layers replace or remove")
         if not self.wasted_items:

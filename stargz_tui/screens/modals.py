@@ -16,6 +16,7 @@ from core import browse, verify
 from core.errors import CoreError
 
 from ..services import one_line
+from ..text import plain, printable
 
 
 class TaskModal(ModalScreen):
@@ -43,7 +44,9 @@ class VerifyScreen(TaskModal):
     def compose(self) -> ComposeResult:
         d = self.session.image.layers[self.n]
         with Vertical(classes="dialog", id="verify-box"):
-            yield Label(f"[b]Verify layer {self.n}[/b]  {browse.short_digest(d.digest)}")
+            title = Text(f"Verify layer {self.n}", "bold")
+            title.append_text(plain(f"  {browse.short_digest(d.digest)}"))
+            yield Label(title)
             yield Static("TOC digest: checking…", id="verify-toc")
             yield ProgressBar(total=None, show_eta=False, id="verify-progress")
             yield Static("", id="verify-file")
@@ -64,8 +67,8 @@ class VerifyScreen(TaskModal):
 
         def progress(p: verify.VerifyProgress) -> None:
             bar.update(total=p.total, progress=p.done)
-            stage.update(Text(f"{p.stage}: {browse.human_size(p.done)} of "
-                              f"{browse.human_size(p.total)}", "dim"))
+            stage.update(plain(f"{p.stage}: {browse.human_size(p.done)} of "
+                               f"{browse.human_size(p.total)}", "dim"))
 
         # One pass over the blob: TOC digest, then every chunk and file digest,
         # the blob digest and the diffID (core/verify.py).
@@ -73,11 +76,12 @@ class VerifyScreen(TaskModal):
         toc_checks = [c for c in res.checks if c.name in ("toc-digest", "manifest-checksum")]
         bad_toc = [c for c in toc_checks if not c.ok and not c.skipped]
         if bad_toc:
-            toc.update(Text(f"TOC digest: {bad_toc[0].message}", "bold red"))
-            self.notify(f"Layer {self.n}: {bad_toc[0].message}", severity="error", timeout=8)
+            toc.update(plain(f"TOC digest: {bad_toc[0].message}", "bold red"))
+            self.notify(printable(f"Layer {self.n}: {bad_toc[0].message}"), severity="error",
+                        timeout=8, markup=False)
         elif res.toc_digest:
-            toc.update(Text(f"TOC digest: verified ({browse.short_digest(res.toc_digest)})",
-                            "green"))
+            toc.update(plain(f"TOC digest: verified ({browse.short_digest(res.toc_digest)})",
+                             "green"))
         else:
             toc.update(Text("TOC digest: none (plain layer)", "dim"))
         if view is not None:
@@ -89,14 +93,14 @@ class VerifyScreen(TaskModal):
             what = (f"{len(res.failed_chunks)} of {res.chunks_checked} chunks fail verification"
                     if res.failed_chunks else f"{len(problems)} checks fail")
             msg = f"Layer {self.n}: {what}"
-            result.update(Text(msg + "\n" + "\n".join(c.message for c in problems[:5]),
-                               "bold red"))
-            self.notify(msg + ".", severity="error", timeout=10)
+            result.update(Text("\n".join(printable(m) for m in
+                                         [msg] + [c.message for c in problems[:5]]), "bold red"))
+            self.notify(msg + ".", severity="error", timeout=10, markup=False)
         else:
             msg = (f"Layer {self.n}: all {res.chunks_checked} chunks, the blob digest and "
                    "the diffID verified")
             result.update(Text(msg + ".", "bold green"))
-            self.notify(msg + ".")
+            self.notify(msg + ".", markup=False)
 
 
 class FileViewer(ModalScreen):
@@ -111,7 +115,7 @@ class FileViewer(ModalScreen):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide", id="viewer-box"):
-            yield Label(f"[b]/{self.node.path}[/b]", id="viewer-title")
+            yield Label(plain(f"/{self.node.path}", "bold"), id="viewer-title")
             yield TextArea("", read_only=True, show_line_numbers=True, id="viewer-text")
             yield Label("[dim]Esc closes[/dim]")
 
@@ -127,13 +131,14 @@ class FileViewer(ModalScreen):
         try:
             text, cut = await browse.read_text(ix, source, entry)
         except CoreError as e:
-            self.notify(one_line(e), severity="error", timeout=8)
+            self.notify(printable(one_line(e)), severity="error", timeout=8, markup=False)
             self.dismiss(None)
             return
         area.load_text(text)
         if cut:
-            self.query_one("#viewer-title", Label).update(
-                f"[b]/{self.node.path}[/b] [dim](first {browse.human_size(browse.TEXT_VIEW_LIMIT)})[/dim]")
+            title = plain(f"/{self.node.path}", "bold")
+            title.append(f" (first {browse.human_size(browse.TEXT_VIEW_LIMIT)})", "dim")
+            self.query_one("#viewer-title", Label).update(title)
         area.focus()
 
 
@@ -148,7 +153,10 @@ class ExtractScreen(TaskModal):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="extract-box"):
-            yield Label(f"[b]Extract[/b] /{self.node.path or ''}  into directory:")
+            title = Text("Extract ", "bold")
+            title.append_text(plain(f"/{self.node.path or ''}"))
+            title.append("  into directory:")
+            yield Label(title)
             yield Input(self.dest, id="extract-dest")
             yield ProgressBar(total=None, show_eta=False, id="extract-progress")
             yield Static("", id="extract-status")
@@ -181,15 +189,17 @@ class ExtractScreen(TaskModal):
 
         def progress(done: int, total: int, path: str) -> None:
             bar.update(total=max(total, 1), progress=done)
-            status.update(Text(f"/{path}", "dim"))
+            status.update(plain(f"/{path}", "dim"))
 
         try:
             n = await browse.extract(ix, source, entry, dest, progress=progress)
         except (CoreError, OSError) as e:
-            status.update(Text(one_line(e), "red"))
-            self.notify(f"Extract failed: {one_line(e)}", severity="error", timeout=8)
+            status.update(plain(one_line(e), "red"))
+            self.notify(printable(f"Extract failed: {one_line(e)}"), severity="error", timeout=8,
+                        markup=False)
             return
-        self.notify(f"Extracted /{self.node.path} ({browse.human_size(n)}) into {dest}.")
+        self.notify(printable(f"Extracted /{self.node.path} ({browse.human_size(n)}) into {dest}."),
+                    markup=False)
         self.dismiss(dest)
 
 
@@ -203,9 +213,36 @@ class TextModal(ModalScreen):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide"):
-            yield Label(f"[b]{self.title_text}[/b]")
+            yield Label(plain(self.title_text, "bold"))
             yield VerticalScroll(Static(self.body))
             yield Label("[dim]Esc closes[/dim]")
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question; dismisses with True only on an explicit yes."""
+
+    BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
+
+    def __init__(self, question: str, yes_label: str = "Yes"):
+        super().__init__()
+        self.question = question
+        self.yes_label = yes_label
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="confirm-box"):
+            yield Label(plain(self.question))
+            with Horizontal(classes="buttons"):
+                yield Button(f"{self.yes_label} (y)", variant="error", id="confirm-yes")
+                yield Button("Cancel (n)", id="confirm-no")
+
+    def on_mount(self) -> None:
+        self.query_one("#confirm-no", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "confirm-yes")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
 
 
 class LoginScreen(ModalScreen):
@@ -250,10 +287,10 @@ class LoginScreen(ModalScreen):
         try:
             await self.app.services.login(reg, user, pw)
         except Exception as e:  # noqa: BLE001 - shown in place, in one sentence
-            err.update(Text(one_line(e), "red"))
+            err.update(plain(one_line(e), "red"))
             return
         self.app.config.remember_registry(reg)
-        self.notify(f"Logged in to {reg}.")
+        self.notify(printable(f"Logged in to {reg}."), markup=False)
         self.dismiss(reg)
 
 
@@ -312,7 +349,7 @@ class MountDialog(ModalScreen):
         try:
             rec = await self.app.services.mount(image, mp, layer)
         except Exception as e:  # noqa: BLE001 - shown in place, in one sentence
-            err.update(Text(one_line(e), "red"))
+            err.update(plain(one_line(e), "red"))
             return
-        self.notify(f"Mounted at {rec['mountpoint']}.")
+        self.notify(printable(f"Mounted at {rec['mountpoint']}."), markup=False)
         self.dismiss(rec)

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import anyio.to_thread
 from rich.text import Text
 from textual import work
-from textual.app import ComposeResult
+from textual.app import ComposeResult, SuspendNotSupported
 from textual.binding import Binding
 from textual.widgets import DataTable, Header, Static
 
 from core.browse import human_size
 
-from ..widgets import AppFooter
+from ..services import one_line
+from ..text import plain, printable
+from ..widgets import KeyBar
 from .base import BaseScreen
 
 REFRESH_SECONDS = 1.0
+COLUMNS = [("mountpoint", "mp"), ("image", "image"), ("kind", "kind"), ("state", "state"),
+           ("fetched", "fetched"), ("chunks", "chunks"), ("prefetch", "prefetch"),
+           ("background", "bg"), ("errors", "errors")]
+# narrow terminals: the image, kind and fetch progress move to the detail pane
+COLUMNS_NARROW = [c for c in COLUMNS if c[1] in ("mp", "state", "fetched", "chunks", "errors")]
+WIDE = 110      # (the app's -wide breakpoint)
+MP_NARROW = 36  # mountpoint characters shown in a narrow table
 
 
 class MountsScreen(BaseScreen):
@@ -23,7 +35,7 @@ class MountsScreen(BaseScreen):
         Binding("u", "unmount", "Unmount", id="unmount"),
         Binding("F", "force_unmount", "Force unmount", id="force_unmount"),
         Binding("c", "copy_path", "Copy path", id="copy_path"),
-        Binding("s", "shell_hint", "Shell", id="shell_hint"),
+        Binding("s", "shell", "Shell", id="shell"),
     ]
 
     def __init__(self):
@@ -35,15 +47,12 @@ class MountsScreen(BaseScreen):
         yield Static(id="mounts-head")
         yield DataTable(id="mounts", cursor_type="row", zebra_stripes=True)
         yield Static(id="mount-detail")
-        yield AppFooter()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.sub_title = "mounts"
         t = self.query_one("#mounts", DataTable)
-        for label, key in (("mountpoint", "mp"), ("image", "image"), ("kind", "kind"),
-                           ("state", "state"), ("fetched", "fetched"), ("chunks", "chunks"),
-                           ("prefetch", "prefetch"), ("background", "bg"), ("errors", "errors")):
-            t.add_column(label, key=key)
+        self._set_columns()
         if self.services.mount_manager() is None:
             self.query_one("#mounts-head", Static).update(
                 Text("The mount manager is not available in this build.", "yellow"))
@@ -65,32 +74,49 @@ class MountsScreen(BaseScreen):
         t = self.query_one("#mounts", DataTable)
         row = t.cursor_row
         t.clear()
+        keys = [str(k.value) for k in t.columns]
+        narrow = len(keys) < len(COLUMNS)
         for m in mounts:
             total = m.get("chunksTotal") or 0
             cached = m.get("chunksCached") or 0
             state = m.get("state", "?")
             errors = (m.get("digestErrors") or 0) + (m.get("readErrors") or 0)
-            t.add_row(
-                m["mountpoint"], m.get("image", ""), m.get("kind") or "",
-                Text(state, "green" if state == "serving" else "bold red"),
-                human_size(m.get("bytesFetched") or 0),
-                f"{cached}/{total}" + (f" {100 * cached // total}%" if total else ""),
-                Text("done", "green") if m.get("prefetchDone") else Text("…", "cyan"),
-                Text("done", "green") if m.get("backgroundFetchDone") else Text("…", "cyan"),
-                Text(str(errors), "bold red") if errors else "0",
-                key=m["mountpoint"],
-            )
+            mp = printable(m["mountpoint"])
+            if narrow and len(mp) > MP_NARROW:  # keep the end: the distinctive part
+                mp = "…" + mp[-(MP_NARROW - 1):]
+            cells = {
+                "mp": Text(mp), "image": plain(m.get("image", "")), "kind": plain(m.get("kind") or ""),
+                "state": plain(state, "green" if state == "serving" else "bold red"),
+                "fetched": human_size(m.get("bytesFetched") or 0),
+                "chunks": f"{cached}/{total}" + (f" {100 * cached // total}%" if total else ""),
+                "prefetch": Text("done", "green") if m.get("prefetchDone") else Text("…", "cyan"),
+                "bg": Text("done", "green") if m.get("backgroundFetchDone") else Text("…", "cyan"),
+                "errors": Text(str(errors), "bold red") if errors else "0",
+            }
+            t.add_row(*(cells[k] for k in keys), key=m["mountpoint"])
         if row is not None and row < t.row_count:
             t.move_cursor(row=row)
         head = self.query_one("#mounts-head", Static)
         if err is not None:
-            from ..services import one_line
-
-            head.update(Text(f"Cannot list mounts: {one_line(err)}", "red"))
+            head.update(plain(f"Cannot list mounts: {one_line(err)}", "red"))
         elif self.services.mount_manager() is not None:
             head.update(Text(f"{len(mounts)} mount{'s' if len(mounts) != 1 else ''} · "
                              "refreshed every second", "dim"))
         self._detail()
+
+    def _set_columns(self) -> bool:
+        cols = COLUMNS_NARROW if self.app.size.width < WIDE else COLUMNS
+        t = self.query_one("#mounts", DataTable)
+        if [str(c.label) for c in t.columns.values()] == [label for label, _ in cols]:
+            return False
+        t.clear(columns=True)
+        for label, key in cols:
+            t.add_column(label, key=key)
+        return True
+
+    def on_resize(self) -> None:
+        if self._set_columns():
+            self._show(self.mounts, None)
 
     def _current(self) -> dict | None:
         t = self.query_one("#mounts", DataTable)
@@ -109,19 +135,24 @@ class MountsScreen(BaseScreen):
                      if not self.mounts else "")
             return
         t = Text()
+        t.append("image ", "bold")
+        t.append(printable(f"{m.get('image', '')} ({m.get('kind') or '?'}) "))
+        t.append("prefetch " + ("done" if m.get("prefetchDone") else "…") + " · background "
+                 + ("done" if m.get("backgroundFetchDone") else "…") + "\n", "dim")
         if m.get("reason"):
-            t.append(f"{m['reason']}\n", "red")
+            t.append(f"{printable(m['reason'])}\n", "red")
         if m.get("record"):
-            t.append(f"recording: {m.get('recorded', 0)} file(s) to {m['record']}\n", "magenta")
+            t.append(printable(f"recording: {m.get('recorded', 0)} file(s) to {m['record']}") + "\n",
+                     "magenta")
         for lay in m.get("layers") or []:
             st = lay.get("stats") or {}
             t.append(f"layer {lay['index']} ", "bold")
-            t.append(f"{lay['digest'][:19]} pid {lay.get('pid')} {lay.get('state')} ")
+            t.append(printable(f"{lay['digest'][:19]} pid {lay.get('pid')} {lay.get('state')} "))
             t.append(f"fetched {human_size(st.get('bytesFetched') or 0)} in "
                      f"{st.get('requests', 0)} requests · cached "
                      f"{st.get('chunksCached', 0)}/{st.get('chunksTotal', 0)}")
             if st.get("lastError"):
-                t.append(f" · {st['lastError']}", "red")
+                t.append(f" · {printable(st['lastError'])}", "red")
             t.append("\n")
         d.update(t)
 
@@ -140,28 +171,62 @@ class MountsScreen(BaseScreen):
             self.do_unmount(m["mountpoint"], False)
 
     def action_force_unmount(self) -> None:
+        """Force-unmounting detaches the mount under its users: ask first."""
         m = self._current()
-        if m is not None:
-            self.do_unmount(m["mountpoint"], True)
+        if m is None:
+            return
+        from .modals import ConfirmScreen
+
+        mp = m["mountpoint"]
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.do_unmount(mp, True)
+
+        self.app.push_screen(ConfirmScreen(
+            f"Force-unmount {printable(mp)}? Processes using it lose it (lazy detach).",
+            "Force unmount"), answered)
 
     @work(group="task")
     async def do_unmount(self, mountpoint: str, force: bool) -> None:
         try:
             await anyio.to_thread.run_sync(self.services.unmount, mountpoint, force)
         except Exception as e:  # noqa: BLE001 - one sentence
-            self.fail(e)
+            # the core's advice is for the CLI; here the key does it
+            msg = one_line(e).replace("use --force", f"press {self._force_key()} to force-unmount")
+            self.notify(printable(msg), severity="error", timeout=10, markup=False)
         else:
-            self.notify(f"Unmounted {mountpoint}.")
+            self.notify(printable(f"Unmounted {mountpoint}."), markup=False)
         self.refresh_mounts()
 
     def action_copy_path(self) -> None:
         m = self._current()
         if m is not None:
             self.app.copy_to_clipboard(m["mountpoint"])
-            self.notify(f"Copied {m['mountpoint']}.")
+            self.notify(printable(f"Copied {m['mountpoint']}."), markup=False)
 
-    def action_shell_hint(self) -> None:
+    def _force_key(self) -> str:
+        for _node, b, _on, _tip in self.active_bindings.values():
+            if b.action == "force_unmount":
+                return self.app.get_key_display(b)
+        return "F"
+
+    def action_shell(self) -> None:
+        """Suspend the app and run $SHELL in the mountpoint; back on exit."""
         m = self._current()
-        if m is not None:
-            self.notify(f"cd {m['mountpoint']}   (unmount with: stargz-tui unmount "
-                        f"{m['mountpoint']})", timeout=10)
+        if m is None:
+            return
+        mp = m["mountpoint"]
+        shell = os.environ.get("SHELL") or "/bin/sh"
+        try:
+            with self.app.suspend():
+                print(f"stargz-tui: {printable(shell)} in {printable(mp)}; exit to return.",
+                      flush=True)
+                subprocess.call([shell], cwd=mp)
+        except SuspendNotSupported:
+            self.notify(printable(f"This terminal cannot suspend the app: cd {mp}"),
+                        severity="warning", timeout=10, markup=False)
+        except OSError as e:
+            self.notify(printable(f"Cannot run {shell}: {one_line(e)}"), severity="error",
+                        timeout=8, markup=False)
+        self.refresh_mounts()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -9,7 +10,8 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Header, Input, Label, LoadingIndicator, OptionList
 from textual.widgets.option_list import Option
 
-from ..widgets import AppFooter
+from ..text import plain, printable
+from ..widgets import KeyBar
 from .base import BaseScreen
 
 MORE = "__more__"
@@ -19,7 +21,6 @@ class ReposScreen(BaseScreen):
     BINDINGS = [
         Binding("slash", "filter", "Filter", id="filter_repos", key_display="/"),
         Binding("r", "reload", "Reload", id="reload_repos"),
-        Binding("tab", "focus_next", "Switch pane", show=False),
     ]
 
     def __init__(self, registry: str):
@@ -43,10 +44,10 @@ class ReposScreen(BaseScreen):
                 yield Label("[b]Tags[/b]", id="tags-label")
                 yield OptionList(id="tags")
                 yield LoadingIndicator(id="tags-loading")
-        yield AppFooter()
+        yield KeyBar()
 
     def on_mount(self) -> None:
-        self.sub_title = self.registry
+        self.sub_title = printable(self.registry)
         self.query_one("#tags-loading").display = False
         self.load_repos()
         self.query_one("#repos", OptionList).focus()
@@ -93,11 +94,12 @@ class ReposScreen(BaseScreen):
         ol.clear_options()
         f = self._filter()
         shown = [r for r in self.repos if f in r.lower()]
-        ol.add_options([Option(r, id=f"r:{r}") for r in shown])
+        ol.add_options([Option(plain(r), id=f"r:{r}") for r in shown])
         if self.repos_more:
             ol.add_option(Option("[dim italic]… load more[/]", id=MORE))
-        self.query_one("#repos-label", Label).update(
-            f"[b]Repositories[/b] [dim]{len(shown)}/{len(self.repos)}{'+' if self.repos_more else ''}[/dim]")
+        label = Text("Repositories ", "bold")
+        label.append(f"{len(shown)}/{len(self.repos)}{'+' if self.repos_more else ''}", "dim")
+        self.query_one("#repos-label", Label).update(label)
         if keep is not None and keep < ol.option_count:
             ol.highlighted = keep
         elif shown:
@@ -108,12 +110,15 @@ class ReposScreen(BaseScreen):
         ol.clear_options()
         f = self._filter()
         shown = sorted(t for t in self.tags if f in t.lower()) if self.repo else []
-        ol.add_options([Option(t, id=f"t:{t}") for t in shown])
+        ol.add_options([Option(plain(t), id=f"t:{t}") for t in shown])
         if self.tags_more:
             ol.add_option(Option("[dim italic]… load more[/]", id=MORE))
-        self.query_one("#tags-label", Label).update(
-            f"[b]Tags[/b] [dim]{self.repo or ''} {len(shown)}/{len(self.tags)}"
-            f"{'+' if self.tags_more else ''}[/dim]")
+        if ol.option_count:
+            ol.highlighted = 0  # a cursor to show where Enter goes
+        label = Text("Tags ", "bold")
+        label.append_text(plain(f"{self.repo or ''} {len(shown)}/{len(self.tags)}"
+                                f"{'+' if self.tags_more else ''}", "dim"))
+        self.query_one("#tags-label", Label).update(label)
 
     def select_repo(self, repo: str) -> None:
         if repo == self.repo:
