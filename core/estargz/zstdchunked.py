@@ -40,12 +40,14 @@ import io
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from ..errors import ChunkDigestError, DigestMismatchError, FormatError
-from .toc import Chunk, LayerIndex
+
+if TYPE_CHECKING:  # footer.py imports this module, and toc.py imports footer.py
+    from .toc import Chunk, LayerIndex
 
 SKIPPABLE_MAGIC = 0x184D2A50
 MAGIC = b"GnUlInUx"
