@@ -64,6 +64,10 @@ class _Parser(argparse.ArgumentParser):
     def add_argument(self, *args, **kwargs):
         action = super().add_argument(*args, **kwargs)
         self.arguments.append(action)
+        if action.nargs in (argparse.REMAINDER, argparse.PARSER):
+            # the rest of the line is the argument (optimize's `-- CMD ...`):
+            # argparse cannot intermix that, and it takes options as they come
+            self.intermixed = False
         return action
 
     def error(self, message: str):  # noqa: D401 - argparse API
