@@ -378,7 +378,7 @@ def _full_entries(budget: int) -> list[bytes]:
         i += 1
 
 
-def test_toc_entry_limit_holds_memory(tmp_path, rel):
+def test_toc_entry_limit_holds_memory(mount_env, tmp_path, rel):
     """A TOC at the documented limits (entries, and size for entries that
     say more) indexes under the memory bound; a 5M-entry TOC is refused
     with one line before it costs gigabytes."""
@@ -396,14 +396,25 @@ def test_toc_entry_limit_holds_memory(tmp_path, rel):
         rc, out, err, peak, took = run_measured(["ls", "--layer", "0", ref], timeout=120)
         assert rc == 0, (what, err[-300:])
         assert peak <= RSS_LIMIT_MB, f"ls of a TOC of {what} peaked at {peak:.0f} MB"
-        seen.append(f"{n} entries: {peak:.0f} MB, {took:.1f} s")
+        # the same TOC resolved by a mount daemon
+        mp = mount_env.mountpoint(f"mnt-toc-{len(seen)}")
+        mount_env.mount(ref, mp, layer=0, prefetch=False, background_fetch=False)
+        try:
+            hwm = _vm_hwm_mb(mount_env.status(mp)["layers"][0]["pid"])
+        finally:
+            from core import mount as core_mount
+
+            core_mount.unmount(mp, force=True)
+        assert hwm <= RSS_LIMIT_MB, f"a daemon serving a TOC of {what} peaked at {hwm:.0f} MB"
+        seen.append(f"{n} entries: ls {peak:.0f} MB, {took:.1f} s; daemon {hwm:.0f} MB")
     ref = _toc_layout(str(tmp_path / "toc-5m"), _minimal_entries(5_000_000))
     rc, out, err, peak, took = run_measured(["ls", "--layer", "0", ref], timeout=120)
     assert rc not in (0, -9) and len(err.strip().splitlines()) == 1, (rc, err[-300:])
     assert "Traceback" not in err
     assert peak <= RSS_LIMIT_MB, f"refusing a 5M-entry TOC peaked at {peak:.0f} MB"
     rel.row("crash", f"TOCs at the documented limits ({MAX_ENTRIES} entries, "
-            f"{MAX_TOC_BYTES >> 20} MiB of JSON) and a 5M-entry TOC: `ls --layer 0`",
+            f"{MAX_TOC_BYTES >> 20} MiB of JSON) and a 5M-entry TOC: `ls --layer 0`, a mount "
+            "daemon",
             "served at " + "; ".join(seen) + f"; 5M entries refused ({err.strip()[:90]}) at "
             f"{peak:.0f} MB (bound {RSS_LIMIT_MB} MB)")
 
