@@ -24,7 +24,9 @@ examples:
   stargz-tui mount ghcr.io/org/app:esgz /mnt/app --wait-prefetch --cache-size 2G
 
 The mount is served by a background daemon per layer; `stargz-tui mounts` shows
-live state and `stargz-tui unmount MOUNTPOINT` stops it.
+live state and `stargz-tui unmount MOUNTPOINT` stops it. MOUNTPOINT must be an
+empty directory (--force mounts over a non-empty one, hiding its contents), and
+only one mount of it can be under way at a time.
 """
 
 UNMOUNT_EXAMPLES = """\
@@ -68,7 +70,7 @@ def cmd_mount(args) -> int:
         background_fetch=not args.no_background_fetch, wait_prefetch=args.wait_prefetch,
         allow_other=args.allow_other, allow_unverified=args.allow_unverified,
         cache_dir=args.cache_dir, cache_size=args.cache_size, debug=args.debug,
-        prefetch_size=args.prefetch_size or 0, platform=args.platform,
+        prefetch_size=args.prefetch_size or 0, platform=args.platform, force=args.force,
         insecure_registries=args.insecure_registry,
     )
     if args.layer is not None or m.FORK_DAEMONS:
@@ -297,6 +299,8 @@ def register(subparsers) -> None:
                    help="chunk cache budget (e.g. 2G; default 4G)")
     p.add_argument("--platform", help="os/arch of a multi-platform image")
     p.add_argument("--debug", action="store_true", help="trace FUSE requests in the daemon log")
+    p.add_argument("--force", action="store_true",
+                   help="mount onto a non-empty directory (its contents are hidden meanwhile)")
     add_registry_options(p)
     p.set_defaults(func=cmd_mount)
 
