@@ -30,6 +30,14 @@ def peer_uid(sock) -> int:
     return int.from_bytes(raw[4:8], sys.byteorder)
 
 
+def peer_pid(sock) -> int:
+    """The pid of the peer of the connected Unix socket ``sock``."""
+    import _socket
+
+    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED_SIZE)
+    return int.from_bytes(raw[0:4], sys.byteorder)
+
+
 def is_own_peer(sock) -> bool:
     """Does the peer of ``sock`` run as our uid? False when it cannot be told."""
     try:
