@@ -354,13 +354,16 @@ class Daemon:
         (a mount serves no layer of an image whose config does not verify)."""
         import anyio
 
-        from .image import fetch_config
+        from .image import check_config_platform, fetch_config
 
         failed: list[BaseException] = []
 
         async def check() -> None:
             try:
-                await fetch_config(self.store, self.image.manifest, self.image.manifest_digest)
+                config = await fetch_config(self.store, self.image.manifest,
+                                            self.image.manifest_digest)
+                if self.image.index is None:  # --platform on a single-platform image
+                    check_config_platform(config, self.args.platform)
             except Exception as e:  # noqa: BLE001 - raised below, after the resolve
                 failed.append(e)
 

@@ -337,6 +337,18 @@ def check_platform(text: str) -> str:
     return text
 
 
+def check_config_platform(config: dict, platform: str | None) -> None:
+    """For an image without an index: ``platform``, when asked for, must be the
+    config's (a NotFoundError otherwise, never silently ignored). A config
+    that names no os/architecture is not held against it."""
+    if platform is None or not isinstance(config, dict):
+        return
+    if config.get("os") and config.get("architecture") and \
+            not _platform_matches(platform, _platform_str(config)):
+        raise NotFoundError(f"no manifest for platform {platform}: the image has only "
+                            f"{_platform_str(config)}")
+
+
 def _platform_matches(want: str, have: str) -> bool:
     w, h = want.split("/"), have.split("/")
     if w[:2] != h[:2]:
@@ -420,11 +432,8 @@ async def open_image(ref: Reference | str, *, store: ImageStore | None = None,
     if media_type not in MANIFEST_TYPES:
         raise FormatError(f"unsupported manifest media type {media_type!r}")
     config = await fetch_config(store, doc, digest) if with_config else {}
-    if platform is not None and index is None and config.get("os") and \
-            config.get("architecture") and not _platform_matches(platform, _platform_str(config)):
-        # a single-platform image: asking for another platform is not silently ignored
-        raise NotFoundError(f"no manifest for platform {platform}: the image has only "
-                            f"{_platform_str(config)}")
+    if index is None:
+        check_config_platform(config, platform)
     return _make_image(ref, store, doc, data, media_type, digest, config, index, index_digest,
                        platforms)
 

@@ -107,3 +107,17 @@ def test_cache_prune_refuses_under_a_live_mount(mount_env):
     mount_env.cli("unmount", mp, check=True)
     r = mount_env.cli("cache", "prune", check=True)  # no live mount: no question asked
     assert "removed 0 chunks" in r.stdout
+
+
+@pytest.mark.fuse
+def test_mount_checks_the_platform_of_a_single_platform_image(mount_env):
+    mp = mount_env.mountpoint()
+    for extra in (["--layer", "0"], []):
+        r = mount_env.cli("mount", ref("mini-esgz"), mp, *extra, "--platform", "linux/arm64")
+        assert r.returncode == 1 and "has only linux/amd64" in r.stderr, (extra, r.stderr)
+        assert r.stderr.count("\n") == 1 and not os.path.ismount(mp)
+        r = mount_env.cli("mount", ref("mini-esgz"), mp, *extra, "--platform", "bogus")
+        assert r.returncode == 1 and "invalid platform" in r.stderr, (extra, r.stderr)
+    mount_env.cli("mount", ref("mini-esgz"), mp, "--layer", "0", "--platform", "linux/amd64",
+                  check=True)
+    mount_env.cli("unmount", mp, check=True)

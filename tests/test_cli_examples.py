@@ -61,7 +61,7 @@ def help_examples() -> list[tuple[str, str]]:
         block = text.split("examples:", 1)[1].split("\n\n", 1)[0]
         for line in block.splitlines():
             line = line.strip()
-            if line.startswith(("stargz-tui ", "echo ")):
+            if line.startswith(("stargz-tui ", "echo ", "source <(stargz-tui ")):
                 out.append((cmd, re.split(r"\s{2,}", line)[0]))
     return out
 
@@ -217,7 +217,7 @@ def test_example_runs(example, request, tmp_path, example_registry):
     request.getfixturevalue("mount_env")  # private state, cache and runtime dirs
     path = BIN + os.pathsep + os.environ["PATH"]
     env = dict(os.environ, PATH=path)
-    words = example.split()
+    words = example.replace("<(", "").split()
     sub = next((w for w in words[words.index("stargz-tui") + 1:] if not w.startswith("-")), "")
     host = example_registry.host
     if sub in ("login", "logout"):
@@ -251,6 +251,6 @@ def test_examples_were_found():
     ``examples:`` block, and both README lists."""
     cmds = {c for c, _ in help_examples()}
     assert {"inspect", "ls", "cat", "verify", "convert", "repos", "tags", "login", "logout",
-            "mount", "unmount", "mounts", "cache"} <= cmds, cmds
+            "mount", "unmount", "mounts", "cache", "completion"} <= cmds, cmds
     assert len(readme_synopses()) >= 12
     assert len(EXAMPLES) >= 50

@@ -17,12 +17,11 @@ import re
 
 EXAMPLES = """\
 examples:
-  stargz-tui completion bash > /tmp/stargz-tui.bash
-  stargz-tui completion zsh > /tmp/_stargz-tui
-  stargz-tui completion fish > /tmp/stargz-tui.fish
+  source <(stargz-tui completion bash)               this bash session
+  stargz-tui completion zsh > _stargz-tui            then move it to a directory of $fpath
+  stargz-tui completion fish > stargz-tui.fish       then to ~/.config/fish/completions/
 
-bash: source the file (or put it in /etc/bash_completion.d/); zsh: put it in a
-directory of $fpath as _stargz-tui; fish: ~/.config/fish/completions/.
+bash: or save it as /etc/bash_completion.d/stargz-tui.
 """
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._/-]+$")
