@@ -126,3 +126,26 @@ def test_verify_full_says_podman_rewrote_the_layer(mount_env, podman_registry):
     r = mount_env.cli("verify", ref, "--full")
     lines = [ln for ln in r.stderr.splitlines() if "diff-id" in ln]
     assert len(lines) == 2 and all("rewritten by its producer" in ln for ln in lines)
+
+
+def test_tui_layer_view_shows_the_checksum_as_verified(podman_registry, isolated_env):
+    """The app's layer table reads core.browse: a podman layer's TOC shows
+    as verified, a flipped checksum as a mismatch (not as "absent")."""
+    import anyio
+
+    from core.browse import TOC_MISMATCH, TOC_VERIFIED, open_layer
+    from core.image import open_image
+
+    async def states(tag: str) -> list[str]:
+        image = await open_image(f"{podman_registry.host}/podman/mini:{tag}")
+        try:
+            return [(await open_layer(image, d)).toc_state for d in image.layers]
+        finally:
+            await image.store.aclose()
+
+    assert anyio.run(states, "zc") == [TOC_VERIFIED, TOC_VERIFIED]
+    m = get_manifest(podman_registry.url, "podman/mini", "zc")
+    ann = m["layers"][1]["annotations"]
+    ann[ZSTD_MANIFEST_CHECKSUM_ANNOTATION] = _flip(ann[ZSTD_MANIFEST_CHECKSUM_ANNOTATION])
+    put_manifest(podman_registry.url, "podman/mini", "zc-flipped-1", m)
+    assert anyio.run(states, "zc-flipped-1") == [TOC_VERIFIED, TOC_MISMATCH]
