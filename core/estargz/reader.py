@@ -67,6 +67,15 @@ async def read_file_range(index: LayerIndex, source: BlobSource, entry: Entry,
     if offset >= end:
         return b""
     chunks = index.chunks_for_range(target, offset, end - offset)
+    zeros = index.zero_chunks
+    if zeros and any(c.index in zeros for c in chunks):
+        # Holes stay zeros in the answer: nothing the size of a hole allocated.
+        buf = bytearray(end - offset)
+        async for c, data in fetch_chunks(index, source,
+                                          [c for c in chunks if c.index not in zeros]):
+            lo, hi = max(offset, c.chunk_offset), min(end, c.chunk_offset + len(data))
+            buf[lo - offset : hi - offset] = data[lo - c.chunk_offset : hi - c.chunk_offset]
+        return bytes(buf)
     parts: dict[int, bytes] = {}
     async for c, data in fetch_chunks(index, source, chunks):
         parts[c.chunk_offset] = data
