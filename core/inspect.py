@@ -34,9 +34,9 @@ async def load_index(image: Image, desc: LayerDescriptor, *,
     if desc.foreign:
         raise FormatError(desc.foreign_reason())
     source = image.store.blob_source(desc.digest, desc.size)
-    footer = await read_footer(source)
+    footer = await read_footer(source, desc.annotations)
     if footer.format in Format.LAZY:
-        return await load_layer_index(source)
+        return await load_layer_index(source, annotations=desc.annotations)
     return await build_plain_index(source, footer.format, progress)
 
 
@@ -80,7 +80,7 @@ async def layer_info(image: Image, desc: LayerDescriptor) -> dict:
         return info  # shown, never fetched
     try:
         source = image.store.blob_source(desc.digest, desc.size)
-        footer = await read_footer(source)
+        footer = await read_footer(source, desc.annotations)
     except CoreError as e:
         info["error"] = str(e)
         return info
@@ -88,7 +88,7 @@ async def layer_info(image: Image, desc: LayerDescriptor) -> dict:
     if footer.format not in Format.LAZY:
         return info
     try:
-        ix = await load_layer_index(source)
+        ix = await load_layer_index(source, annotations=desc.annotations)
     except CoreError as e:
         info["error"] = str(e)
         return info

@@ -617,6 +617,15 @@ class LayerReader:
             self._seq[key] = end if prev is None or not sequential else max(prev, end)
             if sequential and end < fsize and self.readahead and self._tg is not None:
                 self._read_ahead(key, target, end)
+        if self._zeros and any(c.index in self._zeros for c in chunks):
+            # Holes stay zeros in the answer: nothing fetched, nothing the
+            # size of a hole (which may be gigabytes) allocated.
+            chunks = [c for c in chunks if c.index not in self._zeros]
+            got = {}
+            if chunks:
+                async with self.tasks.prioritized():
+                    got = await self._get_chunks(chunks)
+            return self._assemble(chunks, got, offset, end)
         result = self._read_fast(chunks, offset, end)
         if result is not None:
             self.tasks.touch()
@@ -630,7 +639,11 @@ class LayerReader:
             if offset == c.chunk_offset and end - offset == len(d):
                 return d
             return memoryview(d)[offset - c.chunk_offset : end - c.chunk_offset]
-        buf = bytearray(end - offset)  # gaps (sparse-looking files) stay zero
+        return self._assemble(chunks, got, offset, end)
+
+    @staticmethod
+    def _assemble(chunks: list[Chunk], got: dict, offset: int, end: int) -> bytes:
+        buf = bytearray(end - offset)  # gaps (sparse-looking files, holes) stay zero
         for c in chunks:
             d = got[c.index]
             lo = max(offset, c.chunk_offset)

@@ -95,7 +95,7 @@ class Resolver:
                 probe = store.blob_source(desc.digest, desc.size)
                 try:
                     with anyio.fail_after(self.timeout):
-                        footer = await read_footer(probe)
+                        footer = await read_footer(probe, getattr(desc, "annotations", None))
                 except (CoreError, TimeoutError):
                     footer = None
                 finally:
@@ -117,7 +117,8 @@ class Resolver:
             with anyio.fail_after(self.timeout):
                 index = await load_layer_index(
                     source, expected_toc_digest=expected,
-                    expected_manifest_checksum=manifest_checksum)
+                    expected_manifest_checksum=manifest_checksum,
+                    annotations=getattr(desc, "annotations", None))
         except TimeoutError:
             await _close(source)
             raise MountError(

@@ -148,7 +148,7 @@ async def verify_toc(image: Image, desc: LayerDescriptor, *,
         source = image.store.blob_source(desc.digest, desc.size)
         if progress:
             progress(VerifyProgress(n, "toc", 0, desc.size))
-        footer = await read_footer(source)
+        footer = await read_footer(source, desc.annotations)
     except CoreError as e:
         return [Check("layer", False, f"cannot read the blob: {e}", n)], None, "?"
     fmt = footer.format
@@ -156,7 +156,7 @@ async def verify_toc(image: Image, desc: LayerDescriptor, *,
         return [Check("toc-digest", True, f"plain {fmt} layer: no TOC to verify", n,
                       skipped=True)], None, fmt
     try:
-        ix = await load_layer_index(source)
+        ix = await load_layer_index(source, annotations=desc.annotations)
     except CoreError as e:
         return [Check("toc-digest", False, f"cannot read the TOC: {e}", n)], None, fmt
     want = desc.toc_digest_annotation

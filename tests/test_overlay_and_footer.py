@@ -86,13 +86,22 @@ def test_whiteout_does_not_hide_its_own_layer():
     [{"name": "../etc/passwd", "type": "reg"}],
     [{"name": "a\x00b", "type": "reg"}],
     [{"name": "x", "type": "bogus"}],
-    [{"name": "l", "type": "hardlink", "linkName": "missing"}],
     [{"name": "f", "type": "reg", "size": 10, "offset": 5, "chunkSize": 4}],
     [{"name": "f", "type": "reg", "size": -1}],
 ])
 def test_hostile_tocs_are_refused(bad):
     with pytest.raises(FormatError):
         _index(bad)
+
+
+def test_hardlink_to_an_entry_not_in_the_layer_is_kept_as_outside():
+    """A hardlink whose target is not in its layer names an earlier layer's
+    file (issue 12): kept, listed, and left for the merged view to resolve."""
+    ix = _index([{"name": "l", "type": "hardlink", "linkName": "missing"}])
+    (e,) = [x for x in ix.iter_entries() if x.id]
+    assert e.type == "hardlink" and e.target_id is None and e.link_name == "missing"
+    assert ix.outside_hardlinks == [e.id]
+    assert any("not in this layer" in w for w in ix.warnings)
 
 
 def test_index_entries_with_odd_platforms_are_handled():

@@ -36,11 +36,27 @@ def podman_registry(tmp_path_factory):
     ``mini`` and ``special`` fixture images (``podman/FAMILY:zc``)."""
     reg = Registry(str(tmp_path_factory.mktemp("podman-registry"))).start()
     pm = Podman(str(tmp_path_factory.mktemp("podman")))
+    images = {}
     try:
         for fam in FAMILIES:
             image = pm.pull(f"oci:{FIXTURE_LAYOUT}:{fam}-gzip")
             pm.push(image, f"{reg.host}/podman/{fam}:zc")
-        reg.podman = pm
+            images[fam] = image
+        reg.podman, reg.images = pm, images
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="module")
+def plain_zstd_registry(podman_registry, tmp_path_factory):
+    """podman's plain zstd pushes (``podman/FAMILY:zstd``), to a registry of
+    their own: pushed beside the zstd:chunked ones, podman would reuse those
+    blobs (they are zstd too) instead of compressing again."""
+    reg = Registry(str(tmp_path_factory.mktemp("podman-zstd-registry"))).start()
+    try:
+        for fam, image in podman_registry.images.items():
+            podman_registry.podman.push(image, f"{reg.host}/podman/{fam}:zstd", compression="zstd")
         yield reg
     finally:
         reg.stop()
@@ -126,3 +142,47 @@ def test_verify_full_says_podman_rewrote_the_layer(mount_env, podman_registry):
     r = mount_env.cli("verify", ref, "--full")
     lines = [ln for ln in r.stderr.splitlines() if "diff-id" in ln]
     assert len(lines) == 2 and all("rewritten by its producer" in ln for ln in lines)
+
+
+def test_tui_layer_view_shows_the_checksum_as_verified(podman_registry, isolated_env):
+    """The app's layer table reads core.browse: a podman layer's TOC shows
+    as verified, a flipped checksum as a mismatch (not as "absent")."""
+    import anyio
+
+    from core.browse import TOC_MISMATCH, TOC_VERIFIED, open_layer
+    from core.image import open_image
+
+    async def states(tag: str) -> list[str]:
+        image = await open_image(f"{podman_registry.host}/podman/mini:{tag}")
+        try:
+            return [(await open_layer(image, d)).toc_state for d in image.layers]
+        finally:
+            await image.store.aclose()
+
+    assert anyio.run(states, "zc") == [TOC_VERIFIED, TOC_VERIFIED]
+    m = get_manifest(podman_registry.url, "podman/mini", "zc")
+    ann = m["layers"][1]["annotations"]
+    ann[ZSTD_MANIFEST_CHECKSUM_ANNOTATION] = _flip(ann[ZSTD_MANIFEST_CHECKSUM_ANNOTATION])
+    put_manifest(podman_registry.url, "podman/mini", "zc-flipped-1", m)
+    assert anyio.run(states, "zc-flipped-1") == [TOC_VERIFIED, TOC_MISMATCH]
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_podman_plain_zstd_reads_and_verifies(mount_env, plain_zstd_registry, fam):
+    """podman's plain zstd layers: shown as zstd, listed and read from the
+    stream, every digest (diffIDs included) holds; a mount refuses them in one line."""
+    from fixture_truth import cli, compare_listing, merge, read_tar_layer
+
+    ref = f"{plain_zstd_registry.host}/podman/{fam}:zstd"
+    info = json.loads(cli("inspect", ref, "--json").stdout)
+    assert {la["format"] for la in info["layers"]} == {"zstd"}
+    truth = [read_tar_layer(str(p)) for p in layer_blobs(f"{fam}-gzip")]
+    recs = json.loads(cli("ls", ref, "-R", "--json").stdout.decode("utf-8", "surrogateescape"))
+    compare_listing(recs, {p: t for p, t in merge(truth).items()
+                           if not p.rsplit("/", 1)[-1].startswith(".wh.")})
+    r = cli("verify", ref, "--full", check=False)
+    assert r.returncode == 0, r.stderr
+    mp = mount_env.mountpoint()
+    r = mount_env.cli("mount", ref, mp)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "plain zstd" in r.stderr

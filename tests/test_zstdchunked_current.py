@@ -215,3 +215,22 @@ def test_holes_read_as_zeros_without_a_range_request(mount_env, current, front_p
         for h_lo, h_hi in holes:
             assert hi < h_lo or lo >= h_hi, f"range {lo}-{hi} covers a hole at {h_lo}-{h_hi}"
     core_mount.unmount(mp)
+
+
+def test_found_by_annotations_without_a_footer(mount_env, current, tmp_path):
+    """containers/storage locates the TOC by the position annotations, not
+    the footer: a blob without the footer frame still reads and mounts."""
+    w = current.written["holes"][0]
+    blob = w.blob[:-72]
+    layout = str(tmp_path / "layout")
+    write_layout(layout, "nofooter", [Layer(blob, w.diff_id, annotations=w.annotations)])
+    push_layout(layout, "nofooter", f"{current.host}/zc2/holes:nofooter")
+    ref = f"{current.host}/zc2/holes:nofooter"
+    la = json.loads(mount_env.cli("inspect", ref, "--json", check=True).stdout)["layers"][0]
+    assert la["format"] == "zstdchunked" and la["tocDigestVerified"] is True
+    r = mount_env.cli("verify", ref, "--full", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    mp = mount_env.mountpoint()
+    mount_env.mount(ref, mp, layer=0)
+    compare_tree(mp, raw_expected(current.tars["holes"][0]))
+    core_mount.unmount(mp)

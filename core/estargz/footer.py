@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import FormatError
-from .zstdchunked import FOOTER_V2_SIZE, TarSplit, parse_footer_frame
+from .zstdchunked import FOOTER_V2_SIZE, TarSplit, frame_from_annotations, parse_footer_frame
 
 
 class Format:
@@ -110,6 +110,16 @@ def parse_footer(tail: bytes, blob_size: int, head: bytes = b"") -> Footer:
     if not head:
         raise FormatError("unrecognised blob: no eStargz, stargz or zstd:chunked footer")
     raise FormatError("unrecognised blob format: neither gzip, zstd nor tar")
+
+
+def footer_from_annotations(annotations: dict | None, blob_size: int) -> Footer | None:
+    """A zstd:chunked layer's TOC place from its position annotations, for a
+    blob whose tail has no footer we recognise (checked like a footer)."""
+    zf = frame_from_annotations(annotations)
+    if zf is None:
+        return None
+    return _checked(Footer(Format.ZSTDCHUNKED, 0, zf.toc_offset, zf.toc_size,
+                           zf.toc_uncompressed_size, zf.tar_split), blob_size)
 
 
 def _checked(footer: Footer, blob_size: int) -> Footer:

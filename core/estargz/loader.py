@@ -17,7 +17,7 @@ from isal import isal_zlib
 
 from ..errors import DigestMismatchError, FormatError
 from ..source import BlobSource
-from .footer import MAX_FOOTER_SIZE, Footer, Format, parse_footer
+from .footer import MAX_FOOTER_SIZE, Footer, Format, footer_from_annotations, parse_footer
 from .toc import TOC_TAR_NAME, LayerIndex, build_index
 from .zstdchunked import annotate_index
 
@@ -41,15 +41,23 @@ HEAD_READ = 512
 HASH_IN_THREAD = 1 << 20
 
 
-async def read_footer(source: BlobSource) -> Footer:
-    """Detect the blob's format (one or two small range reads)."""
+async def read_footer(source: BlobSource, annotations: dict | None = None) -> Footer:
+    """Detect the blob's format (one or two small range reads); without a
+    footer, a zstd:chunked layer's position ``annotations`` tell."""
     tail_len = min(source.size, MAX_FOOTER_SIZE)
     tail = await source.read_range(source.size - tail_len, tail_len)
     try:
         return parse_footer(tail, source.size)
     except FormatError:
         head = await source.read_range(0, min(source.size, HEAD_READ))
-        return parse_footer(tail, source.size, head)
+        footer = parse_footer(tail, source.size, head)
+    return _by_annotations(footer, annotations, source.size)
+
+
+def _by_annotations(footer: Footer, annotations: dict | None, size: int) -> Footer:
+    if footer.format == Format.ZSTD:
+        return footer_from_annotations(annotations, size) or footer
+    return footer
 
 
 def _inflate_gzip_toc(region: bytes) -> bytes:
@@ -181,7 +189,8 @@ def parse_toc_region(footer: Footer, region: bytes, *, blob_digest: str, blob_si
 
 async def load_layer_index(source: BlobSource, *, expected_toc_digest: str | None = None,
                            require_toc_digest: bool = False,
-                           expected_manifest_checksum: str | None = None) -> LayerIndex:
+                           expected_manifest_checksum: str | None = None,
+                           annotations: dict | None = None) -> LayerIndex:
     """Fetch, verify and index a layer's TOC (see docs/CONTRACTS.md)."""
     if require_toc_digest and not (expected_toc_digest or expected_manifest_checksum):
         raise DigestMismatchError(
@@ -196,7 +205,8 @@ async def load_layer_index(source: BlobSource, *, expected_toc_digest: str | Non
         footer = parse_footer(tail[-MAX_FOOTER_SIZE:], size)
     except FormatError:
         head = tail[:HEAD_READ] if tail_start == 0 else await source.read_range(0, min(size, HEAD_READ))
-        footer = parse_footer(tail[-MAX_FOOTER_SIZE:], size, head)
+        footer = _by_annotations(parse_footer(tail[-MAX_FOOTER_SIZE:], size, head),
+                                 annotations, size)
     if footer.format not in Format.LAZY:
         raise FormatError(
             f"layer {source.digest[:19]} is plain {footer.format}: it has no TOC and "

@@ -82,6 +82,15 @@ async def read_file_range(index: LayerIndex, source: BlobSource, entry: Entry,
                          min(end, c.chunk_offset + c.chunk_size) - c.chunk_offset)
                for c in chunks
                if c.chunk_offset < offset or c.chunk_offset + c.chunk_size > end}
+    zeros = index.zero_chunks
+    if zeros and any(c.index in zeros for c in chunks):
+        # Holes stay zeros in the answer: nothing the size of a hole allocated.
+        buf = bytearray(end - offset)
+        async for c, data in fetch_chunks(index, source,
+                                          [c for c in chunks if c.index not in zeros], windows):
+            lo = max(offset, c.chunk_offset)  # a window's data starts there too
+            buf[lo - offset : lo - offset + len(data)] = data
+        return bytes(buf)
     parts: dict[int, bytes] = {}
     async for c, data in fetch_chunks(index, source, chunks, windows):
         parts[c.chunk_offset] = data

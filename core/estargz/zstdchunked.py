@@ -131,6 +131,32 @@ def parse_position(value: str | None, fields: int) -> tuple[int, ...] | None:
     return tuple(int(p) for p in parts)
 
 
+MANIFEST_POSITION_KEYS = ("io.github.containers.zstd-chunked.manifest-position",
+                          "io.containers.zstd-chunked.manifest-position")
+TARSPLIT_POSITION_KEY = "io.github.containers.zstd-chunked.tarsplit-position"
+
+
+def frame_from_annotations(annotations: dict | None) -> FooterFrame | None:
+    """Where the TOC (and tar-split) live according to the layer's position
+    annotations (containers/storage itself reads these, not the footer); a
+    blob without a footer we know is still found this way. Positions are
+    checked against the blob like a footer's."""
+    if not annotations:
+        return None
+    for key in MANIFEST_POSITION_KEYS:
+        pos = parse_position(annotations.get(key), 4)
+        if pos is None:
+            continue
+        off, clen, ulen, _mtype = pos
+        ts = None
+        if key.startswith("io.github."):
+            tpos = parse_position(annotations.get(TARSPLIT_POSITION_KEY), 3)
+            if tpos is not None:
+                ts = TarSplit(*tpos)
+        return FooterFrame(0, off, clen, ulen, ts)
+    return None
+
+
 # ---------------------------------------------------------------- TOC extras
 class _ZEntry(msgspec.Struct, gc=False):
     name: Any = None

@@ -236,7 +236,10 @@ CASES = {
                   "later entry wins (as tar extraction), warning recorded"),
     "dir-then-file": (case_dir_then_file, "refuse", "a directory re-declared as a file", None),
     "file-as-parent": (case_under_a_file, "refuse", "an entry under a regular file", None),
-    "hardlink-missing": (case_hardlink_missing, "refuse", "hardlink to a missing entry", None),
+    "hardlink-missing": (case_hardlink_missing, "accept", "hardlink to an entry not in the layer",
+                         "kept as a link to a file of an earlier layer (issue 12): listed, "
+                         "read through the merged view; reading it in the layer alone and "
+                         "mounting the layer are refused"),
     "hardlink-later": (case_hardlink_later, "accept", "hardlink to an entry listed later",
                        "resolved after all entries are read; same inode, same bytes"),
     "hardlink-cycle": (case_hardlink_cycle, "refuse", "hardlink cycle a -> b -> a", None),
@@ -339,6 +342,9 @@ def _check_interpretation(case, ix, files):
         assert any("duplicate" in w for w in ix.warnings)
     elif case == "hardlink-later":
         assert files["data/early"] == GOOD == files["data/target"]
+    elif case == "hardlink-missing":
+        assert [ix.path_of(i) for i in ix.outside_hardlinks] == ["data/h"]
+        assert isinstance(files["data/h"], CoreError)
     elif case == "chunk-other-file":
         assert isinstance(files["data/b"], CoreError)
         assert files["data/a"] == b"A" * 500
