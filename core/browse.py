@@ -8,9 +8,7 @@ what these functions return.
 
 from __future__ import annotations
 
-import os
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -19,6 +17,7 @@ import anyio.to_thread
 from .errors import CoreError, DigestMismatchError, FormatError
 from .estargz import LayerIndex, load_layer_index, read_file_range
 from .estargz.toc import DIR, REG, Chunk, Entry
+from .extract import extract
 from .image import Image, LayerDescriptor
 from .overlay import MergedTree
 from .units import human_size
@@ -406,9 +405,7 @@ def ancestors_of(paths: list[str]) -> set[str]:
 
 
 # ---------------------------------------------------------------- actions
-ProgressFn = Callable[[int, int, str], None]
-
-
+# extract (the app's ``x``) lives in core.extract and is re-exported here.
 TEXT_VIEW_LIMIT = 256 << 10
 
 
@@ -423,57 +420,6 @@ async def read_text(index: LayerIndex, source, entry: Entry,
     if b"\0" in data[:8192]:
         raise FormatError(f"/{entry.path} looks binary; extract it instead")
     return data.decode("utf-8", errors="replace"), target.size > limit
-
-
-async def extract(index: LayerIndex, source, entry: Entry, dest: str, *,
-                  progress: ProgressFn | None = None) -> int:
-    """Write ``entry`` (a file, or a directory with everything below it) under
-    the directory ``dest``, fetching only the chunks of the files written.
-    Returns the number of bytes written."""
-    dest = os.path.abspath(dest)
-    os.makedirs(dest, exist_ok=True)
-    base = entry.path.rsplit("/", 1)[0] if "/" in entry.path else ""
-    todo: list[Entry] = []
-    stack = [entry]
-    while stack:
-        e = stack.pop()
-        if e.is_whiteout or e.is_opaque_marker:
-            continue
-        todo.append(e)
-        if e.type_code == DIR:
-            stack.extend(reversed(index.children(e)))
-    total = sum(e.size for e in todo if e.type in ("reg",))
-    written = 0
-    for e in todo:
-        rel = e.path[len(base):].lstrip("/") if base else e.path
-        out = os.path.join(dest, rel or e.name or ".")
-        if not os.path.abspath(out).startswith(dest):
-            raise FormatError(f"refusing to write {e.path} outside {dest}")
-        if e.type == "dir":
-            os.makedirs(out, exist_ok=True)
-        elif e.type in ("reg", "hardlink"):
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            target = index.entry(e.target_id) if e.target_id is not None else e
-            with open(out, "wb") as f:
-                pos = 0
-                while pos < target.size:
-                    n = min(8 << 20, target.size - pos)
-                    data = await read_file_range(index, source, target, pos, n)
-                    f.write(data)
-                    pos += n
-                    written += len(data)
-                    if progress:
-                        progress(written, total, e.path)
-            os.chmod(out, e.mode & 0o777)
-        elif e.type == "symlink":
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            if os.path.lexists(out):
-                os.unlink(out)
-            os.symlink(e.link_name, out)
-        # devices and fifos are skipped: they need privileges and carry no data
-    if progress:
-        progress(written, total, "")
-    return written
 
 
 __all__ = [

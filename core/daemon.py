@@ -5,7 +5,7 @@ pyfuse3 supports one mount per process, so :mod:`core.mount` starts one
 (footer + TOC, verified against the manifest annotation), mounts it
 read-only (``ro,nosuid,nodev``; ``allow_other`` only when asked), starts
 prefetch and background fetch, and answers JSON lines on a Unix control
-socket (0600)::
+socket (0600; a peer that is not our own uid is refused)::
 
     {"op": "ping"}                       -> {"ok": true, "pid": ...}
     {"op": "stats"}                      -> {"ok": true, "stats": {...}}
@@ -114,10 +114,19 @@ class Daemon:
     async def _handle(self, stream) -> None:
         import anyio
         import pyfuse3
+        from anyio.abc import SocketAttribute
         from anyio.streams.buffered import BufferedByteReceiveStream
+
+        from .peer import is_own_peer, peer_text
 
         buf = BufferedByteReceiveStream(stream)
         async with stream:
+            raw = stream.extra(SocketAttribute.raw_socket, None)
+            if raw is None or not is_own_peer(raw):
+                # the socket is 0600 in a 0700 dir; this holds even if those were loosened
+                log.warning("control socket: refused a connection from uid %s",
+                            peer_text(raw) if raw is not None else "?")
+                return
             for _ in range(1000):
                 try:
                     with anyio.fail_after(30):

@@ -48,3 +48,7 @@ class CredentialStoreError(CoreError):
 
 class MountError(CoreError):
     """Mounting, unmounting or talking to a mount daemon failed."""
+
+
+class ExtractError(CoreError):
+    """Extraction would write through a link or replace what it must not."""

@@ -6,7 +6,9 @@ Python API (the CLI and the Textual app both use it):
   one raw layer (``layer`` = index or digest) or, without ``layer``, the
   merged image: every layer mounted privately under the state dir by its own
   daemon, then an overlay at ``mountpoint`` (kernel overlayfs as root,
-  ``fuse-overlayfs`` otherwise). Returns the mount record.
+  ``fuse-overlayfs`` otherwise). Returns the mount record. The mountpoint
+  must be empty unless ``force=True``; a second mount of a mountpoint while
+  one is under way fails (a flock per mountpoint under the state dir).
 * ``unmount(mountpoint, *, force=False) -> dict``: overlay first, then the
   layers, then the daemons stop. Busy without ``force`` raises
   :class:`MountError` naming the processes that hold it; ``force`` uses
@@ -27,6 +29,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -44,6 +47,7 @@ import time
 from . import fusecheck, idmap
 from .errors import MountError
 from .paths import private_dir, runtime_socket, state_dir
+from .peer import require_own_peer
 
 log = logging.getLogger("core.mount")
 
@@ -176,12 +180,14 @@ def _stop_daemon(layer: dict, unmount: bool = False) -> None:
 
 
 def daemon_request(sock_path: str, op: str, timeout: float = 3.0, **fields) -> dict:
-    """One JSON-lines request to a daemon's control socket."""
+    """One JSON-lines request to a daemon's control socket (served by our
+    own uid, else :class:`MountError` and nothing is sent)."""
     msg = dict(fields, op=op)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(sock_path)
+            require_own_peer(s, f"the daemon socket {sock_path}")
             s.sendall((json.dumps(msg) + "\n").encode())
             buf = b""
             while not buf.endswith(b"\n") and len(buf) < (64 << 20):
@@ -543,8 +549,10 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
 
     Options: ``prefetch``, ``background_fetch``, ``wait_prefetch``,
     ``allow_other``, ``allow_unverified``, ``cache_dir``, ``cache_size``,
-    ``debug``, ``silence``, ``prefetch_size``, ``timeout``; id mapping
-    (core.idmap): ``map_owner``, ``uid_map``/``gid_map`` (``C:H:N`` strings)."""
+    ``debug``, ``silence``, ``prefetch_size``, ``timeout``, ``force`` (mount
+    onto a non-empty directory, which is refused otherwise); id mapping
+    (core.idmap): ``map_owner``, ``uid_map``/``gid_map`` (``C:H:N`` strings).
+    A mountpoint that another mount is under way at is refused at once."""
     import anyio.to_thread
 
     steps = _mount_steps(image, mountpoint, layer=layer, platform=platform, **options)
@@ -659,25 +667,39 @@ async def _open_layers(image: str, platform: str | None):
 
 
 def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
-                 prefetch: bool = True, background_fetch: bool = True,
-                 wait_prefetch: bool = False, allow_other: bool = False,
-                 allow_unverified: bool = False, cache_dir: str | None = None,
-                 cache_size: int | None = None, debug: bool = False,
-                 silence: float | None = None, prefetch_size: int = 0,
-                 platform: str | None = None, timeout: float = READY_TIMEOUT,
-                 map_owner: bool = False, uid_map=(), gid_map=()):
+                 force: bool = False, **options):
     """The mount as a generator of blocking steps (``("call", fn, *args)``,
     or ``("open", image, platform)`` for the merged view's image) that its
-    driver runs, in a worker thread or directly; it returns the record."""
+    driver runs, in a worker thread or directly; it returns the record.
+
+    One mount at a time per mountpoint (:class:`_MountpointLock`); a
+    non-empty mountpoint is refused unless ``force`` (a mount would hide
+    what it holds)."""
     mp = os.path.realpath(mountpoint)
     if not os.path.isdir(mp):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
+    lock = _MountpointLock(mp)  # held until the record is written (or the mount failed)
+    try:
+        return (yield from _mount_locked(image, mp, layer=layer, force=force, **options))
+    finally:
+        lock.release()
+
+
+def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = True,
+                  background_fetch: bool = True, wait_prefetch: bool = False,
+                  allow_other: bool = False, allow_unverified: bool = False,
+                  cache_dir: str | None = None, cache_size: int | None = None,
+                  debug: bool = False, silence: float | None = None, prefetch_size: int = 0,
+                  platform: str | None = None, timeout: float = READY_TIMEOUT,
+                  map_owner: bool = False, uid_map=(), gid_map=()):
     existing = _find_record(mp)
     if existing is not None:
         raise MountError(f"{mp} is already a stargz-tui mount of {existing['image']} "
                          "(unmount it first)")
     if is_mounted(mp):
         raise MountError(f"{mp} is already a mountpoint")
+    if not force:
+        _refuse_non_empty(mp)
     image = _normalise_image(image)
     image_file = None
     if layer is not None:
@@ -775,6 +797,55 @@ def _id_ranges(map_owner: bool, uid_map, gid_map) -> tuple[list, list]:
         ou, og = idmap.owner_mapping()
         uids, gids = uids + ou, gids + og
     return uids, gids
+
+
+class _MountpointLock:
+    """An exclusive flock on ``STATE/locks/<mount id>.lock`` (keyed by the
+    mountpoint's realpath, as the records are): a second mount of the same
+    mountpoint while one is under way fails at once, in one line, instead of
+    making a second kernel mount under one record. The lock file is removed
+    by its holder; a lock taken on a file that was meanwhile removed (or
+    replaced) is retried, so two holders never hold two different files."""
+
+    def __init__(self, mp: str):
+        d = private_dir(os.path.join(state_dir(), "locks"))
+        self.path = os.path.join(d, _mount_id(mp) + ".lock")
+        self.fd = -1
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise MountError(f"{mp} is already being mounted by another stargz-tui "
+                                 "(wait for it, or unmount it first)") from None
+            try:
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return
+            os.close(fd)  # its holder removed it after we opened it: take the new one
+        raise MountError(f"cannot take the mount lock {self.path}")
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _refuse_non_empty(mp: str) -> None:
+    try:
+        with os.scandir(mp) as it:
+            first = next(it, None)
+    except OSError as e:
+        raise MountError(f"cannot read mountpoint {mp}: {e.strerror}") from None
+    if first is not None:
+        raise MountError(f"{mp} is not empty (it holds {first.name!r}): a mount would hide "
+                         "its contents; choose an empty directory or pass --force")
 
 
 class _Pending:

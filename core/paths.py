@@ -1,6 +1,25 @@
 """Where stargz-tui keeps per-user state (mount records, logs) and runtime
 files (control sockets, the resident server's socket).
 
+Every directory handed out is a real directory (never a symlink), owned by
+our uid and 0700: it is opened with ``O_NOFOLLOW`` and checked and tightened
+through that descriptor (``fstat``/``fchmod``), so a link planted where it
+should be is never followed, and nothing of someone else's is chmodded.
+
+Without ``$STARGZ_TUI_RUNTIME_DIR`` and ``$XDG_RUNTIME_DIR`` (as under
+``sudo``) the runtime dir is ``$TMPDIR|/tmp/stargz-tui-$UID``: a name in a
+shared directory that another local user may have taken first (a symlink, a
+directory of theirs) or could swap (a world-writable parent without the
+sticky bit). Then, instead of failing, we use a fresh private directory made
+under /tmp with an unguessable name (``mkdtemp``-style, ``mkdir`` of a new
+name, so nobody can have planted it) and record its name in the state dir
+(``runtime-dir``), which is under our home and only ours: every later process
+(the launcher, the resident server, a mount, ``mounts``) reads the same
+record and agrees on it, and the record is replaced when the directory it
+names is gone or no longer safe. Only these fallback locations get an
+alternative; a directory named by ``$STARGZ_TUI_RUNTIME_DIR``, the state dir
+or a cache dir that is unsafe is refused with one line, since the user chose it.
+
 Kept free of heavy imports: the ``stargz-tui`` launcher reads the runtime
 directory before it decides whether to import anything else.
 """
@@ -8,18 +27,51 @@ directory before it decides whether to import anything else.
 from __future__ import annotations
 
 import os
+import stat
 
 from .errors import MountError
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+RUNTIME_RECORD = "runtime-dir"
+
+
+class UnsafeDirError(MountError):
+    """A directory we would use is a link, not a directory, or someone else's."""
+
 
 def private_dir(path: str) -> str:
-    """Create ``path`` (0700) if needed; refuse one owned by another user."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
-    if st.st_uid != os.getuid():
-        raise MountError(f"{path} is owned by uid {st.st_uid}, not us; refusing to use it")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
+    """Create ``path`` (0700) if needed and return it; refuse (one line,
+    :class:`UnsafeDirError`) a symlink, a non-directory or a directory owned
+    by another uid. A directory of ours with group/other bits is fchmodded
+    to 0700 through an ``O_NOFOLLOW`` descriptor."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError as e:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            raise UnsafeDirError(f"cannot use {path}: {e.strerror}") from None
+        what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise UnsafeDirError(f"{path} is {what}; refusing to use it") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise UnsafeDirError(f"{path} is owned by uid {st.st_uid}, not us; "
+                                 "refusing to use it")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     return path
 
 
@@ -39,7 +91,7 @@ def runtime_dir() -> str:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         return private_dir(os.path.join(xdg, "stargz-tui"))
-    return private_dir(os.path.join(_temp_dir(), f"stargz-tui-{os.getuid()}"))
+    return _shared_tmp_dir(os.path.join(_temp_dir(), f"stargz-tui-{os.getuid()}"))
 
 
 def _temp_dir() -> str:
@@ -53,10 +105,70 @@ def _temp_dir() -> str:
     return "/tmp"
 
 
+def _swappable_parent(path: str) -> bool:
+    """Can other users rename or replace entries of ``path``'s parent? (world-
+    or group-writable without the sticky bit, or owned by another user but root)."""
+    try:
+        st = os.stat(os.path.dirname(path) or "/")
+    except OSError:
+        return True
+    if st.st_uid not in (0, os.getuid()):
+        return True
+    return bool(st.st_mode & 0o022) and not st.st_mode & stat.S_ISVTX
+
+
+def _shared_tmp_dir(path: str) -> str:
+    """``path`` (a fixed name in a shared temp dir) when it is safe to use,
+    else our recorded alternative (see the module docs)."""
+    if not _swappable_parent(path):
+        try:
+            return private_dir(path)
+        except UnsafeDirError:
+            pass
+    return _alternative_dir()
+
+
+def _alternative_dir() -> str:
+    """A private directory under /tmp with a random name, recorded in the
+    state dir and reused while it stays ours."""
+    record = os.path.join(state_dir(), RUNTIME_RECORD)
+    try:
+        with open(record) as f:
+            known = f.read().strip()
+    except OSError:
+        known = ""
+    if known.startswith("/tmp/stargz-tui-") and "/" not in known[5:] \
+            and os.path.lexists(known):
+        try:
+            return private_dir(known)
+        except UnsafeDirError:
+            pass
+    if _swappable_parent("/tmp/x"):
+        raise UnsafeDirError("no safe runtime directory: /tmp is writable by others without "
+                             "the sticky bit; set STARGZ_TUI_RUNTIME_DIR or XDG_RUNTIME_DIR")
+    for _ in range(100):
+        path = f"/tmp/stargz-tui-{os.getuid()}-{os.urandom(6).hex()}"
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        private_dir(path)  # checks what mkdir made (and the umask's bits)
+        tmp = f"{record}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, (path + "\n").encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, record)
+        return path
+    raise UnsafeDirError("cannot create a private runtime directory under /tmp")
+
+
 def runtime_socket(name: str) -> str:
     """A Unix socket path ``name`` in :func:`runtime_dir`, or in a short
     private dir under /tmp when that path would not fit ``sun_path``."""
     path = os.path.join(runtime_dir(), name)
     if len(path.encode()) > 100:  # sun_path limit
-        path = os.path.join(private_dir(f"/tmp/sgz-{os.getuid()}"), name)
+        path = os.path.join(_shared_tmp_dir(f"/tmp/sgz-{os.getuid()}"), name)
     return path

@@ -10,6 +10,7 @@ Two transports:
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -84,10 +85,35 @@ class Reference:
 
 
 def is_loopback_host(host: str) -> bool:
-    """True for hosts that never leave the machine (plain HTTP is allowed there)."""
-    h = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
-    h = h.strip("[]").lower()
-    return h in ("localhost", "::1") or h.startswith("127.") or h.endswith(".localhost")
+    """True for hosts that never leave the machine (plain HTTP is allowed there):
+    a literal IPv4 address in 127.0.0.0/8, the IPv6 address ``::1`` (``[::1]``)
+    or exactly ``localhost``, each with an optional ``:port``.
+
+    Names are never judged by their spelling: ``127.attacker.example`` or
+    ``x.localhost`` resolve wherever DNS says, so they get TLS like any host."""
+    h = host.strip()
+    if h.startswith("["):
+        inner, sep, rest = h[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return False
+        h = inner
+    elif h.count(":") == 1:
+        h, _, port = h.partition(":")
+        if not port.isdigit():
+            return False
+    if h.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(h)
+    except ValueError:
+        return False
+    if ip.version == 4:
+        return ip in _LOOPBACK_V4
+    return ip == _LOOPBACK_V6
+
+
+_LOOPBACK_V4 = ipaddress.IPv4Network("127.0.0.0/8")
+_LOOPBACK_V6 = ipaddress.IPv6Address("::1")
 
 
 def _parse_oci(rest: str) -> Reference:

@@ -11,6 +11,10 @@ turn. This module therefore imports almost nothing before it knows whether
 the server is there; everything else goes through :func:`stargz_tui.cli.main`
 as before.
 
+The server's socket must be served by our own uid (``SO_PEERCRED``): one
+served by anyone else gets nothing (our environment holds tokens, our fds are
+the terminal), and the command fails with one line instead of running.
+
 ``STARGZ_TUI_SERVER``: ``auto`` (default: use the server when it runs; a
 successful ``mount`` starts one in the background for the next time),
 ``use`` (use it when it runs, never start one), ``off`` (never use it).
@@ -123,6 +127,13 @@ def _via_server(argv: list[str]) -> int | None:
     try:
         sock.settimeout(2.0)
         sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    refused = _refuse_foreign_server(sock, path)
+    if refused is not None:
+        return refused
+    try:
         req = {"argv": argv, "env": dict(os.environ), "cwd": cwd, "stamp": code_stamp()}
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))  # an int[3]
         sock.sendmsg([_json_request(req)], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
@@ -135,6 +146,22 @@ def _via_server(argv: list[str]) -> int | None:
         sock.close()
         return None  # stale or refused: the server ran nothing
     return _wait_worker(sock, lines, pid)
+
+
+def _refuse_foreign_server(sock, path: str) -> int | None:
+    """None when the server at ``path`` runs as our uid. Otherwise nothing is
+    sent to it (our environment holds tokens, our fds are the terminal): one
+    line on stderr and exit status 1, the command is not run."""
+    from core.errors import MountError
+    from core.peer import require_own_peer
+
+    try:
+        require_own_peer(sock, f"the resident server socket {path}")
+    except MountError as e:
+        sock.close()
+        print(f"stargz-tui: {e}", file=sys.stderr)
+        return 1
+    return None
 
 
 def _wait_worker(sock, lines: _Lines, pid: int) -> int:

@@ -31,9 +31,10 @@ import os
 import select
 import signal
 import socket
-import struct
 import sys
 import time
+
+from core.peer import is_own_peer, peer_text, require_own_peer
 
 from .launcher import code_stamp, server_log, socket_path, spawn_server
 
@@ -165,10 +166,8 @@ class Server:
         """Answer one request; True when it ran a command."""
         fds: list[int] = []
         try:
-            _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-            if uid != os.getuid():
-                log.warning("refused a request from uid %d", uid)
+            if not is_own_peer(conn):
+                log.warning("refused a request from uid %s", peer_text(conn))
                 return False
             conn.settimeout(5.0)
             data, fds = self._receive(conn)
@@ -276,11 +275,18 @@ class Server:
 
 
 def request(op: str, timeout: float = 3.0) -> dict | None:
-    """Ask the running server (``status`` or ``stop``); None when none answers."""
+    """Ask the running server (``status`` or ``stop``); None when none answers.
+    Raises :class:`core.errors.MountError` when the socket is served by
+    another uid (nothing is sent to it)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = socket_path()
     try:
         s.settimeout(timeout)
-        s.connect(socket_path())
+        try:
+            s.connect(path)
+        except OSError:
+            return None
+        require_own_peer(s, f"the resident server socket {path}")
         s.sendall(json.dumps({"op": op, "stamp": code_stamp()}).encode() + b"\n")
         line = s.makefile("rb").readline()
         resp = json.loads(line) if line else None

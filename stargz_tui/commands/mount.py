@@ -20,7 +20,9 @@ examples:
   stargz-tui mount localhost:5000/app:esgz ~/mnt/app --map-owner   as a plain user: root's files are yours
 
 The mount is served by a background daemon per layer; `stargz-tui mounts` shows
-live state and `stargz-tui unmount MOUNTPOINT` stops it.
+live state and `stargz-tui unmount MOUNTPOINT` stops it. MOUNTPOINT must be an
+empty directory (--force mounts over a non-empty one, hiding its contents), and
+only one mount of it can be under way at a time.
 """
 
 UNMOUNT_EXAMPLES = """\
@@ -62,7 +64,7 @@ def cmd_mount(args) -> int:
         background_fetch=not args.no_background_fetch, wait_prefetch=args.wait_prefetch,
         allow_other=args.allow_other, allow_unverified=args.allow_unverified,
         cache_dir=args.cache_dir, cache_size=args.cache_size, debug=args.debug,
-        prefetch_size=args.prefetch_size or 0, platform=args.platform,
+        prefetch_size=args.prefetch_size or 0, platform=args.platform, force=args.force,
         map_owner=args.map_owner, uid_map=args.uid_map, gid_map=args.gid_map,
     )
     if args.layer is not None or m.FORK_DAEMONS:
@@ -232,6 +234,8 @@ def register(subparsers) -> None:
     p.add_argument("--gid-map", action="append", metavar="C:H:N", default=[],
                    help="the same for gids")
     p.add_argument("--debug", action="store_true", help="trace FUSE requests in the daemon log")
+    p.add_argument("--force", action="store_true",
+                   help="mount onto a non-empty directory (its contents are hidden meanwhile)")
     p.set_defaults(func=cmd_mount)
 
     p = subparsers.add_parser("unmount", aliases=["umount"], help="unmount a stargz-tui mount",
