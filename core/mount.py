@@ -301,9 +301,10 @@ def _holders_text(holders: list[dict]) -> str:
 
 
 def _fusermount_unmount(path: str, lazy: bool) -> None:
-    exe = shutil.which("fusermount3") or shutil.which("fusermount")
+    exe = fusecheck.find_fusermount() or shutil.which("fusermount")
     if not exe:
-        raise OSError(errno.EPERM, "not permitted and no fusermount3", path)
+        raise OSError(errno.EPERM, "only root may, or a plain user through fusermount3, "
+                      "which is not installed (Debian: `apt install fuse3`)", path)
     r = subprocess.run([exe, "-uz" if lazy else "-u", path], capture_output=True, text=True,
                        timeout=30)
     if r.returncode != 0:

@@ -85,6 +85,18 @@ def test_fusermount3_missing(alice):
     _after(alice, mp)
 
 
+def test_unmount_without_fusermount3(alice):
+    mp = alice.mkdir("mnt-err-umount")
+    alice.cli("mount", alice.image("mini-esgz"), mp, "--layer", "0", check=True)
+    # in a mount namespace of its own (a copy of hers): her mount is there, fusermount3 not
+    r = alice.cli("unmount", mp, root_setup="mount --bind /dev/null /usr/bin/fusermount3")
+    msg = _one_line_error(r)
+    assert f"cannot unmount {mp}: only root may" in msg and "apt install fuse3" in msg, msg
+    r = alice.cli("unmount", mp, env={"PATH": os.path.dirname(alice.install.python)})
+    assert r.returncode == 0, r.stderr  # fusermount3 found where libfuse looks, not in PATH
+    _after(alice, mp)
+
+
 def test_fusermount3_not_setuid(alice, scratch):
     mp = alice.mkdir("mnt-err-suid")
     copy = os.path.join(scratch, "fusermount3")

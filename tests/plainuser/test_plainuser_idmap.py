@@ -148,3 +148,19 @@ def test_explicit_uid_gid_maps(alice, root_image):
     res = _mount_check(alice, root_image, "0", args, uid_map, gid_map)
     assert res["problems"] == [], "\n".join(res["problems"])
     assert res["denied"] == []
+
+
+def test_map_owner_without_subordinate_ranges_leaves_other_ids(tmp_path):
+    """--map-owner for a user /etc/subuid does not list: only 0 moves."""
+    from core.idmap import IdMapper, owner_mapping
+
+    subuid = tmp_path / "subuid"
+    subuid.write_text("someone-else:100000:65536\n")
+    uids, gids = owner_mapping(4321, 8765, subuid=str(subuid), subgid=str(subuid))
+    m = IdMapper(uids, gids)
+    assert [str(r) for r in uids] == ["0:4321:1"] and [str(r) for r in gids] == ["0:8765:1"]
+    assert (m.uid(0), m.gid(0), m.uid(1000), m.gid(42)) == (4321, 8765, 1000, 42)
+    subuid.write_text("4321:200000:1000\n")  # listed by uid: ids 1..1000 move, 1001 stays
+    uids, _ = owner_mapping(4321, 8765, subuid=str(subuid), subgid=str(subuid))
+    m = IdMapper(uids, ())
+    assert (m.uid(1), m.uid(1000), m.uid(1001)) == (200000, 200999, 1001)
