@@ -244,3 +244,20 @@ def test_record_round_trips_through_ctr_remote(mount_env, tmp_path, containerd):
     mp2 = mount_env.mountpoint("upstream")
     mount_env.mount(f"oci:{out}:rec", mp2)
     compare_tree(mp2, merged_expected(layer_blobs("mini-gzip")))
+
+
+def test_optimize_record_in_converts_plain_layers_with_what_they_hold(mount_env, tmp_path):
+    """Plain gzip layers have no TOC to look paths up in: every path is offered to
+    each, the writer keeps what the layer holds, the rest is missed."""
+    rec = tmp_path / "list.txt"
+    rec.write_text("etc/os-release\ndata/new.txt\nnope/x\n")  # a plain list works too
+    out = tmp_path / "out"
+    r = mount_env.cli("optimize", f"oci:{FIXTURES}:mini-gzip", f"oci:{out}:opt",
+                      "--record-in", str(rec), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["prioritized"] == {"0": ["etc/os-release"], "1": ["data/new.txt"]}
+    assert res["missed"] == ["nope/x"] and res["kept"] == []
+    blobs = [str(out / "blobs/sha256" / ly["digest"][7:]) for ly in res["layers"]]
+    assert _landmark_prefix(blobs[0]) == ["etc/os-release"]
+    assert _landmark_prefix(blobs[1]) == ["data/new.txt"]
