@@ -260,5 +260,12 @@ async def optimize_image(src: str, dst: str, entries: list[RecordEntry], *,
             await writer.aclose()
     finally:
         await image.store.aclose()
-    # a plain layer took every unassigned path: what it lacked is no news
+    if not all(ix is not None for ix in indexes):
+        # paths spread over layers without an index: missed when no layer had them
+        lacked = {c.index: set(c.missed_prioritized) for c in result.layers}
+        for p in dict.fromkeys(p for ps in per.values() for p in ps):
+            if p not in missed and all(p in lacked.get(i, ()) for i, ps in per.items()
+                                       if p in ps):
+                missed.append(p)
+        per = {i: [p for p in ps if p not in lacked.get(i, ())] for i, ps in per.items()}
     return OptimizeResult(result, per, kept, missed)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 
 import anyio
 import pytest
@@ -174,3 +175,89 @@ def _manifest_layers(layout, tag: str, index: dict) -> list[dict]:
         if m["annotations"]["org.opencontainers.image.ref.name"] == tag:
             return json.loads((layout / "blobs/sha256" / m["digest"][7:]).read_text())["layers"]
     raise KeyError(tag)
+
+
+CONTAINERD_CONFIG = """\
+version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{d}/containerd.sock"
+"""
+
+
+@pytest.fixture
+def containerd(tmp_path):
+    """Debian's containerd on a private socket, root and state (for ctr-remote)."""
+    d = tmp_path / "ctd"
+    d.mkdir()
+    (d / "config.toml").write_text(CONTAINERD_CONFIG.format(d=d))
+    sock = d / "containerd.sock"
+    with open(d / "log", "wb") as log:
+        proc = subprocess.Popen(["containerd", "--config", str(d / "config.toml")],
+                                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            if sock.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert sock.exists(), (d / "log").read_text()[-2000:]
+        yield ["ctr-remote", "-a", str(sock), "-n", "stargz-tui-test"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_record_round_trips_through_ctr_remote(mount_env, tmp_path, containerd):
+    """Our record file, as upstream's `ctr-remote image convert --estargz-record-in`
+    reads it: the converted image has the recorded files first and mounts equal."""
+    rec_file = str(tmp_path / "record.json")
+    mp = _record_and_read(mount_env, rec_file)
+    mount_env.cli("unmount", mp, check=True)
+    ctr = containerd
+
+    def run(*args):
+        r = subprocess.run([*ctr, *args], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (args, r.stderr)
+
+    src = tmp_path / "src.tar"
+    with tarfile.open(src, "w") as tf:
+        tf.add(FIXTURES, arcname=".")
+    run("images", "import", "--no-unpack", "--all-platforms", "--base-name",
+        "docker.io/library/fx", str(src))
+    run("image", "convert", "--oci", "--estargz", "--estargz-record-in", rec_file,
+        "docker.io/library/fx:mini-gzip", "docker.io/library/fx:rec")
+    run("images", "export", str(tmp_path / "out.tar"), "docker.io/library/fx:rec")
+    out = tmp_path / "out"
+    out.mkdir()
+    with tarfile.open(tmp_path / "out.tar") as tf:
+        tf.extractall(out)
+    layers = _manifest_layers(out, "rec", json.loads((out / "index.json").read_text()))
+    blobs = [str(out / "blobs/sha256" / ld["digest"][7:]) for ld in layers]
+    assert _landmark_prefix(blobs[0]) == ["etc/os-release", "usr/lib/app/mod_03.py"]
+    assert _landmark_prefix(blobs[1]) == ["data/new.txt"]
+    mp2 = mount_env.mountpoint("upstream")
+    mount_env.mount(f"oci:{out}:rec", mp2)
+    compare_tree(mp2, merged_expected(layer_blobs("mini-gzip")))
+
+
+def test_optimize_record_in_converts_plain_layers_with_what_they_hold(mount_env, tmp_path):
+    """Plain gzip layers have no TOC to look paths up in: every path is offered to
+    each, the writer keeps what the layer holds, the rest is missed."""
+    rec = tmp_path / "list.txt"
+    rec.write_text("etc/os-release\ndata/new.txt\nnope/x\n")  # a plain list works too
+    out = tmp_path / "out"
+    r = mount_env.cli("optimize", f"oci:{FIXTURES}:mini-gzip", f"oci:{out}:opt",
+                      "--record-in", str(rec), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["prioritized"] == {"0": ["etc/os-release"], "1": ["data/new.txt"]}
+    assert res["missed"] == ["nope/x"] and res["kept"] == []
+    blobs = [str(out / "blobs/sha256" / ly["digest"][7:]) for ly in res["layers"]]
+    assert _landmark_prefix(blobs[0]) == ["etc/os-release"]
+    assert _landmark_prefix(blobs[1]) == ["data/new.txt"]
