@@ -153,6 +153,18 @@ class LayerScreen(BaseScreen):
         v, ix = self.view, self.index
         d = self.session.image.layers[self.n]
         t = Text()
+        # the search's state first: it must not be cut off on a narrow screen
+        if self.allowed is not None:
+            n = len(self.matches)
+            more = "+" if n >= MAX_MATCHES else ""
+            t.append(f"filter: {n}{more} {'match' if n == 1 else 'matches'}", "bold yellow")
+            if self.type_pos:
+                t.append(f" ({TYPE_CYCLE[self.type_pos][0]})", "bold yellow")
+            t.append(" · ")
+        for p in self.problems:
+            t.append(printable(p), "bold red")
+            t.append(f" ({search.TYPE_HELP})" if "type" in p else "", "red")
+            t.append(" · ")
         t.append(f"layer {self.n}/{len(self.session.image.layers) - 1} ", "bold")
         t.append(f"{printable(v.format_label)} ", "cyan")
         t.append(printable(browse.short_digest(d.digest)) + " ")
@@ -161,16 +173,6 @@ class LayerScreen(BaseScreen):
         if self.wasted_bytes:
             t.append(f" · wasted {browse.human_size(self.wasted_bytes)}", "red")
         t.append(f" · view: {'merged' if self.merged else 'raw'}", "bold magenta")
-        if self.allowed is not None:
-            n = len(self.matches)
-            more = "+" if n >= MAX_MATCHES else ""
-            t.append(f" · filter: {n}{more} {'match' if n == 1 else 'matches'}", "bold yellow")
-            label = TYPE_CYCLE[self.type_pos][0]
-            if self.type_pos:
-                t.append(f" ({label})", "bold yellow")
-        for p in self.problems:
-            t.append(" · ")
-            t.append(printable(p), "bold red")
         self.query_one("#layer-head", Static).update(t)
 
     def update_status(self) -> None:
@@ -230,8 +232,18 @@ class LayerScreen(BaseScreen):
         if self.allowed is not None:
             self._expand_matches(tree.root)
         self.update_head()
-        if tree.root.children:
-            tree.move_cursor(tree.root.children[0])
+        node = tree.root.children[0] if tree.root.children else None
+        if node is not None:
+            tree.move_cursor(node)
+        # (moving to the line the cursor already was on sends no highlight:
+        # show that entry here, so the detail pane never stays stale)
+        if node is not None and isinstance(node.data, browse.Node):
+            self.current = node.data
+            self.show_entry(node.data)
+        else:
+            self.current = None
+            self.query_one("#entry-info", Static).update(
+                Text("Nothing matches." if self.allowed is not None else "Empty layer.", "dim"))
 
     def _expand_matches(self, node: TreeNode, depth: int = 0) -> None:
         """With a filter on, open every directory on the way to a match."""
