@@ -16,6 +16,7 @@ from app_support import (
     open_image_screen,
     open_layer_screen,
     screen_named,
+    screen_text,
     tree_labels,
     wait_for,
 )
@@ -241,3 +242,43 @@ async def test_100k_entry_layer_opens_with_a_handful_of_nodes(app_env, tmp_path)
         assert "19500 more" in node.children[-1].label.plain
         tree.select_node(node.children[-1])
         await wait_for(pilot, lambda: len(node.children) == 1001, "the next batch")
+
+
+async def test_prefetch_files_are_marked_in_the_tree(app_env):  # noqa: F811
+    """Files before the .prefetch.landmark (read from the blob as a plain tar,
+    independently of the TOC) are marked; no other file is."""
+    import tarfile
+
+    from fixture_truth import blob_path, layer_digests
+
+    with tarfile.open(blob_path(layer_digests("mini-esgz-prefetch")[0])) as tf:
+        names = [m for m in tf.getmembers()]
+    cut = [m.name for m in names].index(".prefetch.landmark")
+    want = {m.name for m in names[:cut] if m.isfile() and m.size}
+    assert want  # (the fixture prefetches some files)
+    app = StargzApp(f"{LAYOUT_REF}:mini-esgz-prefetch")
+    async with app.run_test(size=(140, 36)) as pilot:
+        await open_image_screen(pilot, app)
+        await pilot.press("enter")
+        layer = await open_layer_screen(pilot, app)
+        tree = layer.query_one("#toc", Tree)
+        for d in ("etc", "usr", "usr/lib", "usr/lib/app", "data"):
+            (await wait_for(pilot, lambda d=d: find_node(tree, d), d)).expand()
+            await pilot.pause()
+        marked = {n.data.path for n in _all_nodes(tree) if "▓ prefetch" in n.label.plain}
+        files = {n.data.path for n in _all_nodes(tree) if not n.data.is_dir}
+        assert marked == want and len(files) > len(want)
+        tree.move_cursor(find_node(tree, sorted(want)[0]))
+        await wait_for(pilot, lambda: layer.current and layer.current.path == sorted(want)[0],
+                       "the detail pane")
+        await pilot.pause(0.2)
+        assert "before the prefetch landmark" in screen_text(app)
+
+
+def _all_nodes(tree):
+    stack = list(tree.root.children)
+    while stack:
+        n = stack.pop()
+        if isinstance(n.data, browse.Node):
+            yield n
+        stack.extend(n.children)

@@ -218,9 +218,23 @@ class LayerScreen(BaseScreen):
             t.append(f" ⇒ /{printable(e.link_name)}", "dim cyan")
         elif e.type == "reg":
             t.append(f"  {browse.human_size(e.size)}", "dim")
+        if self.in_prefetch(node, e):
+            t.append("  ▓ prefetch", "cyan")
         if self.merged and node.layer_no != self.n:
             t.append(f"  L{node.layer_no}", "dim italic")
         return t
+
+    def in_prefetch(self, node: browse.Node, e) -> bool:
+        """Is this file's data in its layer's prefetch region (the files
+        before the ``.prefetch.landmark``, fetched first by a mount)?"""
+        if e.type != "reg" or not e.size:
+            return False
+        ix = self.session.views[node.layer_no].index
+        end = ix.prefetch_end
+        if not end:
+            return False
+        chunks = ix.chunks(e)
+        return bool(chunks) and chunks[0].offset < end
 
     def reload_tree(self) -> None:
         tree = self.query_one("#toc", Tree)
@@ -309,6 +323,8 @@ class LayerScreen(BaseScreen):
             grid.add_row("change", Text(node.marker, MARKER_STYLE[node.marker]))
         if node.layer_no != self.n:
             grid.add_row("from", plain(f"layer {node.layer_no}"))
+        if self.in_prefetch(node, e):
+            grid.add_row("prefetch", Text("yes: before the prefetch landmark", "cyan"))
         self.query_one("#entry-info", Static).update(grid)
         self.show_chunks(node)
 
