@@ -110,10 +110,28 @@ class Services:
         session._browsers.clear()
         return view
 
+    @staticmethod
+    def can_index(view: browse.LayerView | None) -> bool:
+        """A plain tar/gzip/zstd layer not indexed yet (it can be, by
+        streaming its blob once: :meth:`index_plain_layer`)."""
+        return view is not None and view.index is None and view.format in PLAIN_FORMATS
+
+    async def index_plain_layer(self, session: ImageSession, n: int, progress=None):
+        """Stream a plain layer's blob once and index it for this session
+        (``progress(done, total)`` in compressed bytes; cancellable)."""
+        from core.estargz.plain import build_plain_index
+
+        view = session.views[n]
+        ix = await build_plain_index(session.source(n), view.format, progress)
+        view.index = ix
+        view.error = None
+        session._browsers.clear()
+        return view
+
     def chunk_states(self, session: ImageSession, n: int, chunks=None) -> list[str]:
         view = session.views[n]
-        if view is None or view.index is None:
-            return []
+        if view is None or view.index is None or is_plain(view):
+            return []  # (a plain layer's "chunks" are tar offsets: nothing is cached)
         cache = self._cache_for(session, n)
         if chunks is None:
             return browse.layer_chunk_states(view.index, cache=cache, failed=view.failed_chunks)
@@ -185,6 +203,14 @@ class Services:
     def unmount(self, mountpoint: str, force: bool = False) -> dict:
         """Blocking: call from a thread."""
         return self._mounts_module().unmount(mountpoint, force=force)
+
+
+PLAIN_FORMATS = ("gzip", "zstd", "tar")
+
+
+def is_plain(view: browse.LayerView | None) -> bool:
+    """An indexed plain layer: browsable, but not lazily (no TOC, no chunks)."""
+    return view is not None and view.index is not None and view.index.format in PLAIN_FORMATS
 
 
 def one_line(err: BaseException) -> str:

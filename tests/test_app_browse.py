@@ -282,3 +282,51 @@ def _all_nodes(tree):
         if isinstance(n.data, browse.Node):
             yield n
         stack.extend(n.children)
+
+
+async def test_plain_gzip_layers_are_browsable(app_env):  # noqa: F811
+    """A plain gzip layer (no TOC) is indexed by streaming its blob once, then
+    browsed like the others: tree, merged view, file view; marked as not
+    lazily mountable. Checked against the same blobs read with tarfile."""
+    from fixture_truth import merge, truth_layers
+
+    layers = truth_layers("mini-gzip")
+    app = StargzApp(f"{LAYOUT_REF}:mini-gzip")
+    async with app.run_test(size=(140, 36)) as pilot:
+        image = await open_image_screen(pilot, app)
+        assert [v.index for v in image.session.views] == [None, None]
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: screen_named(app, "LayerScreen"), "layer 0 indexed")
+        layer = app.screen
+        await wait_for(pilot, lambda: layer.browser is not None, "the tree")
+        assert "not lazily mountable" in screen_text(app)
+        tree = layer.query_one("#toc", Tree)
+        assert {n.data.path for n in tree.root.children} == {
+            p for p in layers[0] if "/" not in p}
+        find_node(tree, "data").expand()
+        node = await wait_for(pilot, lambda: find_node(tree, "data/text.txt"), "data/")
+        tree.move_cursor(node)
+        await wait_for(pilot, lambda: layer.current and layer.current.path == "data/text.txt",
+                       "the cursor")
+        await pilot.press("o")
+        viewer = await wait_for(pilot, lambda: screen_named(app, "FileViewer"), "the viewer")
+        area = viewer.query_one(TextArea)
+        await wait_for(pilot, lambda: area.text, "the text")
+        want = layers[0]["data/text.txt"]["data"].decode()
+        assert area.text == want[: browse.TEXT_VIEW_LIMIT]
+        await pilot.press("escape")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: screen_named(app, "ImageScreen"), "the image")
+        # layer 1, merged over layer 0: what the merged image shows
+        await pilot.press("down", "enter")
+        layer = await wait_for(pilot, lambda: (s := screen_named(app, "LayerScreen"))
+                               and s.n == 1 and s.browser is not None and s, "layer 1")
+        await pilot.press("m")
+        await wait_for(pilot, lambda: layer.merged, "the merged view")
+        from stargz_tui import search
+
+        got = set(search.find(layer.browser, search.parse_query("type:reg"), merged=True))
+        merged = merge(layers)
+        gone = {p for p in merge(layers[:1]) if p not in merged}
+        assert got == {p for p, r in merged.items() if r["type"] == "reg"} | {
+            p for p in gone if layers[0][p]["type"] == "reg"}

@@ -16,6 +16,7 @@ from textual.widgets.tree import TreeNode
 from core import browse
 
 from .. import search
+from ..services import is_plain
 from ..text import plain, printable
 from ..widgets import MARKER_GLYPH, MARKER_STYLE, ChunkMap, KeyBar, legend
 from .base import BaseScreen
@@ -173,9 +174,15 @@ class LayerScreen(BaseScreen):
         if self.wasted_bytes:
             t.append(f" · wasted {browse.human_size(self.wasted_bytes)}", "red")
         t.append(f" · view: {'merged' if self.merged else 'raw'}", "bold magenta")
+        if is_plain(v):
+            t.append(" · plain layer: no TOC, not lazily mountable", "yellow")
         self.query_one("#layer-head", Static).update(t)
 
     def update_status(self) -> None:
+        if is_plain(self.view):
+            self.query_one("#layer-status", Static).update(Text(
+                "plain layer: indexed by streaming the blob; files are read the same way", "dim"))
+            return
         t = legend()
         states = self.layer_states
         cached = sum(1 for s in states if s == browse.CHUNK_CACHED)
@@ -439,6 +446,11 @@ class LayerScreen(BaseScreen):
     def action_extract(self) -> None:
         node, e = self._entry()
         if e is None:
+            return
+        if is_plain(self.session.views[node.layer_no]):
+            self.notify("Extracting from a plain layer is not supported in the app: "
+                        "use `stargz-tui cat IMAGE --layer N PATH`.", severity="warning",
+                        timeout=8, markup=False)
             return
         from .modals import ExtractScreen
 
