@@ -169,8 +169,13 @@ class LayerScreen(BaseScreen):
         t.append(f"layer {self.n}/{len(self.session.image.layers) - 1} ", "bold")
         t.append(f"{printable(v.format_label)} ", "cyan")
         t.append(printable(browse.short_digest(d.digest)) + " ")
-        t.append(f"TOC {v.toc_state}", "green" if v.toc_state == browse.TOC_VERIFIED else "yellow")
-        t.append(f" · {len(ix)} entries · {ix.num_chunks} chunks · {browse.human_size(d.size)}")
+        if is_plain(v):
+            t.append(f"· {len(ix)} entries · {browse.human_size(d.size)}")
+        else:
+            t.append(f"TOC {v.toc_state}",
+                     "green" if v.toc_state == browse.TOC_VERIFIED else "yellow")
+            t.append(f" · {len(ix)} entries · {ix.num_chunks} chunks · "
+                     f"{browse.human_size(d.size)}")
         if self.wasted_bytes:
             t.append(f" · wasted {browse.human_size(self.wasted_bytes)}", "red")
         t.append(f" · view: {'merged' if self.merged else 'raw'}", "bold magenta")
