@@ -76,7 +76,8 @@ class LayerView:
 
     @property
     def entries(self) -> int | None:
-        return len(self.index) if self.index is not None else None
+        """Entries below the root (as ``inspect`` counts them)."""
+        return len(self.index) - 1 if self.index is not None else None
 
     @property
     def chunks(self) -> int | None:

@@ -147,9 +147,10 @@ class Services:
         reg = _optional("core.registry")
         if reg is None or not hasattr(reg, "list_repositories"):
             raise NotFoundError("browsing registries needs the registry client, which is not built yet")
-        if self.config is not None:
+        page = await reg.list_repositories(registry, last=last)
+        if self.config is not None:  # (only a registry that answered is remembered)
             self.config.remember_registry(registry)
-        return await reg.list_repositories(registry, last=last)
+        return page
 
     async def list_tags(self, repository: str, last: str | None = None):
         if repository.startswith("oci:"):

@@ -330,3 +330,34 @@ async def test_plain_gzip_layers_are_browsable(app_env):  # noqa: F811
         gone = {p for p in merge(layers[:1]) if p not in merged}
         assert got == {p for p, r in merged.items() if r["type"] == "reg"} | {
             p for p in gone if layers[0][p]["type"] == "reg"}
+
+
+async def test_entry_counts_match_inspect(app_env):  # noqa: F811
+    """The layers table counts entries as `stargz-tui inspect --json` does
+    (issue 18 point 16), and says "1 layer", not "1 layers"."""
+    import json
+
+    from fixture_truth import cli
+
+    info = json.loads(cli("inspect", f"{LAYOUT_REF}:special-esgz", "--json").stdout)
+    app = StargzApp(f"{LAYOUT_REF}:special-esgz")
+    async with app.run_test(size=(140, 36)) as pilot:
+        image = await open_image_screen(pilot, app)
+        table = image.query_one("#layers")
+        got = [int(str(table.get_cell(str(n), "entries"))) for n in range(table.row_count)]
+        assert got == [lay["entries"] for lay in info["layers"]]
+        assert len(got) == 1 and "1 layer," in screen_text(app)
+
+
+async def test_unreachable_registry_is_not_remembered(app_env):  # noqa: F811
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))  # a port nobody listens on
+    port = s.getsockname()[1]
+    s.close()
+    app = StargzApp(f"127.0.0.1:{port}")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: any(n.severity == "error" for n in app._notifications),
+                       "the connection error")
+    assert AppConfig.load().recent_registries == []

@@ -121,7 +121,8 @@ class ImageScreen(BaseScreen):
         info.add_row("manifest", plain(f"{img.manifest_digest}  "
                                        f"{img.manifest_media_type.rsplit('.', 1)[-1]}"))
         total = sum(d.size for d in img.layers)
-        info.add_row("platform", plain(f"{img.os_arch}   {len(img.layers)} layers, "
+        n = len(img.layers)
+        info.add_row("platform", plain(f"{img.os_arch}   {n} layer{'' if n == 1 else 's'}, "
                                        f"{browse.human_size(total)} compressed"))
         self.query_one("#image-info", Static).update(info)
         sel = self.query_one("#platform", Select)

@@ -170,11 +170,11 @@ class LayerScreen(BaseScreen):
         t.append(f"{printable(v.format_label)} ", "cyan")
         t.append(printable(browse.short_digest(d.digest)) + " ")
         if is_plain(v):
-            t.append(f"· {len(ix)} entries · {browse.human_size(d.size)}")
+            t.append(f"· {v.entries} entries · {browse.human_size(d.size)}")
         else:
             t.append(f"TOC {v.toc_state}",
                      "green" if v.toc_state == browse.TOC_VERIFIED else "yellow")
-            t.append(f" · {len(ix)} entries · {ix.num_chunks} chunks · "
+            t.append(f" · {v.entries} entries · {ix.num_chunks} chunks · "
                      f"{browse.human_size(d.size)}")
         if self.wasted_bytes:
             t.append(f" · wasted {browse.human_size(self.wasted_bytes)}", "red")
