@@ -16,7 +16,7 @@ from core import browse, verify
 from core.errors import CoreError
 
 from ..services import is_plain, one_line
-from ..text import plain, printable
+from ..text import plain, printable, printable_text
 
 
 class TaskModal(ModalScreen):
@@ -178,7 +178,7 @@ class FileViewer(ModalScreen):
             self.notify(printable(one_line(e)), severity="error", timeout=8, markup=False)
             self.dismiss(None)
             return
-        area.load_text(text)
+        area.load_text(printable_text(text))  # (a file's ESC must not reach the terminal)
         if cut:
             title = plain(f"/{self.node.path}", "bold")
             title.append(f" (first {browse.human_size(browse.TEXT_VIEW_LIMIT)})", "dim")
