@@ -264,8 +264,9 @@ async def test_hostile_strings_render_literally_on_every_screen(mount_env, tmp_p
         assert app.return_code is None  # still running: nothing crashed it
     rel.row("security", "an image whose layout path, tags, config labels/env/cmd/history, "
             "file names, link targets, xattrs and whiteouts are Rich markup (`[/]`, "
-            "`[bold red]x[/]`, `[@click=app.quit]`), browsed through every app screen "
-            "and mounted from it",
+            "`[bold red]x[/]`, `[@click=app.quit]`) or hold terminal escapes (OSC title, "
+            "OSC 52 clipboard, clear screen), browsed through every app screen and mounted "
+            "from it",
             "every string shown literally (tags, config, history, tree, detail pane, "
-            "viewer, extract, wasted list, merged view, verify, mounts, notifications); "
-            "no MarkupError, the app keeps running")
+            "viewer, extract, wasted list, merged view, verify, mounts, notifications), "
+            "control characters as visible escapes; no MarkupError, the app keeps running")
