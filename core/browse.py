@@ -75,7 +75,7 @@ class LayerView:
 
     @property
     def entries(self) -> int | None:
-        # as `inspect` counts them: every entry but the root
+        """Entries below the root (as ``inspect`` counts them)."""
         return len(self.index) - 1 if self.index is not None else None
 
     @property

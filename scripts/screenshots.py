@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import shutil
 import sys
@@ -28,14 +27,9 @@ LAYOUT = "oci:tests/fixtures/estargz-oci"
 
 
 def _text(app) -> str:
-    from rich.console import Console
+    from app_support import screen_text
 
-    w, h = app.size
-    c = Console(width=w, height=h, file=io.StringIO(), force_terminal=True, record=True,
-                color_system="truecolor", legacy_windows=False, safe_box=False)
-    c.print(app.screen._compositor.render_update(full=True,
-                                                  screen_stack=app._background_screens))
-    return c.export_text()
+    return screen_text(app)
 
 
 class Shooter:
@@ -113,13 +107,24 @@ async def shoot_layout(sh: Shooter, only: str | None) -> None:
                                  cursor="usr/lib/app/remove-me.py")
             sh.shot(app, "layer-merged")
     if want("layer-search"):
-        app = StargzApp(f"{LAYOUT}:special-esgz-64k")
+        # merged view: the globbed files, removed ones (whiteout, opaque dir) as "-"
+        app = StargzApp(f"{LAYOUT}:mini-esgz")
         async with app.run_test(size=size) as pilot:
-            layer = await _layer_session(pilot, app, 0)
-            await pilot.press("slash", *"type:reg size>1K")
+            layer = await _layer_session(pilot, app, 1, keys=["m"])
+            await pilot.press("slash", *"*.txt")
             await wait_for(pilot, lambda: layer.allowed is not None, "the filter")
+            await pilot.press("enter")
             await pilot.pause(0.3)
             sh.shot(app, "layer-search")
+    if want("layer-plain"):
+        app = StargzApp(f"{LAYOUT}:mini-gzip")
+        async with app.run_test(size=size) as pilot:
+            await open_image_screen(pilot, app)
+            await pilot.press("enter")
+            layer = await wait_for(pilot, lambda: screen_named(app, "LayerScreen"), "indexed")
+            await wait_for(pilot, lambda: layer.browser is not None, "the tree")
+            await pilot.pause(0.3)
+            sh.shot(app, "layer-plain")
     if want("layer-light"):
         app = StargzApp(f"{LAYOUT}:special-zstdchunked", theme="textual-light")
         async with app.run_test(size=size) as pilot:

@@ -2,8 +2,9 @@
 
 ``parse_query(text)`` never raises: every term is a word, a glob, a ``type:``
 or a ``size`` term; a term that is partial or unknown (``type:``,
-``type:bogus``, ``size>``, ``size>12Q``) is kept in ``Query.problems`` (one
-phrase each, for the screen to show) and ignored for matching.
+``type:bogus``, ``size>``, ``size>12Q``) is kept in ``Query.problems`` (one short
+phrase each, for the screen to show; ``TYPE_HELP`` lists the types) and
+ignored for matching.
 
 Terms (all of them must match — they are ANDed):
 
@@ -107,13 +108,13 @@ def parse_query(text: str) -> Query:
         if low.startswith(("type:", "t:")):
             value = low.split(":", 1)[1]
             if not value:
-                q.problems.append(f"{tok} needs a type ({TYPE_HELP})")
+                q.problems.append(f"{tok} needs a type")
                 continue
             want: set[str] = set()
             for part in value.split(","):
                 kinds = TYPE_ALIASES.get(part)
                 if kinds is None:
-                    q.problems.append(f"unknown type {part!r} ({TYPE_HELP})")
+                    q.problems.append(f"unknown type {part!r}")
                     want = set()
                     break
                 want |= kinds
@@ -125,7 +126,7 @@ def parse_query(text: str) -> Query:
             op, value = m.groups()
             n = parse_size(value) if value else None
             if n is None:
-                q.problems.append(f"{tok} needs a size like 100K or 1.5M")
+                q.problems.append(f"{tok} needs a size (1.5M)")
                 continue
             if op == ">":
                 q.min_size = max(q.min_size, n + 1)

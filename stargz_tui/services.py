@@ -110,10 +110,28 @@ class Services:
         session._browsers.clear()
         return view
 
+    @staticmethod
+    def can_index(view: browse.LayerView | None) -> bool:
+        """A plain tar/gzip/zstd layer not indexed yet (it can be, by
+        streaming its blob once: :meth:`index_plain_layer`)."""
+        return view is not None and view.index is None and view.format in PLAIN_FORMATS
+
+    async def index_plain_layer(self, session: ImageSession, n: int, progress=None):
+        """Stream a plain layer's blob once and index it for this session
+        (``progress(done, total)`` in compressed bytes; cancellable)."""
+        from core.estargz.plain import build_plain_index
+
+        view = session.views[n]
+        ix = await build_plain_index(session.source(n), view.format, progress)
+        view.index = ix
+        view.error = None
+        session._browsers.clear()
+        return view
+
     def chunk_states(self, session: ImageSession, n: int, chunks=None) -> list[str]:
         view = session.views[n]
-        if view is None or view.index is None:
-            return []
+        if view is None or view.index is None or is_plain(view):
+            return []  # (a plain layer's "chunks" are tar offsets: nothing is cached)
         cache = self._cache_for(session, n)
         if chunks is None:
             return browse.layer_chunk_states(view.index, cache=cache, failed=view.failed_chunks)
@@ -130,7 +148,7 @@ class Services:
         if reg is None or not hasattr(reg, "list_repositories"):
             raise NotFoundError("browsing registries needs the registry client, which is not built yet")
         page = await reg.list_repositories(registry, last=last)
-        if self.config is not None:  # only a registry that answered is worth recalling
+        if self.config is not None:  # (only a registry that answered is remembered)
             self.config.remember_registry(registry)
         return page
 
@@ -186,6 +204,14 @@ class Services:
     def unmount(self, mountpoint: str, force: bool = False) -> dict:
         """Blocking: call from a thread."""
         return self._mounts_module().unmount(mountpoint, force=force)
+
+
+PLAIN_FORMATS = ("gzip", "zstd", "tar")
+
+
+def is_plain(view: browse.LayerView | None) -> bool:
+    """An indexed plain layer: browsable, but not lazily (no TOC, no chunks)."""
+    return view is not None and view.index is not None and view.index.format in PLAIN_FORMATS
 
 
 def one_line(err: BaseException) -> str:

@@ -32,6 +32,15 @@ def printable(value: object) -> str:
     return _CONTROL.sub(_escape, str(value))
 
 
+_CONTROL_BUT_LAYOUT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable_text(value: str) -> str:
+    """A file's text for a viewer: lines and tabs kept, every other control
+    character (ESC starting a terminal sequence, CR, BEL, ...) made visible."""
+    return _CONTROL_BUT_LAYOUT.sub(_escape, value)
+
+
 def plain(value: object, style: str = "") -> Text:
     """A Text showing ``value`` literally (no markup), one printable line."""
     return Text(printable(value), style=style)

@@ -16,6 +16,7 @@ from app_support import (
     open_image_screen,
     open_layer_screen,
     screen_named,
+    screen_text,
     tree_labels,
     wait_for,
 )
@@ -241,3 +242,122 @@ async def test_100k_entry_layer_opens_with_a_handful_of_nodes(app_env, tmp_path)
         assert "19500 more" in node.children[-1].label.plain
         tree.select_node(node.children[-1])
         await wait_for(pilot, lambda: len(node.children) == 1001, "the next batch")
+
+
+async def test_prefetch_files_are_marked_in_the_tree(app_env):  # noqa: F811
+    """Files before the .prefetch.landmark (read from the blob as a plain tar,
+    independently of the TOC) are marked; no other file is."""
+    import tarfile
+
+    from fixture_truth import blob_path, layer_digests
+
+    with tarfile.open(blob_path(layer_digests("mini-esgz-prefetch")[0])) as tf:
+        names = [m for m in tf.getmembers()]
+    cut = [m.name for m in names].index(".prefetch.landmark")
+    want = {m.name for m in names[:cut] if m.isfile() and m.size}
+    assert want  # (the fixture prefetches some files)
+    app = StargzApp(f"{LAYOUT_REF}:mini-esgz-prefetch")
+    async with app.run_test(size=(140, 36)) as pilot:
+        await open_image_screen(pilot, app)
+        await pilot.press("enter")
+        layer = await open_layer_screen(pilot, app)
+        tree = layer.query_one("#toc", Tree)
+        for d in ("etc", "usr", "usr/lib", "usr/lib/app", "data"):
+            (await wait_for(pilot, lambda d=d: find_node(tree, d), d)).expand()
+            await pilot.pause()
+        marked = {n.data.path for n in _all_nodes(tree) if "▓ prefetch" in n.label.plain}
+        files = {n.data.path for n in _all_nodes(tree) if not n.data.is_dir}
+        assert marked == want and len(files) > len(want)
+        tree.move_cursor(find_node(tree, sorted(want)[0]))
+        await wait_for(pilot, lambda: layer.current and layer.current.path == sorted(want)[0],
+                       "the detail pane")
+        await pilot.pause(0.2)
+        assert "before the prefetch landmark" in screen_text(app)
+
+
+def _all_nodes(tree):
+    stack = list(tree.root.children)
+    while stack:
+        n = stack.pop()
+        if isinstance(n.data, browse.Node):
+            yield n
+        stack.extend(n.children)
+
+
+async def test_plain_gzip_layers_are_browsable(app_env):  # noqa: F811
+    """A plain gzip layer (no TOC) is indexed by streaming its blob once, then
+    browsed like the others: tree, merged view, file view; marked as not
+    lazily mountable. Checked against the same blobs read with tarfile."""
+    from fixture_truth import merge, truth_layers
+
+    layers = truth_layers("mini-gzip")
+    app = StargzApp(f"{LAYOUT_REF}:mini-gzip")
+    async with app.run_test(size=(140, 36)) as pilot:
+        image = await open_image_screen(pilot, app)
+        assert [v.index for v in image.session.views] == [None, None]
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: screen_named(app, "LayerScreen"), "layer 0 indexed")
+        layer = app.screen
+        await wait_for(pilot, lambda: layer.browser is not None, "the tree")
+        assert "not lazily mountable" in screen_text(app)
+        tree = layer.query_one("#toc", Tree)
+        assert {n.data.path for n in tree.root.children} == {
+            p for p in layers[0] if "/" not in p}
+        find_node(tree, "data").expand()
+        node = await wait_for(pilot, lambda: find_node(tree, "data/text.txt"), "data/")
+        tree.move_cursor(node)
+        await wait_for(pilot, lambda: layer.current and layer.current.path == "data/text.txt",
+                       "the cursor")
+        await pilot.press("o")
+        viewer = await wait_for(pilot, lambda: screen_named(app, "FileViewer"), "the viewer")
+        area = viewer.query_one(TextArea)
+        await wait_for(pilot, lambda: area.text, "the text")
+        want = layers[0]["data/text.txt"]["data"].decode()
+        assert area.text == want[: browse.TEXT_VIEW_LIMIT]
+        await pilot.press("escape")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: screen_named(app, "ImageScreen"), "the image")
+        # layer 1, merged over layer 0: what the merged image shows
+        await pilot.press("down", "enter")
+        layer = await wait_for(pilot, lambda: (s := screen_named(app, "LayerScreen"))
+                               and s.n == 1 and s.browser is not None and s, "layer 1")
+        await pilot.press("m")
+        await wait_for(pilot, lambda: layer.merged, "the merged view")
+        from stargz_tui import search
+
+        got = set(search.find(layer.browser, search.parse_query("type:reg"), merged=True))
+        merged = merge(layers)
+        gone = {p for p in merge(layers[:1]) if p not in merged}
+        assert got == {p for p, r in merged.items() if r["type"] == "reg"} | {
+            p for p in gone if layers[0][p]["type"] == "reg"}
+
+
+async def test_entry_counts_match_inspect(app_env):  # noqa: F811
+    """The layers table counts entries as `stargz-tui inspect --json` does
+    (issue 18 point 16), and says "1 layer", not "1 layers"."""
+    import json
+
+    from fixture_truth import cli
+
+    info = json.loads(cli("inspect", f"{LAYOUT_REF}:special-esgz", "--json").stdout)
+    app = StargzApp(f"{LAYOUT_REF}:special-esgz")
+    async with app.run_test(size=(140, 36)) as pilot:
+        image = await open_image_screen(pilot, app)
+        table = image.query_one("#layers")
+        got = [int(str(table.get_cell(str(n), "entries"))) for n in range(table.row_count)]
+        assert got == [lay["entries"] for lay in info["layers"]]
+        assert len(got) == 1 and "1 layer," in screen_text(app)
+
+
+async def test_unreachable_registry_is_not_remembered(app_env):  # noqa: F811
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))  # a port nobody listens on
+    port = s.getsockname()[1]
+    s.close()
+    app = StargzApp(f"127.0.0.1:{port}")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: any(n.severity == "error" for n in app._notifications),
+                       "the connection error")
+    assert AppConfig.load().recent_registries == []

@@ -164,3 +164,36 @@ async def test_80x24_footer_fits_and_tables_keep_key_columns(app_env):  # noqa: 
         await pilot.press("escape")
         await pilot.pause(0.3)
         assert len(table.columns) == 10
+
+
+def test_readme_key_list_matches_the_app():
+    """Every key a screen binds (with a description) is in the README's key
+    table row for that screen, and the table names no key the app lacks."""
+    import re
+
+    from app_support import ROOT
+
+    from stargz_tui.app import StargzApp as App
+    from stargz_tui.screens.home import HomeScreen
+    from stargz_tui.screens.image import ImageScreen
+    from stargz_tui.screens.layer import LayerScreen
+    from stargz_tui.screens.mounts import MountsScreen
+    from stargz_tui.screens.repos import ReposScreen
+
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| (everywhere|home|repositories and tags|image|layer|mounts) "
+                           r"\| (.*) \|$", readme, re.M))
+    display = {"question_mark": "?", "slash": "/", "escape": "Esc", "enter": "Enter",
+               "delete": "Delete", "right_square_bracket": "]", "left_square_bracket": "[",
+               "ctrl+t": "Ctrl+T"}
+    for row, cls in (("everywhere", App), ("home", HomeScreen), ("repositories and tags",
+                     ReposScreen), ("image", ImageScreen), ("layer", LayerScreen),
+                     ("mounts", MountsScreen)):
+        documented = set(re.findall(r"`([^`]+)`", rows[row]))
+        bound = {display.get(k, k) for b in cls.BINDINGS for k in b.key.split(",")
+                 if b.description}
+        missing = bound - documented - {"Esc"} - ({"Enter"} if row == "image" else set())
+        assert not missing, (row, missing)
+        keys = {k for k in documented if len(k) == 1 or k in display.values()}
+        extra = keys - bound - {"?", "M", "q", "Esc", "Ctrl+T", "Enter", "/"}
+        assert not extra, (row, extra)

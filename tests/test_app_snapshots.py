@@ -117,3 +117,54 @@ def test_snapshot_mounts_empty(app_env, snap_compare):  # noqa: F811
         await wait_for(pilot, lambda: screen_named(pilot.app, "MountsScreen"), "mounts")
         await pilot.pause(0.3)
     assert snap_compare(StargzApp(), terminal_size=(100, 24), run_before=run_before)
+
+
+# -- 80x24 and 160x48 (issue 18 point 15: key columns and the footer fit) ----------
+def test_snapshot_image_80x24(app_env, snap_compare):  # noqa: F811
+    app = StargzApp(f"{LAYOUT_REF}:mini-esgz-prefetch")
+    assert snap_compare(app, terminal_size=(80, 24), run_before=_image)
+
+
+def test_snapshot_image_160x48(app_env, snap_compare):  # noqa: F811
+    app = StargzApp(f"{LAYOUT_REF}:mini-esgz-prefetch")
+    assert snap_compare(app, terminal_size=(160, 48), run_before=_image)
+
+
+def test_snapshot_layer_search_160x48(app_env, snap_compare):  # noqa: F811
+    async def run_before(pilot):
+        await _layer(1, keys=["m"])(pilot)
+        await pilot.press("slash", *"*.txt")
+        await wait_for(pilot, lambda: pilot.app.screen.matches, "the matches")
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+    app = StargzApp(f"{LAYOUT_REF}:mini-esgz")
+    assert snap_compare(app, terminal_size=(160, 48), run_before=run_before)
+
+
+def test_snapshot_layer_partial_search_80x24(app_env, snap_compare):  # noqa: F811
+    async def run_before(pilot):
+        await _layer(0)(pilot)
+        await pilot.press("slash", *"type:")
+        await wait_for(pilot, lambda: pilot.app.screen.problems, "the partial term")
+        await pilot.pause(0.3)
+    app = StargzApp(f"{LAYOUT_REF}:mini-esgz")
+    assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
+
+
+def test_snapshot_help_80x24(app_env, snap_compare):  # noqa: F811
+    async def run_before(pilot):
+        await _layer(0)(pilot)
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: screen_named(pilot.app, "HelpScreen"), "help")
+    app = StargzApp(f"{LAYOUT_REF}:mini-esgz")
+    assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
+
+
+@pytest.mark.fuse
+def test_snapshot_mounts_empty_80x24(app_env, snap_compare):  # noqa: F811
+    async def run_before(pilot):
+        await wait_for(pilot, lambda: screen_named(pilot.app, "HomeScreen"), "home")
+        pilot.app.action_mounts()
+        await wait_for(pilot, lambda: screen_named(pilot.app, "MountsScreen"), "mounts")
+        await pilot.pause(0.3)
+    assert snap_compare(StargzApp(), terminal_size=(80, 24), run_before=run_before)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -52,7 +53,7 @@ class HelpScreen(ModalScreen):
         t = Table(box=None, padding=(0, 2), title="Keys", title_justify="left")
         t.add_column("key", style="bold cyan", no_wrap=True)
         t.add_column("action")
-        t.add_column("binding id (app.toml [keys])", style="dim")
+        t.add_column(Text("binding id (app.toml [keys])"), style="dim")
         for keys, desc, bid in help_rows(self.app, self.under):
             # keys come from the user's app.toml: shown as text, never markup
             t.add_row(plain(keys), plain(desc), plain(bid))

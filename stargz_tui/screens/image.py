@@ -22,6 +22,7 @@ from textual.widgets import (
 
 from core import browse
 
+from ..services import is_plain
 from ..text import multiline, plain, printable
 from ..widgets import KeyBar
 from .base import BaseScreen
@@ -120,7 +121,8 @@ class ImageScreen(BaseScreen):
         info.add_row("manifest", plain(f"{img.manifest_digest}  "
                                        f"{img.manifest_media_type.rsplit('.', 1)[-1]}"))
         total = sum(d.size for d in img.layers)
-        info.add_row("platform", plain(f"{img.os_arch}   {len(img.layers)} layers, "
+        n = len(img.layers)
+        info.add_row("platform", plain(f"{img.os_arch}   {n} layer{'' if n == 1 else 's'}, "
                                        f"{browse.human_size(total)} compressed"))
         self.query_one("#image-info", Static).update(info)
         sel = self.query_one("#platform", Select)
@@ -195,7 +197,7 @@ class ImageScreen(BaseScreen):
         return {
             **row, "format": plain(v.format_label), "toc": toc,
             "entries": "-" if v.entries is None else str(v.entries),
-            "chunks": "-" if v.chunks is None else str(v.chunks),
+            "chunks": "-" if v.chunks is None or is_plain(v) else str(v.chunks),
             "prefetch": "-" if v.prefetch_bytes is None else browse.human_size(v.prefetch_bytes),
             "cached": self._cached_cell(v),
             "mounted": Text("yes", "green") if d.digest in mounted else Text("no", "dim"),
@@ -203,7 +205,7 @@ class ImageScreen(BaseScreen):
 
     @staticmethod
     def _cached_cell(v) -> str:
-        pct = v.cached_percent
+        pct = None if is_plain(v) else v.cached_percent
         return "-" if pct is None else f"{pct:.0f}%"
 
     def refresh_layers(self) -> None:
@@ -283,12 +285,23 @@ class ImageScreen(BaseScreen):
         if v is None:
             self.notify("That layer is still loading.")
             return
+        from .layer import LayerScreen
+
+        if v.index is None and self.services.can_index(v):
+            # a plain layer: stream it once (progress, Esc cancels), then browse
+            from .modals import IndexLayerScreen
+
+            def indexed(ok: bool | None) -> None:
+                self.refresh_layers()
+                if ok:
+                    self.app.push_screen(LayerScreen(self.session, n))
+
+            self.app.push_screen(IndexLayerScreen(self.session, n), indexed)
+            return
         if v.index is None:
             self.notify(printable(f"Layer {n} cannot be browsed: {v.error}"), severity="warning",
                         timeout=8, markup=False)
             return
-        from .layer import LayerScreen
-
         self.app.push_screen(LayerScreen(self.session, n))
 
     def action_verify(self) -> None:

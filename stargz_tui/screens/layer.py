@@ -16,6 +16,7 @@ from textual.widgets.tree import TreeNode
 from core import browse
 
 from .. import search
+from ..services import is_plain
 from ..text import plain, printable
 from ..widgets import MARKER_GLYPH, MARKER_STYLE, ChunkMap, KeyBar, legend
 from .base import BaseScreen
@@ -153,27 +154,40 @@ class LayerScreen(BaseScreen):
         v, ix = self.view, self.index
         d = self.session.image.layers[self.n]
         t = Text()
-        t.append(f"layer {self.n}/{len(self.session.image.layers) - 1} ", "bold")
-        t.append(f"{printable(v.format_label)} ", "cyan")
-        t.append(printable(browse.short_digest(d.digest)) + " ")
-        t.append(f"TOC {v.toc_state}", "green" if v.toc_state == browse.TOC_VERIFIED else "yellow")
-        t.append(f" · {len(ix)} entries · {ix.num_chunks} chunks · {browse.human_size(d.size)}")
-        if self.wasted_bytes:
-            t.append(f" · wasted {browse.human_size(self.wasted_bytes)}", "red")
-        t.append(f" · view: {'merged' if self.merged else 'raw'}", "bold magenta")
+        # the search's state first: it must not be cut off on a narrow screen
         if self.allowed is not None:
             n = len(self.matches)
             more = "+" if n >= MAX_MATCHES else ""
-            t.append(f" · filter: {n}{more} {'match' if n == 1 else 'matches'}", "bold yellow")
-            label = TYPE_CYCLE[self.type_pos][0]
+            t.append(f"filter: {n}{more} {'match' if n == 1 else 'matches'}", "bold yellow")
             if self.type_pos:
-                t.append(f" ({label})", "bold yellow")
-        for p in self.problems:
+                t.append(f" ({TYPE_CYCLE[self.type_pos][0]})", "bold yellow")
             t.append(" · ")
+        for p in self.problems:
             t.append(printable(p), "bold red")
+            t.append(f" ({search.TYPE_HELP})" if "type" in p else "", "red")
+            t.append(" · ")
+        t.append(f"layer {self.n}/{len(self.session.image.layers) - 1} ", "bold")
+        t.append(f"{printable(v.format_label)} ", "cyan")
+        t.append(printable(browse.short_digest(d.digest)) + " ")
+        if is_plain(v):
+            t.append(f"· {v.entries} entries · {browse.human_size(d.size)}")
+        else:
+            t.append(f"TOC {v.toc_state}",
+                     "green" if v.toc_state == browse.TOC_VERIFIED else "yellow")
+            t.append(f" · {v.entries} entries · {ix.num_chunks} chunks · "
+                     f"{browse.human_size(d.size)}")
+        if self.wasted_bytes:
+            t.append(f" · wasted {browse.human_size(self.wasted_bytes)}", "red")
+        t.append(f" · view: {'merged' if self.merged else 'raw'}", "bold magenta")
+        if is_plain(v):
+            t.append(" · plain layer: no TOC, not lazily mountable", "yellow")
         self.query_one("#layer-head", Static).update(t)
 
     def update_status(self) -> None:
+        if is_plain(self.view):
+            self.query_one("#layer-status", Static).update(Text(
+                "plain layer: indexed by streaming the blob; files are read the same way", "dim"))
+            return
         t = legend()
         states = self.layer_states
         cached = sum(1 for s in states if s == browse.CHUNK_CACHED)
@@ -216,16 +230,22 @@ class LayerScreen(BaseScreen):
             t.append(f" ⇒ /{printable(e.link_name)}", "dim cyan")
         elif e.type == "reg":
             t.append(f"  {browse.human_size(e.size)}", "dim")
-            if node.layer_no == self.n and self._prioritized(e):
-                t.append("  prefetch", "green")
+        if self.in_prefetch(node, e):
+            t.append("  ▓ prefetch", "cyan")
         if self.merged and node.layer_no != self.n:
             t.append(f"  L{node.layer_no}", "dim italic")
         return t
 
-    def _prioritized(self, e) -> bool:
-        """Before this layer's prefetch landmark (what `optimize` put first)."""
-        end = self.index.prefetch_end
-        chunks = self.index.chunks(e) if end is not None else ()
+    def in_prefetch(self, node: browse.Node, e) -> bool:
+        """Is this file's data in its layer's prefetch region (the files
+        before the ``.prefetch.landmark``, fetched first by a mount)?"""
+        if e.type != "reg" or not e.size:
+            return False
+        ix = self.session.views[node.layer_no].index
+        end = ix.prefetch_end
+        if not end:
+            return False
+        chunks = ix.chunks(e)
         return bool(chunks) and chunks[0].offset < end
 
     def reload_tree(self) -> None:
@@ -238,8 +258,18 @@ class LayerScreen(BaseScreen):
         if self.allowed is not None:
             self._expand_matches(tree.root)
         self.update_head()
-        if tree.root.children:
-            tree.move_cursor(tree.root.children[0])
+        node = tree.root.children[0] if tree.root.children else None
+        if node is not None:
+            tree.move_cursor(node)
+        # (moving to the line the cursor already was on sends no highlight:
+        # show that entry here, so the detail pane never stays stale)
+        if node is not None and isinstance(node.data, browse.Node):
+            self.current = node.data
+            self.show_entry(node.data)
+        else:
+            self.current = None
+            self.query_one("#entry-info", Static).update(
+                Text("Nothing matches." if self.allowed is not None else "Empty layer.", "dim"))
 
     def _expand_matches(self, node: TreeNode, depth: int = 0) -> None:
         """With a filter on, open every directory on the way to a match."""
@@ -305,6 +335,8 @@ class LayerScreen(BaseScreen):
             grid.add_row("change", Text(node.marker, MARKER_STYLE[node.marker]))
         if node.layer_no != self.n:
             grid.add_row("from", plain(f"layer {node.layer_no}"))
+        if self.in_prefetch(node, e):
+            grid.add_row("prefetch", Text("yes: before the prefetch landmark", "cyan"))
         self.query_one("#entry-info", Static).update(grid)
         self.show_chunks(node)
 
@@ -419,6 +451,11 @@ class LayerScreen(BaseScreen):
     def action_extract(self) -> None:
         node, e = self._entry()
         if e is None:
+            return
+        if is_plain(self.session.views[node.layer_no]):
+            self.notify("Extracting from a plain layer is not supported in the app: "
+                        "use `stargz-tui cat IMAGE --layer N PATH`.", severity="warning",
+                        timeout=8, markup=False)
             return
         from .modals import ExtractScreen
 

@@ -15,8 +15,8 @@ from textual.widgets import Button, Input, Label, ProgressBar, Static, TextArea
 from core import browse, verify
 from core.errors import CoreError
 
-from ..services import one_line
-from ..text import plain, printable
+from ..services import is_plain, one_line
+from ..text import plain, printable, printable_text
 
 
 class TaskModal(ModalScreen):
@@ -103,6 +103,47 @@ class VerifyScreen(TaskModal):
             self.notify(msg + ".", markup=False)
 
 
+class IndexLayerScreen(TaskModal):
+    """Index a plain (tar/gzip/zstd) layer: stream its blob once, with
+    progress; Escape cancels. Dismisses with True once the layer is indexed."""
+
+    def __init__(self, session, n: int):
+        super().__init__()
+        self.session = session
+        self.n = n
+
+    def compose(self) -> ComposeResult:
+        d = self.session.image.layers[self.n]
+        view = self.session.views[self.n]
+        with Vertical(classes="dialog", id="index-box"):
+            title = Text(f"Layer {self.n}: plain {view.format_label}", "bold")
+            title.append_text(plain(f"  {browse.short_digest(d.digest)}"))
+            yield Label(title)
+            yield Static(plain("No TOC: reading the whole blob once to list its files "
+                               "(kept for this session; the layer cannot be mounted lazily)."))
+            yield ProgressBar(total=d.size, show_eta=False, id="index-progress")
+            yield Label("[dim]Esc cancels[/dim]")
+
+    def on_mount(self) -> None:
+        self.run_index()
+
+    @work(exclusive=True, group="task")
+    async def run_index(self) -> None:
+        bar = self.query_one("#index-progress", ProgressBar)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(total=total, progress=done)
+
+        try:
+            await self.app.services.index_plain_layer(self.session, self.n, progress)
+        except CoreError as e:
+            self.notify(printable(f"Layer {self.n}: {one_line(e)}"), severity="error",
+                        timeout=8, markup=False)
+            self.dismiss(False)
+            return
+        self.dismiss(True)
+
+
 class FileViewer(ModalScreen):
     """Show a text file in place (only its chunks are fetched)."""
 
@@ -129,17 +170,33 @@ class FileViewer(ModalScreen):
         source = self.session.source(self.node.layer_no)
         area = self.query_one("#viewer-text", TextArea)
         try:
-            text, cut = await browse.read_text(ix, source, entry)
+            if is_plain(self.session.views[self.node.layer_no]):
+                text, cut = await _plain_text(ix, source, entry)
+            else:
+                text, cut = await browse.read_text(ix, source, entry)
         except CoreError as e:
             self.notify(printable(one_line(e)), severity="error", timeout=8, markup=False)
             self.dismiss(None)
             return
-        area.load_text(text)
+        area.load_text(printable_text(text))  # (a file's ESC must not reach the terminal)
         if cut:
             title = plain(f"/{self.node.path}", "bold")
             title.append(f" (first {browse.human_size(browse.TEXT_VIEW_LIMIT)})", "dim")
             self.query_one("#viewer-title", Label).update(title)
         area.focus()
+
+
+async def _plain_text(ix, source, entry) -> tuple[str, bool]:
+    """The start of a plain layer's file as text (streams the blob up to it)."""
+    from core.estargz.plain import iter_plain_file
+
+    buf = bytearray()
+    async for piece in iter_plain_file(ix, source, entry):
+        buf += piece
+        if len(buf) > browse.TEXT_VIEW_LIMIT:
+            break
+    cut = len(buf) > browse.TEXT_VIEW_LIMIT
+    return bytes(buf[: browse.TEXT_VIEW_LIMIT]).decode("utf-8", "replace"), cut
 
 
 class ExtractScreen(TaskModal):

@@ -25,8 +25,16 @@ COLUMNS = [("mountpoint", "mp"), ("image", "image"), ("kind", "kind"), ("state",
            ("background", "bg"), ("errors", "errors")]
 # narrow terminals: the image, kind and fetch progress move to the detail pane
 COLUMNS_NARROW = [c for c in COLUMNS if c[1] in ("mp", "state", "fetched", "chunks", "errors")]
-WIDE = 110      # (the app's -wide breakpoint)
-MP_NARROW = 36  # mountpoint characters shown in a narrow table
+WIDE = 140      # every column fits from here (narrower: the key ones)
+MP_NARROW = 36  # mountpoint characters shown in a narrow table (the detail pane has all)
+MP_WIDE = 48
+IMAGE_WIDE = 44
+
+
+def _tail(text: str, width: int) -> str:
+    """``text`` cut to ``width`` keeping its end (the distinctive part of a
+    path or reference)."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 class MountsScreen(BaseScreen):
@@ -81,11 +89,9 @@ class MountsScreen(BaseScreen):
             cached = m.get("chunksCached") or 0
             state = m.get("state", "?")
             errors = (m.get("digestErrors") or 0) + (m.get("readErrors") or 0)
-            mp = printable(m["mountpoint"])
-            if narrow and len(mp) > MP_NARROW:  # keep the end: the distinctive part
-                mp = "…" + mp[-(MP_NARROW - 1):]
+            mp = _tail(printable(m["mountpoint"]), MP_NARROW if narrow else MP_WIDE)
             cells = {
-                "mp": Text(mp), "image": plain(m.get("image", "")), "kind": plain(m.get("kind") or ""),
+                "mp": Text(mp), "image": Text(_tail(printable(m.get("image", "")), IMAGE_WIDE)), "kind": plain(m.get("kind") or ""),
                 "state": plain(state, "green" if state == "serving" else "bold red"),
                 "fetched": human_size(m.get("bytesFetched") or 0),
                 "chunks": f"{cached}/{total}" + (f" {100 * cached // total}%" if total else ""),

@@ -38,6 +38,8 @@ NAMES = ["[bold red]x", "[link=https:example.com]click", "[@click=app.quit]q"]
 # paths whose '/' makes them closing tags: "[/bold]" is dir "[" + file "bold]"
 XATTR_FILE = "data/[/bold]"
 NESTED = "data/x[/]y"
+# a file whose text would write the clipboard (OSC 52) and clear the screen
+OSC52 = "\x1b]52;c;cHduZWQ=\x1b\\"
 
 
 @pytest.fixture
@@ -62,7 +64,7 @@ def hostile_layout(root) -> str:
                {"name": "data/[/", "type": "dir", "mode": 0o755}]
     for i, name in enumerate(NAMES):
         entries += b.add_file(f"data/{name}", f"{CLOSE} {STYLED} {i}\n".encode())
-    ents = b.add_file(XATTR_FILE, f"{CLOSE} {STYLED}\n".encode())
+    ents = b.add_file(XATTR_FILE, f"{CLOSE} {STYLED}\n{OSC52}\x1b[2J\r\n".encode())
     ents[0]["xattrs"] = {f"user.{CLOSE}": base64.b64encode(STYLED.encode()).decode()}
     entries += ents
     entries += b.add_file(NESTED, b"nested\n")
@@ -181,8 +183,13 @@ async def test_hostile_strings_render_literally_on_every_screen(mount_env, tmp_p
         assert f"xattr user.{CLOSE}" in shown(app) and STYLED in shown(app)
         await pilot.press("o")
         viewer = await wait_for(pilot, lambda: screen_named(app, "FileViewer"), "the viewer")
-        await wait_for(pilot, lambda: viewer.query_one("#viewer-text").text, "the text")
+        area = viewer.query_one("#viewer-text")
+        await wait_for(pilot, lambda: area.text, "the text")
         assert f"/{XATTR_FILE}" in shown(app)
+        # the file's escape sequences are shown, not sent to the terminal
+        assert "\x1b" not in area.text and "\r" not in area.text
+        assert "\\e]52;c;cHduZWQ=\\e\\" in area.text and "\\e[2J\\r" in area.text
+        assert area.text.startswith(f"{CLOSE} {STYLED}\n")
         await pilot.press("escape")
         await wait_for(pilot, lambda: screen_named(app, "LayerScreen"), "back on the layer")
         await pilot.press("x")
@@ -257,8 +264,9 @@ async def test_hostile_strings_render_literally_on_every_screen(mount_env, tmp_p
         assert app.return_code is None  # still running: nothing crashed it
     rel.row("security", "an image whose layout path, tags, config labels/env/cmd/history, "
             "file names, link targets, xattrs and whiteouts are Rich markup (`[/]`, "
-            "`[bold red]x[/]`, `[@click=app.quit]`), browsed through every app screen "
-            "and mounted from it",
+            "`[bold red]x[/]`, `[@click=app.quit]`) or hold terminal escapes (OSC title, "
+            "OSC 52 clipboard, clear screen), browsed through every app screen and mounted "
+            "from it",
             "every string shown literally (tags, config, history, tree, detail pane, "
-            "viewer, extract, wasted list, merged view, verify, mounts, notifications); "
-            "no MarkupError, the app keeps running")
+            "viewer, extract, wasted list, merged view, verify, mounts, notifications), "
+            "control characters as visible escapes; no MarkupError, the app keeps running")
