@@ -48,7 +48,7 @@ async def test_prioritized_files_are_marked_in_the_layer_tree(app_env):  # noqa:
                                          expand=["etc", "data", "usr", "usr/lib", "usr/lib/app"])
         tree = layer.query_one("#toc", Tree)
         for p in ("etc/os-release", "data/text.txt", "usr/lib/app/mod_01.py"):
-            assert _label(tree, p).endswith("  prefetch"), p
+            assert _label(tree, p).endswith("▓ prefetch"), p
         for p in ("data/random.bin", "usr/lib/app/mod_02.py", "data/empty"):
             assert "prefetch" not in _label(tree, p), p
     # an image without a landmark marks nothing
