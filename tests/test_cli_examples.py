@@ -28,6 +28,7 @@ from fuse_helpers import isolated_mount_env, push_layout
 from registry_fixtures import TEST_USERS
 from registry_helpers import Registry, push_fixtures
 
+from bench.userland import write_userland_layout
 from core import mount as core_mount
 
 BIN = os.path.dirname(sys.executable)
@@ -85,7 +86,7 @@ def readme_synopses() -> list[str]:
 OPTION_VALUES = {"--layer": "0", "--platform": "linux/amd64", "--chunk-size": "64K",
                  "--prioritize-file": "etc/os-release,data/new.txt", "-u": "USER",
                  "--estargz-chunk-size": "64K", "--cache-size": "1G",
-                 "--estargz-record-in": "record.json"}
+                 "--estargz-record-in": "record.json", "--read-timeout": "30"}
 PLACEHOLDERS = {"IMAGE": "oci:./layout:mini-esgz", "SRC": "oci:./layout:app",
                 "DST": "oci:./out:app-esgz", "PATH": "etc/os-release",
                 "REGISTRY": "localhost:5000", "MOUNTPOINT": "/mnt/syn"}
@@ -187,7 +188,7 @@ def _adapt(example: str, sub: str, tmp: str, host: str) -> tuple[str, str | None
     for h in EXTERNAL_HOSTS:
         cmd = re.sub(re.escape(h) + r"(?=[/\s]|$)", host, cmd)
     cmd = cmd.replace("oci:tests/fixtures/estargz-oci", f"oci:{LAYOUT}")
-    cmd = re.sub(r"(?<![\w.])/mnt/", f"{tmp}/mnt/", cmd)
+    cmd = re.sub(r"(?<![\w.])(~|\$HOME)?/mnt/", f"{tmp}/mnt/", cmd)
     stdin = None
     if sub == "login":
         # no terminal here to type a password at: the password comes on stdin
@@ -211,7 +212,15 @@ def test_example_runs(example, request, tmp_path, example_registry):
     work = tmp_path / "work"
     work.mkdir()
     shutil.copytree(LAYOUT, work / "layout")
-    _add_tag(str(work / "layout"), "app", "mini-gzip")
+    if " optimize " in f" {example} ":
+        # optimize runs the image's command: `app` is a real (tiny) userland
+        write_userland_layout(str(work / "layout"), programs=("sh", "cat"),
+                              files={"etc/os-release": b'NAME="example userland"\n'},
+                              config={"Entrypoint": ["/bin/cat", "/etc/os-release"]},
+                              tag="app")
+        (work / "app.json").write_text('{"path": "etc/os-release"}\n')
+    else:
+        _add_tag(str(work / "layout"), "app", "mini-gzip")
     # the record an example reads (as `ctr-remote optimize --record-out` writes it)
     (work / "record.json").write_text('{"path": "etc/os-release"}\n{"path": "data/text.txt"}\n')
     request.getfixturevalue("mount_env")  # private state, cache and runtime dirs

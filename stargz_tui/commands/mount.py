@@ -24,7 +24,7 @@ examples:
   stargz-tui mount oci:./layout:mini-esgz /mnt/l0 --layer 0  one raw layer
   stargz-tui mount ghcr.io/org/app:esgz /mnt/app --wait-prefetch --cache-size 2G
   stargz-tui mount localhost:5000/app:esgz ~/mnt/app --map-owner   as a plain user: root's files are yours
-  stargz-tui mount oci:./layout:app /mnt/app --record app.json   record what gets opened
+  stargz-tui mount oci:./layout:mini-esgz /mnt/app --record app.json   record what gets opened
 
 The mount is served by a background daemon per layer; `stargz-tui mounts` shows
 live state and `stargz-tui unmount MOUNTPOINT` stops it. MOUNTPOINT must be an

@@ -15,9 +15,8 @@ EXAMPLES = """\
 examples:
   stargz-tui optimize oci:./layout:app oci:./layout:app-opt
         run the image's entrypoint for up to 10 s, record, convert
-  stargz-tui optimize oci:./l:py oci:./l:py-opt --record-out py.json -- \\
-        python3 -c "import json, sqlite3"
-  stargz-tui optimize oci:./l:py oci:./l:py-opt --record-in py.json     no run: use a list
+  stargz-tui optimize oci:./layout:app oci:./layout:app-opt --record-out app.json -- /bin/sh -c "cat /etc/os-release"
+  stargz-tui optimize oci:./layout:app oci:./layout:app-opt2 --record-in app.json   no run: use a list
 
 The command runs chrooted in the mounted image (as root; as a plain user in
 a user namespace where the kernel allows it), with the image's Env and
