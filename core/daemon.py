@@ -295,7 +295,6 @@ class Daemon:
                 # libfuse prints the cause on stderr (our log), not in the exception
                 from .fusecheck import fuse_failure_cause
 
-                sys.stderr.flush()
                 cause = fuse_failure_cause(a.log)
                 raise MountError(f"cannot mount {a.mountpoint}: {cause or e}") from None
             self.fs.tune_kernel_after_init(a.mountpoint)  # bigger kernel reads (perf hook)

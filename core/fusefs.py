@@ -213,7 +213,10 @@ class LayerFS(pyfuse3.Operations):
         code = t.type_code
         a.st_ino = t.id + 1
         a.st_mode = _TYPE_BITS.get(code, stat.S_IFREG) | (t.mode & 0o7777)
-        a.st_uid, a.st_gid = self._ids(t.uid, t.gid)
+        if self.idmap is None:  # the common case: no call on the stat path
+            a.st_uid, a.st_gid = t.uid, t.gid
+        else:
+            a.st_uid, a.st_gid = self._ids(t.uid, t.gid)
         if code == DIR:
             a.st_nlink = self._nlink_dir(t.id)
             a.st_size = 4096
