@@ -133,6 +133,7 @@ def test_snapshot_image_160x48(app_env, snap_compare):  # noqa: F811
 def test_snapshot_layer_search_160x48(app_env, snap_compare):  # noqa: F811
     async def run_before(pilot):
         await _layer(1, keys=["m"])(pilot)
+        await wait_for(pilot, lambda: pilot.app.screen.wasted_bytes is not None, "wasted")
         await pilot.press("slash", *"*.txt")
         await wait_for(pilot, lambda: pilot.app.screen.matches, "the matches")
         await pilot.press("enter")
@@ -144,6 +145,8 @@ def test_snapshot_layer_search_160x48(app_env, snap_compare):  # noqa: F811
 def test_snapshot_layer_partial_search_80x24(app_env, snap_compare):  # noqa: F811
     async def run_before(pilot):
         await _layer(0)(pilot)
+        # (the wasted bytes, computed after the first frame, change the head's wrap)
+        await wait_for(pilot, lambda: pilot.app.screen.wasted_bytes is not None, "wasted")
         await pilot.press("slash", *"type:")
         await wait_for(pilot, lambda: pilot.app.screen.problems, "the partial term")
         await pilot.pause(0.3)
