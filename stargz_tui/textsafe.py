@@ -45,3 +45,12 @@ def safe(text: object) -> str:
     if s.isascii() and _ASCII_SPECIAL.search(s) is None:
         return s
     return "".join(map(_escape, s))
+
+
+def safe_text(text: str) -> str:
+    """A file's text for a viewer: line breaks, tabs and backslashes kept as
+    they are, every other non-printable character (ESC starting a terminal
+    sequence, CR, BEL, bidi overrides...) written as a visible escape."""
+    if text.isascii() and _ASCII_SPECIAL.search(text.replace("\\", "")) is None:
+        return text
+    return "".join(c if c in "\n\t\\" else _escape(c) for c in text)

@@ -141,7 +141,7 @@ async def test_hostile_strings_render_literally_on_every_screen(mount_env, tmp_p
         tabs.active = "tab-config"
         await pilot.pause(0.2)
         text = shown(app)
-        for s in (f"{CLOSE}={STYLED}", f"EVIL={STYLED}", "TITLE=\\e]0;pwned\\x07", f"/w{CLOSE}", "[/bold]",
+        for s in (f"{CLOSE}={STYLED}", f"EVIL={STYLED}", "TITLE=\\x1b]0;pwned\\x07", f"/w{CLOSE}", "[/bold]",
                   f"a{CLOSE}b"):
             assert s in text, s
         tabs.active = "tab-history"
@@ -188,7 +188,7 @@ async def test_hostile_strings_render_literally_on_every_screen(mount_env, tmp_p
         assert f"/{XATTR_FILE}" in shown(app)
         # the file's escape sequences are shown, not sent to the terminal
         assert "\x1b" not in area.text and "\r" not in area.text
-        assert "\\e]52;c;cHduZWQ=\\e\\" in area.text and "\\e[2J\\r" in area.text
+        assert "\\x1b]52;c;cHduZWQ=\\x1b\\" in area.text and "\\x1b[2J\\r" in area.text
         assert area.text.startswith(f"{CLOSE} {STYLED}\n")
         await pilot.press("escape")
         await wait_for(pilot, lambda: screen_named(app, "LayerScreen"), "back on the layer")
