@@ -1,202 +1,51 @@
 """Images: manifests, indexes, configs and layers, from any store.
 
-An :class:`ImageStore` is where manifests and blobs come from: an OCI layout
-on disk (:class:`OCILayoutStore`) or a registry (``core.registry``). Everything
+An :class:`ImageStore` (``core.oci``) is where manifests and blobs come
+from: an OCI layout on disk (``core.layout``) or a registry
+(``core.registry``). Everything
 above this module (CLI, app, mounts) works with :class:`Image`, whichever
 store it came from.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform as _platform
 import re
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from .errors import DigestMismatchError, FormatError, NotFoundError, ReferenceError_
+from .errors import FormatError, NotFoundError, ReferenceError_
+from .layout import OCILayoutStore
+from .oci import (  # noqa: F401 - the image vocabulary, as callers import it from here
+    ACCEPTED_MANIFEST_TYPES,
+    DOCKER_CONFIG,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    FOREIGN_LAYER_TYPES,
+    INDEX_TYPES,
+    LAYER_TYPES,
+    MANIFEST_TYPES,
+    MAX_CONFIG_BYTES,
+    MAX_MANIFEST_BYTES,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    REF_NAME_ANNOTATION,
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    ZSTD2_MANIFEST_CHECKSUM_ANNOTATION,
+    ZSTD2_MANIFEST_POSITION_ANNOTATION,
+    ZSTD2_PREFIX,
+    ZSTD2_TARSPLIT_POSITION_ANNOTATION,
+    ZSTD_MANIFEST_CHECKSUM_ANNOTATION,
+    ZSTD_MANIFEST_CHECKSUM_ANNOTATIONS,
+    ZSTD_MANIFEST_POSITION_ANNOTATION,
+    ImageStore,
+    check_digest,
+    sha256_digest,
+    sniff_media_type,
+)
 from .reference import Reference, parse_reference
-from .source import BlobSource, LocalBlobSource
-
-# Media types.
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
-MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-ACCEPTED_MANIFEST_TYPES = INDEX_TYPES + MANIFEST_TYPES
-LAYER_TYPES = (
-    "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-)
-
-# Non-distributable ("foreign") layers: their blobs live at the descriptor's
-# ``urls``, outside the registry, under their owner's terms; we never fetch them.
-FOREIGN_LAYER_TYPES = (
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-)
-
-# Annotations.
-TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
-UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
-# zstd:chunked, as containers/storage writes it: the older generation (podman
-# 4.x) under ``io.containers.``, the current one under ``io.github.containers.``.
-# The manifest checksum (sha256 of the compressed TOC) is that format's TOC
-# trust anchor, as the toc.digest annotation is eStargz's.
-ZSTD_MANIFEST_CHECKSUM_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
-ZSTD_MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-position"
-ZSTD2_PREFIX = "io.github.containers.zstd-chunked."
-ZSTD2_MANIFEST_CHECKSUM_ANNOTATION = ZSTD2_PREFIX + "manifest-checksum"
-ZSTD2_MANIFEST_POSITION_ANNOTATION = ZSTD2_PREFIX + "manifest-position"
-ZSTD2_TARSPLIT_POSITION_ANNOTATION = ZSTD2_PREFIX + "tarsplit-position"
-ZSTD_MANIFEST_CHECKSUM_ANNOTATIONS = (ZSTD2_MANIFEST_CHECKSUM_ANNOTATION,
-                                      ZSTD_MANIFEST_CHECKSUM_ANNOTATION)
-REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
-
-# Manifests and configs are small; refuse to buffer anything larger.
-MAX_MANIFEST_BYTES = 4 << 20
-MAX_CONFIG_BYTES = 16 << 20
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def check_digest(data: bytes, digest: str, what: str) -> None:
-    algo, _, _ = digest.partition(":")
-    if algo != "sha256":
-        raise FormatError(f"unsupported digest algorithm in {digest!r}")
-    got = sha256_digest(data)
-    if got != digest:
-        raise DigestMismatchError(f"{what} does not match its digest: expected {digest}, got {got}")
-
-
-class ImageStore(Protocol):
-    """Where manifests and blobs come from (see docs/CONTRACTS.md)."""
-
-    async def get_manifest(self, ref: Reference) -> tuple[bytes, str, str]: ...
-
-    async def get_blob_bytes(self, digest: str, size: int | None = None, *,
-                             limit: int = MAX_CONFIG_BYTES) -> bytes: ...
-
-    def blob_source(self, digest: str, size: int) -> BlobSource: ...
-
-    async def aclose(self) -> None: ...
-
-
-def _blob_path(root: str, digest: str) -> str:
-    algo, _, hexpart = digest.partition(":")
-    if not algo.isalnum() or not hexpart or not all(c in "0123456789abcdef" for c in hexpart):
-        raise FormatError(f"invalid digest {digest!r}")
-    return os.path.join(root, "blobs", algo, hexpart)
-
-
-class OCILayoutStore:
-    """An OCI image layout directory (``index.json`` + ``blobs/``)."""
-
-    def __init__(self, layout_dir: str):
-        self.root = layout_dir
-        index_path = os.path.join(layout_dir, "index.json")
-        try:
-            with open(index_path, "rb") as f:
-                self.index = json.loads(f.read(MAX_MANIFEST_BYTES))
-        except FileNotFoundError:
-            raise NotFoundError(f"no OCI layout at {layout_dir} (index.json not found)") from None
-        except (OSError, ValueError) as e:
-            raise FormatError(f"cannot read {index_path}: {e}") from None
-        if not isinstance(self.index, dict) or not isinstance(self.index.get("manifests"), list):
-            raise FormatError(f"{index_path} is not an OCI image index")
-        # Entries that are not descriptors (objects) are ignored, not crashed on.
-        self.index["manifests"] = [m for m in self.index["manifests"] if isinstance(m, dict)]
-
-    def tags(self) -> list[str]:
-        out = []
-        for m in self.index["manifests"]:
-            name = (m.get("annotations") or {}).get(REF_NAME_ANNOTATION)
-            if name:
-                out.append(name)
-        return out
-
-    def _read_blob(self, digest: str, limit: int) -> bytes:
-        path = _blob_path(self.root, digest)
-        try:
-            with open(path, "rb") as f:
-                data = f.read(limit + 1)
-        except FileNotFoundError:
-            raise NotFoundError(f"blob {digest} is missing from {self.root}") from None
-        except OSError as e:
-            raise FormatError(f"cannot read blob {digest}: {e.strerror}") from None
-        if len(data) > limit:
-            raise FormatError(f"blob {digest} is larger than {limit} bytes; refused")
-        check_digest(data, digest, f"blob {digest[:19]}")
-        return data
-
-    async def get_manifest(self, ref: Reference) -> tuple[bytes, str, str]:
-        desc = None
-        if ref.digest:
-            desc = {"digest": ref.digest}
-            for m in self.index["manifests"]:
-                if m.get("digest") == ref.digest:
-                    desc = m
-        else:
-            manifests = self.index["manifests"]
-            if ref.tag:
-                matches = [m for m in manifests
-                           if (m.get("annotations") or {}).get(REF_NAME_ANNOTATION) == ref.tag]
-                if not matches:
-                    tags = ", ".join(self.tags()[:12]) or "none"
-                    raise NotFoundError(f"tag '{ref.tag}' not found in {self.root} (tags: {tags})")
-                desc = matches[0]
-            elif len(manifests) == 1:
-                desc = manifests[0]
-            else:
-                raise NotFoundError(
-                    f"{self.root} holds {len(manifests)} images; name one as oci:{self.root}:TAG"
-                )
-        digest = desc.get("digest")
-        if not isinstance(digest, str):
-            raise FormatError(f"{self.root}/index.json has a manifest without a digest")
-        data = self._read_blob(digest, MAX_MANIFEST_BYTES)
-        media_type = desc.get("mediaType") or _sniff_media_type(data)
-        return data, media_type, digest
-
-    async def get_blob_bytes(self, digest: str, size: int | None = None, *,
-                             limit: int = MAX_CONFIG_BYTES) -> bytes:
-        return self._read_blob(digest, limit)
-
-    def blob_source(self, digest: str, size: int) -> BlobSource:
-        path = _blob_path(self.root, digest)
-        if not os.path.exists(path):
-            raise NotFoundError(f"blob {digest} is missing from {self.root}")
-        return LocalBlobSource(path, digest, size)
-
-    async def aclose(self) -> None:
-        return None
-
-
-def _sniff_media_type(data: bytes) -> str:
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        raise FormatError("manifest is not valid JSON") from None
-    mt = doc.get("mediaType") if isinstance(doc, dict) else None
-    if mt:
-        return mt
-    if isinstance(doc, dict) and "manifests" in doc:
-        return OCI_INDEX
-    return OCI_MANIFEST
 
 
 def open_store(ref: Reference, **registry_options) -> ImageStore:

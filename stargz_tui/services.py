@@ -4,24 +4,13 @@ layers) and forwards to ``core``; it knows no formats or protocols itself.
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass, field
 
 from core import browse
-from core.errors import CoreError, NotFoundError
+from core.errors import CoreError
 from core.image import Image, OCILayoutStore, open_image
 from core.reference import parse_reference
-
-
-def _optional(module: str):
-    """A core module another part of the project provides (None until it lands)."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            return None
-        raise
 
 
 @dataclass
@@ -60,7 +49,7 @@ class Services:
         it with its own ``--cache-dir``, else the shared one."""
         mod = self.mount_manager()
         try:
-            dirs = mod.layer_cache_dirs(session.image.layers[n].digest) if mod else []
+            dirs = mod.layer_cache_dirs(session.image.layers[n].digest)
         except (OSError, CoreError):
             dirs = []
         shared = getattr(self.cache, "root", None)
@@ -144,9 +133,8 @@ class Services:
             ref = parse_reference(registry)
             OCILayoutStore(ref.layout_dir)
             return [f"oci:{ref.layout_dir}"], False
-        reg = _optional("core.registry")
-        if reg is None or not hasattr(reg, "list_repositories"):
-            raise NotFoundError("browsing registries needs the registry client, which is not built yet")
+        from core import registry as reg
+
         page = await reg.list_repositories(registry, last=last)
         if self.config is not None:  # (only a registry that answered is remembered)
             self.config.remember_registry(registry)
@@ -156,18 +144,39 @@ class Services:
         if repository.startswith("oci:"):
             ref = parse_reference(repository)
             return sorted(OCILayoutStore(ref.layout_dir).tags()), False
-        reg = _optional("core.registry")
-        if reg is None or not hasattr(reg, "list_tags"):
-            raise NotFoundError("listing tags needs the registry client, which is not built yet")
+        from core import registry as reg
+
         return await reg.list_tags(repository, last=last)
 
     async def login(self, registry: str, user: str, password: str) -> None:
         """Check the credentials against the registry and store them (keyring)."""
-        reg = _optional("core.registry")
-        fn = getattr(reg, "login", None) if reg is not None else None
-        if fn is None:
-            raise NotFoundError("logging in needs the registry client, which is not built yet")
-        await fn(registry, user, password)
+        from core import registry as reg
+
+        await reg.login(registry, user, password)
+
+    @staticmethod
+    def known_registries() -> list[str]:
+        """Registries with stored credentials (keyring, auth files), for the
+        home screen; empty when the auth files cannot be read."""
+        from core.registry import credentials
+
+        try:
+            return list(credentials.known_registries())
+        except Exception:  # noqa: BLE001 - a broken auth file must not break the home screen
+            return []
+
+    @staticmethod
+    async def plain_file_text(ix, source, entry, limit: int) -> tuple[str, bool]:
+        """The start of a plain layer's file as text, streaming the blob up to
+        it: ``(text, cut)`` with at most ``limit`` bytes decoded."""
+        from core.estargz.plain import iter_plain_file
+
+        buf = bytearray()
+        async for piece in iter_plain_file(ix, source, entry):
+            buf += piece
+            if len(buf) > limit:
+                break
+        return bytes(buf[:limit]).decode("utf-8", "replace"), len(buf) > limit
 
     @staticmethod
     def repo_ref(registry: str, name: str) -> str:
@@ -179,31 +188,25 @@ class Services:
         return f"{repository}:{tag}"
 
     # -- mounts --------------------------------------------------------------
+    # core.mount is imported when first needed: the app starts without it
     def mount_manager(self):
-        return _optional("core.mount")
+        from core import mount
 
-    def _mounts_module(self):
-        mod = self.mount_manager()
-        if mod is None:
-            raise NotFoundError("mounting needs the mount manager, which is not built yet")
-        return mod
+        return mount
 
     def list_mounts(self) -> list[dict]:
         """Every mount with live stats (blocking: call from a thread)."""
-        mod = self.mount_manager()
-        return mod.list_mounts() if mod is not None else []
+        return self.mount_manager().list_mounts()
 
     def find_layer_mount(self, mounts: list[dict], digest: str) -> dict | None:
-        mod = self.mount_manager()
-        return mod.find_layer_mount(mounts, digest) if mod is not None else None
+        return self.mount_manager().find_layer_mount(mounts, digest)
 
     async def mount(self, image: str, mountpoint: str, layer: str | int | None = None) -> dict:
-        mod = self._mounts_module()
-        return await mod.mount_image(image, mountpoint, layer=layer)
+        return await self.mount_manager().mount_image(image, mountpoint, layer=layer)
 
     def unmount(self, mountpoint: str, force: bool = False) -> dict:
         """Blocking: call from a thread."""
-        return self._mounts_module().unmount(mountpoint, force=force)
+        return self.mount_manager().unmount(mountpoint, force=force)
 
 
 PLAIN_FORMATS = ("gzip", "zstd", "tar")

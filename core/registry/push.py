@@ -11,7 +11,8 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import anyio.to_thread
 
 from ..errors import FormatError, NotFoundError, RegistryError
-from ..image import INDEX_TYPES, OCILayoutStore, _blob_path, sha256_digest
+from ..layout import OCILayoutStore, blob_path
+from ..oci import INDEX_TYPES, sha256_digest
 from ..reference import Reference, parse_reference
 from .client import RegistryClient, raise_for_reply, repository_scope
 
@@ -92,7 +93,7 @@ async def push_manifest(client: RegistryClient, repo: str, reference: str, data:
 
 async def _push_manifest_tree(client, layout: OCILayoutStore, repo: str, digest: str,
                               media_type: str, reference: str) -> str:
-    data = layout._read_blob(digest, 4 << 20)
+    data = layout.read_blob(digest, 4 << 20)
     doc = json.loads(data)
     mt = doc.get("mediaType") or media_type
     if mt in INDEX_TYPES or ("manifests" in doc and "layers" not in doc):
@@ -102,7 +103,7 @@ async def _push_manifest_tree(client, layout: OCILayoutStore, repo: str, digest:
     else:
         blobs = [doc["config"], *doc.get("layers", [])]
         for desc in blobs:
-            path = _blob_path(layout.root, desc["digest"])
+            path = blob_path(layout.root, desc["digest"])
             if not os.path.exists(path):
                 raise NotFoundError(f"blob {desc['digest']} is missing from {layout.root}")
             await push_blob(client, repo, desc["digest"], path=path, size=desc.get("size"))

@@ -1,4 +1,4 @@
-"""The registry as an :class:`core.image.ImageStore`, and blobs as :class:`core.source.BlobSource`.
+"""The registry as an :class:`core.oci.ImageStore`, and blobs as :class:`core.source.BlobSource`.
 
 :class:`RegistryStore` fetches manifests (verified against the digest they were
 asked by and against ``Docker-Content-Digest``), small blobs (verified) and
@@ -23,7 +23,7 @@ from ..errors import (
     RegistryError,
     RequestTimeoutError,
 )
-from ..image import (
+from ..oci import (
     ACCEPTED_MANIFEST_TYPES,
     INDEX_TYPES,
     MANIFEST_TYPES,

@@ -61,15 +61,7 @@ class HomeScreen(BaseScreen):
                                  "then Enter.[/dim]", disabled=True))
 
     def _auth_registries(self) -> list[str]:
-        try:
-            from core.registry import credentials  # provided by the registry client
-        except ImportError:
-            return []
-        fn = getattr(credentials, "known_registries", None)
-        try:
-            return list(fn()) if fn else []
-        except Exception:  # noqa: BLE001 - a broken auth file must not break the home screen
-            return []
+        return self.app.services.known_registries()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.app.open_target(event.value)

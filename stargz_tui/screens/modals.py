@@ -171,7 +171,8 @@ class FileViewer(ModalScreen):
         area = self.query_one("#viewer-text", TextArea)
         try:
             if is_plain(self.session.views[self.node.layer_no]):
-                text, cut = await _plain_text(ix, source, entry)
+                text, cut = await self.app.services.plain_file_text(ix, source, entry,
+                                                                   browse.TEXT_VIEW_LIMIT)
             else:
                 text, cut = await browse.read_text(ix, source, entry)
         except CoreError as e:
@@ -184,19 +185,6 @@ class FileViewer(ModalScreen):
             title.append(f" (first {browse.human_size(browse.TEXT_VIEW_LIMIT)})", "dim")
             self.query_one("#viewer-title", Label).update(title)
         area.focus()
-
-
-async def _plain_text(ix, source, entry) -> tuple[str, bool]:
-    """The start of a plain layer's file as text (streams the blob up to it)."""
-    from core.estargz.plain import iter_plain_file
-
-    buf = bytearray()
-    async for piece in iter_plain_file(ix, source, entry):
-        buf += piece
-        if len(buf) > browse.TEXT_VIEW_LIMIT:
-            break
-    cut = len(buf) > browse.TEXT_VIEW_LIMIT
-    return bytes(buf[: browse.TEXT_VIEW_LIMIT]).decode("utf-8", "replace"), cut
 
 
 class ExtractScreen(TaskModal):
