@@ -23,7 +23,10 @@ from stargz_tui.app import StargzApp
 
 def _layer(layer_no: int = 0, expand=(), cursor: str | None = None, keys=()):
     async def run_before(pilot):
-        await open_layer_session(pilot, pilot.app, layer_no, keys, expand, cursor)
+        layer = await open_layer_session(pilot, pilot.app, layer_no, keys, expand, cursor)
+        # (the wasted bytes, computed after the first frame, change the head)
+        await wait_for(pilot, lambda: layer.wasted_bytes is not None, "wasted bytes")
+        await pilot.pause(0.1)
     return run_before
 
 
@@ -133,7 +136,6 @@ def test_snapshot_image_160x48(app_env, snap_compare):  # noqa: F811
 def test_snapshot_layer_search_160x48(app_env, snap_compare):  # noqa: F811
     async def run_before(pilot):
         await _layer(1, keys=["m"])(pilot)
-        await wait_for(pilot, lambda: pilot.app.screen.wasted_bytes is not None, "wasted")
         await pilot.press("slash", *"*.txt")
         await wait_for(pilot, lambda: pilot.app.screen.matches, "the matches")
         await pilot.press("enter")
@@ -145,8 +147,6 @@ def test_snapshot_layer_search_160x48(app_env, snap_compare):  # noqa: F811
 def test_snapshot_layer_partial_search_80x24(app_env, snap_compare):  # noqa: F811
     async def run_before(pilot):
         await _layer(0)(pilot)
-        # (the wasted bytes, computed after the first frame, change the head's wrap)
-        await wait_for(pilot, lambda: pilot.app.screen.wasted_bytes is not None, "wasted")
         await pilot.press("slash", *"type:")
         await wait_for(pilot, lambda: pilot.app.screen.problems, "the partial term")
         await pilot.pause(0.3)
