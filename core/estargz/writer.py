@@ -21,6 +21,7 @@ thread in async code (``core.convert`` does).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -321,37 +322,53 @@ def build_estargz(src, dst, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
     if not 0 <= level <= 3:
         raise FormatError("compression level must be 0..3 (isal)")
 
-    def check() -> None:
-        if cancel is not None and cancel.is_set():
-            raise ConversionCancelled("conversion cancelled")
-
+    check = cancel_check(cancel)
     f, cleanup = open_tar_input(src, tmpdir, check)
-    own_dst = None
     try:
         members = _scan(f)
         missed: list[str] = []
         ordered = _sort_entries(members, list(prioritized_files),
                                 missed if allow_missing_prioritized else None)
-        if isinstance(dst, (str, os.PathLike)):
-            try:
-                own_dst = open(dst, "wb")
-            except OSError as e:
-                raise CoreError(f"cannot write {os.fspath(dst)}: {e.strerror}") from None
-            out_file = own_dst
-        else:
-            out_file = dst
-        buffered = io.BufferedWriter(_Unclosable(out_file), 1 << 20)
-        result = _write(f, buffered, ordered, chunk_size, level, check, progress)
-        buffered.flush()
+        with buffered_output(dst) as out:
+            result = _write(f, out, ordered, chunk_size, level, check, progress)
         result.missed_prioritized = missed
         return result
     finally:
-        if own_dst is not None:
-            own_dst.close()
         cleanup()
 
 
+def cancel_check(cancel: threading.Event | None) -> Callable[[], None]:
+    """A function a writer calls between pieces of work: raises
+    :class:`ConversionCancelled` once ``cancel`` is set."""
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise ConversionCancelled("conversion cancelled")
+    return check
+
+
+@contextlib.contextmanager
+def buffered_output(dst):
+    """A 1 MiB-buffered binary writer over ``dst``: a path (created, and
+    closed here) or a writable binary file (left open). Flushed when the
+    block ends without an error."""
+    own = None
+    if isinstance(dst, (str, os.PathLike)):
+        try:
+            own = open(dst, "wb")
+        except OSError as e:
+            raise CoreError(f"cannot write {os.fspath(dst)}: {e.strerror}") from None
+    try:
+        out = io.BufferedWriter(_Unclosable(own if own is not None else dst), 1 << 20)
+        yield out
+        out.flush()
+    finally:
+        if own is not None:
+            own.close()
+
+
 class _Unclosable(io.RawIOBase):
+    """The writer's target, which closing the buffer over it must not close."""
+
     def __init__(self, f):
         self.f = f
 

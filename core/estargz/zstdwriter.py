@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 import crcmod
 import zstandard
 
-from ..errors import CoreError, FormatError
+from ..errors import FormatError
 from .writer import (
-    ConversionCancelled,
+    buffered_output,
+    cancel_check,
     open_tar_input,
     require_utf8,
     tar_xattrs,
@@ -165,41 +166,13 @@ def build_zstdchunked(src, dst, *, chunk_size: int = 4 << 20, level: int = DEFAU
     if not 1 <= level <= 19:
         raise FormatError("zstd compression level must be 1..19")
 
-    def check() -> None:
-        if cancel is not None and cancel.is_set():
-            raise ConversionCancelled("conversion cancelled")
-
+    check = cancel_check(cancel)
     f, cleanup = open_tar_input(src, tmpdir, check)
-    own = None
     try:
-        if isinstance(dst, (str, os.PathLike)):
-            try:
-                own = open(dst, "wb")
-            except OSError as e:
-                raise CoreError(f"cannot write {os.fspath(dst)}: {e.strerror}") from None
-            out_file = own
-        else:
-            out_file = dst
-        buffered = io.BufferedWriter(_Sink(out_file), 1 << 20)
-        res = _write(f, buffered, chunk_size, level, check, progress)
-        buffered.flush()
-        return res
+        with buffered_output(dst) as out:
+            return _write(f, out, chunk_size, level, check, progress)
     finally:
-        if own is not None:
-            own.close()
         cleanup()
-
-
-class _Sink(io.RawIOBase):
-    def __init__(self, f):
-        self.f = f
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        self.f.write(b)
-        return len(b)
 
 
 def _write(f, dst, chunk_size, level, check, progress) -> ZstdChunkedResult:

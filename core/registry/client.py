@@ -215,7 +215,7 @@ def _unknown_host(e: BaseException) -> bool:
     return False
 
 
-def _same_origin(a: str, b: str) -> bool:
+def same_origin(a: str, b: str) -> bool:
     ua, ub = urlsplit(a), urlsplit(b)
     return (ua.scheme, ua.hostname, ua.port) == (ub.scheme, ub.hostname, ub.port)
 
@@ -445,8 +445,11 @@ class RegistryClient:
         margin = min(10.0, expires_in / 5)
         return Token(value, time.monotonic() + max(0.0, expires_in - margin))
 
-    async def _auth_header(self, base: str, scope: str | None, *, rejected: str | None = None,
-                           extra_scope: str | None = None) -> str | None:
+    async def auth_header(self, base: str, scope: str | None, *, rejected: str | None = None,
+                          extra_scope: str | None = None) -> str | None:
+        """The ``Authorization`` value for ``base`` (None before any challenge):
+        a cached or fresh token for ``scope``, or Basic credentials. Public for
+        the blob source, which reuses it on a redirected or bulk read."""
         challenge = self._challenges.get(base)
         if challenge is None:
             return None
@@ -499,7 +502,7 @@ class RegistryClient:
         redirected = False
         for _hop in range(MAX_REDIRECTS + 1):
             hdrs = dict(headers)
-            if "Authorization" in hdrs and not (auth_origin and _same_origin(target, auth_origin)):
+            if "Authorization" in hdrs and not (auth_origin and same_origin(target, auth_origin)):
                 del hdrs["Authorization"]
             reply = await self._send_retrying(method, target, hdrs, params, content, data, limit,
                                               first_host, path)
@@ -510,7 +513,7 @@ class RegistryClient:
                 if reply.status == 303:
                     method, content, data = "GET", None, None
                 target, params = new, None
-                redirected = redirected or not _same_origin(new, url)
+                redirected = redirected or not same_origin(new, url)
                 continue
             reply.redirected = redirected
             reply.url = target
@@ -592,7 +595,7 @@ class RegistryClient:
                        follow) -> Reply:
         target = url or (base + path)
         hdrs = dict(headers or {})
-        auth = await self._auth_header(base, scope)
+        auth = await self.auth_header(base, scope)
         if auth:
             hdrs["Authorization"] = auth
         reply = await self._send(method, target, headers=hdrs, params=params, content=content,
@@ -610,7 +613,7 @@ class RegistryClient:
         # A token we had was rejected (expired or revoked): fetch a fresh one, once.
         old = hdrs.get("Authorization", "")
         rejected = old[7:] if old.startswith("Bearer ") else None
-        auth = await self._auth_header(base, scope, rejected=rejected,
+        auth = await self.auth_header(base, scope, rejected=rejected,
                                        extra_scope=challenge.scope if challenge.scope != scope
                                        else None)
         if not auth:
@@ -696,7 +699,7 @@ class RegistryClient:
             if not nxt or not items:
                 return
             url = urljoin(url, nxt)
-            if not _same_origin(url, self.origin) or url in seen:
+            if not same_origin(url, self.origin) or url in seen:
                 return
             seen.add(url)
             params = None

@@ -35,7 +35,7 @@ from ..oci import (
 )
 from ..reference import Reference
 from .bulk import BulkUnavailable
-from .client import RegistryClient, Reply, _same_origin, raise_for_reply, repository_scope
+from .client import RegistryClient, Reply, raise_for_reply, repository_scope, same_origin
 from .config import RegistryConfig
 from .credentials import Credentials
 
@@ -328,7 +328,7 @@ class RegistryBlobSource:
         headers = {}
         try:
             if auth_base is not None:
-                auth = await self.client._auth_header(auth_base, repository_scope(self.repository))
+                auth = await self.client.auth_header(auth_base, repository_scope(self.repository))
                 if auth:
                     headers["Authorization"] = auth
             return await reader.read(url, headers, offset, length)
@@ -389,7 +389,7 @@ class RegistryBlobSource:
         if reply.status == 206:
             base = self.store._good_base
             self._bulk_target = (reply.url, base if base and not reply.redirected
-                                 and _same_origin(reply.url, base) else None)
+                                 and same_origin(reply.url, base) else None)
         return data
 
     async def aclose(self) -> None:
