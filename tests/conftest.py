@@ -11,7 +11,7 @@ import os
 # tests get one only where they ask for it (tests/test_resident.py).
 os.environ["STARGZ_TUI_SERVER"] = "off"
 
-# --- registry fixtures (issue 3) -------------------------------------------------------
+# --- registry fixtures -----------------------------------------------------------------
 from registry_fixtures import (  # noqa: F401
     basic_registry,
     front_proxy,
