@@ -7,6 +7,8 @@ layer extracted there before, as when layers are extracted one after another
 into one directory). Every path component below the destination is opened
 relative to its parent's descriptor with ``O_NOFOLLOW``; links found there are
 never followed, and symlinks are recreated as stored, never followed later.
+Files, directories and symlinks get the TOC's mtimes; hardlinks extracted
+together stay one file with several names.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ async def extract(index: LayerIndex, source, entry: Entry, dest: str, *,
             stack.extend(reversed(index.children(e)))
     total = sum(e.size for e in todo if e.type in ("reg",))
     written = 0
+    # the first file written for each inode (target entry id -> its parts):
+    # a later hardlink to it is a link here too, as tar extraction makes it
+    inodes: dict[int, list[str]] = {}
+    dirs: list[tuple[list[str], float]] = []
     with _DirWalker(dest) as walker:
         for e in todo:
             rel = e.path[len(base):].lstrip("/") if base else e.path
@@ -60,8 +66,13 @@ async def extract(index: LayerIndex, source, entry: Entry, dest: str, *,
                 continue  # the root of the layer: ``dest`` itself
             if e.type == "dir":
                 walker.open_dir(parts).close()
+                dirs.append((parts, e.mtime))
             elif e.type in ("reg", "hardlink"):
                 target = index.entry(e.target_id) if e.target_id is not None else e
+                first = inodes.get(target.id)
+                if first is not None:
+                    walker.create_hardlink(first, parts)
+                    continue
                 with walker.create_file(parts, e.mode & 0o777) as f:
                     pos = 0
                     while pos < target.size:
@@ -72,12 +83,29 @@ async def extract(index: LayerIndex, source, entry: Entry, dest: str, *,
                         written += len(data)
                         if progress:
                             progress(written, total, e.path)
+                    f.flush()
+                    _set_mtime(f.fileno(), target.mtime)
+                inodes[target.id] = parts
             elif e.type == "symlink":
-                walker.create_symlink(parts, e.link_name)
+                walker.create_symlink(parts, e.link_name, e.mtime)
             # devices and fifos are skipped: they need privileges and carry no data
+        # a directory's mtime last: writing its entries changed it
+        for parts, mtime in reversed(dirs):
+            fd = walker.open_dir(parts)
+            try:
+                _set_mtime(fd.fd, mtime)
+            finally:
+                fd.close()
     if progress:
         progress(written, total, "")
     return written
+
+
+def _set_mtime(fd: int, mtime: float) -> None:
+    """The TOC's mtime (atime too) on an open file or directory."""
+    if mtime:
+        ns = int(mtime * 1_000_000_000)
+        os.utime(fd, ns=(ns, ns))
 
 
 def _components(rel: str, path: str, dest: str) -> list[str]:
@@ -187,11 +215,26 @@ class _DirWalker:
         os.fchmod(fd, mode)
         return os.fdopen(fd, "wb")
 
-    def create_symlink(self, parts, target: str) -> None:
+    def create_symlink(self, parts, target: str, mtime: float = 0.0) -> None:
         parent = self._parent(parts)
         name = parts[-1]
         self._clear(parent, name, parts)
         os.symlink(target, name, dir_fd=parent)
+        if mtime:
+            ns = int(mtime * 1_000_000_000)
+            os.utime(name, ns=(ns, ns), dir_fd=parent, follow_symlinks=False)
+
+    def create_hardlink(self, first, parts) -> None:
+        """``parts`` as a second name of the file written at ``first`` (both
+        below the root, each reached without following links)."""
+        src = self.open_dir(first[:-1])
+        try:
+            parent = self._parent(parts)
+            self._clear(parent, parts[-1], parts)
+            os.link(first[-1], parts[-1], src_dir_fd=src.fd, dst_dir_fd=parent,
+                    follow_symlinks=False)
+        finally:
+            src.close()
 
 
 class _Fd:
