@@ -159,6 +159,22 @@ def _cached_flags(index: LayerIndex, chunks, cache) -> list[bool]:
     return cache.cached([_cache_key(index, c) for c in chunks])
 
 
+def cache_filler(index: LayerIndex, cache):
+    """An ``on_chunk`` for :func:`read_text` and :func:`extract` that keeps
+    each verified chunk with a digest in ``cache``, under the key the mounts
+    use, so the chunk map shows what viewing or extracting fetched. Chunks
+    without a digest are not kept: their keys belong to the mount that
+    verified the TOC vouching for them (core.cache.digestless_scope)."""
+    if cache is None:
+        return None
+
+    def keep(chunk: Chunk, data: bytes) -> None:
+        if chunk.digest:
+            cache.put(_cache_key(index, chunk), bytes(data))
+
+    return keep
+
+
 def _cache_empty(cache) -> bool:
     """Does the cache hold no chunk at all? Then a layer's states need no
     per-chunk work: not even its cache keys."""
@@ -421,13 +437,15 @@ TEXT_VIEW_LIMIT = 256 << 10
 
 
 async def read_text(index: LayerIndex, source, entry: Entry,
-                    limit: int = TEXT_VIEW_LIMIT) -> tuple[str, bool]:
+                    limit: int = TEXT_VIEW_LIMIT, *, on_chunk=None) -> tuple[str, bool]:
     """The start of a regular file as text (fetching only the chunks needed)
-    and whether it was cut at ``limit``. Raises FormatError for binary data."""
+    and whether it was cut at ``limit``. Raises FormatError for binary data.
+    ``on_chunk``: see :func:`cache_filler`."""
     target = index.entry(entry.target_id) if entry.target_id is not None else entry
     if target.type_code != REG:
         raise FormatError(f"/{entry.path} is a {entry.type}, not a regular file")
-    data = await read_file_range(index, source, target, 0, min(limit, target.size))
+    data = await read_file_range(index, source, target, 0, min(limit, target.size),
+                                 on_chunk=on_chunk)
     if b"\0" in data[:8192]:
         raise FormatError(f"/{entry.path} looks binary; extract it instead")
     return data.decode("utf-8", errors="replace"), target.size > limit
@@ -437,7 +455,7 @@ __all__ = [
     "ADDED", "CHUNK_CACHED", "CHUNK_FAILED", "CHUNK_MISSING", "CHUNK_PREFETCH",
     "DigestMismatchError", "LayerBrowser", "LayerView", "MODIFIED", "Node", "REMOVED",
     "TOC_ABSENT", "TOC_MISMATCH", "TOC_NONE", "TOC_VERIFIED", "ancestors_of", "chunk_map",
-    "chunk_states", "count_cached", "default_cache", "entry_details", "extract",
+    "cache_filler", "chunk_states", "count_cached", "default_cache", "entry_details", "extract",
     "human_size", "layer_chunk_states", "mode_string", "open_layer", "prefetch_progress",
     "read_text", "short_digest",
 ]

@@ -26,10 +26,11 @@ ProgressFn = Callable[[int, int, str], None]
 
 
 async def extract(index: LayerIndex, source, entry: Entry, dest: str, *,
-                  progress: ProgressFn | None = None) -> int:
+                  progress: ProgressFn | None = None, on_chunk=None) -> int:
     """Write ``entry`` (a file, or a directory with everything below it) under
     the directory ``dest``, fetching only the chunks of the files written.
-    Returns the number of bytes written.
+    Returns the number of bytes written; ``on_chunk`` is
+    :func:`core.estargz.read_file_range`'s (e.g. :func:`core.browse.cache_filler`).
 
     Nothing is ever written, created or chmodded outside ``dest``, whatever
     ``dest`` already holds (e.g. the symlinks of a layer extracted there
@@ -77,7 +78,8 @@ async def extract(index: LayerIndex, source, entry: Entry, dest: str, *,
                     pos = 0
                     while pos < target.size:
                         n = min(8 << 20, target.size - pos)
-                        data = await read_file_range(index, source, target, pos, n)
+                        data = await read_file_range(index, source, target, pos, n,
+                                                     on_chunk=on_chunk)
                         f.write(data)
                         pos += n
                         written += len(data)

@@ -253,6 +253,7 @@ class _FullState:
         self.n = n
         self.fmt = fmt
         self.ix = ix
+        self.on_chunk = None  # see verify_layer
         self.blob_hash = hashlib.sha256()
         self.diff_hash = hashlib.sha256()
         self.usize = 0
@@ -333,6 +334,8 @@ class _FullState:
                     self.rebuild.fail(f"a chunk of {path} fails verification")
             else:
                 self.chunks_ok += 1
+                if self.on_chunk is not None:
+                    self.on_chunk(c, data)
                 self._file_piece(c.entry_id, c.chunk_offset, data)
                 if self.rebuild is not None:
                     self.rebuild.feed(path, data)
@@ -404,23 +407,27 @@ class _FullState:
 
 
 async def verify_layer(image: Image, desc: LayerDescriptor, *, full: bool = False,
-                       progress: ProgressFn | None = None) -> LayerVerification:
+                       progress: ProgressFn | None = None,
+                       on_chunk=None) -> LayerVerification:
     """Verify one layer (see the module doc). With ``full``: every chunk and
     file digest, the blob digest and the diffID (and the uncompressed size
-    annotation when present)."""
+    annotation when present); ``on_chunk(chunk, data)`` (in a worker thread)
+    gets each chunk that verified, e.g. to keep it in a cache."""
     checks, ix, fmt = await verify_toc(image, desc, progress=progress)
     res = LayerVerification(desc.index, fmt, checks, ix.toc_digest if ix is not None else None)
     if full and fmt != "?":
-        await _verify_blob(image, desc, fmt, ix, res, progress)
+        await _verify_blob(image, desc, fmt, ix, res, progress, on_chunk)
     return res
 
 
 async def _verify_blob(image: Image, desc: LayerDescriptor, fmt: str, ix: LayerIndex | None,
-                       res: LayerVerification, progress: ProgressFn | None) -> None:
+                       res: LayerVerification, progress: ProgressFn | None,
+                       on_chunk=None) -> None:
     checks = res.checks
     n = desc.index
     source = image.store.blob_source(desc.digest, desc.size)
     state = _FullState(n, fmt, ix)
+    state.on_chunk = on_chunk
     tar_split_check = None
     if ix is not None and ix.tar_split is not None:
         try:

@@ -117,6 +117,14 @@ class Services:
         session._browsers.clear()
         return view
 
+    def chunk_sink(self, session: ImageSession, n: int):
+        """What viewing or extracting from layer ``n`` passes as ``on_chunk``:
+        the verified chunks it fetches go to the cache the chunk map reads."""
+        view = session.views[n]
+        if view is None or view.index is None or is_plain(view):
+            return None
+        return browse.cache_filler(view.index, self._cache_for(session, n))
+
     def chunk_states(self, session: ImageSession, n: int, chunks=None) -> list[str]:
         view = session.views[n]
         if view is None or view.index is None or is_plain(view):

@@ -1,4 +1,5 @@
-"""The simple, uncached read path: file ranges straight from a blob source.
+"""The simple read path: file ranges straight from a blob source (a caller
+may keep the verified chunks it fetches through ``on_chunk``).
 
 Used by ``cat``, ``verify`` and extraction; the FUSE core has its own cached,
 coalescing reader (core/layer.py) over the same chunk functions.
@@ -7,6 +8,7 @@ coalescing reader (core/layer.py) over the same chunk functions.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import anyio.to_thread
 
@@ -33,7 +35,8 @@ def _groups(chunks: list[Chunk]) -> list[list[Chunk]]:
 
 
 async def fetch_chunks(index: LayerIndex, source: BlobSource, chunks: list[Chunk],
-                       windows: dict[int, tuple[int, int]] | None = None):
+                       windows: dict[int, tuple[int, int]] | None = None,
+                       on_chunk: Callable[[Chunk, bytes], None] | None = None):
     """Yield ``(chunk, data)`` for ``chunks``, verified, fetching neighbours
     together. Raises :class:`ChunkDigestError` for a chunk that fails. A
     chunk with an entry in ``windows`` (chunk index -> ``(lo, hi)``, relative
@@ -58,6 +61,9 @@ async def fetch_chunks(index: LayerIndex, source: BlobSource, chunks: list[Chunk
             win = windows.get(c.index) if windows else None
             if win is None:
                 data = await anyio.to_thread.run_sync(decode_chunk, index.format, piece, c, path)
+                if on_chunk is not None:
+                    # a whole chunk, verified: what a caller may keep (a cache)
+                    await anyio.to_thread.run_sync(on_chunk, c, data)
             else:
                 data = await anyio.to_thread.run_sync(decode_chunk_window, index.format, piece,
                                                       c, win[0], win[1], path)
@@ -65,8 +71,11 @@ async def fetch_chunks(index: LayerIndex, source: BlobSource, chunks: list[Chunk
 
 
 async def read_file_range(index: LayerIndex, source: BlobSource, entry: Entry,
-                          offset: int = 0, size: int | None = None) -> bytes:
-    """Bytes ``[offset, offset+size)`` of a regular file (or hardlink to one)."""
+                          offset: int = 0, size: int | None = None, *,
+                          on_chunk: Callable[[Chunk, bytes], None] | None = None) -> bytes:
+    """Bytes ``[offset, offset+size)`` of a regular file (or hardlink to one).
+    ``on_chunk(chunk, data)`` (in a worker thread) gets each whole chunk
+    fetched and verified on the way, e.g. to keep it in a cache."""
     target = index.entry(entry.target_id) if entry.target_id is not None else entry
     if target.type_code != REG:
         raise FormatError(f"{entry.path} is a {entry.type}, not a regular file")
@@ -87,12 +96,13 @@ async def read_file_range(index: LayerIndex, source: BlobSource, entry: Entry,
         # Holes stay zeros in the answer: nothing the size of a hole allocated.
         buf = bytearray(end - offset)
         async for c, data in fetch_chunks(index, source,
-                                          [c for c in chunks if c.index not in zeros], windows):
+                                          [c for c in chunks if c.index not in zeros], windows,
+                                          on_chunk):
             lo = max(offset, c.chunk_offset)  # a window's data starts there too
             buf[lo - offset : lo - offset + len(data)] = data
         return bytes(buf)
     parts: dict[int, bytes] = {}
-    async for c, data in fetch_chunks(index, source, chunks, windows):
+    async for c, data in fetch_chunks(index, source, chunks, windows, on_chunk):
         parts[c.chunk_offset] = data
     return b"".join(parts[c.chunk_offset] for c in chunks)
 

@@ -72,7 +72,8 @@ class VerifyScreen(TaskModal):
 
         # One pass over the blob: TOC digest, then every chunk and file digest,
         # the blob digest and the diffID (core/verify.py).
-        res = await verify.verify_layer(self.session.image, desc, full=True, progress=progress)
+        res = await verify.verify_layer(self.session.image, desc, full=True, progress=progress,
+                                        on_chunk=self.app.services.chunk_sink(self.session, self.n))
         toc_checks = [c for c in res.checks if c.name in ("toc-digest", "manifest-checksum")]
         bad_toc = [c for c in toc_checks if not c.ok and not c.skipped]
         if bad_toc:
@@ -174,7 +175,8 @@ class FileViewer(ModalScreen):
                 text, cut = await self.app.services.plain_file_text(ix, source, entry,
                                                                    browse.TEXT_VIEW_LIMIT)
             else:
-                text, cut = await browse.read_text(ix, source, entry)
+                sink = self.app.services.chunk_sink(self.session, self.node.layer_no)
+                text, cut = await browse.read_text(ix, source, entry, on_chunk=sink)
         except CoreError as e:
             self.notify(printable(one_line(e)), severity="error", timeout=8, markup=False)
             self.dismiss(None)
@@ -237,7 +239,8 @@ class ExtractScreen(TaskModal):
             status.update(plain(f"/{path}", "dim"))
 
         try:
-            n = await browse.extract(ix, source, entry, dest, progress=progress)
+            sink = self.app.services.chunk_sink(self.session, self.node.layer_no)
+            n = await browse.extract(ix, source, entry, dest, progress=progress, on_chunk=sink)
         except (CoreError, OSError) as e:
             status.update(plain(one_line(e), "red"))
             self.notify(printable(f"Extract failed: {one_line(e)}"), severity="error", timeout=8,
