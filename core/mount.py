@@ -940,6 +940,14 @@ def _teardown(rec: dict, force: bool) -> list[str]:
     return done
 
 
+def is_stargz_mount(mountpoint: str) -> bool:
+    """Is ``mountpoint`` one of our mounts (a record of this user's, or a
+    stargz FUSE mount left without one)? What :func:`unmount` would touch."""
+    if _find_record(mountpoint) is not None:
+        return True
+    return mount_table().get(os.path.abspath(mountpoint)) == FUSE_FSTYPE
+
+
 def unmount(mountpoint: str, *, force: bool = False) -> dict:
     """Unmount a stargz-tui mount (see module docs). Idempotent."""
     mp = os.path.realpath(mountpoint) if os.path.exists(mountpoint) or not os.path.isabs(

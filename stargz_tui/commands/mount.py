@@ -173,7 +173,9 @@ def cmd_unmount(args) -> int:
         raise MountError("give a MOUNTPOINT or --all (not both)")
     if args.all:
         return _unmount_all(args.force)
-    _refuse_own_use(args.mountpoint, args.force)
+    if m.is_stargz_mount(args.mountpoint):
+        # (a path that is none of ours gets "not mounted" below, wherever we run)
+        _refuse_own_use(args.mountpoint, args.force)
     res = m.unmount(args.mountpoint, force=args.force)
     if res["status"] == "not-mounted":
         # like umount(8): a path that is none of our mounts is an error
