@@ -97,6 +97,11 @@ class LayerReader:
 
     Use inside an event loop. ``await reader.start(tg)`` loads the cache
     state and (optionally) starts prefetch and background fetch in ``tg``.
+
+    Why one class (~900 lines, ~50 methods) still: range planning,
+    single-flight, decoding, read-ahead and the background pipeline share the
+    flight table and the buffer pool; splitting them into a fetcher, decoder,
+    read-ahead and layer is issue 15's next step (measured against bench/run).
     """
 
     def __init__(self, index: LayerIndex, source: BlobSource, cache: ChunkCache,

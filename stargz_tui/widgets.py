@@ -111,3 +111,14 @@ class KeyBar(Widget):
             t.append(key, key_style if on else off_style)
             t.append(desc, None if on else off_style)
         return t
+
+
+def set_table_columns(table, cols) -> bool:
+    """Give ``table`` the columns ``cols`` (``(label, key)`` pairs) unless it
+    has them already; True when they changed (and the table was emptied)."""
+    if [str(c.label) for c in table.columns.values()] == [label for label, _ in cols]:
+        return False
+    table.clear(columns=True)
+    for label, key in cols:
+        table.add_column(label, key=key)
+    return True

@@ -277,6 +277,10 @@ class RegistryClient:
 
     ``credentials`` overrides the lookup (used by ``login`` to check new
     credentials); ``use_keyring=False`` keeps the keyring out of the lookup.
+
+    Why one class (~480 lines): requests, auth challenges, tokens and the
+    deadline policy (core.registry.policy) act on one connection pool and one
+    token cache; auth could move out with the bulk transport (issue 15).
     """
 
     def __init__(self, registry: str, *, config: RegistryConfig | None = None,

@@ -24,7 +24,7 @@ from core import browse
 
 from ..services import is_plain
 from ..text import multiline, plain, printable
-from ..widgets import KeyBar
+from ..widgets import KeyBar, set_table_columns
 from .base import BaseScreen
 
 # layers table columns: (label, key); narrow terminals keep the key ones
@@ -169,13 +169,7 @@ class ImageScreen(BaseScreen):
         """The layers table's columns for this width (narrow: the key ones);
         True when they changed (and the table was emptied)."""
         cols = COLUMNS_NARROW if self.app.size.width < WIDE else COLUMNS
-        t = self.query_one("#layers", DataTable)
-        if [str(c.label) for c in t.columns.values()] == [label for label, _ in cols]:
-            return False
-        t.clear(columns=True)
-        for label, key in cols:
-            t.add_column(label, key=key)
-        return True
+        return set_table_columns(self.query_one("#layers", DataTable), cols)
 
     def on_resize(self) -> None:
         if self._set_columns() and self.session is not None:

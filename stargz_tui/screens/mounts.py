@@ -16,7 +16,7 @@ from core.browse import human_size
 
 from ..services import one_line
 from ..text import plain, printable
-from ..widgets import KeyBar
+from ..widgets import KeyBar, set_table_columns
 from .base import BaseScreen
 
 REFRESH_SECONDS = 1.0
@@ -112,13 +112,7 @@ class MountsScreen(BaseScreen):
 
     def _set_columns(self) -> bool:
         cols = COLUMNS_NARROW if self.app.size.width < WIDE else COLUMNS
-        t = self.query_one("#mounts", DataTable)
-        if [str(c.label) for c in t.columns.values()] == [label for label, _ in cols]:
-            return False
-        t.clear(columns=True)
-        for label, key in cols:
-            t.add_column(label, key=key)
-        return True
+        return set_table_columns(self.query_one("#mounts", DataTable), cols)
 
     def on_resize(self) -> None:
         if self._set_columns():
