@@ -159,10 +159,10 @@ def test_bulk_with_tokens_and_expiry(token_registry, isolated_env, monkeypatch):
             a = await src.read_range(0, 3000)
             b = await src.read_range(3000, 3000)  # bulk, with the cached token
             n = src.bulk_reads
-            # a token the registry no longer takes: bulk answers 401, the regular
-            # path renews it
-            for k in list(store.client._tokens):
-                store.client._tokens[k].value = "expired-or-revoked"
+            # a token the registry no longer takes (the next one is issued
+            # expired): bulk answers 401, the regular path renews it
+            store.client.invalidate_tokens()
+            token_registry.issuer.expired_tokens = 1
             c = await src.read_range(6000, 3000)
             d = await src.read_range(9000, 3000)  # bulk again with the new token
             assert a + b + c + d == await local.read_range(0, 12000)

@@ -8,7 +8,8 @@ insecure registries).
 """
 
 from .api import list_repositories, list_tags, login, logout
-from .client import Challenge, RegistryClient, parse_www_authenticate, repository_scope
+from .auth import Challenge, parse_www_authenticate, repository_scope
+from .client import RegistryClient
 from .config import RegistryConfig, load_config
 from .credentials import Credentials
 from .push import push_blob, push_manifest, push_oci_layout

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..reference import parse_reference, parse_registry
-from .client import CATALOG_SCOPE, RegistryClient, repository_scope
+from .auth import CATALOG_SCOPE, repository_scope
+from .client import RegistryClient
 from .credentials import Credentials
 
 PAGE_SIZE = 100

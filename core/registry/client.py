@@ -2,10 +2,9 @@
 
 :class:`RegistryClient` talks to one registry (and its configured mirrors):
 
-* auth: ``WWW-Authenticate`` challenges (Bearer with realm/service/scope, Basic),
-  anonymous and authenticated tokens, OAuth2 refresh-token flow for identity
-  tokens, tokens cached per scope until they expire and renewed transparently
-  when the registry answers 401 mid-session;
+* auth through its :class:`~core.registry.auth.Authenticator` (``client.auth``:
+  challenges, credentials, tokens); a 401 mid-session is answered once with a
+  fresh token or the credentials the challenge asks for;
 * redirects are followed by hand: the ``Authorization`` header never goes to
   another host than the one it was meant for;
 * one :class:`~core.registry.policy.RequestPolicy` for every request: a total
@@ -17,9 +16,6 @@
   registries, also as the target of a redirect (refused before connecting,
   with :class:`~core.errors.InsecureRedirectError`);
 * catalog and tags listing with ``n=`` and ``Link`` pagination.
-
-Credentials are looked up (keyring, then files) only when a registry asks for
-them, and never appear in logs or error messages.
 """
 
 from __future__ import annotations
@@ -29,18 +25,17 @@ import logging
 import os
 import re
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import anyio
-import anyio.to_thread
 import httpx
 
 from ..errors import (
     AuthError,
-    CoreError,
     CredentialsRejectedError,
     FormatError,
     InsecureRedirectError,
@@ -48,7 +43,15 @@ from ..errors import (
     RegistryError,
 )
 from ..reference import DOCKER_HUB, DOCKER_HUB_API_HOST, is_loopback_host
-from . import credentials as _creds
+from .auth import (
+    CATALOG_SCOPE,
+    Authenticator,
+    Challenge,
+    host_of,
+    parse_www_authenticate,
+    reason,
+    repository_scope,
+)
 from .config import RegistryConfig, load_config
 from .credentials import Credentials
 from .policy import DEFAULT_DEADLINE, DEFAULT_IDLE_TIMEOUT, RETRY_STATUSES, RequestPolicy
@@ -58,83 +61,6 @@ log = logging.getLogger(__name__)
 USER_AGENT = "stargz-tui/0.1.0"
 MAX_REDIRECTS = 5
 DEFAULT_BODY_LIMIT = 16 << 20
-CREDENTIAL_LOOKUP_TIMEOUT = 30.0
-_REASONS = {
-    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 409: "Conflict", 410: "Gone", 413: "Payload Too Large",
-    416: "Range Not Satisfiable", 429: "Too Many Requests", 500: "Internal Server Error",
-    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
-}
-
-
-def reason(status: int) -> str:
-    return f"{status} {_REASONS.get(status, 'HTTP error')}"
-
-
-# -- WWW-Authenticate ------------------------------------------------------------------
-
-_PARAM_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
-
-
-@dataclass(frozen=True)
-class Challenge:
-    scheme: str  # "bearer" or "basic" (lower case)
-    params: dict
-
-    @property
-    def realm(self) -> str | None:
-        return self.params.get("realm")
-
-    @property
-    def service(self) -> str | None:
-        return self.params.get("service")
-
-    @property
-    def scope(self) -> str | None:
-        return self.params.get("scope")
-
-
-def parse_www_authenticate(value: str | None) -> Challenge | None:
-    """Parse ``Bearer realm="...",service="...",scope="..."`` or ``Basic realm="..."``."""
-    if not value:
-        return None
-    value = value.strip()
-    scheme, _, rest = value.partition(" ")
-    scheme = scheme.lower()
-    if scheme not in ("bearer", "basic"):
-        return None
-    params = {}
-    for m in _PARAM_RE.finditer(rest):
-        v = m.group(2)
-        if v.startswith('"'):
-            v = re.sub(r"\\(.)", r"\1", v[1:-1])
-        params[m.group(1).lower()] = v
-    return Challenge(scheme, params)
-
-
-# -- tokens --------------------------------------------------------------------------
-
-@dataclass
-class Token:
-    value: str
-    expires_at: float  # time.monotonic() deadline
-
-    def valid(self) -> bool:
-        return time.monotonic() < self.expires_at
-
-
-def repository_scope(repository: str, actions: str = "pull") -> str:
-    return f"repository:{repository}:{actions}"
-
-
-CATALOG_SCOPE = "registry:catalog:*"
-
-
-def _scope_repo(scope: str | None) -> str | None:
-    if scope and scope.startswith("repository:"):
-        return scope.split(":")[1]
-    return None
-
 
 # -- replies -------------------------------------------------------------------------
 
@@ -203,25 +129,27 @@ def describe_transport_error(e: BaseException) -> str:
 _NO_SUCH_NAME = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, n)}
 
 
-def _unknown_host(e: BaseException) -> bool:
-    """Did name resolution say the host does not exist? (httpx wraps httpcore,
-    which wraps the ``socket.gaierror``.)"""
+def _caused_by(e: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The ``kind`` exception in ``e``'s chain of causes, or None (httpx wraps
+    httpcore's errors, which wrap the socket's or ssl's)."""
     seen = 0
     while e is not None and seen < 16:
-        if isinstance(e, socket.gaierror):
-            return e.errno in _NO_SUCH_NAME
+        if isinstance(e, kind):
+            return e
         e = e.__cause__ or e.__context__
         seen += 1
-    return False
+    return None
+
+
+def _unknown_host(e: BaseException) -> bool:
+    """Did name resolution say the host does not exist?"""
+    gai = _caused_by(e, socket.gaierror)
+    return gai is not None and gai.errno in _NO_SUCH_NAME
 
 
 def same_origin(a: str, b: str) -> bool:
     ua, ub = urlsplit(a), urlsplit(b)
     return (ua.scheme, ua.hostname, ua.port) == (ub.scheme, ub.hostname, ub.port)
-
-
-def _host_of(url: str) -> str:
-    return urlsplit(url).netloc
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -278,9 +206,9 @@ class RegistryClient:
     ``credentials`` overrides the lookup (used by ``login`` to check new
     credentials); ``use_keyring=False`` keeps the keyring out of the lookup.
 
-    Why one class (~480 lines): requests, auth challenges, tokens and the
-    deadline policy (core.registry.policy) act on one connection pool and one
-    token cache; auth could move out with the bulk transport (issue 15).
+    Auth is ``self.auth`` (:class:`~core.registry.auth.Authenticator`); how
+    long and how often is ``self.policy`` (core.registry.policy); this class
+    sends, follows redirects and retries.
     """
 
     def __init__(self, registry: str, *, config: RegistryConfig | None = None,
@@ -295,8 +223,6 @@ class RegistryClient:
             insecure_registries)
         self.origin = self.config.base_url(self.api_host)
         self.mirrors = [self.config.base_url(m) for m in self.config.mirrors_for(registry)]
-        self._explicit = credentials
-        self.use_keyring = use_keyring
         if deadline is None:
             deadline = self.config.request_timeout or DEFAULT_DEADLINE
         self.policy = RequestPolicy(deadline=deadline, timeout=timeout,
@@ -310,12 +236,10 @@ class RegistryClient:
             transport=LazyTLSTransport(
                 limits=httpx.Limits(max_connections=32, max_keepalive_connections=16)),
         )
-        self._challenges: dict[str, Challenge | None] = {}
-        self._tokens: dict[tuple[str, str], Token] = {}
-        self._creds: dict[tuple[str, str | None], Credentials | None] = {}
-        self._locks: dict[object, anyio.Lock] = {}
+        self.auth = Authenticator(registry, self.origin, config=self.config, send=self._send,
+                                  credentials=credentials, use_keyring=use_keyring)
         self._bulk = None
-        self.stats = {"requests": 0, "retries": 0, "tokens_fetched": 0, "redirects": 0}
+        self.stats = {"requests": 0, "retries": 0, "redirects": 0}
         self._check_origin(self.origin)
         for m in self.mirrors:
             self._check_origin(m)
@@ -335,137 +259,9 @@ class RegistryClient:
         """Base URLs to read content from: mirrors in order, then the registry itself."""
         return [*self.mirrors, self.origin]
 
-    def _lock(self, key) -> anyio.Lock:
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = anyio.Lock()
-        return lock
-
-    # -- credentials -----------------------------------------------------------------
-
-    async def credentials_for(self, base: str, repository: str | None) -> Credentials | None:
-        host = _host_of(base)
-        is_origin = base == self.origin
-        if is_origin and self._explicit is not None:
-            return self._explicit
-        registry = self.registry if is_origin else host
-        key = (registry, repository)
-        if key in self._creds:
-            return self._creds[key]
-        async with self._lock(("creds", key)):
-            if key in self._creds:
-                return self._creds[key]
-            try:
-                with anyio.fail_after(CREDENTIAL_LOOKUP_TIMEOUT):
-                    creds = await anyio.to_thread.run_sync(
-                        lambda: _creds.lookup(registry, repository, use_keyring=self.use_keyring),
-                        abandon_on_cancel=True)
-            except TimeoutError:
-                log.warning("credential lookup for %s timed out; continuing anonymously", registry)
-                creds = None
-            self._creds[key] = creds
-            return creds
-
-    # -- tokens ----------------------------------------------------------------------
-
     def invalidate_tokens(self, scope: str | None = None) -> None:
-        """Forget cached tokens (all, or those whose scope set includes ``scope``)."""
-        for k in list(self._tokens):
-            if scope is None or scope in k[1].split(" "):
-                del self._tokens[k]
-
-    async def _token(self, base: str, challenge: Challenge, scopes: list[str],
-                     repository: str | None, *, rejected: str | None = None) -> str:
-        """A token for ``scopes``: cached until it expires; ``rejected`` is a token the
-        registry just refused, which is replaced (once, even with concurrent callers)."""
-        scope_key = " ".join(sorted(set(s for s in scopes if s)))
-        key = (base, scope_key)
-        tok = self._tokens.get(key)
-        if tok and tok.valid() and tok.value != rejected:
-            return tok.value
-        async with self._lock(("token", key)):
-            tok = self._tokens.get(key)
-            if tok and tok.valid() and tok.value != rejected:
-                return tok.value
-            new = await self._fetch_token(base, challenge, scope_key.split(" ") if scope_key else [],
-                                          repository)
-            self._tokens[key] = new
-            return new.value
-
-    async def _fetch_token(self, base: str, challenge: Challenge, scopes: list[str],
-                           repository: str | None) -> Token:
-        realm = challenge.realm
-        host = _host_of(base)
-        if not realm:
-            raise AuthError(f"registry {host} sent a Bearer challenge without a realm")
-        r = urlsplit(realm)
-        if r.scheme not in ("http", "https") or not r.netloc:
-            raise AuthError(f"registry {host} sent an invalid token realm")
-        if r.scheme == "http" and not (is_loopback_host(r.netloc)
-                                       or self.config.is_insecure(r.netloc)):
-            raise AuthError(f"registry {host} wants credentials sent to a plain HTTP token "
-                            f"service at {r.netloc}; refused")
-        creds = await self.credentials_for(base, repository)
-        params: list[tuple[str, str]] = []
-        if challenge.service:
-            params.append(("service", challenge.service))
-        for s in scopes:
-            params.append(("scope", s))
-        headers = {}
-        if creds and creds.is_identity_token:
-            form = {"grant_type": "refresh_token", "refresh_token": creds.secret,
-                    "client_id": "stargz-tui", "scope": " ".join(scopes)}
-            if challenge.service:
-                form["service"] = challenge.service
-            reply = await self._send("POST", realm, headers={}, data=form, limit=1 << 20)
-        else:
-            if creds:
-                headers["Authorization"] = creds.basic_header()
-                params.append(("account", creds.username))
-            reply = await self._send("GET", realm, headers=headers, params=params, limit=1 << 20,
-                                     auth_origin=realm)
-        self.stats["tokens_fetched"] += 1
-        if reply.status in (401, 403):
-            if creds:
-                raise CredentialsRejectedError(
-                    f"registry {host} rejected the credentials (from {creds.source or 'login'}): "
-                    f"token service answered {reason(reply.status)}"
-                )
-            raise AuthError(f"registry {host} requires authentication: run "
-                            f"'stargz-tui login {self.registry}'")
-        if not reply.ok:
-            raise AuthError(f"token service {r.netloc} for registry {host} failed: "
-                            f"HTTP {reason(reply.status)}")
-        try:
-            import json
-
-            doc = json.loads(reply.body)
-            value = doc.get("token") or doc.get("access_token")
-            expires_in = float(doc.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
-            raise AuthError(f"token service {r.netloc} sent an unreadable answer") from None
-        if not isinstance(value, str) or not value:
-            raise AuthError(f"token service {r.netloc} sent no token")
-        margin = min(10.0, expires_in / 5)
-        return Token(value, time.monotonic() + max(0.0, expires_in - margin))
-
-    async def auth_header(self, base: str, scope: str | None, *, rejected: str | None = None,
-                          extra_scope: str | None = None) -> str | None:
-        """The ``Authorization`` value for ``base`` (None before any challenge):
-        a cached or fresh token for ``scope``, or Basic credentials. Public for
-        the blob source, which reuses it on a redirected or bulk read."""
-        challenge = self._challenges.get(base)
-        if challenge is None:
-            return None
-        repo = _scope_repo(scope)
-        if challenge.scheme == "basic":
-            creds = await self.credentials_for(base, repo)
-            if creds is None:
-                return None
-            return creds.basic_header()
-        scopes = [s for s in (scope, extra_scope) if s]
-        token = await self._token(base, challenge, scopes, repo, rejected=rejected)
-        return f"Bearer {token}"
+        """Forget cached tokens (all, or those for ``scope``): ``auth.invalidate_tokens``."""
+        self.auth.invalidate_tokens(scope)
 
     # -- sending ---------------------------------------------------------------------
 
@@ -479,7 +275,7 @@ class RegistryClient:
         if content is not None:
             return await self._send_following(method, url, headers, params, content, data, limit,
                                               auth_origin, follow)
-        with self.policy.bounded(f"registry {_host_of(url)}: {method} {path}"):
+        with self.policy.bounded(f"registry {host_of(url)}: {method} {path}"):
             return await self._send_following(method, url, headers, params, content, data, limit,
                                               auth_origin, follow)
 
@@ -501,7 +297,7 @@ class RegistryClient:
     async def _send_following(self, method, url, headers, params, content, data, limit,
                               auth_origin, follow) -> Reply:
         target = url
-        first_host = _host_of(url)
+        first_host = host_of(url)
         path = urlsplit(url).path
         redirected = False
         for _hop in range(MAX_REDIRECTS + 1):
@@ -560,8 +356,8 @@ class RegistryClient:
                 if isinstance(e, httpx.ConnectError) and _unknown_host(e):
                     raise RegistryError(f"cannot reach registry {host}: unknown host "
                                         f"({text})") from None
-                if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-                    raise RegistryError(f"TLS certificate of {_host_of(url)} could not be verified "
+                if _caused_by(e, ssl.SSLCertVerificationError):
+                    raise RegistryError(f"TLS certificate of {host_of(url)} could not be verified "
                                         f"({text}); if you trust this registry, set SSL_CERT_FILE "
                                         "to a CA bundle that includes its CA certificate") from None
                 failure = e
@@ -590,7 +386,7 @@ class RegistryClient:
         if content is not None:
             return await self._request(method, path, scope, headers, params, content, limit,
                                        base, url, follow)
-        with self.policy.bounded(f"registry {_host_of(base)}: {method} "
+        with self.policy.bounded(f"registry {host_of(base)}: {method} "
                                  f"{urlsplit(url).path if url else path}"):
             return await self._request(method, path, scope, headers, params, content, limit,
                                        base, url, follow)
@@ -599,37 +395,24 @@ class RegistryClient:
                        follow) -> Reply:
         target = url or (base + path)
         hdrs = dict(headers or {})
-        auth = await self.auth_header(base, scope)
+        auth = await self.auth.header(base, scope)
         if auth:
             hdrs["Authorization"] = auth
         reply = await self._send(method, target, headers=hdrs, params=params, content=content,
                                  limit=limit, auth_origin=base, follow=follow)
         if reply.status != 401:
             return reply
-        challenge = parse_www_authenticate(reply.headers.get("www-authenticate"))
-        if challenge is None:
-            return reply
-        self._challenges[base] = challenge
-        if challenge.scheme == "basic" and await self.credentials_for(
-                base, _scope_repo(scope)) is None:
-            raise AuthError(f"registry {_host_of(base)} requires authentication: run "
-                            f"'stargz-tui login {self.registry}'")
-        # A token we had was rejected (expired or revoked): fetch a fresh one, once.
-        old = hdrs.get("Authorization", "")
-        rejected = old[7:] if old.startswith("Bearer ") else None
-        auth = await self.auth_header(base, scope, rejected=rejected,
-                                       extra_scope=challenge.scope if challenge.scope != scope
-                                       else None)
+        auth = await self.auth.answer(base, scope, reply.headers.get("www-authenticate"),
+                                      hdrs.get("Authorization"))
         if not auth:
             return reply
         hdrs["Authorization"] = auth
         reply = await self._send(method, target, headers=hdrs, params=params, content=content,
                                  limit=limit, auth_origin=base, follow=follow)
-        if reply.status == 401 and challenge.scheme == "basic":
-            creds = await self.credentials_for(base, _scope_repo(scope))
-            src = f" (from {creds.source})" if creds and creds.source else ""
-            raise CredentialsRejectedError(f"registry {_host_of(base)} rejected the "
-                                           f"credentials{src}: {reason(401)}")
+        if reply.status == 401:
+            refused = await self.auth.refused(base, scope)
+            if refused is not None:
+                raise refused
         return reply
 
     async def get_url(self, url: str, *, headers: dict | None = None,
@@ -646,15 +429,15 @@ class RegistryClient:
         if reply.status == 401:
             ch = parse_www_authenticate(reply.headers.get("www-authenticate"))
             if ch is None:
-                raise RegistryError(f"registry {_host_of(base)} answered 401 without a usable "
+                raise RegistryError(f"registry {host_of(base)} answered 401 without a usable "
                                     "WWW-Authenticate challenge")
-            self._challenges[base] = ch
+            self.auth.remember(base, ch)
             return ch
         if reply.status == 404:
-            raise RegistryError(f"{_host_of(base)} does not serve the registry API (/v2/: "
+            raise RegistryError(f"{host_of(base)} does not serve the registry API (/v2/: "
                                 f"{reason(404)})")
         raise_for_reply(reply, "GET /v2/")
-        self._challenges[base] = None
+        self.auth.remember(base, None)
         return None
 
     async def check_login(self) -> str:
@@ -664,11 +447,11 @@ class RegistryClient:
         challenge = await self.ping()
         if challenge is None:
             return "none"
-        creds = await self.credentials_for(self.origin, None)
+        creds = await self.auth.credentials_for(self.origin, None)
         if creds is None:
             raise AuthError(f"registry {self.api_host} requires credentials")
         if challenge.scheme == "bearer":
-            await self._fetch_token(self.origin, challenge, [], None)
+            await self.auth.fetch_token(self.origin, challenge, [], None)
             return "bearer"
         reply = await self._send("GET", self.origin + "/v2/",
                                  headers={"Authorization": creds.basic_header()},
@@ -770,5 +553,4 @@ def _next_link(value: str | None) -> str | None:
 
 ClientFactory = Callable[..., RegistryClient]
 
-__all__ = ["RegistryClient", "Challenge", "Reply", "Token", "parse_www_authenticate",
-           "repository_scope", "raise_for_reply", "CATALOG_SCOPE", "CoreError"]
+__all__ = ["RegistryClient", "Reply", "raise_for_reply", "same_origin", "LazyTLSTransport"]

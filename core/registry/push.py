@@ -14,7 +14,8 @@ from ..errors import FormatError, NotFoundError, RegistryError
 from ..layout import OCILayoutStore, blob_path
 from ..oci import INDEX_TYPES, sha256_digest
 from ..reference import Reference, parse_reference
-from .client import RegistryClient, raise_for_reply, repository_scope
+from .auth import repository_scope
+from .client import RegistryClient, raise_for_reply
 
 # Blobs up to this size are uploaded from memory; larger ones are streamed from disk.
 _IN_MEMORY = 64 << 20

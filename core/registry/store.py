@@ -34,8 +34,9 @@ from ..oci import (
     sha256_digest,
 )
 from ..reference import Reference
+from .auth import repository_scope
 from .bulk import BulkUnavailable
-from .client import RegistryClient, Reply, raise_for_reply, repository_scope, same_origin
+from .client import RegistryClient, Reply, raise_for_reply, same_origin
 from .config import RegistryConfig
 from .credentials import Credentials
 
@@ -328,7 +329,7 @@ class RegistryBlobSource:
         headers = {}
         try:
             if auth_base is not None:
-                auth = await self.client.auth_header(auth_base, repository_scope(self.repository))
+                auth = await self.client.auth.header(auth_base, repository_scope(self.repository))
                 if auth:
                     headers["Authorization"] = auth
             return await reader.read(url, headers, offset, length)
