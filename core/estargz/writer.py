@@ -20,26 +20,27 @@ thread in async code (``core.convert`` does).
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import hashlib
-import io
 import json
-import os
 import posixpath
-import shutil
 import tarfile
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
-import zstandard
 from isal import isal_zlib
 
-from ..errors import CoreError, FormatError, NotFoundError
-from .footer import GZIP_MAGIC, ZSTD_FRAME_MAGIC, estargz_footer
+from ..errors import FormatError, NotFoundError
+from .footer import estargz_footer
+from .tarwrite import (
+    TAR_TYPES,
+    buffered_output,
+    cancel_check,
+    open_tar_input,
+    reader_at,
+    require_utf8,
+    toc_entry,
+)
 from .toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME
 
 DEFAULT_CHUNK_SIZE = 4 << 20
@@ -50,10 +51,6 @@ LANDMARK_CONTENTS = b"\x0f"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 _IO_PIECE = 1 << 20
-
-
-class ConversionCancelled(CoreError):
-    """The caller asked the writer to stop."""
 
 
 @dataclass
@@ -83,63 +80,6 @@ def clean_entry_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------- input
-def open_tar_input(src, tmpdir: str | None, check: Callable[[], None]):
-    """A seekable binary file holding the uncompressed tar, and a cleanup."""
-    own = None
-    if isinstance(src, (str, os.PathLike)):
-        try:
-            f = own = open(src, "rb")
-        except OSError as e:
-            raise NotFoundError(f"cannot open {os.fspath(src)}: {e.strerror}") from None
-    else:
-        f = src
-    head = f.read(4)
-    f.seek(0)
-    if head[:2] != GZIP_MAGIC and head[:4] != ZSTD_FRAME_MAGIC:
-        if f.seekable():
-            return f, (lambda: own.close() if own else None)
-    tmp = tempfile.TemporaryFile(dir=tmpdir, prefix="stargz-tui-tar-")
-    try:
-        if head[:2] == GZIP_MAGIC:
-            d = isal_zlib.decompressobj(31)
-            while True:
-                check()
-                piece = f.read(_IO_PIECE)
-                if not piece:
-                    break
-                while piece:
-                    try:
-                        tmp.write(d.decompress(piece))
-                    except isal_zlib.error as e:
-                        raise FormatError(f"input is not valid gzip: {e}") from None
-                    if d.eof:
-                        piece = d.unused_data
-                        d = isal_zlib.decompressobj(31)
-                    else:
-                        piece = b""
-        elif head[:4] == ZSTD_FRAME_MAGIC:
-            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-            try:
-                while True:
-                    check()
-                    piece = reader.read(_IO_PIECE)
-                    if not piece:
-                        break
-                    tmp.write(piece)
-            except zstandard.ZstdError as e:
-                raise FormatError(f"input is not valid zstd: {e}") from None
-        else:
-            shutil.copyfileobj(f, tmp, _IO_PIECE)
-        tmp.seek(0)
-    except BaseException:
-        tmp.close()
-        raise
-    finally:
-        if own:
-            own.close()
-    return tmp, tmp.close
-
-
 def _scan(f) -> list[tarfile.TarInfo]:
     """Every member of the input tar, later duplicates replacing earlier ones
     (moved to the end, as upstream's importTar does); landmarks and an
@@ -249,53 +189,6 @@ class _Output:
         self._emit(data)
 
 
-def toc_modtime(mtime) -> str:
-    try:
-        t = round(float(mtime))
-    except (TypeError, ValueError):
-        return ""
-    if t == 0:
-        return ""
-    try:
-        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (OverflowError, OSError, ValueError):
-        return ""
-
-
-def tar_xattrs(ti: tarfile.TarInfo) -> dict[str, str]:
-    out = {}
-    for k, v in ti.pax_headers.items():
-        if k.startswith("SCHILY.xattr."):
-            out[k[len("SCHILY.xattr."):]] = base64.b64encode(
-                v.encode("utf-8", "surrogateescape")).decode()
-        elif k.startswith("LIBARCHIVE.xattr."):
-            try:
-                out[k[len("LIBARCHIVE.xattr."):]] = base64.b64encode(base64.b64decode(v + "==")).decode()
-            except ValueError:
-                continue
-    return out
-
-
-_TYPES = {
-    tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg", tarfile.CONTTYPE: "reg",
-    tarfile.LNKTYPE: "hardlink", tarfile.SYMTYPE: "symlink", tarfile.DIRTYPE: "dir",
-    tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
-}
-
-
-def require_utf8(ti: tarfile.TarInfo) -> None:
-    """Refuse a member whose name or link target is not UTF-8: a TOC is JSON,
-    which holds only Unicode (Go's writers would silently turn such bytes
-    into U+FFFD, naming another file)."""
-    for what, text in (("name", ti.name), ("link target", ti.linkname)):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            raise FormatError(f"tar member '{shown}': its {what} is not UTF-8, which a TOC "
-                              "(JSON) cannot hold") from None
-
-
 def _header(ti: tarfile.TarInfo) -> bytes:
     try:
         return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
@@ -337,49 +230,6 @@ def build_estargz(src, dst, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
         cleanup()
 
 
-def cancel_check(cancel: threading.Event | None) -> Callable[[], None]:
-    """A function a writer calls between pieces of work: raises
-    :class:`ConversionCancelled` once ``cancel`` is set."""
-    def check() -> None:
-        if cancel is not None and cancel.is_set():
-            raise ConversionCancelled("conversion cancelled")
-    return check
-
-
-@contextlib.contextmanager
-def buffered_output(dst):
-    """A 1 MiB-buffered binary writer over ``dst``: a path (created, and
-    closed here) or a writable binary file (left open). Flushed when the
-    block ends without an error."""
-    own = None
-    if isinstance(dst, (str, os.PathLike)):
-        try:
-            own = open(dst, "wb")
-        except OSError as e:
-            raise CoreError(f"cannot write {os.fspath(dst)}: {e.strerror}") from None
-    try:
-        out = io.BufferedWriter(_Unclosable(own if own is not None else dst), 1 << 20)
-        yield out
-        out.flush()
-    finally:
-        if own is not None:
-            own.close()
-
-
-class _Unclosable(io.RawIOBase):
-    """The writer's target, which closing the buffer over it must not close."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        self.f.write(b)
-        return len(b)
-
-
 def _write(f, dst, ordered, chunk_size, level, check, progress) -> WriteResult:
     out = _Output(dst, level)
     toc_entries: list[dict] = []
@@ -388,17 +238,7 @@ def _write(f, dst, ordered, chunk_size, level, check, progress) -> WriteResult:
     total_in = sum(m.size for m in ordered if m.isreg()) or 1
     done_in = 0
     nchunks = 0
-    fd = f.fileno() if _has_fileno(f) else None
-
-    def read_at(off: int, n: int) -> bytes:
-        if fd is not None:
-            data = os.pread(fd, n, off)
-        else:
-            f.seek(off)
-            data = f.read(n)
-        if len(data) != n:
-            raise FormatError("input tar is truncated")
-        return data
+    read_at = reader_at(f)
 
     def name_if_changed(mp: dict, id: int, name: str) -> str:
         if not name or mp.get(id) == name:
@@ -408,40 +248,22 @@ def _write(f, dst, ordered, chunk_size, level, check, progress) -> WriteResult:
 
     for ti in ordered:
         check()
-        typ = _TYPES.get(ti.type)
+        typ = TAR_TYPES.get(ti.type)
         if typ is None:
             raise FormatError(f"unsupported tar entry type {ti.type!r} for {ti.name!r}")
         require_utf8(ti)
         landmark = isinstance(ti, _Landmark)
-        ent: dict = {"name": ti.name + ("/" if typ == "dir" and not ti.name.endswith("/") else ""),
-                     "type": typ}
-        if typ == "reg" and ti.size:
-            ent["size"] = ti.size
-        mt = toc_modtime(ti.mtime)
-        if mt:
-            ent["modtime"] = mt
-        if typ in ("symlink", "hardlink"):
-            ent["linkName"] = ti.linkname
-        if ti.mode:
-            ent["mode"] = ti.mode
-        if ti.uid:
-            ent["uid"] = ti.uid
-        if ti.gid:
-            ent["gid"] = ti.gid
+        ent = toc_entry(ti, typ)
+        if typ == "dir" and not ti.name.endswith("/"):
+            ent["name"] += "/"  # upstream names directories with a trailing slash
+        # user and group names only where they change for an id (upstream's
+        # TOC does the same to stay small)
         u = name_if_changed(last_uname, ti.uid, ti.uname)
         if u:
             ent["userName"] = u
         g = name_if_changed(last_gname, ti.gid, ti.gname)
         if g:
             ent["groupName"] = g
-        if typ in ("char", "block"):
-            if ti.devmajor:
-                ent["devMajor"] = ti.devmajor
-            if ti.devminor:
-                ent["devMinor"] = ti.devminor
-        xa = tar_xattrs(ti)
-        if xa:
-            ent["xattrs"] = xa
         out.open_gz()
         out.write(_header(ti))
         if typ != "reg":
@@ -518,11 +340,3 @@ _KEY_ORDER = ("name", "type", "size", "modtime", "linkName", "mode", "uid", "gid
 def _ordered(e: dict) -> dict:
     """Keys in the order of upstream's TOCEntry struct."""
     return {k: e[k] for k in _KEY_ORDER if k in e}
-
-
-def _has_fileno(f) -> bool:
-    try:
-        f.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        return False
-    return True

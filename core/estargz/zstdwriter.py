@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import os
 import re
@@ -38,13 +37,14 @@ import crcmod
 import zstandard
 
 from ..errors import FormatError
-from .writer import (
+from .tarwrite import (
+    TAR_TYPES,
     buffered_output,
     cancel_check,
     open_tar_input,
+    reader_at,
     require_utf8,
-    tar_xattrs,
-    toc_modtime,
+    toc_entry,
 )
 from .zstdchunked import TarSplit, footer_frame, skippable_frame
 
@@ -57,11 +57,6 @@ _ZEROS = bytes(_PIECE)
 # tar-split's file records carry the content's CRC-64 (Go's crc64.ISO table,
 # big-endian), which containers/storage checks when it rebuilds a tar.
 _crc64 = crcmod.mkCrcFun(0x1000000000000001B, initCrc=0, rev=True, xorOut=0xFFFFFFFFFFFFFFFF)
-_TYPES = {
-    tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg", tarfile.CONTTYPE: "reg",
-    tarfile.LNKTYPE: "hardlink", tarfile.SYMTYPE: "symlink", tarfile.DIRTYPE: "dir",
-    tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
-}
 # The TOC's key order: containers/storage's FileMetadata struct.
 _KEY_ORDER = ("type", "name", "linkName", "mode", "size", "uid", "gid", "modtime",
               "devMajor", "devMinor", "xattrs", "digest", "offset", "endOffset",
@@ -176,23 +171,10 @@ def build_zstdchunked(src, dst, *, chunk_size: int = 4 << 20, level: int = DEFAU
 
 
 def _write(f, dst, chunk_size, level, check, progress) -> ZstdChunkedResult:
-    try:
-        fd = f.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        fd = None
     f.seek(0, os.SEEK_END)
     size_in = f.tell()
     total = size_in or 1
-
-    def read_at(off: int, n: int) -> bytes:
-        if fd is not None:
-            data = os.pread(fd, n, off)
-        else:
-            f.seek(off)
-            data = f.read(n)
-        if len(data) != n:
-            raise FormatError("input tar is truncated")
-        return data
+    read_at = reader_at(f)
 
     out = _Out(dst, level)
     entries: list[dict] = []
@@ -223,14 +205,14 @@ def _write(f, dst, chunk_size, level, check, progress) -> ZstdChunkedResult:
             tf.members = []  # keep no list of every member
             if m.issparse():
                 raise FormatError(f"sparse tar member {m.name!r} is not supported")
-            typ = _TYPES.get(m.type)
+            typ = TAR_TYPES.get(m.type)
             if typ is None:
                 raise FormatError(f"unsupported tar entry type {m.type!r} for {m.name!r}")
             require_utf8(m)
             nentries += 1
             segment(m.offset_data)
             size = m.size if typ == "reg" else 0
-            e = _entry(m, typ)
+            e = toc_entry(m, typ)
             group = [e]
             if size:
                 offset = out.restart()
@@ -304,32 +286,6 @@ def _write(f, dst, chunk_size, level, check, progress) -> ZstdChunkedResult:
                 f"{toc_offset}:{len(toc_compressed)}:{len(toc_json)}:1",
             ZSTD2_PREFIX + "tarsplit-position": f"{ts.offset}:{ts.size}:{ts.uncompressed_size}",
         })
-
-
-def _entry(m: tarfile.TarInfo, typ: str) -> dict:
-    e: dict = {"type": typ, "name": m.name}
-    if typ in ("symlink", "hardlink") and m.linkname:
-        e["linkName"] = m.linkname
-    if m.mode:
-        e["mode"] = m.mode
-    if m.size and typ == "reg":
-        e["size"] = m.size
-    if m.uid:
-        e["uid"] = m.uid
-    if m.gid:
-        e["gid"] = m.gid
-    mt = toc_modtime(m.mtime)
-    if mt:
-        e["modtime"] = mt
-    if typ in ("char", "block"):
-        if m.devmajor:
-            e["devMajor"] = m.devmajor
-        if m.devminor:
-            e["devMinor"] = m.devminor
-    xa = tar_xattrs(m)
-    if xa:
-        e["xattrs"] = xa
-    return e
 
 
 def _split_line(typ: int, *, name: str | None = None, size: int = 0,
