@@ -89,6 +89,8 @@ def _erofs():
     return pyfuse3.FUSEError(errno.EROFS)
 
 
+# Not split: pyfuse3 calls one Operations object, one method per request kind
+# (30 of its methods); the rest are the small helpers those requests share.
 class LayerFS(pyfuse3.Operations):
     """pyfuse3 operations serving one :class:`LayerIndex` read-only."""
 
