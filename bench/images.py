@@ -1,8 +1,7 @@
 """Building (and caching) the benchmark layers as eStargz blobs.
 
-The project's writer (``core.estargz.writer``) is used when it is there;
-otherwise the suite falls back to :mod:`bench.refwriter` and says so in the
-results. Built blobs are cached under the work dir, keyed by the layer's
+The project's writer (``core.estargz.writer``) builds them; the results name
+it. Built blobs are cached under the work dir, keyed by the layer's
 parameters and the writer's source, so repeated runs skip the build.
 """
 
@@ -15,7 +14,7 @@ import os
 import tarfile
 import time
 
-from . import gen, refwriter
+from . import gen
 
 LAYERS = {
     # name: (generator, full-size parameter, quick parameter)
@@ -26,91 +25,24 @@ LAYERS = {
 CHUNK_SIZE = 4 << 20
 
 
-def _project_writer():
-    """(callable(tar_path, out_path) -> dict, source hash) or None."""
-    try:
-        from core.estargz import writer  # noqa: PLC0415
-    except ImportError:
-        return None
-    src = hashlib.sha256(inspect.getsource(writer).encode()).hexdigest()[:12]
-    for name in ("write_estargz", "convert_tar", "tar_to_estargz", "build_estargz"):
-        fn = getattr(writer, name, None)
-        if callable(fn):
-            return _adapt(fn), f"core.estargz.writer.{name}@{src}"
-    return None
+def _writer():
+    """(callable(tar_path, out_path) -> dict, an id naming the writer's source)."""
+    from core.estargz import tarwrite, writer  # noqa: PLC0415
 
+    src = hashlib.sha256((inspect.getsource(writer) + inspect.getsource(tarwrite)).encode())
 
-def _adapt(fn):
-    def run(tar_path: str, out_path: str) -> dict:
-        sig = inspect.signature(fn)
-        kwargs = {}
-        if "chunk_size" in sig.parameters:
-            kwargs["chunk_size"] = CHUNK_SIZE
-        first = next(iter(sig.parameters))
-        if first in ("src", "tar", "source", "tar_file", "fileobj", "reader"):
-            with open(tar_path, "rb") as src, open(out_path, "wb") as dst:
-                res = fn(src, dst, **kwargs)
-        else:
-            res = fn(tar_path, out_path, **kwargs)
-        return _describe(res, out_path, tar_path)
+    def write(tar_path: str, out_path: str) -> dict:
+        res = writer.build_estargz(tar_path, out_path, chunk_size=CHUNK_SIZE)
+        return {"path": out_path, "digest": res.blob_digest, "size": res.blob_size,
+                "diff_id": res.diff_id, "uncompressed_size": res.uncompressed_size,
+                "toc_digest": res.toc_digest}
 
-    return run
-
-
-def _get(res, *names):
-    for n in names:
-        if isinstance(res, dict) and n in res:
-            return res[n]
-        if hasattr(res, n):
-            return getattr(res, n)
-    return None
-
-
-def _describe(res, out_path: str, tar_path: str) -> dict:
-    """Normalise a writer's result; compute what it does not tell."""
-    blob = hashlib.sha256()
-    with open(out_path, "rb") as f:
-        while b := f.read(8 << 20):
-            blob.update(b)
-    toc = _get(res, "toc_digest")
-    diff = _get(res, "diff_id", "diffid", "uncompressed_digest")
-    usize = _get(res, "uncompressed_size")
-    if diff is None or usize is None:
-        import gzip
-
-        h = hashlib.sha256()
-        n = 0
-        with gzip.open(out_path, "rb") as g:
-            while b := g.read(8 << 20):
-                h.update(b)
-                n += len(b)
-        diff, usize = "sha256:" + h.hexdigest(), n
-    if toc is None:
-        import anyio
-
-        from core.estargz import load_layer_index
-        from core.source import LocalBlobSource
-
-        ix = anyio.run(load_layer_index, LocalBlobSource(out_path, "sha256:unknown"))
-        toc = ix.toc_digest
-    return {"path": out_path, "digest": "sha256:" + blob.hexdigest(),
-            "size": os.path.getsize(out_path), "diff_id": diff,
-            "uncompressed_size": usize, "toc_digest": toc}
+    return write, f"core.estargz.writer.build_estargz@{src.hexdigest()[:12]}"
 
 
 def build_layers(workdir: str, quick: bool, log=print) -> dict:
     """Build (or reuse) the three layers; returns name -> layer dict."""
-    proj = _project_writer()
-    if proj is not None:
-        write, writer_id = proj
-    else:
-        writer_id = "bench.refwriter (fallback: core.estargz.writer not available)"
-
-        def write(tar_path, out_path):
-            w = refwriter.write_estargz(tar_path, out_path, chunk_size=CHUNK_SIZE)
-            return {"path": out_path, "digest": w.digest, "size": w.size,
-                    "diff_id": w.diff_id, "uncompressed_size": w.uncompressed_size,
-                    "toc_digest": w.toc_digest}
+    write, writer_id = _writer()
 
     os.makedirs(workdir, exist_ok=True)
     out = {}

@@ -165,7 +165,7 @@ def mode_string(type_: str, mode: int) -> str:
 def entry_record(entry: Entry, path: str | None = None, layer: int | None = None) -> dict:
     """An entry as an ``ls --json`` object (see the README, "JSON output")."""
     mtime = entry.mtime
-    rec = {
+    return {
         "path": entry.path if path is None else path,
         "type": entry.type,
         "size": entry.size if entry.type in ("reg", "hardlink") else 0,
@@ -180,7 +180,6 @@ def entry_record(entry: Entry, path: str | None = None, layer: int | None = None
         "digest": entry.digest if entry.type == "reg" else None,
         "layer": layer,
     }
-    return rec
 
 
 def format_long(rec: dict, name: str) -> str:

@@ -79,7 +79,6 @@ class Services:
             return "image"
         host = text.split(":")[0]
         return "registry" if ("." in host or host == "localhost") else "image"
-        return "image"
 
     # -- images --------------------------------------------------------------
     async def open_image(self, ref_text: str, platform: str | None = None) -> ImageSession:
