@@ -1,3 +1,5 @@
-"""stargz-tui: terminal inspector and mount manager for lazily pulled images."""
+"""The terminal app and CLI over ``core``: app.py, screens/ and widgets (Textual),
+services.py (the screens' door into core), commands/ (CLI), launcher and resident server.
+"""
 
 __version__ = "0.1.0"

@@ -1,4 +1,6 @@
-"""The lazy image formats: eStargz, zstd:chunked and legacy stargz."""
+"""The layer formats: eStargz, zstd:chunked, legacy stargz (plain tar/gzip/zstd
+too): footers, TOC -> LayerIndex, chunk decoding and verification, the two writers.
+"""
 
 from .chunks import decode_chunk, decompress_chunk, verify_chunk
 from .footer import Footer, Format, parse_footer

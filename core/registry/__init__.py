@@ -1,10 +1,5 @@
-"""OCI distribution client: auth, credentials, mirrors, manifests, blobs, listing, push.
-
-Public surface: :class:`RegistryClient` (HTTP + auth + retries, catalog/tags
-listing), :class:`RegistryStore` (the ``ImageStore`` for registries),
-:class:`RegistryBlobSource` (lazy Range reads), :func:`push_oci_layout`,
-:mod:`.credentials` (lookup/store/delete) and :mod:`.config` (mirrors,
-insecure registries).
+"""The OCI distribution side: client (requests, retries), auth, credentials, config
+(mirrors, insecure hosts), store and blob source (reads), bulk transport, push, api.
 """
 
 from .api import list_repositories, list_tags, login, logout

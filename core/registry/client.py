@@ -171,8 +171,8 @@ class LazyTLSTransport(httpx.AsyncBaseTransport):
     """Plain-HTTP requests on a transport without TLS set up; ``https`` ones on
     a verifying transport made at the first ``https`` request.
 
-    Building a verifying SSL context loads the CA bundle (~0.2 s), which a
-    loopback registry over plain HTTP never needs. TLS stays verified: the
+    Building a verifying SSL context loads the CA bundle (a cost per process,
+    bench/README.md), which a loopback registry over plain HTTP never needs. TLS stays verified: the
     ``https`` transport always has ``verify=True``.
     """
 

@@ -1,1 +1,3 @@
-"""Subcommand groups of the CLI; each module exposes ``register(subparsers)``."""
+"""CLI subcommand groups: image, registry, mount, optimize, completion, app; each
+module exposes ``register(subparsers)``; errors reach the user as one line.
+"""
