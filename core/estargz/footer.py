@@ -16,20 +16,8 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import FormatError
+from .formats import Format
 from .zstdchunked import FOOTER_V2_SIZE, TarSplit, frame_from_annotations, parse_footer_frame
-
-
-class Format:
-    ESTARGZ = "estargz"
-    ZSTDCHUNKED = "zstdchunked"
-    STARGZ = "stargz"
-    GZIP = "gzip"
-    ZSTD = "zstd"
-    TAR = "tar"
-
-    LAZY = (ESTARGZ, ZSTDCHUNKED, STARGZ)
-    ALL = (ESTARGZ, ZSTDCHUNKED, STARGZ, GZIP, ZSTD, TAR)
-
 
 ESTARGZ_FOOTER_SIZE = 51
 STARGZ_FOOTER_SIZE = 47

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 import msgspec
 
 from ..errors import FormatError
-from .footer import Format
+from .formats import Format
 
 PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"

@@ -46,7 +46,7 @@ import msgspec
 
 from ..errors import ChunkDigestError, DigestMismatchError, FormatError
 
-if TYPE_CHECKING:  # footer.py imports this module, and toc.py imports footer.py
+if TYPE_CHECKING:  # type names only: toc.py builds on the footer, which uses this module
     from .toc import Chunk, LayerIndex
 
 SKIPPABLE_MAGIC = 0x184D2A50
