@@ -4,6 +4,8 @@
   :data:`MAX_METHODS` methods unless its docstring or the comment right above
   it says ``Not split:`` and why (properties are the class's fields, not
   counted as methods);
+* docs/CONTRACTS.md's module map names every module of ``core`` and
+  ``stargz_tui``, and nothing else;
 * no module in ``core`` or ``stargz_tui`` uses another module's private
   names: ``from x import _y``, ``x._y`` where ``x`` is an imported module,
   ``C._y`` where ``C`` was imported from another module, or an import of a
@@ -18,6 +20,7 @@ import ast
 import functools
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -247,6 +250,26 @@ def test_no_oversized_class_without_a_reason():
 def test_no_private_names_across_modules():
     uses = private_uses()
     assert not uses, "private names used across modules:\n  " + "\n  ".join(uses)
+
+
+def _module_map() -> set[str]:
+    """Module names in the module column of docs/CONTRACTS.md's map table."""
+    names = set()
+    with open(os.path.join(ROOT, "docs", "CONTRACTS.md"), encoding="utf-8") as f:
+        for line in f:
+            cells = line.split("|")
+            if line.startswith("| ") and len(cells) > 3:
+                names.update(re.findall(r"`((?:core|stargz_tui)(?:\.\w+)*)`", cells[2]))
+    return names
+
+
+def test_module_map_matches_the_tree():
+    tree = {_module_name(rel) for rel, _ in _sources("core", "stargz_tui")
+            if not rel.endswith(("__init__.py", "__main__.py"))}
+    mapped = _module_map()
+    assert not tree - mapped, ("modules without a row in docs/CONTRACTS.md's module map "
+                               f"(add one: what it owns, what it may import): {sorted(tree - mapped)}")
+    assert not mapped - tree, f"rows for modules that do not exist: {sorted(mapped - tree)}"
 
 
 @pytest.mark.parametrize("entry", sorted(PRIVATE_ACCESS_ALLOWED))
