@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import os
 import re
@@ -82,21 +83,26 @@ class Reply:
     def ok(self) -> bool:
         return 200 <= self.status < 300
 
-    def error_detail(self) -> str:
-        """Distribution's ``{"errors": [{code, message}]}`` as one short line."""
+    def errors(self) -> list[tuple[str, str]]:
+        """Distribution's ``{"errors": [{code, message}]}`` as (code, message)
+        pairs; empty when the body holds none."""
         try:
-            import json
-
             doc = json.loads(self.body[:65536])
             errs = doc.get("errors") or []
-            parts = []
-            for e in errs[:3]:
-                code, msg = e.get("code", ""), e.get("message", "")
-                parts.append(f"{code}: {msg}" if code and msg else code or msg)
-            text = "; ".join(p for p in parts if p)
-        except Exception:  # noqa: BLE001 - best effort
-            text = ""
-        text = " ".join(text.split())
+            return [(str(e.get("code") or ""), str(e.get("message") or ""))
+                    for e in errs if isinstance(e, dict)]
+        except (ValueError, AttributeError, TypeError):
+            return []
+
+    def error_codes(self) -> set[str]:
+        """The distribution error codes of the answer (``NAME_UNKNOWN``, ...)."""
+        return {code for code, _ in self.errors() if code}
+
+    def error_detail(self) -> str:
+        """The errors as one short line, for messages."""
+        parts = [f"{code}: {msg}" if code and msg else code or msg
+                 for code, msg in self.errors()[:3]]
+        text = " ".join("; ".join(p for p in parts if p).split())
         return text[:200]
 
 
@@ -472,8 +478,6 @@ class RegistryClient:
                                        limit=8 << 20)
             raise_for_reply(reply, what)
             try:
-                import json
-
                 doc = json.loads(reply.body)
                 items = doc.get(key) or []
             except (ValueError, AttributeError):
@@ -499,8 +503,6 @@ class RegistryClient:
         reply = await self.request("GET", path, params=params or None, scope=scope, limit=8 << 20)
         raise_for_reply(reply, what)
         try:
-            import json
-
             items = [i for i in (json.loads(reply.body).get(key) or []) if isinstance(i, str)]
         except (ValueError, AttributeError):
             raise FormatError(f"registry {self.api_host} sent an unreadable {what} answer") from None

@@ -160,14 +160,14 @@ class RegistryStore:
         """After a manifest 404: is the repository itself unknown? Distribution
         answers MANIFEST_UNKNOWN for a tag of a missing repository too, so the
         tags list (one small page) is asked; only NAME_UNKNOWN there says so."""
-        if "NAME_UNKNOWN" in reply.error_detail():
+        if "NAME_UNKNOWN" in reply.error_codes():
             return True
         try:
             tags = await self._pull("GET", f"/v2/{repo}/tags/list?n=1", repo,
                                     headers={"Accept": "application/json"}, limit=65536)
         except (RegistryError, FormatError):
             return False
-        return tags.status == 404 and "NAME_UNKNOWN" in tags.error_detail()
+        return tags.status == 404 and "NAME_UNKNOWN" in tags.error_codes()
 
     async def get_manifest(self, ref: Reference) -> tuple[bytes, str, str]:
         repo = self._repo(ref)
