@@ -28,7 +28,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -552,7 +552,5 @@ def _next_link(value: str | None) -> str | None:
     m = _LINK_RE.search(value)
     return m.group(1) if m else None
 
-
-ClientFactory = Callable[..., RegistryClient]
 
 __all__ = ["RegistryClient", "Reply", "raise_for_reply", "same_origin", "LazyTLSTransport"]
