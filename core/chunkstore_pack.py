@@ -36,10 +36,6 @@ The store has a size budget with least-recently-used eviction of whole
 packs (pack mtimes are touched on hits). Running out of space (ENOSPC,
 EDQUOT, a read-only cache dir) never fails a caller: the store logs one
 warning, stops writing for a while and ``put_many`` returns False.
-
-Why :class:`PackStore` has ~25 methods: the index, verification and budget
-share one lock and the pack-drop path; the file-level parts (format,
-writer, descriptors) are already in :mod:`core.chunkstore_packio`.
 """
 
 from __future__ import annotations
@@ -134,7 +130,13 @@ def ensure_format(root: str, pack_dir: str) -> bool:
 
 
 class PackStore:
-    """Chunks in pack files (module docs); a :class:`core.chunkstore.ChunkStore`."""
+    """Chunks in pack files (module docs); a :class:`core.chunkstore.ChunkStore`.
+
+    Why ~27 methods in one class: the index, the verified set and the budget
+    share one lock and one pack-drop path (a pack dropped for damage,
+    eviction or a prune leaves all three at once); the file-level parts
+    (format, writer, descriptors) are in :mod:`core.chunkstore_packio`.
+    """
 
     def __init__(self, root: str, *, max_bytes: int, direct: bool = True):
         self.root = root
