@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.to_thread
 
+from .cache import ChunkCache, chunk_key
 from .errors import CoreError, DigestMismatchError, FormatError
 from .estargz import LayerIndex, load_layer_index, read_file_range
 from .estargz.toc import DIR, REG, Chunk, Entry
@@ -134,12 +135,8 @@ async def open_layer(image: Image, desc: LayerDescriptor, cache=None) -> LayerVi
     return view
 
 
-def default_cache():
-    """The chunk cache the mounts share (None if the cache module is absent)."""
-    try:
-        from .cache import ChunkCache
-    except ImportError:  # pragma: no cover - the cache is optional for browsing
-        return None
+def default_cache() -> ChunkCache | None:
+    """The chunk cache the mounts share (None when it cannot be opened)."""
     try:
         return ChunkCache()
     except OSError:
@@ -147,8 +144,6 @@ def default_cache():
 
 
 def _cache_key(index: LayerIndex, chunk: Chunk) -> str:
-    from .cache import chunk_key
-
     return chunk_key(index.blob_digest, chunk)
 
 
@@ -164,7 +159,7 @@ def cache_filler(index: LayerIndex, cache):
     each verified chunk with a digest in ``cache``, under the key the mounts
     use, so the chunk map shows what viewing or extracting fetched. Chunks
     without a digest are not kept: their keys belong to the mount that
-    verified the TOC vouching for them (core.cache.digestless_scope)."""
+    verified the TOC vouching for them (core.chunkstore.digestless_scope)."""
     if cache is None:
         return None
 

@@ -127,21 +127,33 @@ def test_loaded_chunks_checked_by_crc32_in_a_private_cache_by_digest_otherwise(t
         assert got == bytes(forged)
 
 
-def test_packs_of_the_first_format_are_read_and_checked_by_digest(tmp_path):
-    """Packs written before the crc32 was recorded (SGZPACK1: rows of
-    [key, offset, size]) are still served, checked against the digest even
-    in a private cache."""
+def test_a_cache_dir_of_an_older_build_is_rebuilt_never_read(tmp_path, caplog):
+    """A cache root without this build's format marker that holds packs of
+    the first format (SGZPACK1: rows of [key, offset, size]) or the old
+    one-file-per-chunk ``chunks/`` layout was written by an older build: it
+    is emptied once, with one log line, and none of it is served; the cache
+    then works as new."""
     data = [os.urandom(50_000) for _ in range(2)]
     c = ChunkCache(str(tmp_path))
     c.put_many([(_key(d), d) for d in data])
     path, _, _ = c.location(_key(data[0]))
     rows = _pack_rows(path)
     _rewrite_pack(path, rows=[r[:3] for r in rows], magic=b"SGZPACK1")
-    old = ChunkCache(str(tmp_path))
-    assert old.private and old.get(_key(data[0])) == data[0]
-    _rewrite_pack(path, flip_at=rows[1][1] + 7)
-    old = ChunkCache(str(tmp_path))
-    assert old.get(_key(data[1])) is None and old.corrupt == 1
+    old_chunk = tmp_path / "chunks" / "ab" / _key(data[1])
+    old_chunk.parent.mkdir(parents=True)
+    old_chunk.write_bytes(data[1])
+    os.unlink(tmp_path / "FORMAT")  # what an older build left: no marker
+    caplog.clear()
+    with caplog.at_level("INFO", logger="core.cache"):
+        new = ChunkCache(str(tmp_path), memory_bytes=0)
+        again = ChunkCache(str(tmp_path), memory_bytes=0)  # rebuilt once, not per open
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "older" in lines[0] and str(tmp_path) in lines[0]
+    assert not os.path.exists(path) and not (tmp_path / "chunks").exists()
+    assert new.get(_key(data[0])) is None and again.get(_key(data[1])) is None
+    assert new.usage()["chunks"] == 0 and new.corrupt == 0
+    assert new.put(_key(data[0]), data[0])
+    assert ChunkCache(str(tmp_path), memory_bytes=0).get(_key(data[0])) == data[0]
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

@@ -298,3 +298,37 @@ def test_memory_cache_default_and_idle_release(tmp_path, monkeypatch):
     assert c.get_memory(key) == data
     assert c.release_memory_if_idle(0) and c.get_memory(key) is None
     assert c.stats()["memoryBytes"] == 0
+
+
+def test_a_cache_dir_of_an_older_build_is_rebuilt_and_reads_are_right(layer, tmp_path, caplog):
+    """A cache dir an older build wrote (no format marker; packs of the first
+    format, the old ``chunks/`` layout, here holding wrong bytes under a real
+    key) is rebuilt when a reader opens it, with one log line: nothing of it
+    is served, every read is right (fetched again) and stored anew."""
+    _path, _res, files = layer
+    reader, cache = _reader(layer, tmp_path)
+    ix = reader.index
+
+    async def read_all(r):
+        return {n: await r.read(ix.lookup(n).id, 0, ix.lookup(n).size) for n in files}
+
+    assert _run(reader, lambda: read_all(reader)) == files
+    packs = _chunk_files(cache)
+    assert packs
+    os.unlink(tmp_path / "FORMAT")
+    for p in packs:
+        with open(p, "r+b") as f:
+            f.write(b"SGZPACK1")
+    key = reader._keys[ix.chunks(ix.lookup("big.bin"))[0].index]
+    old = tmp_path / "chunks" / key[7:9]
+    old.mkdir(parents=True)
+    (old / key).write_bytes(b"\0" * CHUNK)
+
+    with caplog.at_level("INFO", logger="core.cache"):
+        reader2, cache2 = _reader(layer, tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "core.cache"]
+    assert len(lines) == 1 and "older" in lines[0]
+    assert not any(os.path.exists(p) for p in packs) and not (tmp_path / "chunks").exists()
+    assert _run(reader2, lambda: read_all(reader2)) == files
+    assert reader2.requests > 0 and cache2.corrupt == 0 and _chunk_files(cache2)
+    assert cache2.is_verified(key)
