@@ -396,8 +396,26 @@ class Records:
                 os.unlink(self._path(item.kind, item.name))
                 removed += 1
                 removed_bytes += item.size
+        self._remove_stale_temps()
         return {"dir": self.root, "removedRecords": removed, "removedRecordBytes": removed_bytes,
                 "keptRecords": len(self.list())}
+
+
+    def _remove_stale_temps(self, age: float = 3600.0) -> None:
+        """Temp files a crashed writer left (a live writer renames its own within
+        a moment)."""
+        import time
+
+        for kind in _KINDS:
+            d = os.path.join(self.root, kind)
+            try:
+                names = [n for n in os.listdir(d) if n.startswith(".tmp-")]
+            except OSError:
+                continue
+            for n in names:
+                with contextlib.suppress(OSError):
+                    if time.time() - os.lstat(os.path.join(d, n)).st_mtime > age:
+                        os.unlink(os.path.join(d, n))
 
 
 @dataclass

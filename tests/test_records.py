@@ -239,3 +239,27 @@ def test_prune_keeps_the_records_of_recorded_mounts(mount_env, make_registry):
                             live["mountpoint"])
     assert again["manifestDigest"] == live["manifestDigest"]
     assert sorted(os.listdir(live["mountpoint"]))
+
+
+def test_records_are_bounded_and_must_be_plain_files_of_ours(tmp_path, caplog):
+    from core.oci import MAX_MANIFEST_BYTES, sha256_digest
+
+    records = Records(str(tmp_path / "records"))
+    small = b'{"schemaVersion": 2, "layers": []}'
+    big = small + b" " * MAX_MANIFEST_BYTES  # valid JSON, over the manifest limit
+    for data in (small, big):
+        records.put_manifest(data, sha256_digest(data))
+    assert records.get_manifest(sha256_digest(small)) == small
+    assert ("manifests", _hex(sha256_digest(big))) not in _files(records)  # never written
+    # one planted over the limit (or as a link) is refused and removed, not read
+    caplog.set_level(logging.WARNING, logger="core.records")
+    planted = os.path.join(records.root, "manifests", _hex(sha256_digest(big)))
+    with open(planted, "wb") as f:
+        f.write(big)
+    assert records.get_manifest(sha256_digest(big)) is None and not os.path.exists(planted)
+    target = os.path.join(records.root, "manifests", _hex(sha256_digest(small)))
+    link = os.path.join(records.root, "configs", _hex(sha256_digest(small)))
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(target, link)
+    assert records.get_config(sha256_digest(small)) is None and not os.path.lexists(link)
+    assert sum("is damaged" in r.getMessage() for r in caplog.records) == 2
