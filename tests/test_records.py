@@ -263,3 +263,59 @@ def test_records_are_bounded_and_must_be_plain_files_of_ours(tmp_path, caplog):
     os.symlink(target, link)
     assert records.get_config(sha256_digest(small)) is None and not os.path.lexists(link)
     assert sum("is damaged" in r.getMessage() for r in caplog.records) == 2
+
+
+@pytest.mark.fuse
+def test_daemon_from_records_asks_for_a_token_only_when_a_chunk_is_needed(mount_env,
+                                                                          make_token_registry):
+    """Token auth: a daemon started from records with the registry down sends
+    nothing (no token, no blob URL) until a read needs a chunk; once the
+    registry is back, that read gets its token and its bytes."""
+    import base64
+    import json
+
+    from registry_fixtures import TEST_USERS
+
+    from core.registry import RegistryClient, push_oci_layout
+    from core.registry.config import RegistryConfig
+    from core.registry.credentials import Credentials
+
+    reg = make_token_registry(load=[])
+    big = write_big_layout(mount_env.tmp / "big", files=6)
+    ref = f"{reg.host}/big/app:{big['tag']}"
+
+    async def push():
+        client = RegistryClient(reg.host, config=RegistryConfig(), use_keyring=False,
+                                credentials=Credentials("alice", TEST_USERS["alice"], "test"))
+        try:
+            return await push_oci_layout(big["layout"], big["tag"], ref, client=client)
+        finally:
+            await client.aclose()
+
+    anyio.run(push)
+    auth = base64.b64encode(f"alice:{TEST_USERS['alice']}".encode()).decode()
+    with open(os.path.join(os.environ["DOCKER_CONFIG"], "config.json"), "w") as f:
+        json.dump({"auths": {reg.host: {"auth": auth}}}, f)
+    mp = mount_env.mountpoint()
+    opts = {"prefetch": False, "background_fetch": False, "read_timeout": 60}
+    rec = mount_env.mount(ref, mp, layer=0, **opts)
+    with open(os.path.join(mp, "etc/hello.txt"), "rb") as f:
+        assert f.read() == big["contents"]["etc/hello.txt"]
+    core_mount.unmount(mp)
+
+    reg.stop()  # the token issuer stays up: only the registry is gone
+    issued = len(reg.issuer.requests)
+    rec = mount_env.mount(pinned_reference(ref, rec["manifestDigest"]), mp, layer=0, **opts)
+    with open(os.path.join(mp, "etc/hello.txt"), "rb") as f:
+        assert f.read() == big["contents"]["etc/hello.txt"]
+    assert len(reg.issuer.requests) == issued, "the daemon asked for a token before a chunk"
+    name = sorted(n for n in big["contents"] if n.startswith("bulk/"))[-1]
+    with pytest.raises(OSError) as e:
+        with open(os.path.join(mp, name), "rb") as f:
+            f.read()
+    assert e.value.errno == errno.EIO
+    reg.start()
+    with open(os.path.join(mp, name), "rb") as f:
+        assert f.read() == big["contents"][name]
+    assert len(reg.issuer.requests) > issued  # the token came when the chunk was needed
+    assert mount_env.status(mp)["layers"][0]["pid"] == rec["layers"][0]["pid"]
