@@ -18,8 +18,10 @@ Contract:
 
 * Written only after the content verified (a manifest or config against the
   digest it was fetched by, a TOC by the loader against its annotation),
-  atomically (temp file in the same dir, fsync, rename), 0600 files in 0700
-  directories that are ours (``core.paths.private_dir``).
+  atomically (temp file in the same dir, then rename; not fsynced: a record
+  a crash tears fails its verification), 0600 files in 0700 directories that
+  are ours (``core.paths.private_dir``). TOC records are read and written in a
+  worker thread (they can be megabytes; an event loop may be serving FUSE).
 * Read back only after verifying again, within the same limits as fetched
   content (``core.oci`` for manifests and configs, the loader's TOC limits):
   a manifest or config must hash to its name; a TOC record carries a sha256
@@ -48,6 +50,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import anyio.to_thread
 import msgspec
 
 from .errors import (
@@ -161,10 +164,10 @@ class Records:
             d = private_dir(os.path.join(self.root, kind))
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)  # 0600
             try:
+                # no fsync: it would cost every mount a disk flush, and a record
+                # torn by a power loss fails its verification and is fetched again
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())  # a record must survive the reboot it is for
                 os.replace(tmp, os.path.join(d, name))
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -480,7 +483,7 @@ async def load_index(records: Records | None, desc, source, *,
     annotations = getattr(desc, "annotations", None)
     key = toc_key(desc) if records is not None else None
     if key is not None:
-        rec = records.get_toc(key)
+        rec = await anyio.to_thread.run_sync(records.get_toc, key)
         if rec is not None and rec.blob_size != source.size:
             records.discard_toc(key, f"it is of a blob of {rec.blob_size} bytes, "
                                      f"not {source.size}")
@@ -502,7 +505,8 @@ async def load_index(records: Records | None, desc, source, *,
                                    expected_manifest_checksum=expected_manifest_checksum,
                                    annotations=annotations)
     if key is not None:
-        records.put_toc(key, source.digest, source.size, capture.ranges)
+        await anyio.to_thread.run_sync(records.put_toc, key, source.digest, source.size,
+                                       capture.ranges)
     return index
 
 
