@@ -285,7 +285,8 @@ class Records:
     # -- TOCs ------------------------------------------------------------------------
     def put_toc(self, key: str, blob_digest: str, blob_size: int,
                 ranges: list[tuple[int, bytes]]) -> None:
-        ranges = sorted((int(o), bytes(d)) for o, d in ranges)
+        ranges = sorted(((int(o), d if isinstance(d, bytes) else bytes(d)) for o, d in ranges),
+                        key=lambda r: r[0])
         rec = TocRecord(version=TOC_RECORD_VERSION, blob_digest=blob_digest,
                         blob_size=blob_size, ranges=ranges, checksum=_ranges_checksum(ranges))
         data = msgspec.msgpack.encode(rec)
