@@ -379,6 +379,15 @@ class Records:
                         keep.add(("tocs", key))
         return keep
 
+    def missing(self, manifest_digest: str) -> list[str]:
+        """What a mount of ``manifest_digest`` would still need the registry for
+        (``kind/name`` of each absent record; empty: it mounts from the records
+        alone). Present records are not verified here: reading them does that."""
+        if self.get_manifest(manifest_digest) is None:
+            return [f"manifests/{_hex(manifest_digest) or manifest_digest}"]
+        return sorted(f"{kind}/{name}" for kind, name in self.referenced([manifest_digest])
+                      if not os.path.isfile(self._path(kind, name)))
+
     def prune(self, keep: Iterable[str] = ()) -> dict:
         """Remove every record but those of the ``keep`` manifest digests (see
         :meth:`referenced`) and the tags pointing at them."""

@@ -23,7 +23,7 @@ import pytest
 from fuse_helpers import isolated_mount_env, push_layout, write_big_layout
 
 from core import mount as core_mount
-from core.errors import RegistryError
+from core.errors import BlobReadError, RegistryError
 from core.image import open_image, open_store
 from core.records import Records, TocRecord, pinned_reference, recorded_store, toc_key
 from core.reference import parse_reference
@@ -102,6 +102,7 @@ def test_records_written_verified_and_used_without_registry(tmp_path, isolated_e
         anchor = d.toc_digest_annotation or d.zstd_manifest_checksum
         assert toc_key(d) == ("toc-" if d.toc_digest_annotation else "zstd-") + _hex(anchor)
     assert any(kind == "refs" for kind, _ in have)
+    assert records.missing(img.manifest_digest) == []
     # private: 0700 dirs, 0600 files, no temp files left
     for dirpath, _dirnames, filenames in os.walk(records.root):
         assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o700, dirpath
@@ -125,6 +126,10 @@ def test_records_written_verified_and_used_without_registry(tmp_path, isolated_e
     # without the records nothing resolves: they are what made it work
     with pytest.raises(RegistryError):
         _resolve(pinned, None)
+    os.unlink(os.path.join(records.root, "tocs", toc_key(img.layers[-1])))
+    assert records.missing(img.manifest_digest) == ["tocs/" + toc_key(img.layers[-1])]
+    with pytest.raises(BlobReadError, match="cannot reach"):
+        _resolve(pinned, Records(records.root))
 
 
 def test_damaged_records_are_ignored_and_fetched_again(tmp_path, isolated_env, make_registry,
