@@ -223,6 +223,8 @@ class Daemon:
         from .idmap import IdMapper, parse_ranges
         from .image import image_from_dump, open_image, open_store
         from .layer import LayerReader
+        from .records import Records, recorded_store
+        from .reference import parse_reference
         from .resolver import Resolver
         from .tasks import DEFAULT_SILENCE, TaskManager
 
@@ -235,20 +237,22 @@ class Daemon:
                         dumped = json.load(f)
                 except (OSError, ValueError) as e:
                     log.warning("cannot read %s (%s); fetching the image", a.image_file, e)
+            ref = parse_reference(a.image)
+            # the manifest, config and TOC come from the cache dir's records when
+            # they verify there: a daemon restarted with the registry down still
+            # mounts, and asks the registry only for chunks
+            records = Records.for_cache_dir(a.cache_dir)
+            store = recorded_store(open_store(ref, **self._registry_opts()), records)
             if dumped is not None:
-                from .reference import parse_reference
-
-                ref = parse_reference(a.image)
-                self.image = image_from_dump(dumped, open_store(ref, **self._registry_opts()),
-                                             ref)
+                self.image = image_from_dump(dumped, store, ref)
             else:
                 with anyio.fail_after(a.resolve_timeout + 5):
                     # the config is checked below, while the layer resolves
-                    self.image = await open_image(a.image, platform=a.platform,
-                                                  with_config=False, **self._registry_opts())
+                    self.image = await open_image(ref, store=store, platform=a.platform,
+                                                  with_config=False)
             self.store = self.image.store
             self.desc = self.image.layer(a.layer)
-            self.resolver = Resolver(timeout=a.resolve_timeout)
+            self.resolver = Resolver(timeout=a.resolve_timeout, records=records)
             layer = await self._resolve_checking_config(dumped is None)
             for w in layer.warnings:
                 log.warning(w)

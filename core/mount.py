@@ -610,7 +610,8 @@ def mount_blocking(image: str, mountpoint: str, *, layer: str | int | None = Non
     raise MountError("mounting took too many steps")
 
 
-def _open_in_child(image: str, platform: str | None, insecure_registries=()):
+def _open_in_child(image: str, platform: str | None, insecure_registries=(),
+                   cache_dir: str | None = None):
     """:func:`_open_layers` run in a forked child (the event loop and the
     threads it may start for name lookups stay there); the resolved image
     comes back as :func:`core.image.dump_image` JSON over a pipe."""
@@ -628,7 +629,8 @@ def _open_in_child(image: str, platform: str | None, insecure_registries=()):
             from .image import dump_image
 
             payload = {"image": dump_image(anyio.run(_open_layers, image, platform,
-                                                     insecure_registries, backend="trio"))}
+                                                     insecure_registries, cache_dir,
+                                                     backend="trio"))}
         except errors.CoreError as e:
             payload = {"error": str(e), "type": type(e).__name__}
         except BaseException as e:  # noqa: BLE001 - reported to the parent, one line
@@ -668,11 +670,18 @@ def _open_in_child(image: str, platform: str | None, insecure_registries=()):
     return image_from_dump(payload["image"], None, image)
 
 
-async def _open_layers(image: str, platform: str | None, insecure_registries=()):
-    from .image import open_image
+async def _open_layers(image: str, platform: str | None, insecure_registries=(),
+                       cache_dir: str | None = None):
+    from .image import open_image, open_store
+    from .records import Records, recorded_store
+    from .reference import parse_reference
 
     opts = {"insecure_registries": list(insecure_registries)} if insecure_registries else {}
-    img = await open_image(image, platform=platform, **opts)
+    ref = parse_reference(image)
+    # the manifest and config are kept in the cache dir's records (core.records),
+    # where the layer daemons find them again after a crash or a reboot
+    store = recorded_store(open_store(ref, **opts), Records.for_cache_dir(cache_dir))
+    img = await open_image(ref, store=store, platform=platform)
     try:
         if not img.layers:
             raise MountError(f"{image} has no layers")
@@ -725,7 +734,7 @@ def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = T
         descs = [_Pending(layer)]
         manifest_digest = None
     else:
-        img = yield ("open", image, platform, tuple(insecure_registries))
+        img = yield ("open", image, platform, tuple(insecure_registries), cache_dir)
         descs = list(img.layers)
         manifest_digest = img.manifest_digest
     # a plain user's fuse-overlayfs is one more FUSE mount
@@ -1042,12 +1051,22 @@ def list_mounts() -> list[dict]:
 
 # -- the cache ---------------------------------------------------------------------
 def cache_usage(cache_dir: str | None = None) -> dict:
+    """The chunk cache's usage, with its image records' under ``records``."""
     from .cache import ChunkCache
+    from .records import Records
 
-    return ChunkCache(cache_dir).usage()
+    usage = ChunkCache(cache_dir).usage()
+    usage["records"] = Records.for_cache_dir(usage["dir"]).usage()
+    return usage
 
 
 def cache_prune(cache_dir: str | None = None) -> dict:
+    """Remove the cached chunks and the image records no recorded mount names
+    (a mount's records are what brings it back after a crash or a reboot)."""
     from .cache import ChunkCache
+    from .records import Records
 
-    return ChunkCache(cache_dir).prune()
+    res = ChunkCache(cache_dir).prune()
+    keep = [rec.get("manifestDigest") for rec in _read_records()]
+    res.update(Records.for_cache_dir(res["dir"]).prune(keep))
+    return res

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import anyio
 
 from .errors import CoreError, DigestMismatchError, FormatError, MountError
-from .estargz import Format, LayerIndex, load_layer_index, read_footer
+from .estargz import Format, LayerIndex, read_footer
+from .records import Records, load_index
 from .source import BlobSource
 
 log = logging.getLogger("core.resolver")
@@ -38,8 +39,10 @@ class ResolvedLayer:
 
 
 class Resolver:
-    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, max_layers: int = DEFAULT_MAX_LAYERS):
+    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, max_layers: int = DEFAULT_MAX_LAYERS,
+                 records: Records | None = None):
         self.timeout = timeout
+        self.records = records
         self.max_layers = max_layers
         self._layers: OrderedDict[str, ResolvedLayer] = OrderedDict()
         self._resolving: dict[str, anyio.Event] = {}
@@ -115,10 +118,9 @@ class Resolver:
         source = store.blob_source(desc.digest, desc.size)
         try:
             with anyio.fail_after(self.timeout):
-                index = await load_layer_index(
-                    source, expected_toc_digest=expected,
-                    expected_manifest_checksum=manifest_checksum,
-                    annotations=getattr(desc, "annotations", None))
+                index = await load_index(
+                    self.records, desc, source, expected_toc_digest=expected,
+                    expected_manifest_checksum=manifest_checksum)
         except TimeoutError:
             await _close(source)
             raise MountError(

@@ -241,6 +241,7 @@ def cmd_cache(args) -> int:
         else:
             print(f"removed {plural(res['removedChunks'], 'chunk')} "
                   f"({human_size(res['removedBytes'])}) "
+                  f"and {plural(res['removedRecords'], 'image record')} "
                   f"from {res['dir']}")
         return 0
     u = m.cache_usage(args.cache_dir)
@@ -248,7 +249,9 @@ def cmd_cache(args) -> int:
         print(json.dumps(u))
     else:
         print(f"{u['dir']}: {plural(u['chunks'], 'chunk')}, {human_size(u['bytes'])} "
-              f"(budget {human_size(u['maxBytes'])})")
+              f"(budget {human_size(u['maxBytes'])}); "
+              f"{plural(u['records']['records'], 'image record')} "
+              f"({human_size(u['records']['bytes'])})")
     return 0
 
 
