@@ -243,8 +243,11 @@ class Services:
                     out.order.setdefault(e.path, len(out.order) + 1)
         return out
 
-    async def mount(self, image: str, mountpoint: str, layer: str | int | None = None) -> dict:
-        return await self.mount_manager().mount_image(image, mountpoint, layer=layer)
+    async def mount(self, image: str, mountpoint: str, layer: str | int | None = None,
+                    record: str | None = None) -> dict:
+        """``record``: a recording mount appending each file opened to that file."""
+        extra = {"record": record} if record else {}
+        return await self.mount_manager().mount_image(image, mountpoint, layer=layer, **extra)
 
     def unmount(self, mountpoint: str, force: bool = False) -> dict:
         """Blocking: call from a thread."""

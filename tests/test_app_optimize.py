@@ -227,3 +227,40 @@ async def test_image_screen_shows_each_layers_landmark(app_env):  # noqa: F811
             for n in (0, 1):
                 cell = table.get_cell(str(n), "landmark")
                 assert str(cell) == want[tag, n], (tag, n, str(cell))
+
+
+@pytest.mark.fuse
+async def test_recording_mount_from_the_mounts_screen(mount_env, tmp_path):
+    """The Mounts screen's mount dialog starts a recording mount: the files a
+    reader opens are in the record file, in order, and counted on screen."""
+    from core.record import read_record
+
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    rec = tmp_path / "rec.json"
+    app = StargzApp(f"{LAYOUT_REF}:mini-esgz")
+    async with app.run_test(size=(120, 30)) as pilot:
+        await open_image_screen(pilot, app)
+        await pilot.press("M")
+        mounts = await wait_for(pilot, lambda: screen_named(app, "MountsScreen"), "mounts")
+        await pilot.press("n")
+        dialog = await wait_for(pilot, lambda: screen_named(app, "MountDialog"), "the dialog")
+        dialog.query_one("#mount-point").value = str(mp)
+        dialog.query_one("#mount-record").value = str(rec)
+        await pilot.click("#mount-go")
+        await wait_for(pilot, lambda: screen_named(app, "MountsScreen"), "the mount", 90)
+        detail = mounts.query_one("#mount-detail", Static)
+        await wait_for(pilot, lambda: f"recording: 0 file(s) to {rec}" in str(detail.render()),
+                       "the recording mount")
+        opened = ["data/text.txt", "etc/os-release", "usr/lib/app/mod_07.py"]
+
+        def reader():
+            for p in opened:
+                (mp / p).read_bytes()
+            (mp / "data" / "random.bin").stat()
+
+        await anyio.to_thread.run_sync(reader)
+        await wait_for(pilot, lambda: f"recording: 3 file(s) to {rec}" in str(detail.render()),
+                       "the count")
+        assert [e.path for e in read_record(str(rec))] == opened
+    await anyio.to_thread.run_sync(core_mount.unmount, str(mp))
