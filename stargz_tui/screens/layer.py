@@ -201,15 +201,16 @@ class LayerScreen(BaseScreen):
         """What the tree's marks mean; the recorded count when this layer is
         served by a recording mount."""
         t = Text()
-        t.append(PREFETCH_MARK, "cyan")
-        t.append(": before the landmark  ")
-        rec = self.recordings.get(self.n)
-        if rec is None:
-            t.append(RECORDED_MARK, "dim magenta")
-            t.append(": no recording mount  ", "dim")
-        else:
-            t.append(RECORDED_MARK, "bold magenta")
-            t.append(f": {len(rec.order)} opened so far  ")
+        if not is_plain(self.view):  # (a plain layer has no landmark and no mount)
+            t.append(PREFETCH_MARK, "cyan")
+            t.append(": before the landmark  ")
+            rec = self.recordings.get(self.n)
+            if rec is None:
+                t.append(RECORDED_MARK, "dim magenta")
+                t.append(": no recording mount  ", "dim")
+            else:
+                t.append(RECORDED_MARK, "bold magenta")
+                t.append(f": {len(rec.order)} opened so far  ")
         for glyph, what in (("+", "added"), ("~", "modified"), ("-", "removed")):
             t.append(glyph, MARKER_STYLE[what])
             t.append(f" {what}  ")
