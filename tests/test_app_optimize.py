@@ -142,15 +142,16 @@ async def test_recorded_files_are_marked_in_the_layer_tree(mount_env, tmp_path):
         await wait_for(pilot, lambda: _marked(tree, "● recorded") == layer0, "the marks")
         legend = layer.query_one("#tree-legend", Static)
         assert "● recorded: 2 opened so far" in str(legend.render())
+        # the detail pane says where in the record the file is
+        tree.move_cursor(find_node(tree, "etc/os-release"))
+        await wait_for(pilot, lambda: "opened #2 of 2" in screen_text(app), "the detail pane")
         # opened while the screen is open: the timer reads the record again
         await anyio.to_thread.run_sync((mp / "data" / "text.txt").read_bytes)
         layer0.add("data/text.txt")
         await wait_for(pilot, lambda: _marked(tree, "● recorded") == layer0, "the new mark",
                        timeout=15)
         assert "● recorded: 3 opened so far" in str(legend.render())
-        # the detail pane says where in the record the file is
-        tree.move_cursor(find_node(tree, "etc/os-release"))
-        await wait_for(pilot, lambda: "opened #2 of 3" in screen_text(app), "the detail pane")
+        await wait_for(pilot, lambda: "opened #2 of 3" in screen_text(app), "the detail's count")
         # layer 1 alone: its one opened file
         await pilot.press("right_square_bracket")
         layer1 = await wait_for(pilot, lambda: (s := screen_named(app, "LayerScreen")) is not None

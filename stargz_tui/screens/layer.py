@@ -175,10 +175,13 @@ class LayerScreen(BaseScreen):
     def _set_recordings(self, got: dict) -> None:
         if not self.is_attached:
             return
-        before = self._recorded_keys()
+        before, totals = self._recorded_keys(), self._totals()
         self.recordings = got
         changed = before ^ self._recorded_keys()
         self.update_tree_legend()
+        cur = self.current
+        if cur is not None and (totals != self._totals() or (cur.layer_no, cur.path) in changed):
+            self.show_entry(cur)  # ("opened #k of N": N grows too)
         if not changed or self.browser is None:
             return
         # relabel only the nodes whose mark changed (the tree may hold thousands)
@@ -189,8 +192,9 @@ class LayerScreen(BaseScreen):
             data = node.data
             if isinstance(data, browse.Node) and (data.layer_no, data.path) in changed:
                 node.set_label(self.label(data))
-        if self.current is not None and (self.current.layer_no, self.current.path) in changed:
-            self.show_entry(self.current)
+
+    def _totals(self) -> dict[int, int]:
+        return {n: len(rec.order) for n, rec in self.recordings.items()}
 
     def recorded_at(self, node: browse.Node) -> int | None:
         """This file's place in its layer's record (1 = opened first), or None."""
