@@ -169,6 +169,39 @@ async def shoot_layout(sh: Shooter, only: str | None) -> None:
             sh.shot(app, "help")
     if want("mounts"):
         await shoot_mounts(sh)
+    if want("layer-recorded"):
+        await shoot_recorded(sh)
+
+
+async def shoot_recorded(sh: Shooter) -> None:
+    """The layer tree over a real recording mount of mini-esgz-prefetch:
+    ▓ prefetch and ● recorded marks after a reader opened a few files."""
+    from app_support import wait_for
+
+    from core import mount as core_mount
+    from stargz_tui.app import StargzApp
+
+    mp = Path(tempfile.mkdtemp(prefix="sgz-mnt-"))
+    rec = Path(tempfile.mkdtemp(prefix="sgz-rec-")) / "record.json"
+    try:
+        await core_mount.mount_image(f"{LAYOUT}:mini-esgz-prefetch", str(mp), record=str(rec))
+        for p in ("usr/lib/app/mod_03.py", "etc/os-release", "data/random.bin"):
+            (mp / p).read_bytes()
+        app = StargzApp(f"{LAYOUT}:mini-esgz-prefetch")
+        async with app.run_test(size=(110, 32)) as pilot:
+            layer = await _layer_session(pilot, app, 0, expand=["etc", "data", "usr", "usr/lib",
+                                                               "usr/lib/app"],
+                                         cursor="usr/lib/app/mod_03.py")
+            await wait_for(pilot, lambda: layer.recordings.get(0), "the record")
+            await pilot.pause(0.3)
+            sh.shot(app, "layer-recorded")
+    finally:
+        try:
+            core_mount.unmount(str(mp), force=True)
+        except Exception:  # noqa: BLE001
+            pass
+        shutil.rmtree(mp, ignore_errors=True)
+        shutil.rmtree(rec.parent, ignore_errors=True)
 
 
 async def shoot_mounts(sh: Shooter) -> None:

@@ -208,12 +208,58 @@ class Services:
     def find_layer_mount(self, mounts: list[dict], digest: str) -> dict | None:
         return self.mount_manager().find_layer_mount(mounts, digest)
 
-    async def mount(self, image: str, mountpoint: str, layer: str | int | None = None) -> dict:
-        return await self.mount_manager().mount_image(image, mountpoint, layer=layer)
+    @staticmethod
+    def recorded_files(mounts: list[dict], digest: str) -> Recording | None:
+        """What the serving recording mounts of layer ``digest`` (of
+        ``mounts``, as :meth:`list_mounts` gives them) recorded so far from
+        that layer; None when no such mount is serving. Blocking (reads the
+        record files): call from a thread.
+
+        A merged mount's daemons share one record file and tag each line
+        with the image layer that served it (``layerIndex``, see
+        core.record), so only this layer's lines count; a line without a
+        layer counts only in a one-layer mount."""
+        from core.record import read_record
+
+        out: Recording | None = None
+        for m in mounts:
+            path = m.get("record")
+            if not path or m.get("state") != "serving":
+                continue
+            layers = [lay for lay in m.get("layers") or [] if isinstance(lay, dict)]
+            ours = {lay.get("index") for lay in layers if lay.get("digest") == digest}
+            if not ours:
+                continue
+            try:
+                entries = read_record(path)
+            except CoreError:
+                continue  # (removed or unreadable: the mount screen says so)
+            if out is None:
+                out = Recording()
+            out.sources.append(path)
+            for e in entries:
+                if e.layer in ours or (e.layer is None and len(layers) == 1):
+                    out.order.setdefault(e.path, len(out.order) + 1)
+        return out
+
+    async def mount(self, image: str, mountpoint: str, layer: str | int | None = None,
+                    record: str | None = None) -> dict:
+        """``record``: a recording mount appending each file opened to that file."""
+        extra = {"record": record} if record else {}
+        return await self.mount_manager().mount_image(image, mountpoint, layer=layer, **extra)
 
     def unmount(self, mountpoint: str, force: bool = False) -> dict:
         """Blocking: call from a thread."""
         return self.mount_manager().unmount(mountpoint, force=force)
+
+
+@dataclass
+class Recording:
+    """The files recording mounts recorded from one layer: path -> its place
+    (1-based) in the order they were first opened; the record files read."""
+
+    order: dict[str, int] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
 
 
 PLAIN_FORMATS = ("gzip", "zstd", "tar")

@@ -147,6 +147,8 @@ def test_snapshot_layer_search_160x48(app_env, snap_compare):  # noqa: F811
 def test_snapshot_layer_partial_search_80x24(app_env, snap_compare):  # noqa: F811
     async def run_before(pilot):
         await _layer(0)(pilot)
+        # (a blinking cursor would be shot on or off by chance)
+        pilot.app.screen.query_one("#filter").cursor_blink = False
         await pilot.press("slash", *"type:")
         await wait_for(pilot, lambda: pilot.app.screen.problems, "the partial term")
         await pilot.pause(0.3)

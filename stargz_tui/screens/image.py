@@ -1,4 +1,11 @@
-"""Image: manifest / index, platform picker, config summary, layers table."""
+"""Image: manifest / index, platform picker, config summary, layers table.
+
+The layers table's ``landmark`` column says, per layer, what its TOC says
+about prefetch (issue 16): ``after N`` for a ``.prefetch.landmark`` with N
+compressed bytes before it (the landmark entry's offset: what a mount
+fetches first), ``no prefetch`` for a ``.no.prefetch.landmark``, ``none``
+without either, ``-`` for a layer without a TOC.
+"""
 
 from __future__ import annotations
 
@@ -27,12 +34,14 @@ from ..text import multiline, plain, printable
 from ..widgets import KeyBar, set_table_columns
 from .base import BaseScreen
 
-# layers table columns: (label, key); narrow terminals keep the key ones
+# layers table columns: (label, key); narrower terminals keep the key ones
 COLUMNS = [("#", "n"), ("digest", "digest"), ("size", "size"), ("format", "format"),
            ("TOC", "toc"), ("entries", "entries"), ("chunks", "chunks"),
-           ("prefetch", "prefetch"), ("cached", "cached"), ("mounted", "mounted")]
-COLUMNS_NARROW = [c for c in COLUMNS if c[1] not in ("entries", "prefetch")]
+           ("landmark", "landmark"), ("cached", "cached"), ("mounted", "mounted")]
+COLUMNS_MEDIUM = [c for c in COLUMNS if c[1] != "entries"]
+COLUMNS_NARROW = [c for c in COLUMNS_MEDIUM if c[1] != "landmark"]
 WIDE = 110            # (the app's -wide breakpoint)
+MEDIUM = 92           # the landmark column fits from here (not at 80)
 CACHED_SECONDS = 2.0  # how often the cached column is brought up to date
 TOC_STYLE = {browse.TOC_VERIFIED: "green", browse.TOC_MISMATCH: "bold red",
              browse.TOC_ABSENT: "yellow", browse.TOC_NONE: "dim"}
@@ -168,7 +177,8 @@ class ImageScreen(BaseScreen):
     def _set_columns(self) -> bool:
         """The layers table's columns for this width (narrow: the key ones);
         True when they changed (and the table was emptied)."""
-        cols = COLUMNS_NARROW if self.app.size.width < WIDE else COLUMNS
+        width = self.app.size.width
+        cols = COLUMNS if width >= WIDE else COLUMNS_MEDIUM if width >= MEDIUM else COLUMNS_NARROW
         return set_table_columns(self.query_one("#layers", DataTable), cols)
 
     def on_resize(self) -> None:
@@ -192,10 +202,19 @@ class ImageScreen(BaseScreen):
             **row, "format": plain(v.format_label), "toc": toc,
             "entries": "-" if v.entries is None else str(v.entries),
             "chunks": "-" if v.chunks is None or is_plain(v) else str(v.chunks),
-            "prefetch": "-" if v.prefetch_bytes is None else browse.human_size(v.prefetch_bytes),
+            "landmark": self._landmark_cell(v),
             "cached": self._cached_cell(v),
             "mounted": Text("yes", "green") if d.digest in mounted else Text("no", "dim"),
         }
+
+    @staticmethod
+    def _landmark_cell(v) -> Text:
+        ix = v.index
+        if ix is None or is_plain(v):
+            return Text("-", "dim")
+        if ix.prefetch_end is not None:
+            return Text(f"after {browse.human_size(ix.prefetch_end)}", "cyan")
+        return Text("no prefetch" if ix.no_prefetch else "none", "dim")
 
     @staticmethod
     def _cached_cell(v) -> str:

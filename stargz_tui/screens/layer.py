@@ -1,4 +1,13 @@
-"""Layer: the TOC as a lazy tree, a detail pane with chunks, chunk maps."""
+"""Layer: the TOC as a lazy tree, a detail pane with chunks, chunk maps.
+
+The tree marks each file with what the optimize loop knows about it (issue
+16): ``▓ prefetch`` when its data sits before the layer's
+``.prefetch.landmark`` (a mount fetches it first), ``● recorded`` when a
+recording mount (``mount --record``) serving this layer has recorded it
+being opened. The record files are read again every RECORD_SECONDS while
+the screen is open (and on ``R``); a legend line under the chunk legend
+says what every mark means.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +32,9 @@ from .base import BaseScreen
 
 BATCH = 500          # tree children added per expansion step
 MAX_MATCHES = 5000   # search results kept (the tree shows them and their parents)
+RECORD_SECONDS = 2.0  # how often the recording mounts' record files are read again
+PREFETCH_MARK = "▓ prefetch"
+RECORDED_MARK = "● recorded"
 # The `t` key's cycle: (what the notification says, the types shown).
 TYPE_CYCLE: list[tuple[str, frozenset[str] | None]] = [
     ("all", None), ("files", frozenset({"reg"})), ("dirs", frozenset({"dir"})),
@@ -48,6 +60,7 @@ class LayerScreen(BaseScreen):
         Binding("v", "verify", "Verify", id="verify_layer"),
         Binding("c", "copy_digest", "Copy digest", id="copy_entry"),
         Binding("w", "wasted", "Wasted", id="wasted"),
+        Binding("R", "refresh_recording", "Recorded", id="refresh_recording", show=False),
         Binding("right_square_bracket", "next_layer", "Next layer", id="next_layer",
                 show=False, key_display="]"),
         Binding("left_square_bracket", "prev_layer", "Prev layer", id="prev_layer",
@@ -60,6 +73,8 @@ class LayerScreen(BaseScreen):
         "extract": "Write the selected file or directory to a local path",
         "verify": "Verify the TOC digest, then every chunk",
         "wasted": "Files of this layer that upper layers replace or remove",
+        "refresh_recording": "Read the recording mounts' record files again now "
+                             "(they are read every few seconds anyway)",
     }
 
     def __init__(self, session, n: int):
@@ -80,6 +95,9 @@ class LayerScreen(BaseScreen):
         self.wasted_items: list[tuple[str, int]] = []
         self.current: browse.Node | None = None
         self.filled: set = set()  # ids of tree nodes whose children were added
+        # layer number -> what recording mounts recorded from it (services.Recording);
+        # a layer no recording mount serves is absent
+        self.recordings: dict = {}
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -87,6 +105,7 @@ class LayerScreen(BaseScreen):
             yield Static(id="layer-head")
             yield ChunkMap("chunks ", id="layer-map")
             yield Static(id="layer-status")
+            yield Static(id="tree-legend")
         with Horizontal(id="layer-body"):
             yield Tree("/", id="toc")
             with Vertical(id="detail"):
@@ -110,8 +129,10 @@ class LayerScreen(BaseScreen):
         self.update_head()
         self.query_one("#entry-info", Static).update(Text("Loading the TOC tree…", "dim"))
         self.query_one("#layer-status", Static).update(legend())
+        self.update_tree_legend()
         self.prepare()
         self.set_interval(5.0, self.refresh_states)
+        self.set_interval(RECORD_SECONDS, self.refresh_recording)
         tree.focus()
         del d
 
@@ -128,6 +149,77 @@ class LayerScreen(BaseScreen):
     def _layer_wide(self) -> None:
         self.refresh_states()
         self.compute_wasted()
+        self.refresh_recording()
+
+    # -- recording mounts -------------------------------------------------------------
+    @work(exclusive=True, group="recording", thread=True)
+    def refresh_recording(self) -> None:
+        svc = self.app.services
+        try:
+            mounts = svc.list_mounts()
+        except Exception:  # noqa: BLE001 - a broken mount record must not break the tree
+            mounts = []
+        got = {}
+        for n, d in enumerate(self.session.image.layers):
+            rec = svc.recorded_files(mounts, d.digest) if mounts else None
+            if rec is not None:
+                got[n] = rec
+        self.app.call_from_thread(self._set_recordings, got)
+
+    def action_refresh_recording(self) -> None:
+        self.refresh_recording()
+
+    def _recorded_keys(self) -> set[tuple[int, str]]:
+        return {(n, p) for n, rec in self.recordings.items() for p in rec.order}
+
+    def _set_recordings(self, got: dict) -> None:
+        if not self.is_attached:
+            return
+        before, totals = self._recorded_keys(), self._totals()
+        self.recordings = got
+        changed = before ^ self._recorded_keys()
+        self.update_tree_legend()
+        cur = self.current
+        if cur is not None and (totals != self._totals() or (cur.layer_no, cur.path) in changed):
+            self.show_entry(cur)  # ("opened #k of N": N grows too)
+        if not changed or self.browser is None:
+            return
+        # relabel only the nodes whose mark changed (the tree may hold thousands)
+        stack = list(self.query_one("#toc", Tree).root.children)
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            data = node.data
+            if isinstance(data, browse.Node) and (data.layer_no, data.path) in changed:
+                node.set_label(self.label(data))
+
+    def _totals(self) -> dict[int, int]:
+        return {n: len(rec.order) for n, rec in self.recordings.items()}
+
+    def recorded_at(self, node: browse.Node) -> int | None:
+        """This file's place in its layer's record (1 = opened first), or None."""
+        rec = self.recordings.get(node.layer_no)
+        return rec.order.get(node.path) if rec is not None else None
+
+    def update_tree_legend(self) -> None:
+        """What the tree's marks mean; the recorded count when this layer is
+        served by a recording mount."""
+        t = Text()
+        if not is_plain(self.view):  # (a plain layer has no landmark and no mount)
+            t.append(PREFETCH_MARK, "cyan")
+            t.append(": before the landmark  ")
+            rec = self.recordings.get(self.n)
+            if rec is None:
+                t.append(RECORDED_MARK, "dim magenta")
+                t.append(": no recording mount  ", "dim")
+            else:
+                t.append(RECORDED_MARK, "bold magenta")
+                t.append(f": {len(rec.order)} opened so far  ")
+        for glyph, what in (("+", "added"), ("~", "modified"), ("-", "removed")):
+            t.append(glyph, MARKER_STYLE[what])
+            t.append(f" {what}  ")
+        t.rstrip()
+        self.query_one("#tree-legend", Static).update(t)
 
     @work(exclusive=True, group="wasted", thread=True)
     def compute_wasted(self) -> None:
@@ -231,7 +323,9 @@ class LayerScreen(BaseScreen):
         elif e.type == "reg":
             t.append(f"  {browse.human_size(e.size)}", "dim")
         if self.in_prefetch(node, e):
-            t.append("  ▓ prefetch", "cyan")
+            t.append(f"  {PREFETCH_MARK}", "cyan")
+        if self.recorded_at(node) is not None:
+            t.append(f"  {RECORDED_MARK}", "bold magenta")
         if self.merged and node.layer_no != self.n:
             t.append(f"  L{node.layer_no}", "dim italic")
         return t
@@ -337,6 +431,12 @@ class LayerScreen(BaseScreen):
             grid.add_row("from", plain(f"layer {node.layer_no}"))
         if self.in_prefetch(node, e):
             grid.add_row("prefetch", Text("yes: before the prefetch landmark", "cyan"))
+        k = self.recorded_at(node)
+        if k is not None:
+            rec = self.recordings[node.layer_no]
+            grid.add_row("recorded", Text(f"yes: opened #{k} of {len(rec.order)} on a recording "
+                                          "mount", "magenta"))
+            grid.add_row("record", plain(", ".join(rec.sources)))
         self.query_one("#entry-info", Static).update(grid)
         self.show_chunks(node)
 

@@ -343,15 +343,19 @@ class LoginScreen(ModalScreen):
 
 
 class MountDialog(ModalScreen):
-    """Mount a layer (or the merged image) at a chosen mountpoint."""
+    """Mount a layer (or the merged image) at a chosen mountpoint; with a
+    record file, a recording mount (``mount --record``: each file opened is
+    appended to it, for ``optimize --record-in``)."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, image: str = "", layer: int | None = None, mountpoint: str = ""):
+    def __init__(self, image: str = "", layer: int | None = None, mountpoint: str = "",
+                 record: str = ""):
         super().__init__()
         self.image = image
         self.layer_no = layer
         self.mountpoint = mountpoint
+        self.record = record
 
     def compose(self) -> ComposeResult:
         what = "the merged image" if self.layer_no is None else f"layer {self.layer_no}"
@@ -362,6 +366,8 @@ class MountDialog(ModalScreen):
                         placeholder="layer index or digest (empty: merged image)", id="mount-layer")
             yield Input(self.mountpoint, placeholder="mountpoint (an existing directory)",
                         id="mount-point")
+            yield Input(self.record, placeholder="record the files opened to (optional file)",
+                        id="mount-record")
             yield Static("", id="mount-error")
             with Horizontal(classes="buttons"):
                 yield Button("Mount", variant="primary", id="mount-go")
@@ -389,13 +395,14 @@ class MountDialog(ModalScreen):
         image = self.query_one("#mount-image", Input).value.strip()
         layer = self.query_one("#mount-layer", Input).value.strip() or None
         mp = os.path.expanduser(self.query_one("#mount-point", Input).value.strip())
+        record = os.path.expanduser(self.query_one("#mount-record", Input).value.strip()) or None
         err = self.query_one("#mount-error", Static)
         if not image or not mp:
             err.update(Text("Give an image and a mountpoint.", "red"))
             return
         err.update(Text("Mounting… (Esc cancels)", "dim"))
         try:
-            rec = await self.app.services.mount(image, mp, layer)
+            rec = await self.app.services.mount(image, mp, layer, record=record)
         except Exception as e:  # noqa: BLE001 - shown in place, in one sentence
             err.update(plain(one_line(e), "red"))
             return
