@@ -18,7 +18,7 @@ from isal import isal_zlib
 from ..errors import DigestMismatchError, FormatError
 from ..source import BlobSource
 from .footer import MAX_FOOTER_SIZE, Footer, Format, footer_from_annotations, parse_footer
-from .toc import TOC_TAR_NAME, LayerIndex, build_index
+from .toc import TOC_TAR_NAME, LayerIndex, decode_entries, index_entries
 from .zstdchunked import annotate_index
 
 # How much of the tail to read in the first request: the footer and the TOC
@@ -172,13 +172,21 @@ def parse_toc_region(footer: Footer, region: bytes, *, blob_digest: str, blob_si
         return toc_digest
 
     try:
-        ix = build_index(toc_json, format=footer.format, blob_digest=blob_digest,
-                         blob_size=blob_size, toc_digest=expected_toc_digest or "",
-                         toc_offset=footer.toc_offset)
+        ents, checked = decode_entries(toc_json)
     except FormatError:
         check_digest()  # a TOC that is not the annotated one: say that instead
         raise
-    ix.toc_digest = check_digest()
+    # Checked before indexing (the hash ran beside the decoding, which takes
+    # longer), so nothing is indexed from a TOC that is not the annotated one
+    # and, for eStargz, the JSON is dropped here: indexing a large TOC then
+    # peaks without it (a 1M-entry one: ~300 MB less).
+    toc_digest = check_digest()
+    if footer.format != Format.ZSTDCHUNKED:
+        del toc_json
+    ix = index_entries(ents, checked, format=footer.format, blob_digest=blob_digest,
+                       blob_size=blob_size, toc_digest=toc_digest,
+                       toc_offset=footer.toc_offset)
+    del ents
     ix.toc_verified = bool(expected_toc_digest)
     ix.toc_size = len(region)
     ix.manifest_checksum = manifest_checksum
