@@ -21,8 +21,8 @@ from array import array
 from collections import deque
 from collections.abc import Iterator
 from datetime import datetime
-from itertools import compress, islice, repeat
-from operator import add, attrgetter, gt, is_, is_not, lt, not_, sub
+from itertools import chain, compress, islice, repeat
+from operator import add, and_, attrgetter, eq, gt, is_, is_not, lt, ne, not_, sub
 from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
@@ -305,10 +305,10 @@ class LayerIndex:
         self._f_digests = bytearray()
         self._f_has_digest = bytearray()
         self._nlinks: dict[int, int] = {}
-        # Children: ids ordered by (parent, name); per-entry start and count.
-        self._child_ids = array("i")
-        self._child_start = array("i")
-        self._child_count = array("i")
+        # Children: (ids ordered by (parent, name), per-entry start, per-entry
+        # count), built on the first lookup or listing rather than at resolve:
+        # see _child_index.
+        self._children: tuple[array, array, array] | None = None
         # Per-chunk columns, ordered by blob offset.
         self._c_entry = array("i")
         self._c_file_off = array("q")
@@ -352,18 +352,31 @@ class LayerIndex:
     def parent(self, entry: Entry) -> Entry:
         return Entry(self, self._parents[entry.id])
 
+    def _child_index(self) -> tuple[array, array, array]:
+        """The children index, built on first use: resolving a layer (what a
+        mount, ``ls PATH`` and the app wait for) does not sort every entry by
+        name, the first lookup does. Two threads racing here build the same
+        triple; it is assigned whole, so neither sees half of one."""
+        ci = self._children
+        if ci is None:
+            ci = self._children = _build_children(self._names, self._parents)
+        return ci
+
     def children(self, entry: Entry) -> list[Entry]:
-        s, n = self._child_start[entry.id], self._child_count[entry.id]
-        return [Entry(self, i) for i in self._child_ids[s : s + n]]
+        ids, start, count = self._child_index()
+        s = start[entry.id]
+        return [Entry(self, i) for i in ids[s : s + count[entry.id]]]
 
     def child_ids(self, id: int) -> array:
-        s = self._child_start[id]
-        return self._child_ids[s : s + self._child_count[id]]
+        ids, start, count = self._child_index()
+        s = start[id]
+        return ids[s : s + count[id]]
 
     def child(self, entry: Entry | int, name: str) -> Entry | None:
         id = entry if isinstance(entry, int) else entry.id
-        s, n = self._child_start[id], self._child_count[id]
-        ids, names = self._child_ids, self._names
+        ids, start, count = self._child_index()
+        s, n = start[id], count[id]
+        names = self._names
         lo, hi = s, s + n
         # Binary search over children sorted by name.
         while lo < hi:
@@ -451,8 +464,8 @@ class LayerIndex:
         """Approximate resident bytes held by the index."""
         total = sys.getsizeof(self._names) + sum(sys.getsizeof(n) for n in self._names)
         for col in (self._types, self._parents, self._sizes, self._modes, self._uids, self._gids,
-                    self._mtimes, self._first_chunk, self._chunk_count, self._child_ids,
-                    self._child_start, self._child_count, self._c_entry, self._c_file_off,
+                    self._mtimes, self._first_chunk, self._chunk_count,
+                    *self._child_index(), self._c_entry, self._c_file_off,
                     self._c_size, self._c_off, self._c_end, self._c_inner, self._c_digests,
                     self._c_has_digest, self._file_chunk_ids, self._f_digests,
                     self._f_has_digest, self._unames, self._gnames):
@@ -831,7 +844,6 @@ def index_entries(ents: list, checked: bool, *, format: str, blob_digest: str, b
     if PREFETCH_LANDMARK in landmark_offsets:
         ix.prefetch_end = landmark_offsets[PREFETCH_LANDMARK]
     _resolve_hardlinks(ix, hardlinks, by_path)
-    _build_children(ix)
     _build_chunks(ix, chunks, toc_offset)
     _compact(ix)
     return ix
@@ -1182,24 +1194,33 @@ def _resolve_hardlinks(ix: LayerIndex, hardlinks, by_path) -> None:
             col[id] = col[tid]
 
 
-def _build_children(ix: LayerIndex) -> None:
-    n = len(ix._names)
-    names, parents = ix._names, ix._parents
-    # Two stable sorts with C-level keys (name, then parent) give the order
-    # by (parent, name) without building a tuple per entry.
-    order = sorted(range(1, n), key=names.__getitem__)
-    order.sort(key=parents.__getitem__)
-    ix._child_ids = array("i", order)
+def _build_children(names: list[str], parents: array) -> tuple[array, array, array]:
+    """Entry ids ordered by (parent, name), and each entry's start and count
+    of children in that order."""
+    n = len(names)
+    # Ids by parent (a stable sort: id order within a parent; fast on tar
+    # order, where parents come in runs). Writers list a directory's entries
+    # in name order, so that is usually the order wanted; otherwise a name
+    # sort first, then the stable parent sort, gives (parent, name) without
+    # a tuple per entry.
+    order = sorted(range(1, n), key=parents.__getitem__)
+    by_parent = list(map(parents.__getitem__, order))
+    in_order = list(map(names.__getitem__, order))
+    if any(map(and_, map(eq, by_parent, islice(by_parent, 1, None)),
+               map(gt, in_order, islice(in_order, 1, None)))):
+        order = sorted(range(1, n), key=names.__getitem__)
+        order.sort(key=parents.__getitem__)
+    del in_order
     start = array("i", bytes(4 * n))
     count = array("i", bytes(4 * n))
-    prev = -1
-    for pos, i in enumerate(order):
-        p = parents[i]
-        if p != prev:
-            start[p] = pos
-            prev = p
-        count[p] += 1
-    ix._child_start, ix._child_count = start, count
+    # Where each parent's run begins (C-level maps, not a loop per entry).
+    firsts = list(compress(range(len(by_parent)),
+                           map(ne, by_parent, chain((-1,), by_parent))))
+    dirs = list(map(by_parent.__getitem__, firsts))
+    deque(map(start.__setitem__, dirs, firsts), maxlen=0)
+    deque(map(count.__setitem__, dirs, map(sub, chain(islice(firsts, 1, None), (len(order),)),
+                                           firsts)), maxlen=0)
+    return array("i", order), start, count
 
 
 def _build_chunks(ix: LayerIndex, cc: _ChunkColumns, toc_offset: int) -> None:
