@@ -88,11 +88,11 @@ def _inflate_gzip_toc(region: bytes) -> bytes:
             f"TOC says it inflates {len(region)} compressed bytes to {info.size} "
             f"(over {MAX_TOC_RATIO}x); refused as a decompression bomb"
         )
-    # A piece at a time into a buffer of the stated size (zero pages: only
-    # what is written becomes resident), objects counted as they come, so a
-    # TOC of millions of tiny entries is refused a few MiB past the limit
-    # rather than after all of it is in memory.
-    out = bytearray(info.size)
+    # A piece at a time, objects counted as they come, so a TOC of millions
+    # of tiny entries is refused a few MiB past the limit rather than after
+    # all of it is in memory. (Joining the pieces holds the JSON twice for a
+    # moment: less than decoding it costs next, which bounds the peak.)
+    parts = []
     objects = ObjectCounter()
     pos, data = 0, d.unconsumed_tail
     try:
@@ -101,14 +101,14 @@ def _inflate_gzip_toc(region: bytes) -> bytes:
             if not piece:
                 break
             data = d.unconsumed_tail
-            out[pos : pos + len(piece)] = piece
-            objects.feed(out, pos, pos + len(piece))
+            objects.feed(piece)
+            parts.append(piece)
             pos += len(piece)
     except isal_zlib.error as e:
         raise FormatError(f"TOC is not valid gzip: {e}") from None
     if pos < info.size:
         raise FormatError("TOC member is truncated")
-    return out
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _inflate_zstd_toc(region: bytes, uncompressed_size: int | None) -> bytes:

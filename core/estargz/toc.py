@@ -775,8 +775,8 @@ class ObjectCounter:
     def __init__(self):
         self.count = 0
 
-    def feed(self, buf, start: int = 0, end: int | None = None) -> None:
-        self.count += buf.count(b"{", start, len(buf) if end is None else end)
+    def feed(self, piece: bytes) -> None:
+        self.count += piece.count(b"{")
         if self.count > MAX_OBJECTS:
             raise FormatError(f"TOC holds more objects than {MAX_ENTRIES} entries could (the "
                               "entry limit); refused")
