@@ -115,11 +115,13 @@ def _writer():
     return write, writer_id
 
 
-def build_layers(workdir: str, quick: bool, log=print) -> dict:
-    """Build (or reuse) the three layers; returns name -> layer dict."""
+def build_layers(workdir: str, quick: bool, log=print, names=None) -> dict:
+    """Build (or reuse) the three layers (or those of ``names``); returns
+    name -> layer dict."""
     out = {}
     for name, (genfn, full, small) in LAYERS.items():
-        out[name] = build_layer(workdir, name, genfn, small if quick else full, log=log)
+        if names is None or name in names:
+            out[name] = build_layer(workdir, name, genfn, small if quick else full, log=log)
     return out
 
 

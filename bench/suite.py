@@ -744,6 +744,17 @@ def write_docs(path: str, report: dict) -> None:
         f.write("\n".join(lines))
 
 
+# The shared layers each figure reads (B9 and B10 build their own).
+LAYERS_OF = {"B1": {"big"}, "B2": {"text"}, "B3": {"text"}, "B4": {"many"}, "B5": {"many"},
+             "B6": {"big"}, "B7": {"big"}, "B8": {"many"}}
+
+
+def _layers_for(only: set[str]) -> set[str]:
+    """The shared layers the selected figures need: building the 300 MB
+    ``big`` layer for ``--only B10`` would cost minutes for nothing."""
+    return set().union(*(LAYERS_OF.get(i, set()) for i in only))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench/run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -775,8 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = None
     try:
         log(f"bench: building layers in {workdir} ({'quick' if args.quick else 'full size'})")
-        layers = images.build_layers(workdir, args.quick, log=log)
-        layers["text"]["file_size"] = images.LAYERS["text"][2 if args.quick else 1]
+        layers = images.build_layers(workdir, args.quick, log=log, names=_layers_for(only))
+        if "text" in layers:
+            layers["text"]["file_size"] = images.LAYERS["text"][2 if args.quick else 1]
         reg.start()
         refs = {}
         for name, ly in layers.items():
@@ -834,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {"started": started, "quick": args.quick, "runs": runs, "machine": machine(),
               "ours_how": ctx.ours_how if ctx else "", "notes": ctx.notes if ctx else [],
-              "writer": next(iter(layers.values()))["writer"],
+              "writer": next(iter(layers.values()), {}).get("writer", ""),
               "layers": {k: {x: v[x] for x in ("size", "entries", "files", "uncompressed_size",
                                                 "digest")} for k, v in layers.items()},
               "results": results}
