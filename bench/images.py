@@ -40,38 +40,43 @@ def _writer():
     return write, f"core.estargz.writer.build_estargz@{src.hexdigest()[:12]}"
 
 
-def build_layers(workdir: str, quick: bool, log=print) -> dict:
-    """Build (or reuse) the three layers; returns name -> layer dict."""
-    write, writer_id = _writer()
-
-    os.makedirs(workdir, exist_ok=True)
+def build_layers(workdir: str, quick: bool, log=print, names=None) -> dict:
+    """Build (or reuse) the three layers (or those of ``names``); returns
+    name -> layer dict."""
     out = {}
     for name, (genfn, full, small) in LAYERS.items():
-        param = small if quick else full
-        key = hashlib.sha256(f"{name}:{param}:{writer_id}:v3".encode()).hexdigest()[:12]
-        tar_path = os.path.join(workdir, f"{name}-{param}.tar")
-        blob_path = os.path.join(workdir, f"{name}-{key}.esgz")
-        meta_path = blob_path + ".json"
-        if os.path.exists(meta_path) and os.path.exists(blob_path):
-            with open(meta_path) as f:
-                out[name] = json.load(f)
-            continue
-        t0 = time.monotonic()
-        if not os.path.exists(tar_path):
-            getattr(gen, genfn)(tar_path + ".tmp", param)
-            os.replace(tar_path + ".tmp", tar_path)
-        meta = write(tar_path, blob_path + ".tmp")
-        os.replace(blob_path + ".tmp", blob_path)
-        meta["path"] = blob_path
-        with tarfile.open(tar_path) as tf:
-            members = tf.getmembers()
-        meta["entries"] = len(members)
-        meta["files"] = sum(1 for m in members if m.isreg())
-        meta["tar"] = tar_path
-        meta["writer"] = writer_id
-        with open(meta_path, "w") as f:
-            json.dump(meta, f, indent=1)
-        log(f"  built layer {name}: {meta['size'] / 1e6:.1f} MB blob, {meta['entries']} entries "
-            f"({time.monotonic() - t0:.1f} s, {writer_id})")
-        out[name] = meta
+        if names is None or name in names:
+            out[name] = build_layer(workdir, name, genfn, small if quick else full, log=log)
     return out
+
+
+def build_layer(workdir: str, name: str, genfn: str, param, log=print) -> dict:
+    """Build (or reuse, keyed by name, parameter and writer) one layer from
+    ``bench.gen.<genfn>(tar_path, param)``; returns its layer dict."""
+    write, writer_id = _writer()
+    os.makedirs(workdir, exist_ok=True)
+    key = hashlib.sha256(f"{name}:{param}:{writer_id}:v3".encode()).hexdigest()[:12]
+    tar_path = os.path.join(workdir, f"{name}-{param}.tar")
+    blob_path = os.path.join(workdir, f"{name}-{key}.esgz")
+    meta_path = blob_path + ".json"
+    if os.path.exists(meta_path) and os.path.exists(blob_path):
+        with open(meta_path) as f:
+            return json.load(f)
+    t0 = time.monotonic()
+    if not os.path.exists(tar_path):
+        getattr(gen, genfn)(tar_path + ".tmp", param)
+        os.replace(tar_path + ".tmp", tar_path)
+    meta = write(tar_path, blob_path + ".tmp")
+    os.replace(blob_path + ".tmp", blob_path)
+    meta["path"] = blob_path
+    with tarfile.open(tar_path) as tf:
+        members = tf.getmembers()
+    meta["entries"] = len(members)
+    meta["files"] = sum(1 for m in members if m.isreg())
+    meta["tar"] = tar_path
+    meta["writer"] = writer_id
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
+    log(f"  built layer {name}: {meta['size'] / 1e6:.1f} MB blob, {meta['entries']} entries "
+        f"({time.monotonic() - t0:.1f} s, {writer_id})")
+    return meta

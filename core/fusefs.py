@@ -25,7 +25,17 @@ import pyfuse3
 
 from .errors import CoreError
 from .estargz import LayerIndex
-from .estargz.toc import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, WHITEOUT_PREFIX
+from .estargz.toc import (
+    BLOCK,
+    CHAR,
+    DIR,
+    FIFO,
+    HARDLINK,
+    REG,
+    SYMLINK,
+    WHITEOUT_OPAQUE,
+    WHITEOUT_PREFIX,
+)
 from .idmap import IdMapper
 from .layer import LayerReader
 
@@ -118,9 +128,8 @@ class LayerFS(pyfuse3.Operations):
         self._next_fh = 1
         self.open_files = 0
         ix = index
-        for e in ix.iter_entries():
-            if e.is_opaque_marker:
-                self._opaque.add(e.parent_id)
+        for id in ix.ids_named(WHITEOUT_OPAQUE):
+            self._opaque.add(ix.entry(id).parent_id)
         self._dir_nlink: dict[int, int] = {}
         self._tune_mp: str | None = None
 

@@ -18,7 +18,7 @@ from isal import isal_zlib
 from ..errors import DigestMismatchError, FormatError
 from ..source import BlobSource
 from .footer import MAX_FOOTER_SIZE, Footer, Format, footer_from_annotations, parse_footer
-from .toc import TOC_TAR_NAME, LayerIndex, build_index
+from .toc import TOC_TAR_NAME, LayerIndex, ObjectCounter, decode_entries, index_entries
 from .zstdchunked import annotate_index
 
 # How much of the tail to read in the first request: the footer and the TOC
@@ -26,17 +26,19 @@ from .zstdchunked import annotate_index
 # per entry), so most layers resolve in one request; a larger TOC costs one
 # more request for exactly the bytes missing before this tail.
 TAIL_READ = 256 << 10
-# The largest TOC (JSON) we agree to inflate: indexing peaks at ~5x the
-# JSON, so a command or daemon stays under 256 MB: 36 MiB of entries as
-# writers state them (142k entries) peaked at 216 MB in `ls --layer 0`; a
-# 100k-file layer written by core.estargz.writer has a 30 MB TOC.
+# The largest TOC (JSON) we agree to inflate: room for MAX_ENTRIES entries
+# as writers state them (~310 B each, tab-indented, as B10's 1M-entry
+# layer: 312 MB). What a TOC at the limits costs in memory is measured by
+# tests/reliability/test_resource_bounds.py (test_toc_entry_limit_holds_memory);
 # core.estargz.toc.MAX_ENTRIES bounds entries that say less.
-MAX_TOC_BYTES = 36 << 20
+MAX_TOC_BYTES = 384 << 20
 # TOC JSON (names, hex digests) compresses a few times over, never 100x:
 # a TOC claiming more than this ratio (above a small floor) is a bomb.
 MAX_TOC_RATIO = 100
 TOC_RATIO_FLOOR = 16 << 20
 HEAD_READ = 512
+# TOC JSON is inflated (and its objects counted) this much at a time.
+INFLATE_PIECE = 4 << 20
 # TOC JSON larger than this is hashed in a thread while it is parsed.
 HASH_IN_THREAD = 1 << 20
 
@@ -86,13 +88,27 @@ def _inflate_gzip_toc(region: bytes) -> bytes:
             f"TOC says it inflates {len(region)} compressed bytes to {info.size} "
             f"(over {MAX_TOC_RATIO}x); refused as a decompression bomb"
         )
+    # A piece at a time, objects counted as they come, so a TOC of millions
+    # of tiny entries is refused a few MiB past the limit rather than after
+    # all of it is in memory. (Joining the pieces holds the JSON twice for a
+    # moment: less than decoding it costs next, which bounds the peak.)
+    parts = []
+    objects = ObjectCounter()
+    pos, data = 0, d.unconsumed_tail
     try:
-        out = d.decompress(d.unconsumed_tail, info.size) if info.size else b""
+        while pos < info.size:
+            piece = d.decompress(data, min(INFLATE_PIECE, info.size - pos))
+            if not piece:
+                break
+            data = d.unconsumed_tail
+            objects.feed(piece)
+            parts.append(piece)
+            pos += len(piece)
     except isal_zlib.error as e:
         raise FormatError(f"TOC is not valid gzip: {e}") from None
-    if len(out) < info.size:
+    if pos < info.size:
         raise FormatError("TOC member is truncated")
-    return out
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _inflate_zstd_toc(region: bytes, uncompressed_size: int | None) -> bytes:
@@ -103,14 +119,17 @@ def _inflate_zstd_toc(region: bytes, uncompressed_size: int | None) -> bytes:
     limit = min(uncompressed_size or MAX_TOC_BYTES, MAX_TOC_BYTES,
                 max(TOC_RATIO_FLOOR, MAX_TOC_RATIO * len(region)))
     # Read at most limit + 1 bytes: a frame that inflates further (a zstd
-    # bomb, or a footer that lies) is refused without holding all of it.
+    # bomb, or a footer that lies) is refused without holding all of it;
+    # objects are counted as they come (see _inflate_gzip_toc).
+    objects = ObjectCounter()
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(region))
         parts, got = [], 0
         while got <= limit:
-            piece = reader.read(min(16 << 20, limit + 1 - got))
+            piece = reader.read(min(INFLATE_PIECE, limit + 1 - got))
             if not piece:
                 break
+            objects.feed(piece)
             parts.append(piece)
             got += len(piece)
     except zstandard.ZstdError as e:
@@ -172,13 +191,22 @@ def parse_toc_region(footer: Footer, region: bytes, *, blob_digest: str, blob_si
         return toc_digest
 
     try:
-        ix = build_index(toc_json, format=footer.format, blob_digest=blob_digest,
-                         blob_size=blob_size, toc_digest=expected_toc_digest or "",
-                         toc_offset=footer.toc_offset)
+        # both inflaters counted its objects
+        ents, checked = decode_entries(toc_json, counted=True)
     except FormatError:
         check_digest()  # a TOC that is not the annotated one: say that instead
         raise
-    ix.toc_digest = check_digest()
+    # Checked before indexing (the hash ran beside the decoding, which takes
+    # longer), so nothing is indexed from a TOC that is not the annotated one
+    # and, for eStargz, the JSON is dropped here: indexing a large TOC then
+    # peaks without it (a 1M-entry one: ~300 MB less).
+    toc_digest = check_digest()
+    if footer.format != Format.ZSTDCHUNKED:
+        del toc_json
+    ix = index_entries(ents, checked, format=footer.format, blob_digest=blob_digest,
+                       blob_size=blob_size, toc_digest=toc_digest,
+                       toc_offset=footer.toc_offset)
+    del ents
     ix.toc_verified = bool(expected_toc_digest)
     ix.toc_size = len(region)
     ix.manifest_checksum = manifest_checksum

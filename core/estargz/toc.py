@@ -21,8 +21,8 @@ from array import array
 from collections import deque
 from collections.abc import Iterator
 from datetime import datetime
-from itertools import compress, islice, repeat
-from operator import add, attrgetter, gt, is_, is_not, lt, not_, sub
+from itertools import chain, compress, islice, repeat
+from operator import add, and_, attrgetter, eq, gt, is_, is_not, lt, ne, not_, sub
 from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
@@ -44,13 +44,16 @@ DIR, REG, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO = range(7)
 TYPE_MODE_BITS = (0o040000, 0o100000, 0o120000, 0o100000, 0o020000, 0o060000, 0o010000)
 
 # Bounds on what a TOC may claim, so hostile input is refused, not obeyed.
-# Entries: a command or daemon stays under 256 MB of peak RSS on a TOC at the
-# limit. Building the index peaks at ~700 B per minimal entry (decoded
-# structs, columns, the JSON itself) though it keeps ~140-280 B: 250k
-# minimal entries peaked at 199 MB in `ls --layer 0` (300k: 231 MB, 1M: 710
-# MB, 5M: ~3.5 GB). Entries that say more are bounded by the TOC's size
+# Entries: a million-entry layer must mount (issue 17, B10). The index keeps
+# ~140-200 B per entry; building it peaks at ~700 B per entry (the decoded
+# structs, the columns; the JSON is dropped first, see the loader). What a
+# TOC at this limit costs a command and a daemon is measured by
+# tests/reliability/test_resource_bounds.py (test_toc_entry_limit_holds_memory).
+# Entries that say more are bounded by the TOC's size
 # (core.estargz.loader.MAX_TOC_BYTES).
-MAX_ENTRIES = 250_000
+MAX_ENTRIES = 1_250_000
+# JSON objects a TOC may hold: an entry and its xattrs each.
+MAX_OBJECTS = 2 * MAX_ENTRIES + 16
 MAX_PATH_DEPTH = 1024
 MAX_NAME_BYTES = 4096
 # The most file bytes a chunk of a lazy layer may declare (counting the
@@ -305,10 +308,10 @@ class LayerIndex:
         self._f_digests = bytearray()
         self._f_has_digest = bytearray()
         self._nlinks: dict[int, int] = {}
-        # Children: ids ordered by (parent, name); per-entry start and count.
-        self._child_ids = array("i")
-        self._child_start = array("i")
-        self._child_count = array("i")
+        # Children: (ids ordered by (parent, name), per-entry start, per-entry
+        # count), built on the first lookup or listing rather than at resolve:
+        # see _child_index.
+        self._children: tuple[array, array, array] | None = None
         # Per-chunk columns, ordered by blob offset.
         self._c_entry = array("i")
         self._c_file_off = array("q")
@@ -341,6 +344,12 @@ class LayerIndex:
         for i in range(len(self._names)):
             yield Entry(self, i)
 
+    def ids_named(self, name: str) -> list[int]:
+        """The ids of the entries whose basename is ``name`` (e.g. every
+        opaque-directory marker), in one C-level pass rather than an
+        :class:`Entry` per entry."""
+        return list(compress(range(len(self._names)), map(eq, self._names, repeat(name))))
+
     def path_of(self, id: int) -> str:
         parts = []
         names, parents = self._names, self._parents
@@ -352,18 +361,31 @@ class LayerIndex:
     def parent(self, entry: Entry) -> Entry:
         return Entry(self, self._parents[entry.id])
 
+    def _child_index(self) -> tuple[array, array, array]:
+        """The children index, built on first use: resolving a layer (what a
+        mount, ``ls PATH`` and the app wait for) does not sort every entry by
+        name, the first lookup does. Two threads racing here build the same
+        triple; it is assigned whole, so neither sees half of one."""
+        ci = self._children
+        if ci is None:
+            ci = self._children = _build_children(self._names, self._parents)
+        return ci
+
     def children(self, entry: Entry) -> list[Entry]:
-        s, n = self._child_start[entry.id], self._child_count[entry.id]
-        return [Entry(self, i) for i in self._child_ids[s : s + n]]
+        ids, start, count = self._child_index()
+        s = start[entry.id]
+        return [Entry(self, i) for i in ids[s : s + count[entry.id]]]
 
     def child_ids(self, id: int) -> array:
-        s = self._child_start[id]
-        return self._child_ids[s : s + self._child_count[id]]
+        ids, start, count = self._child_index()
+        s = start[id]
+        return ids[s : s + count[id]]
 
     def child(self, entry: Entry | int, name: str) -> Entry | None:
         id = entry if isinstance(entry, int) else entry.id
-        s, n = self._child_start[id], self._child_count[id]
-        ids, names = self._child_ids, self._names
+        ids, start, count = self._child_index()
+        s, n = start[id], count[id]
+        names = self._names
         lo, hi = s, s + n
         # Binary search over children sorted by name.
         while lo < hi:
@@ -451,8 +473,8 @@ class LayerIndex:
         """Approximate resident bytes held by the index."""
         total = sys.getsizeof(self._names) + sum(sys.getsizeof(n) for n in self._names)
         for col in (self._types, self._parents, self._sizes, self._modes, self._uids, self._gids,
-                    self._mtimes, self._first_chunk, self._chunk_count, self._child_ids,
-                    self._child_start, self._child_count, self._c_entry, self._c_file_off,
+                    self._mtimes, self._first_chunk, self._chunk_count,
+                    *self._child_index(), self._c_entry, self._c_file_off,
                     self._c_size, self._c_off, self._c_end, self._c_inner, self._c_digests,
                     self._c_has_digest, self._file_chunk_ids, self._f_digests,
                     self._f_has_digest, self._unames, self._gnames):
@@ -744,15 +766,33 @@ def _entries_of(doc) -> list[_TocEntry]:
         raise FormatError(f"TOC entry {where[1] if where else '?'} is not an object") from None
 
 
-def _decode_toc(toc_json: bytes) -> tuple[list[_TocEntry], bool]:
-    """The TOC's entries, and whether they are :class:`_CheckedEntry` ones."""
-    # Every entry is one JSON object (two with xattrs): far more braces than
-    # that is a TOC built to exhaust memory in the parser; refuse it unparsed.
-    if toc_json.count(b"{") > 2 * MAX_ENTRIES + 16:
-        raise FormatError(f"TOC holds more objects than {MAX_ENTRIES} entries could; refused")
-    # Every entry has a "name" key (a string holding the text escapes its quotes)
-    if toc_json.count(b'"name"') > MAX_ENTRIES + 16:
-        raise FormatError(f"TOC has more than {MAX_ENTRIES} entries, the limit; refused")
+class ObjectCounter:
+    """Counts the JSON objects of a TOC fed to it piece by piece (its
+    braces: one inside a string counts too, which errs on the safe side) and
+    refuses the TOC past ``MAX_OBJECTS``. Every entry is one object (two
+    with xattrs): far more is a TOC built to exhaust memory in the decoder,
+    refused undecoded, and by the loader before it is all inflated.
+    (Counting '"name"' keys too would bound entries to MAX_ENTRIES rather
+    than twice that, but costs a second, slower pass, ~10% of a resolve;
+    decoding 2 * MAX_ENTRIES minimal entries before refusing them costs
+    less memory than indexing MAX_ENTRIES full ones, which is what bounds a
+    TOC we accept.)"""
+
+    def __init__(self):
+        self.count = 0
+
+    def feed(self, piece: bytes) -> None:
+        self.count += piece.count(b"{")
+        if self.count > MAX_OBJECTS:
+            raise FormatError(f"TOC holds more objects than {MAX_ENTRIES} entries could (the "
+                              "entry limit); refused")
+
+
+def _decode_toc(toc_json: bytes, counted: bool = False) -> tuple[list[_TocEntry], bool]:
+    """The TOC's entries, and whether they are :class:`_CheckedEntry` ones
+    (``counted``: an :class:`ObjectCounter` saw all of ``toc_json``)."""
+    if not counted:
+        ObjectCounter().feed(toc_json)
     checked = True
     try:
         try:
@@ -778,115 +818,176 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
                 toc_digest: str, toc_offset: int) -> LayerIndex:
     """Parse TOC JSON bytes into a :class:`LayerIndex`. CPU-heavy: run it in a
     worker thread from async code. Raises :class:`FormatError` on a TOC that
-    is not valid or makes claims outside the blob.
+    is not valid or makes claims outside the blob. (:func:`decode_entries`
+    then :func:`index_entries`; a caller that can drop the JSON between the
+    two, as the loader does, peaks lower.)"""
+    if isinstance(toc_json, dict):
+        # Already parsed (plain layers index their tar this way).
+        ents, checked = _entries_of(toc_json), False
+    else:
+        ents, checked = decode_entries(toc_json)
+    return index_entries(ents, checked, format=format, blob_digest=blob_digest,
+                         blob_size=blob_size, toc_digest=toc_digest, toc_offset=toc_offset)
 
-    This is the resolve hot path of 100k-entry layers: msgspec decodes the
+
+def decode_entries(toc_json: bytes, *, counted: bool = False) -> tuple[list, bool]:
+    """The TOC's entries as light structs, and whether the checked decoder
+    took them (their numbers are then known to be in bounds); raises
+    :class:`FormatError` for JSON that is not a TOC or holds more than
+    ``MAX_ENTRIES`` entries (``counted``: an :class:`ObjectCounter` already
+    saw all of it). The structs do not refer to ``toc_json``: the caller may
+    drop it before :func:`index_entries`."""
+    return _decode_toc(toc_json, counted)
+
+
+def index_entries(ents: list, checked: bool, *, format: str, blob_digest: str, blob_size: int,
+                  toc_digest: str, toc_offset: int) -> LayerIndex:
+    """Index decoded entries (see :func:`decode_entries`).
+
+    This is the resolve hot path of large layers: msgspec decoded the
     entries into light structs (only the fields the index reads; about half
     the time of ``json.loads``), one Python loop (:func:`_tree_loop`) works
     out names and the tree; every other column is built by ``map`` over the
     entries straight into arrays and validated in bulk, with a slow, precise
     pass only to name the culprit when something is wrong. (Whole-list
-    operations for the tree too were tried: no faster than the loop, which
-    makes fewer strings.)"""
-    if isinstance(toc_json, dict):
-        # Already parsed (plain layers index their tar this way).
-        ents, checked = _entries_of(toc_json), False
-    else:
-        ents, checked = _decode_toc(toc_json)
+    operations for the tree too were tried, again for this layout: no
+    faster than the loop, which makes fewer strings.)"""
     ix = LayerIndex(format=format, blob_digest=blob_digest, blob_size=blob_size,
                     toc_digest=toc_digest, toc_offset=toc_offset)
-    warnings = ix.warnings
     names, types, parents, src, by_path, chunk_refs, landmark_offsets = _tree_loop(
-        ents, blob_size, warnings)
+        ents, blob_size, ix.warnings)
     ix._names, ix._types, ix._parents = names, types, parents
-
-    # Columns, from each id's defining entry.
-    n = len(names)
-    # src's -1 (an implicit directory) picks the _NO_FIELDS appended last.
+    # Columns, from each id's defining entry; src's -1 (an implicit
+    # directory) picks the _NO_FIELDS appended last.
     fields = list(map([*ents, _NO_FIELDS].__getitem__, src))
+    _Columns(ix, fields, checked).build()
+    chunks = _first_chunks(ix, fields, checked)
+    hardlinks = _link_extras(ix, fields)
+    del fields
+    _add_chunk_entries(ix, chunks, ents, chunk_refs)
+    ix.no_prefetch = NO_PREFETCH_LANDMARK in landmark_offsets
+    if PREFETCH_LANDMARK in landmark_offsets:
+        ix.prefetch_end = landmark_offsets[PREFETCH_LANDMARK]
+    _resolve_hardlinks(ix, hardlinks, by_path)
+    _build_chunks(ix, chunks, toc_offset)
+    _compact(ix)
+    return ix
 
-    def col(entries: list, key: str) -> list:
-        return list(map(attrgetter(key), entries))
 
-    # Bounds the decoder checked (-1: none).
-    u32, i62 = (_U32, _I62) if checked else (-1, -1)
+def _col(entries: list, key: str) -> list:
+    return list(map(attrgetter(key), entries))
 
-    def int_col(entries: list, key: str, typecode: str, hi: int, path_of, bound: int) -> array:
-        return _int_column(typecode, col(entries, key), key, 0, hi, path_of, checked=bound)
 
-    path_of = ix.path_of
-    ix._sizes = sizes = int_col(fields, "size", "q", _I62, path_of, i62)
-    default_modes = list(map(_DEFAULT_MODE.__getitem__, types))
-    # A mode left out, or null, is the type's default.
-    modes = _int_column("I", col(fields, "mode"), "mode", 0, _U32, path_of, nulls=default_modes,
-                        checked=u32)
-    if modes and max(modes) > 0o7777:
-        modes = array("I", [m & 0o7777 for m in modes])
-    ix._modes = modes
-    ix._uids = int_col(fields, "uid", "I", _U32, path_of, u32)
-    ix._gids = int_col(fields, "gid", "I", _U32, path_of, u32)
-    times = _TimeCache()
-    modtimes = col(fields, "modtime")
-    try:
-        ix._mtimes = array("d", map(times.__getitem__, modtimes))
-    except TypeError:  # an unhashable modtime: parse one by one
-        ix._mtimes = array("d", map(_parse_time, modtimes))
-    del modtimes
-    owners = _OwnerTable(ix._owner_names)
-    try:
-        ix._unames = array("H", map(owners.__getitem__, col(fields, "userName")))
-        ix._gnames = array("H", map(owners.__getitem__, col(fields, "groupName")))
-    except TypeError:  # an unhashable owner name: not a name
-        ix._unames = array("H", [owners[v] if isinstance(v, str) else 0
-                                 for v in col(fields, "userName")])
-        ix._gnames = array("H", [owners[v] if isinstance(v, str) else 0
-                                 for v in col(fields, "groupName")])
+class _Columns:
+    """The per-entry attribute columns of ``ix`` (sizes, modes, owners,
+    times, file digests) from each id's defining entry."""
 
-    # File digests (regular files only), extras, and each regular file's first chunk.
-    extras = ix._extras
-    hardlinks: list[tuple[int, str]] = []
-    reg_ids = list(compress(range(n), types.translate(_IS_REG)))
-    other_ids = list(compress(range(n), types.translate(_IS_OTHER)))  # neither dir nor reg
-    digests = col(fields, "digest")
-    for k in compress(range(n), types.translate(_IS_NOT_REG)):
-        digests[k] = _NO_DIGEST
-    good, blob = _sha256_column(digests, checked)
-    ix._f_digests = bytearray(blob)
-    ix._f_has_digest = bytearray(good)
-    if not all(good):  # other digest forms are kept as they are
-        for k in compress(range(n), map(not_, good)):
-            d = digests[k]
-            if type(d) is str and d and d is not _NO_DIGEST:
-                extras[k] = {"digest": d}
-    # Each non-empty file's first chunk is described by the file's own entry.
+    def __init__(self, ix: LayerIndex, fields: list, checked: bool):
+        self.ix, self.fields = ix, fields
+        # Bounds the decoder checked (-1: none).
+        self.u32, self.i62 = (_U32, _I62) if checked else (-1, -1)
+
+    def int_col(self, key: str, typecode: str, hi: int, bound: int, nulls=None) -> array:
+        return _int_column(typecode, _col(self.fields, key), key, 0, hi, self.ix.path_of,
+                           nulls=nulls, checked=bound)
+
+    def build(self) -> None:
+        ix = self.ix
+        ix._sizes = self.int_col("size", "q", _I62, self.i62)
+        # A mode left out, or null, is the type's default.
+        default_modes = list(map(_DEFAULT_MODE.__getitem__, ix._types))
+        modes = self.int_col("mode", "I", _U32, self.u32, nulls=default_modes)
+        if modes and max(modes) > 0o7777:
+            modes = array("I", [m & 0o7777 for m in modes])
+        ix._modes = modes
+        ix._uids = self.int_col("uid", "I", _U32, self.u32)
+        ix._gids = self.int_col("gid", "I", _U32, self.u32)
+        self.times()
+        self.owners()
+        self.digests()
+
+    def times(self) -> None:
+        times = _TimeCache()
+        modtimes = _col(self.fields, "modtime")
+        try:
+            self.ix._mtimes = array("d", map(times.__getitem__, modtimes))
+        except TypeError:  # an unhashable modtime: parse one by one
+            self.ix._mtimes = array("d", map(_parse_time, modtimes))
+
+    def owners(self) -> None:
+        ix, fields = self.ix, self.fields
+        owners = _OwnerTable(ix._owner_names)
+        try:
+            ix._unames = array("H", map(owners.__getitem__, _col(fields, "userName")))
+            ix._gnames = array("H", map(owners.__getitem__, _col(fields, "groupName")))
+        except TypeError:  # an unhashable owner name: not a name
+            ix._unames = array("H", [owners[v] if isinstance(v, str) else 0
+                                     for v in _col(fields, "userName")])
+            ix._gnames = array("H", [owners[v] if isinstance(v, str) else 0
+                                     for v in _col(fields, "groupName")])
+
+    def digests(self) -> None:
+        """File digests (regular files only) as a column; other digest forms
+        are kept as they are, in the extras."""
+        ix = self.ix
+        n = len(ix._names)
+        digests = _col(self.fields, "digest")
+        for k in compress(range(n), ix._types.translate(_IS_NOT_REG)):
+            digests[k] = _NO_DIGEST
+        good, blob = _sha256_column(digests, self.u32 >= 0)
+        ix._f_digests = bytearray(blob)
+        ix._f_has_digest = bytearray(good)
+        if not all(good):
+            for k in compress(range(n), map(not_, good)):
+                d = digests[k]
+                if type(d) is str and d and d is not _NO_DIGEST:
+                    ix._extras[k] = {"digest": d}
+
+
+def _first_chunks(ix: LayerIndex, fields: list, checked: bool) -> _ChunkColumns:
+    """Each non-empty regular file's first chunk, which the file's own entry
+    describes."""
+    n = len(ix._names)
+    sizes, path_of = ix._sizes, ix.path_of
+    reg_ids = list(compress(range(n), ix._types.translate(_IS_REG)))
     cands = list(compress(reg_ids, map(sizes.__getitem__, reg_ids)))
     first = list(map(fields.__getitem__, cands))
     chunks = _ChunkColumns()
-    if not (any(map(attrgetter("chunkOffset"), first)) or any(map(attrgetter("innerOffset"), first))
+    if (any(map(attrgetter("chunkOffset"), first)) or any(map(attrgetter("innerOffset"), first))
             or any(map(is_not, map(attrgetter("endOffset"), first), repeat(msgspec.UNSET)))):
-        def cand_path(j: int) -> str:
-            return path_of(cands[j])
-
-        chunks.owners = cands
-        chunks.file_offs = [0] * len(cands)
-        chunks.sizes = int_col(first, "chunkSize", "q", _I62, cand_path, i62)
-        chunks.offs = _int_column("q", col(first, "offset"), "offset", 0, blob_size, cand_path,
-                                  checked=i62)
-        chunks.inners = [0] * len(cands)
-        chunks.hints = [None] * len(cands)
-        chunk_digests = col(first, "chunkDigest")
-        if chunk_digests == list(map(digests.__getitem__, cands)):
-            # Single-chunk files stating the file's digest as the chunk's: the
-            # chunks' digests are read from the file digest column.
-            chunks.has_digest = chunks.digests = None
-        else:
-            chunks.set_digests(chunk_digests, checked)
-        del chunk_digests
-    else:
         for k, e in zip(cands, first, strict=True):
-            chunks.add(_chunk_record(k, e, path_of(k), blob_size))
-    del first, digests, good, blob
-    for id in other_ids:
+            chunks.add(_chunk_record(k, e, path_of(k), blob_size=ix.blob_size))
+        return chunks
+    i62 = _I62 if checked else -1
+
+    def cand_path(j: int) -> str:
+        return path_of(cands[j])
+
+    chunks.owners = cands
+    chunks.file_offs = [0] * len(cands)
+    chunks.sizes = _int_column("q", _col(first, "chunkSize"), "chunkSize", 0, _I62, cand_path,
+                               checked=i62)
+    chunks.offs = _int_column("q", _col(first, "offset"), "offset", 0, ix.blob_size, cand_path,
+                              checked=i62)
+    chunks.inners = [0] * len(cands)
+    chunks.hints = [None] * len(cands)
+    chunk_digests = _col(first, "chunkDigest")
+    if chunk_digests == _col(first, "digest"):
+        # Single-chunk files stating the file's digest as the chunk's: the
+        # chunks' digests are read from the file digest column.
+        chunks.has_digest = chunks.digests = None
+    else:
+        chunks.set_digests(chunk_digests, checked)
+    return chunks
+
+
+def _link_extras(ix: LayerIndex, fields: list) -> list[tuple[int, str]]:
+    """Link names, device numbers and xattrs into the extras; the hardlinks
+    (id, link name) to resolve."""
+    n = len(ix._names)
+    types, extras, path_of = ix._types, ix._extras, ix.path_of
+    hardlinks: list[tuple[int, str]] = []
+    for id in compress(range(n), types.translate(_IS_OTHER)):  # neither dir nor reg
         e = fields[id]
         code = types[id]
         path = path_of(id)
@@ -905,28 +1006,25 @@ def build_index(toc_json: bytes | dict, *, format: str, blob_digest: str, blob_s
             ex["devMinor"] = _int(e.devMinor, "devMinor", path, 0, _U32)
         if ex:
             extras[id] = ex
-    for id in compress(range(n), col(fields, "xattrs")):
-        decoded = _decode_xattrs(fields[id].xattrs, path_of(id), warnings)
+    for id in compress(range(n), _col(fields, "xattrs")):
+        decoded = _decode_xattrs(fields[id].xattrs, path_of(id), ix.warnings)
         if decoded:
             extras.setdefault(id, {})["xattrs"] = decoded
-    if chunk_refs and chunks.digests is None:  # no longer one chunk per file
+    return hardlinks
+
+
+def _add_chunk_entries(ix: LayerIndex, chunks: _ChunkColumns, ents: list, chunk_refs) -> None:
+    """The "chunk" continuation entries of multi-chunk files."""
+    if not chunk_refs:
+        return
+    if chunks.digests is None:  # no longer one chunk per file
         f_digests, f_has = ix._f_digests, ix._f_has_digest
         chunks.has_digest = bytearray(map(f_has.__getitem__, chunks.owners))
         chunks.digests = bytearray(b"".join([f_digests[k * 32 : k * 32 + 32]
                                              for k in chunks.owners]))
     for owner, i in chunk_refs:
-        chunks.add(_chunk_record(owner, ents[i], path_of(owner), blob_size))
-    if chunk_refs:
-        _move_end_hints(chunks, {owner for owner, _ in chunk_refs})
-    del fields
-    ix.no_prefetch = NO_PREFETCH_LANDMARK in landmark_offsets
-    if PREFETCH_LANDMARK in landmark_offsets:
-        ix.prefetch_end = landmark_offsets[PREFETCH_LANDMARK]
-    _resolve_hardlinks(ix, hardlinks, by_path)
-    _build_children(ix)
-    _build_chunks(ix, chunks, toc_offset)
-    _compact(ix)
-    return ix
+        chunks.add(_chunk_record(owner, ents[i], ix.path_of(owner), ix.blob_size))
+    _move_end_hints(chunks, {owner for owner, _ in chunk_refs})
 
 
 def _tree_loop(ents: list, blob_size: int, warnings: list[str]):
@@ -1121,24 +1219,33 @@ def _resolve_hardlinks(ix: LayerIndex, hardlinks, by_path) -> None:
             col[id] = col[tid]
 
 
-def _build_children(ix: LayerIndex) -> None:
-    n = len(ix._names)
-    names, parents = ix._names, ix._parents
-    # Two stable sorts with C-level keys (name, then parent) give the order
-    # by (parent, name) without building a tuple per entry.
-    order = sorted(range(1, n), key=names.__getitem__)
-    order.sort(key=parents.__getitem__)
-    ix._child_ids = array("i", order)
+def _build_children(names: list[str], parents: array) -> tuple[array, array, array]:
+    """Entry ids ordered by (parent, name), and each entry's start and count
+    of children in that order."""
+    n = len(names)
+    # Ids by parent (a stable sort: id order within a parent; fast on tar
+    # order, where parents come in runs). Writers list a directory's entries
+    # in name order, so that is usually the order wanted; otherwise a name
+    # sort first, then the stable parent sort, gives (parent, name) without
+    # a tuple per entry.
+    order = sorted(range(1, n), key=parents.__getitem__)
+    by_parent = list(map(parents.__getitem__, order))
+    in_order = list(map(names.__getitem__, order))
+    if any(map(and_, map(eq, by_parent, islice(by_parent, 1, None)),
+               map(gt, in_order, islice(in_order, 1, None)))):
+        order = sorted(range(1, n), key=names.__getitem__)
+        order.sort(key=parents.__getitem__)
+    del in_order
     start = array("i", bytes(4 * n))
     count = array("i", bytes(4 * n))
-    prev = -1
-    for pos, i in enumerate(order):
-        p = parents[i]
-        if p != prev:
-            start[p] = pos
-            prev = p
-        count[p] += 1
-    ix._child_start, ix._child_count = start, count
+    # Where each parent's run begins (C-level maps, not a loop per entry).
+    firsts = list(compress(range(len(by_parent)),
+                           map(ne, by_parent, chain((-1,), by_parent))))
+    dirs = list(map(by_parent.__getitem__, firsts))
+    deque(map(start.__setitem__, dirs, firsts), maxlen=0)
+    deque(map(count.__setitem__, dirs, map(sub, chain(islice(firsts, 1, None), (len(order),)),
+                                           firsts)), maxlen=0)
+    return array("i", order), start, count
 
 
 def _build_chunks(ix: LayerIndex, cc: _ChunkColumns, toc_offset: int) -> None:
