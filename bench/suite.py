@@ -42,6 +42,8 @@ FIGURES = {
     "B7": "random 4 KiB reads over warm files (IOPS)",
     "B8": "TUI opens the layer screen of a 100k-entry layer",
     "B9": "python3 import workload: start to exit, optimized lazy vs full pull",
+    "B11": "a 20-layer image mounted merged: first byte, PSS, find -ls",
+    "B12": "32 images x 3 layers mounted at once: PSS, reads, time per mount",
 }
 
 
@@ -617,6 +619,18 @@ def b9(ctx: Ctx) -> dict:
     return b9mod.b9(ctx, fig, median, OurMount, peer_mount)
 
 
+def b11(ctx: Ctx) -> dict:
+    from . import scale  # issue 17: how cost grows with layers
+
+    return scale.b11(ctx, fig, median)
+
+
+def b12(ctx: Ctx) -> dict:
+    from . import scale  # issue 17: how cost grows with mounts
+
+    return scale.b12(ctx, fig, median)
+
+
 def _probe_app(ctx: Ctx) -> dict:
     ref = ctx.refs["many"] if ctx.source == "registry" else ctx.oci_refs["many"]
     p = subprocess.run([PY, "-m", "bench.appprobe", ref], capture_output=True,
@@ -856,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
         rm = shutil.which("ratarmount") or os.path.join(os.path.dirname(PY), "ratarmount")
         ctx.ratarmount = rm if os.path.exists(rm) else None
         plan = [("B1", b1), ("B2", b2_b3), ("B4", b4), ("B5", b5), ("B6", b6), ("B7", b7),
-                ("B8", b8), ("B9", b9)]
+                ("B8", b8), ("B9", b9), ("B11", b11), ("B12", b12)]
         for id_, fn in plan:
             ids = {"B2", "B3"} if id_ == "B2" else {id_}
             if not ids & only:
