@@ -732,6 +732,12 @@ def fmt_val(v, unit):
         s += f", {v['bytes'] / 1e6:.2f} MB"
     if v.get("bytes_per_entry") is not None:
         s += f", {v['bytes_per_entry']:.0f} B/entry"
+    if v.get("find_ls_seconds") is not None:
+        s += f", find -ls {v['find_ls_seconds']:.3f} s"
+    if v.get("pss_mb") is not None:
+        s += f", {v['pss_mb']:.0f} MB PSS"
+    if v.get("processes") is not None:
+        s += f", {v['processes']} processes"
     return s or "—"
 
 
@@ -775,6 +781,43 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+# How each curve's points are shown: (key, column title, format).
+CURVE_COLUMNS = {
+    "layers": [("layers", "layers", "{:d}"), ("first_byte_s", "mount + first byte", "{:.3f} s"),
+               ("pss_mb", "PSS after first byte", "{:.0f} MB"),
+               ("pss_after_find_mb", "PSS after find -ls", "{:.0f} MB"),
+               ("processes", "processes", "{:d}"), ("find_ls_s", "find -ls", "{:.3f} s")],
+    "mounts": [("mounts", "mounts", "{:d}"), ("mount_s", "this mount", "{:.3f} s"),
+               ("median_mount_s", "median mount so far", "{:.3f} s"),
+               ("pss_mb", "total PSS", "{:.0f} MB"), ("processes", "processes", "{:d}")],
+}
+
+
+def cost_growth(results: list[dict]) -> list[str]:
+    """The "How cost grows" section: every figure's ``curve`` (points over a
+    size: entries, layers, mounts) as a table, from this run."""
+    curves = [r for r in results if r.get("curve")]
+    if not curves:
+        return []
+    lines = ["## How cost grows", "",
+             "Each figure below measured at several sizes in this run (medians); the last "
+             "point is the figure's own row above.", ""]
+    for r in curves:
+        c = r["curve"]
+        cols = CURVE_COLUMNS.get(c["over"]) or [(k, k, "{}") for k in c["points"][0]]
+        lines += [f"### {r['id']}: {r['what']}, over {c['over']}", "",
+                  "| " + " | ".join(t for _, t, _ in cols) + " |",
+                  "|" + " --- |" * len(cols)]
+        for pt in c["points"]:
+            cells = []
+            for k, _, f in cols:
+                v = pt.get(k)
+                cells.append("—" if v is None else f.format(v))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def write_docs(path: str, report: dict) -> None:
     m = report["machine"]
     lines = [
@@ -798,6 +841,7 @@ def write_docs(path: str, report: dict) -> None:
         notes += [f"{r['id']}: {n}" for n in r["notes"]]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    lines += cost_growth(report["results"])
     lines += ["Layers:", ""]
     for name, ly in report["layers"].items():
         lines.append(f"- `{name}`: {ly['size'] / 1e6:.1f} MB blob, {ly['entries']} tar entries, "
