@@ -28,6 +28,8 @@ import time
 
 from . import fsutil, gen, images
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 B11_LAYERS = (1, 2, 5, 10, 20)
 B12_MOUNTS = 32
 B12_POINTS = (1, 2, 4, 8, 16, 32)
@@ -89,6 +91,15 @@ def total_pss_mb(pids) -> float:
     return sum(pss_kb(p) for p in pids) / 1024
 
 
+def one_process(ctx, ref: str, mp: str, cache: str) -> fsutil.MountProcess:
+    """The image served merged by one process (``python -m core.mergeddaemon``,
+    a fresh interpreter: not forked from the resident server)."""
+    return fsutil.MountProcess([sys.executable, "-m", "core.mergeddaemon", ref, mp,
+                                "--cache-dir", cache], mp, ready="line",
+                               env={**os.environ, "PYTHONPATH": ROOT},
+                               log=os.path.join(ctx.tmp, "mergeddaemon.log"))
+
+
 def _push(ctx, repo: str, layers: list[dict]) -> str:
     return ctx.reg.push_image(repo, "v1", layers)
 
@@ -130,11 +141,30 @@ def b11(ctx, fig, median) -> dict:
                 pss_find.append(total_pss_mb(pids))
             finally:
                 unmount(ctx, mp)
-        curve.append({"layers": n, "first_byte_s": median(fb), "mount_s": median(mt),
-                      "pss_mb": median(pss), "pss_after_find_mb": median(pss_find),
-                      "processes": procs, "find_ls_s": median(finds), "find_lines": lines})
+        pt = {"layers": n, "first_byte_s": median(fb), "mount_s": median(mt),
+              "pss_mb": median(pss), "pss_after_find_mb": median(pss_find),
+              "processes": procs, "find_ls_s": median(finds), "find_lines": lines}
+        # the same image served by one process (core.mergeddaemon)
+        fb1, pss1, finds1 = [], [], []
+        for _ in range(ctx.runs):
+            cache = ctx.fresh_dir("b11-cache")
+            fsutil.drop_caches()
+            t0 = time.perf_counter()
+            with one_process(ctx, refs[n], mp, cache) as m:
+                fsutil.first_byte(os.path.join(mp, gen.LAYERED_FILE))
+                fb1.append(time.perf_counter() - t0)
+                dt, lines1 = fsutil.find_ls(mp)
+                finds1.append(dt)
+                pss1.append(total_pss_mb([m.proc.pid]))
+            if lines1 != lines:
+                raise RuntimeError(f"{n} layers: find -ls gave {lines1} lines from one process, "
+                                   f"{lines} from the overlay of layer daemons")
+        pt.update({"one_process_first_byte_s": median(fb1), "one_process_pss_mb": median(pss1),
+                   "one_process_find_ls_s": median(finds1)})
+        curve.append(pt)
         log(f"  B11 {n} layers: first byte {median(fb):.3f} s, PSS {median(pss):.0f} MB "
-                f"({procs} processes), find -ls {median(finds):.3f} s")
+                f"({procs} processes), find -ls {median(finds):.3f} s; one process: first byte "
+            f"{median(fb1):.3f} s, PSS {median(pss1):.0f} MB, find -ls {median(finds1):.3f} s")
     one, top = curve[0], curve[-1]
     out["ours"] = {"seconds": top["first_byte_s"], "pss_mb": top["pss_mb"],
                    "pss_after_find_mb": top["pss_after_find_mb"],
@@ -150,6 +180,12 @@ def b11(ctx, fig, median) -> dict:
     out["target"] = "first byte <= 2x the 1-layer image; PSS <= 100 MB; find -ls <= 1.5x"
     out["met"] = rf <= 2 and rl <= 1.5 and top["pss_after_find_mb"] <= 100
     out["curve"] = {"over": "layers", "points": curve}
+    out["notes"].append(
+        f"the same {top['layers']}-layer image served by one process (core.mergeddaemon, not "
+        f"yet what `stargz-tui mount` starts; a fresh interpreter, so its first byte includes "
+        f"Python's start): {top['one_process_pss_mb']:.0f} MB PSS after find -ls, first byte "
+        f"{top['one_process_first_byte_s']:.3f} s, find -ls {top['one_process_find_ls_s']:.3f} "
+        f"s ({top['one_process_find_ls_s'] / one['find_ls_s']:.2f}x the 1-layer mount)")
     out["notes"].append(
         f"{top['layers']} layers: {top['processes']} daemon processes, "
         f"{top['pss_mb']:.0f} MB PSS after the first byte, {top['pss_after_find_mb']:.0f} MB "
@@ -197,6 +233,7 @@ def b12(ctx, fig, median) -> dict:
     finally:
         for mp in reversed(mounted):
             unmount(ctx, mp)
+    one = _b12_one_process(ctx, refs, mps, cache)
     for pt in points:  # the k-th mount's own time, and the median of the ones up to it
         pt["median_mount_s"] = median(times[: pt["mounts"]])
     first = median(times[: max(1, count // 4)])
@@ -209,10 +246,33 @@ def b12(ctx, fig, median) -> dict:
     out["target"] = ("PSS <= 400 MB; every read correct; mount time flat (last quarter's median "
                      "<= 1.5x the first's)")
     out["met"] = final_pss <= 400 and not wrong and growth <= 1.5
+    for pt in points:
+        pt["one_process_pss_mb"] = one["pss_at"].get(pt["mounts"])
     out["curve"] = {"over": "mounts", "points": points}
+    out["notes"].append(
+        f"the same {count} images each served by one process (core.mergeddaemon, not yet what "
+        f"`stargz-tui mount` starts): {one['pss_mb']:.0f} MB PSS in {count} processes, "
+        f"{count - len(one['wrong'])}/{count} reads correct")
     out["notes"].append(
         f"{count} images x 3 layers: {nproc} daemon processes, {final_pss:.0f} MB PSS after the "
         f"reads ({final_pss / max(1, nproc):.1f} MB per daemon); {count - len(wrong)}/{count} "
         f"reads correct; mount times {times[0]:.3f} s (first) .. median of the last quarter "
         f"{last:.3f} s")
     return out
+
+
+def _b12_one_process(ctx, refs: list[str], mps: list[str], cache: str) -> dict:
+    """B12's images each served by one ``core.mergeddaemon`` process."""
+    pss_at, wrong = {}, []
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for i, (ref, mp) in enumerate(zip(refs, mps, strict=True)):
+            procs.append(stack.enter_context(one_process(ctx, ref, mp, cache)).proc.pid)
+            if i + 1 in B12_POINTS or i + 1 == len(refs):
+                pss_at[i + 1] = total_pss_mb(procs)
+        for i, mp in enumerate(mps):
+            with open(os.path.join(mp, gen.FLEET_FILE), "rb") as f:
+                if f.read() != gen.fleet_conf(i):
+                    wrong.append(i)
+        total = total_pss_mb(procs)
+    return {"pss_mb": total, "pss_at": pss_at, "wrong": wrong}
