@@ -84,3 +84,61 @@ def test_bad_image_is_one_line_and_no_mount(tmp_path):
     assert p.returncode == 1
     assert p.stderr.startswith("stargz-tui: ") and p.stderr.count("\n") == 1, p.stderr
     assert not os.path.ismount(mp)
+
+
+def _corrupt_shown_chunk(dst, tag: str, path: str) -> str:
+    """Copy the fixture layout; flip a byte inside one chunk of ``path`` in
+    the layer the merged view shows it from. Returns the image reference."""
+    import shutil
+
+    import anyio
+
+    from core.estargz import load_layer_index
+    from core.image import open_image
+    from core.overlay import MergedTree
+
+    shutil.copytree(FIXTURES, dst)
+    ref = f"oci:{dst}:{tag}"
+
+    async def find():
+        img = await open_image(ref)
+        ixs = [await load_layer_index(img.store.blob_source(d.digest, d.size))
+               for d in img.layers]
+        layer, e = MergedTree(ixs).lookup(path)
+        chunks = ixs[layer].chunks(e)
+        assert len(chunks) > 2
+        d = img.layers[layer]
+        return os.path.join(dst, "blobs", "sha256", d.digest[7:]), chunks[2]
+
+    blob, c = anyio.run(find)
+    with open(blob, "r+b") as f:
+        pos = (c.offset + c.end) // 2
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0xFF]))
+    return ref
+
+
+def test_a_bad_chunk_fails_that_read_only(tmp_path):
+    import errno
+
+    bad = _corrupt_shown_chunk(tmp_path / "layout", "mini-esgz-64k", "data/text.txt")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    good = f"oci:{FIXTURES}:special-esgz"
+    with MergedServer(bad, str(a), str(tmp_path / "ca")) as sa, \
+            MergedServer(good, str(b), str(tmp_path / "cb")) as sb:
+        for _ in range(2):  # a bad chunk is never cached: the second read fails too
+            with open(a / "data/text.txt", "rb") as f:
+                assert len(f.read(4096)) == 4096  # the first chunk is fine
+                f.seek(0)
+                with pytest.raises(OSError) as ei:
+                    f.read()
+                assert ei.value.errno == errno.EIO
+        for name in ("etc/os-release", "data/random.bin", "usr/lib/app/mod_05.py"):
+            assert (a / name).read_bytes()
+        compare_tree(str(b), merged_expected(layer_blobs("special-gzip")),
+                     drop_xattr_prefixes=("trusted.overlay.",))
+        assert sa.proc.poll() is None and sb.proc.poll() is None
