@@ -1,4 +1,7 @@
-"""The benchmark suite: figures B1..B8 of issue 7, each next to its reference.
+"""The benchmark suite: figures B1..B9 (issues 7, 16), B11 and B12 (issue 17,
+bench/scale.py), each next to its reference and the Go peer where it can run
+the same thing; figures with a ``curve`` also fill docs/benchmarks.md's "How
+cost grows" section.
 
     bench/run [--quick] [--runs N] [--only B1,B2] [--no-docs] [--workdir DIR]
 
