@@ -108,6 +108,18 @@ def tune_kernel(mountpoint: str, read_ahead_kb: int = READ_AHEAD_KB) -> bool:
         return False
 
 
+def negative_entry(timeout: float) -> pyfuse3.EntryAttributes:
+    """A lookup's answer for a name that is not there, which the kernel may
+    remember for ``timeout`` seconds (inode 0: a negative dentry) instead of
+    asking again: a layer never gains a name while mounted, and programs
+    probe many missing paths (an interpreter's imports; overlayfs asks every
+    lower layer for each name of a merged directory)."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = 0
+    a.entry_timeout = timeout
+    return a
+
+
 def _erofs():
     return pyfuse3.FUSEError(errno.EROFS)
 
@@ -272,7 +284,7 @@ class LayerFS(pyfuse3.Operations):
             w = ix.child(pid, WHITEOUT_PREFIX + sname)
             if w is not None and w.is_whiteout:
                 return self._attr(w.id)
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        return negative_entry(self.entry_timeout)
 
     async def forget(self, inode_list):
         return None

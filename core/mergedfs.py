@@ -41,7 +41,7 @@ import pyfuse3
 
 from .errors import CoreError
 from .estargz.toc import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, WHITEOUT_PREFIX
-from .fusefs import BLKSIZE, IMMUTABLE_TIMEOUT
+from .fusefs import BLKSIZE, IMMUTABLE_TIMEOUT, negative_entry
 from .overlay import MergedTree
 
 log = logging.getLogger("core.mergedfs")
@@ -141,11 +141,11 @@ class MergedFS(pyfuse3.Operations):
             return self._attr(self._inos[up])
         sname = os.fsdecode(name)
         if sname.startswith(WHITEOUT_PREFIX):  # whiteouts and markers never show
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            return negative_entry(self.timeout)
         child = f"{path}/{sname}" if path else sname
         found = self.tree.lookup(child)
         if found is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            return negative_entry(self.timeout)
         layer, e = found
         return self._attr(self._inode(child, layer, e.id))
 

@@ -42,3 +42,22 @@ def test_entries_and_attributes_stay_cached(mount_env):
     assert _requests(log) == asked  # not one lookup or getattr more
     assert {p: (s.st_ino, s.st_mode, s.st_size, s.st_nlink) for p, s in again.items()} == \
         {p: (s.st_ino, s.st_mode, s.st_size, s.st_nlink) for p, s in first.items()}
+
+
+def test_missing_names_stay_cached(mount_env):
+    """A name that is not in the layer is asked for once: the kernel keeps
+    the negative answer (an interpreter probing for modules, overlayfs asking
+    each lower layer, do not cost a request each time)."""
+    mp = mount_env.mountpoint()
+    rec = mount_env.mount(f"oci:{FIXTURES}:mini-esgz", mp, layer=0, debug=True)
+    log = rec["layers"][0]["log"]
+    missing = [os.path.join(mp, "etc", f"no-such-{i}.py") for i in range(5)]
+    for p in missing:
+        assert not os.path.exists(p)
+    asked = _requests(log, ("lookup",))
+    assert sum("no-such-" in line for line in asked) == len(missing)
+    time.sleep(1.5)
+    for _ in range(3):
+        for p in missing:
+            assert not os.path.exists(p)
+    assert _requests(log, ("lookup",)) == asked
