@@ -182,3 +182,62 @@ def write_many(path: str, entries: int) -> dict:
                     tf.addfile(_info(f"{d}/file-{c:04d}.txt", len(body)), io.BytesIO(body))
                     n += 1
     return {"files": n, "bytes": 0}
+
+
+# -- B11/B12: images of many layers, many images ------------------------------------
+LAYERED_FILE = "etc/app/settings.conf"  # in the bottom layer of every B11 image
+FLEET_FILE = "etc/fleet.conf"  # B12: each image's own, in its top layer
+
+
+def write_tree_part(path: str, entries: int, part: int, parts: int) -> dict:
+    """Layer ``part`` of ``parts`` of one final tree of about ``entries``
+    entries (B11): 20 top dirs ``srv/tNN`` x 10 subdirs of tiny files, top dir
+    ``a`` in layer ``a % parts``; every layer has ``srv/`` (a directory the
+    merged view joins from all of them), the bottom one the small file
+    :data:`LAYERED_FILE`. ``parts=1`` is the same final tree as one layer."""
+    per_dir = max(1, entries // 200 - 1)
+    n = 0
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        if part == 0:
+            tf.addfile(_info("etc", dir=True))
+            tf.addfile(_info("etc/app", dir=True))
+            conf = b"".join(b"option_%03d = %d\n" % (j, j * 7) for j in range(40))
+            tf.addfile(_info(LAYERED_FILE, len(conf)), io.BytesIO(conf))
+            n += 3
+        tf.addfile(_info("srv", dir=True))
+        n += 1
+        for a in range(part, 20, parts):
+            tf.addfile(_info(f"srv/t{a:03d}", dir=True))
+            n += 1
+            for b in range(10):
+                d = f"srv/t{a:03d}/s{b}"
+                tf.addfile(_info(d, dir=True))
+                n += 1
+                for c in range(per_dir):
+                    body = b"entry %d %d %d\n" % (a, b, c) * (c % 5)
+                    tf.addfile(_info(f"{d}/file-{c:04d}.txt", len(body)), io.BytesIO(body))
+                    n += 1
+    return {"files": n, "bytes": 0}
+
+
+def fleet_conf(image: int) -> bytes:
+    """What :data:`FLEET_FILE` of B12's image ``image`` holds (its top layer's)."""
+    return b"".join(b"image %d line %02d\n" % (image, j) for j in range(30))
+
+
+def write_fleet_layer(path: str, image: int, layer: int, files: int = 40) -> dict:
+    """Layer ``layer`` (0..2) of B12's image ``image``: a few small files of its
+    own; layers 0 and 2 both hold :data:`FLEET_FILE`, so the merged view must
+    show the top one (:func:`fleet_conf`)."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        d = f"opt/img{image:02d}/l{layer}"
+        for p in ("opt", f"opt/img{image:02d}", d):
+            tf.addfile(_info(p, dir=True))
+        for c in range(files):
+            body = b"image %d layer %d file %d\n" % (image, layer, c) * (1 + c % 7)
+            tf.addfile(_info(f"{d}/f{c:03d}.txt", len(body)), io.BytesIO(body))
+        if layer in (0, 2):
+            conf = fleet_conf(image) if layer == 2 else b"stale, hidden by the top layer\n"
+            tf.addfile(_info("etc", dir=True))
+            tf.addfile(_info(FLEET_FILE, len(conf)), io.BytesIO(conf))
+    return {"files": files, "bytes": 0}

@@ -80,3 +80,32 @@ def build_layer(workdir: str, name: str, genfn: str, param, log=print) -> dict:
     log(f"  built layer {name}: {meta['size'] / 1e6:.1f} MB blob, {meta['entries']} entries "
         f"({time.monotonic() - t0:.1f} s, {writer_id})")
     return meta
+
+
+def build_extra(workdir: str, name: str, make_tar) -> dict:
+    """One more layer, cached like :func:`build_layers`' (B11/B12 build many
+    small ones): ``make_tar(path)`` writes its tar; ``name`` must say every
+    parameter of it. Returns the layer dict."""
+    write, writer_id = _writer()
+    key = hashlib.sha256(f"{name}:{writer_id}:v1".encode()).hexdigest()[:12]
+    d = os.path.join(workdir, "extra")
+    os.makedirs(d, exist_ok=True)
+    blob_path = os.path.join(d, f"{name}-{key}.esgz")
+    meta_path = blob_path + ".json"
+    if os.path.exists(meta_path) and os.path.exists(blob_path):
+        with open(meta_path) as f:
+            return json.load(f)
+    tar_path = os.path.join(d, f"{name}.tar")
+    make_tar(tar_path)
+    meta = write(tar_path, blob_path + ".tmp")
+    os.replace(blob_path + ".tmp", blob_path)
+    meta["path"] = blob_path
+    with tarfile.open(tar_path) as tf:
+        members = tf.getmembers()
+    meta["entries"] = len(members)
+    meta["files"] = sum(1 for m in members if m.isreg())
+    meta["writer"] = writer_id
+    os.unlink(tar_path)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta

@@ -1,4 +1,7 @@
-"""The benchmark suite: figures B1..B8 of issue 7, each next to its reference.
+"""The benchmark suite: figures B1..B9 (issues 7, 16), B11 and B12 (issue 17,
+bench/scale.py), each next to its reference and the Go peer where it can run
+the same thing; figures with a ``curve`` also fill docs/benchmarks.md's "How
+cost grows" section.
 
     bench/run [--quick] [--runs N] [--only B1,B2] [--no-docs] [--workdir DIR]
 
@@ -45,6 +48,8 @@ FIGURES = {
     "B10": "resolve a 1M-entry layer (footer + TOC + index): time, memory",
     "B10 find": "find -ls over a mounted 1M-entry layer",
     "B10 paint": "TUI opens the layer screen of a 1M-entry layer",
+    "B11": "a 20-layer image mounted merged: first byte, PSS, find -ls",
+    "B12": "32 images x 3 layers mounted at once: PSS, reads, time per mount",
 }
 
 
@@ -153,6 +158,43 @@ class OurMount:
 def peer_mount(ctx: Ctx, name: str, mp: str, cache: str, *flags: str) -> fsutil.MountProcess:
     return fsutil.MountProcess([ctx.peer, *flags, ctx.refs[name], "0", mp, cache], mp,
                                ready="line", log=os.path.join(ctx.tmp, "sgpeer.log"))
+
+
+_PEER_CACHES = ("fscache", "httpcache")  # stargz-snapshotter's newCache() roots
+
+
+@contextlib.contextmanager
+def peer_remount(ctx: Ctx, name: str, mp: str, cache: str, *flags: str):
+    """The Go peer mounted again on a cache root it used before, its cache kept.
+
+    stargz-snapshotter's ``newCache`` makes a fresh ``os.MkdirTemp`` dir under
+    ``CACHE_ROOT/fscache`` (and ``httpcache``) for every layer it resolves: its
+    cache outlives a remount only inside the resident snapshotter process,
+    never a new one. So once the new sgpeer is ready (before any read: the
+    suite runs it with ``-no-bg``), its fresh empty dirs are replaced by the
+    previous process's: the chunk files are keyed by TOC entry id, offset and
+    size, the same in both processes, so the warm read is served from them,
+    as a resident snapshotter would serve it."""
+    before = {d: _subdirs(os.path.join(cache, d)) for d in _PEER_CACHES}
+    with peer_mount(ctx, name, mp, cache, *flags) as m:
+        for d in _PEER_CACHES:
+            root = os.path.join(cache, d)
+            new = _subdirs(root) - before[d]
+            old = before[d]
+            if len(new) != 1 or len(old) != 1:
+                raise RuntimeError(f"Go peer cache {root}: expected one old and one new dir, "
+                                   f"got {sorted(old)} / {sorted(new)}")
+            fresh = os.path.join(root, new.pop())
+            shutil.rmtree(fresh)
+            os.rename(os.path.join(root, old.pop()), fresh)
+        yield m
+
+
+def _subdirs(path: str) -> set[str]:
+    try:
+        return {e.name for e in os.scandir(path) if e.is_dir()}
+    except FileNotFoundError:
+        return set()
 
 
 def ratar_mount(ctx: Ctx, name: str, mp: str) -> fsutil.MountProcess:
@@ -277,7 +319,7 @@ def b2_b3(ctx: Ctx) -> list[dict]:
             raise RuntimeError(f"read {n} bytes of {size}")
         return n / dt / 1e6
 
-    def measure(make_mount, name):
+    def measure(make_mount, name, make_remount=None):
         # B3 reads the file through a new mount of the same cache dir (a fresh
         # daemon, nothing in its memory) after drop_caches: the disk cache is
         # what serves it. The same mount's second read is kept as context
@@ -298,7 +340,7 @@ def b2_b3(ctx: Ctx) -> list[dict]:
                 fsutil.drop_caches()
                 same.append(read_file(m.mp))
             fsutil.drop_caches()
-            with make_mount(cache) as m:
+            with (make_remount or make_mount)(cache) as m:
                 mark = ctx.reg.mark()
                 warm.append(read_file(m.mp))
                 time.sleep(0.3)
@@ -313,7 +355,8 @@ def b2_b3(ctx: Ctx) -> list[dict]:
         ours = measure(lambda cache: OurMount(ctx, "text", mp, cache), "b2-cache")
         peer = (None, None)
         if ctx.peer:
-            peer = measure(lambda cache: peer_mount(ctx, "text", mp, cache, "-no-bg"), "b2-peer")
+            peer = measure(lambda cache: peer_mount(ctx, "text", mp, cache, "-no-bg"), "b2-peer",
+                           lambda cache: peer_remount(ctx, "text", mp, cache, "-no-bg"))
     ceiling = median(ceiling_runs)
     # What this machine allows, measured now: B2 cannot beat the chunk
     # decoding alone (inflate + sha256 of every chunk, all cores, no network
@@ -324,10 +367,22 @@ def b2_b3(ctx: Ctx) -> list[dict]:
                    if os.path.basename(d) == "packs" for f in fs)
     disk = median([fsutil.direct_read_rate(packs) for _ in range(ctx.runs)]) if packs else None
     ref = {"mb_s": ceiling, "what": "minimal pyfuse3 fs serving the bytes from memory"}
-    r2 = ours[0]["mb_s"] / ceiling
-    r3 = ours[1]["mb_s"] / ceiling
+    # Issue 17 states B2 and B3 against the bounds measured in this run (B2:
+    # the decode bound, B3: the disk) and against the Go peer doing the same.
+    r2 = {"of the decode bound": ours[0]["mb_s"] / dec["mb_s"]}
+    r3 = {"of the disk bound": ours[1]["mb_s"] / disk} if disk else {}
+    if peer[0] and peer[0]["mb_s"]:
+        r2["vs Go"] = ours[0]["mb_s"] / peer[0]["mb_s"]
+    if peer[1] and peer[1]["mb_s"]:
+        r3["vs Go"] = ours[1]["mb_s"] / peer[1]["mb_s"]
     notes = [f"the same mount's second read (page cache dropped, the daemon's memory "
              f"cache may hold the file): {ours[1]['same_mount_mb_s']:.0f} MB/s"]
+    if peer[1]:
+        notes.append(f"the Go peer's warm read: a new sgpeer process on the same cache root, "
+                     f"given the first process's cache dirs before any read (its own are fresh "
+                     f"temp dirs per process), page cache dropped: {peer[1]['mb_s']:.0f} MB/s "
+                     f"with {peer[1]['requests'] or 0:.0f} registry requests; its second read on "
+                     f"the first mount: {peer[1]['same_mount_mb_s']:.0f} MB/s")
     for who, res in (("ours", ours[1]), ("Go peer", peer[1])):
         if res and res["requests"]:
             notes.append(f"{who} made {res['requests']:.0f} registry requests in the warm "
@@ -338,20 +393,25 @@ def b2_b3(ctx: Ctx) -> list[dict]:
                         f"from memory on {dec['threads']} threads; no network, FUSE or cache"}
     b2_notes = [_bound_note(ours[0]["mb_s"], b2_bound["mb_s"], ceiling, 0.6,
                             f"decoding the chunks alone, on all {dec['threads']} cores (inflate "
-                            f"alone: {dec['inflate_mb_s']:.0f} MB/s)")]
+                            f"alone: {dec['inflate_mb_s']:.0f} MB/s)"),
+                f"ours is {ours[0]['mb_s'] / ceiling:.0%} of the pyfuse3 memory ceiling"]
     b3_bound = None
     if disk:
         b3_bound = {"mb_s": disk, "what": "O_DIRECT sequential read of the cache's packs "
                                           "(4 MiB reads, queue depth 1), page cache dropped"}
-        notes.insert(0, _bound_note(ours[1]["mb_s"], disk, ceiling, 0.8,
+        notes.insert(0, _bound_note(ours[1]["mb_s"], disk, ceiling, 0.9,
                                     f"the disk: the {len(packs)} cache packs read straight off "
                                     "it, 4 MiB at a time"))
+    met2 = r2["of the decode bound"] >= 0.6 and r2.get("vs Go", 3.0) >= 3.0
+    met3 = (bool(r3) and r3["of the disk bound"] >= 0.9 and r3.get("vs Go", 1.0) >= 1.0
+            and not ours[1]["requests"])
     return [
         fig("B2", unit="MB/s", ours=ours[0], reference=ref, peer=peer[0], ratio=r2,
-            target=">= 60% of the ceiling", met=r2 >= 0.6, bound=b2_bound, notes=b2_notes),
-        fig("B3", unit="MB/s", ours=ours[1], reference=ref, peer=peer[1], ratio=r3,
-            target=">= 80% of the ceiling", met=r3 >= 0.8 and not ours[1]["requests"],
-            bound=b3_bound, notes=notes),
+            target=">= 60% of the decode bound; >= 3x the Go peer", met=met2, bound=b2_bound,
+            notes=b2_notes),
+        fig("B3", unit="MB/s", ours=ours[1], reference=ref, peer=peer[1], ratio=r3 or None,
+            target=">= 90% of the disk bound; >= 1.0x the Go peer with its cache warm",
+            met=met3, bound=b3_bound, notes=notes),
     ]
 
 
@@ -421,7 +481,10 @@ def b5(ctx: Ctx) -> dict:
         return {"seconds": median(ts), "lines": lines}
 
     out = fig("B5", unit="s")
-    out["ours"] = measure(lambda: OurMount(ctx, "many", mp, ctx.fresh_dir("b5-cache")))
+    # the Go peer runs with -no-bg: ours without background fetch too, so both
+    # serve only the listing while find runs
+    out["ours"] = measure(lambda: OurMount(ctx, "many", mp, ctx.fresh_dir("b5-cache"),
+                                           ["--no-background-fetch"]))
     ref = {"local_seconds": local_t, "what": "ratarmount on the blob file; local extracted tree"}
     if ctx.ratarmount:
         with ratar_mount(ctx, "many", mp):  # builds its index once, outside the timing
@@ -435,10 +498,22 @@ def b5(ctx: Ctx) -> dict:
     if ctx.peer:
         out["peer"] = measure(lambda: peer_mount(ctx, "many", mp, ctx.fresh_dir("b5-peer"),
                                                  "-no-bg"))
+    # Issue 17: the Go peer is the bar (ratarmount, when installed, stays a
+    # reference column; the local tree is what the kernel alone needs).
+    ratio = {}
+    if out["peer"]:
+        ratio["vs Go"] = out["ours"]["seconds"] / out["peer"]["seconds"]
     if ref.get("seconds"):
-        out["ratio"] = out["ours"]["seconds"] / ref["seconds"]
-        out["met"] = out["ratio"] <= 1.0
-    out["target"] = "<= ratarmount's time"
+        ratio["vs ratarmount"] = out["ours"]["seconds"] / ref["seconds"]
+    ratio["vs local tree"] = out["ours"]["seconds"] / local_t
+    out["ratio"] = ratio
+    if "vs Go" in ratio:
+        out["met"] = ratio["vs Go"] <= 1.0
+        out["notes"].append(
+            f"above the local tree (the kernel and find alone): ours "
+            f"{out['ours']['seconds'] - local_t:+.3f} s, the Go peer "
+            f"{out['peer']['seconds'] - local_t:+.3f} s")
+    out["target"] = "<= 1.0x the Go peer"
     return out
 
 
@@ -557,6 +632,18 @@ def b10(ctx: Ctx) -> list[dict]:
                       lambda name: _probe_app(ctx, name), log)
 
 
+def b11(ctx: Ctx) -> dict:
+    from . import scale  # issue 17: how cost grows with layers
+
+    return scale.b11(ctx, fig, median)
+
+
+def b12(ctx: Ctx) -> dict:
+    from . import scale  # issue 17: how cost grows with mounts
+
+    return scale.b12(ctx, fig, median)
+
+
 def _probe_app(ctx: Ctx, name: str = "many") -> dict:
     if ctx.source != "registry" and name not in ctx.oci_refs:
         raise RuntimeError(f"{name} is only in the registry (no OCI layout of it)")
@@ -660,6 +747,12 @@ def fmt_val(v, unit):
         s += f", {v['bytes'] / 1e6:.2f} MB"
     if v.get("bytes_per_entry") is not None:
         s += f", {v['bytes_per_entry']:.0f} B/entry"
+    if v.get("find_ls_seconds") is not None:
+        s += f", find -ls {v['find_ls_seconds']:.3f} s"
+    if v.get("pss_mb") is not None:
+        s += f", {v['pss_mb']:.0f} MB PSS"
+    if v.get("processes") is not None:
+        s += f", {v['processes']} processes"
     return s or "—"
 
 
@@ -709,6 +802,48 @@ def b10_curve_lines(results: list[dict]) -> list[str]:
     return b10mod.curve_lines(results)
 
 
+# How each curve's points are shown: (key, column title, format).
+CURVE_COLUMNS = {
+    "layers": [("layers", "layers", "{:d}"), ("first_byte_s", "mount + first byte", "{:.3f} s"),
+               ("pss_mb", "PSS after first byte", "{:.0f} MB"),
+               ("pss_after_find_mb", "PSS after find -ls", "{:.0f} MB"),
+               ("processes", "processes", "{:d}"), ("find_ls_s", "find -ls", "{:.3f} s"),
+               ("one_process_pss_mb", "one process: PSS", "{:.0f} MB"),
+               ("one_process_first_byte_s", "one process: start + first byte", "{:.3f} s"),
+               ("one_process_find_ls_s", "one process: find -ls", "{:.3f} s")],
+    "mounts": [("mounts", "mounts", "{:d}"), ("mount_s", "this mount", "{:.3f} s"),
+               ("median_mount_s", "median mount so far", "{:.3f} s"),
+               ("pss_mb", "total PSS", "{:.0f} MB"), ("processes", "processes", "{:d}"),
+               ("one_process_pss_mb", "one process per image: total PSS", "{:.0f} MB")],
+}
+
+
+def cost_growth(results: list[dict]) -> list[str]:
+    """The "How cost grows" section: every figure's ``curve`` (points over a
+    size: entries, layers, mounts) as a table, from this run."""
+    # B10 keeps its own table (bench/b10.py curve_lines): its curve is a list.
+    curves = [r for r in results if isinstance(r.get("curve"), dict)]
+    if not curves:
+        return []
+    lines = ["## How cost grows", "",
+             "Each figure below measured at several sizes in this run (medians); the last "
+             "point is the figure's own row above.", ""]
+    for r in curves:
+        c = r["curve"]
+        cols = CURVE_COLUMNS.get(c["over"]) or [(k, k, "{}") for k in c["points"][0]]
+        lines += [f"### {r['id']}: {r['what']}, over {c['over']}", "",
+                  "| " + " | ".join(t for _, t, _ in cols) + " |",
+                  "|" + " --- |" * len(cols)]
+        for pt in c["points"]:
+            cells = []
+            for k, _, f in cols:
+                v = pt.get(k)
+                cells.append("—" if v is None else f.format(v))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def write_docs(path: str, report: dict) -> None:
     m = report["machine"]
     lines = [
@@ -732,9 +867,11 @@ def write_docs(path: str, report: dict) -> None:
         notes += [f"{r['id']}: {n}" for n in r["notes"]]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-    growth = b10_curve_lines(report["results"])
-    if growth:
-        lines += ["## How cost grows", ""] + growth
+    growth = cost_growth(report["results"])
+    b10_lines = b10_curve_lines(report["results"])
+    if b10_lines:
+        growth = (growth or ["## How cost grows", ""]) + b10_lines
+    lines += growth
     lines += ["Layers:", ""]
     for name, ly in report["layers"].items():
         lines.append(f"- `{name}`: {ly['size'] / 1e6:.1f} MB blob, {ly['entries']} tar entries, "
@@ -819,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         rm = shutil.which("ratarmount") or os.path.join(os.path.dirname(PY), "ratarmount")
         ctx.ratarmount = rm if os.path.exists(rm) else None
         plan = [("B1", b1), ("B2", b2_b3), ("B4", b4), ("B5", b5), ("B6", b6), ("B7", b7),
-                ("B8", b8), ("B9", b9), ("B10", b10)]
+                ("B8", b8), ("B9", b9), ("B10", b10), ("B11", b11), ("B12", b12)]
         for id_, fn in plan:
             ids = {"B2", "B3"} if id_ == "B2" else {id_}
             if not ids & only:

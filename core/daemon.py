@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unverified", action="store_true")
     p.add_argument("--silence", type=float, default=None,
                    help="seconds background work waits after the last on-demand read")
-    p.add_argument("--attr-timeout", type=float, default=1.0)
+    p.add_argument("--attr-timeout", type=float, default=None,
+                   help="seconds the kernel trusts entries and attributes (default: "
+                        "core.fusefs.IMMUTABLE_TIMEOUT, a layer never changes)")
     p.add_argument("--resolve-timeout", type=float, default=30.0)
     p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
                    help="seconds a read waits for the registry before it fails with EIO "

@@ -8,6 +8,13 @@ and a directory holding ``.wh..wh..opq`` carries the xattr
 ``trusted.overlay.opaque=y`` (and ``user.overlay.opaque=y``); the marker file
 itself is hidden.
 
+The tree never changes while it is mounted, so the kernel is told to trust
+every entry and attribute it got for :data:`IMMUTABLE_TIMEOUT` (pyfuse3
+answers directory reads with readdirplus, so one listing hands the kernel
+each child's entry and attributes too); a listing is built per open
+directory handle and dropped at ``releasedir``. The stat path reads one
+:meth:`LayerIndex.stat_row` per entry.
+
 The request handlers do no CPU-heavy work: file data comes from
 :class:`core.layer.LayerReader`, which decompresses and hashes in worker
 threads; reads answer with :meth:`~core.layer.LayerReader.read_buffer`
@@ -52,6 +59,12 @@ _TYPE_BITS = {DIR: stat.S_IFDIR, REG: stat.S_IFREG, SYMLINK: stat.S_IFLNK,
 
 READ_AHEAD_KB = 4096  # kernel read-ahead of a mount: lets it send 1 MiB reads
 
+# How long the kernel may trust an entry and its attributes without asking
+# again. A layer never changes while it is mounted (its TOC is verified and
+# fixed), so the only limit is the kernel's own memory pressure: a day.
+# ``find -ls`` run twice then asks nothing the second time but the listings.
+IMMUTABLE_TIMEOUT = 24 * 3600.0
+
 
 def _mount_devnum(mountpoint: str) -> str | None:
     """``MAJOR:MINOR`` of the filesystem mounted at ``mountpoint``, from
@@ -95,6 +108,18 @@ def tune_kernel(mountpoint: str, read_ahead_kb: int = READ_AHEAD_KB) -> bool:
         return False
 
 
+def negative_entry(timeout: float) -> pyfuse3.EntryAttributes:
+    """A lookup's answer for a name that is not there, which the kernel may
+    remember for ``timeout`` seconds (inode 0: a negative dentry) instead of
+    asking again: a layer never gains a name while mounted, and programs
+    probe many missing paths (an interpreter's imports; overlayfs asks every
+    lower layer for each name of a merged directory)."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = 0
+    a.entry_timeout = timeout
+    return a
+
+
 def _erofs():
     return pyfuse3.FUSEError(errno.EROFS)
 
@@ -109,7 +134,7 @@ class LayerFS(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, index: LayerIndex, reader: LayerReader, *,
-                 attr_timeout: float = 1.0, entry_timeout: float = 1.0,
+                 attr_timeout: float | None = None, entry_timeout: float | None = None,
                  debug: bool = False, opaque_xattrs=OPAQUE_XATTRS, idmap: IdMapper | None = None,
                  recorder=None):
         super().__init__()
@@ -119,18 +144,20 @@ class LayerFS(pyfuse3.Operations):
         self.opaque_xattrs = tuple(opaque_xattrs)
         self.index = index
         self.reader = reader
-        self.attr_timeout = attr_timeout
-        self.entry_timeout = entry_timeout
+        # None: IMMUTABLE_TIMEOUT (the tree never changes while mounted)
+        self.attr_timeout = IMMUTABLE_TIMEOUT if attr_timeout is None else attr_timeout
+        self.entry_timeout = IMMUTABLE_TIMEOUT if entry_timeout is None else entry_timeout
         self.debug = debug
-        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
-        self._opaque: set[int] = set()
+        # Open directories: handle -> [dir id, its listing once read]. A
+        # listing lives only while its directory is open, so memory follows
+        # what is being listed, not everything ever listed (the kernel keeps
+        # the entries themselves, see IMMUTABLE_TIMEOUT).
+        self._dirs: dict[int, list] = {}
         self._open: dict[int, int] = {}  # fh -> entry id
         self._next_fh = 1
         self.open_files = 0
-        ix = index
-        for id in ix.ids_named(WHITEOUT_OPAQUE):
-            self._opaque.add(ix.entry(id).parent_id)
         self._dir_nlink: dict[int, int] = {}
+        self._statfs_blocks: int | None = None
         self._tune_mp: str | None = None
 
     def tune_kernel_after_init(self, mountpoint: str) -> None:
@@ -152,13 +179,6 @@ class LayerFS(pyfuse3.Operations):
     def _entry_id(self, inode: int) -> int:
         return (inode & ~_WHITEOUT_BIT) - 1
 
-    def _inode_of(self, entry_id: int) -> int:
-        e = self.index.entry(entry_id)
-        if e.is_whiteout:
-            return (entry_id + 1) | _WHITEOUT_BIT
-        tid = e.target_id
-        return (tid if tid is not None else entry_id) + 1
-
     def _check(self, inode: int) -> int:
         eid = self._entry_id(inode)
         if not 0 <= eid < len(self.index):
@@ -166,82 +186,84 @@ class LayerFS(pyfuse3.Operations):
         return eid
 
     def _listing(self, dir_id: int) -> list[tuple[bytes, int]]:
-        lst = self._dirs.get(dir_id)
-        if lst is None:
-            ix = self.index
-            names: dict[bytes, int] = {}
-            for cid in ix.child_ids(dir_id):
-                e = ix.entry(cid)
-                if e.is_opaque_marker:
-                    continue
-                if e.is_whiteout:
-                    shown = e.whiteout_target
-                    key = os.fsencode(shown)
-                    if key in names or not shown or "/" in shown:
-                        continue  # a real entry of that name wins
-                    names[key] = cid
-                else:
-                    names[os.fsencode(e.name)] = cid
-            lst = sorted(names.items())
-            self._dirs[dir_id] = lst
-        return lst
+        """``(name, entry id)`` of a directory as shown, sorted by name: the
+        opaque marker hidden, ``.wh.NAME`` shown as ``NAME`` unless the
+        layer has a real ``NAME`` too."""
+        row = self.index.stat_row
+        names: dict[bytes, int] = {}
+        whiteouts = []
+        for cid in self.index.child_ids(dir_id):
+            name = row(cid)[0]
+            if name.startswith(WHITEOUT_PREFIX):
+                if name != WHITEOUT_OPAQUE:
+                    whiteouts.append((name[len(WHITEOUT_PREFIX):], cid))
+            else:
+                names[os.fsencode(name)] = cid
+        for shown, cid in whiteouts:
+            key = os.fsencode(shown)
+            if key not in names and shown and "/" not in shown:  # a real entry wins
+                names[key] = cid
+        # children come sorted by str; bytes order differs only for names
+        # that are not UTF-8, and whiteouts land in the middle: sort again
+        # (nearly sorted input: linear)
+        return sorted(names.items())
 
     def _nlink_dir(self, dir_id: int) -> int:
         n = self._dir_nlink.get(dir_id)
         if n is None:
-            ix = self.index
-            n = 2 + sum(1 for c in ix.child_ids(dir_id) if ix._types[c] == DIR)
+            row = self.index.stat_row
+            n = 2 + sum(1 for c in self.index.child_ids(dir_id) if row(c)[2] == DIR)
             self._dir_nlink[dir_id] = n
         return n
+
+    def _is_opaque(self, dir_id: int) -> bool:
+        return self.index.child(dir_id, WHITEOUT_OPAQUE) is not None
 
     def _ids(self, uid: int, gid: int) -> tuple[int, int]:
         m = self.idmap
         return (uid, gid) if m is None else (m.uid(uid), m.gid(gid))
 
+    def _type_of(self, entry_id: int) -> int:
+        return self.index.stat_row(entry_id)[2]
+
     def _attr(self, entry_id: int) -> pyfuse3.EntryAttributes:
-        ix = self.index
-        e = ix.entry(entry_id)
+        """The attributes ``entry_id`` shows. This runs once per entry of
+        every listing (readdirplus) and lookup: one :meth:`LayerIndex.stat_row`
+        call, and only the fields that differ from EntryAttributes' zeroed
+        defaults are set."""
+        name, t, code, mode, uid, gid, size, mtime, nlink = self.index.stat_row(entry_id)
         a = pyfuse3.EntryAttributes()
-        mt = int(e.mtime * 1e9)
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mt
         a.st_blksize = BLKSIZE
-        a.generation = 0
         a.attr_timeout = self.attr_timeout
         a.entry_timeout = self.entry_timeout
-        if e.is_whiteout:
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = int(mtime * 1e9)
+        if self.idmap is None:  # the common case: no call on the stat path
+            a.st_uid, a.st_gid = uid, gid
+        else:
+            a.st_uid, a.st_gid = self._ids(uid, gid)
+        if name.startswith(WHITEOUT_PREFIX) and name != WHITEOUT_OPAQUE:
+            # the whiteout's own char-device view (0/0), never a hardlink
             a.st_ino = (entry_id + 1) | _WHITEOUT_BIT
             a.st_mode = stat.S_IFCHR
-            a.st_nlink = 1
-            a.st_uid, a.st_gid = self._ids(e.uid, e.gid)
-            a.st_rdev = 0
-            a.st_size = 0
-            a.st_blocks = 0
             return a
-        t = e
-        tid = e.target_id
-        if tid is not None:
-            t = ix.entry(tid)
-        code = t.type_code
-        a.st_ino = t.id + 1
-        a.st_mode = _TYPE_BITS.get(code, stat.S_IFREG) | (t.mode & 0o7777)
-        if self.idmap is None:  # the common case: no call on the stat path
-            a.st_uid, a.st_gid = t.uid, t.gid
-        else:
-            a.st_uid, a.st_gid = self._ids(t.uid, t.gid)
-        if code == DIR:
-            a.st_nlink = self._nlink_dir(t.id)
+        a.st_ino = t + 1
+        a.st_mode = _TYPE_BITS.get(code, stat.S_IFREG) | (mode & 0o7777)
+        if code == REG:
+            a.st_nlink = nlink
+            a.st_size = size
+            a.st_blocks = (size + 511) // 512
+        elif code == DIR:
+            a.st_nlink = self._nlink_dir(t)
             a.st_size = 4096
+            a.st_blocks = 8
         else:
-            a.st_nlink = max(1, t.num_link)
-            a.st_size = t.size if code == REG else (
-                len(os.fsencode(t.link_name)) if code == SYMLINK else 0)
-        if code in (CHAR, BLOCK):
-            a.st_rdev = os.makedev(t.dev_major, t.dev_minor)
-        else:
-            a.st_rdev = 0
-        a.st_blocks = (a.st_size + 511) // 512
-        mt = int(t.mtime * 1e9)
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mt
+            a.st_nlink = nlink
+            if code == SYMLINK:
+                a.st_size = n = len(os.fsencode(self.index.entry(t).link_name))
+                a.st_blocks = (n + 511) // 512
+            elif code in (CHAR, BLOCK):
+                e = self.index.entry(t)
+                a.st_rdev = os.makedev(e.dev_major, e.dev_minor)
         return a
 
     # -- lookups ---------------------------------------------------------
@@ -250,12 +272,12 @@ class LayerFS(pyfuse3.Operations):
         self._maybe_tune()
         pid = self._check(parent_inode)
         ix = self.index
-        if ix._types[pid] != DIR:
+        if self._type_of(pid) != DIR:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name == b".":
             return self._attr(pid)
         if name == b"..":
-            return self._attr(ix._parents[pid] if pid else 0)
+            return self._attr(ix.entry(pid).parent_id if pid else 0)
         sname = os.fsdecode(name)
         e = ix.child(pid, sname)
         if e is not None and not e.is_opaque_marker:
@@ -264,7 +286,7 @@ class LayerFS(pyfuse3.Operations):
             w = ix.child(pid, WHITEOUT_PREFIX + sname)
             if w is not None and w.is_whiteout:
                 return self._attr(w.id)
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        return negative_entry(self.entry_timeout)
 
     async def forget(self, inode_list):
         return None
@@ -272,10 +294,7 @@ class LayerFS(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         self._trace("getattr", inode)
         self._maybe_tune()
-        eid = self._check(inode)
-        if inode & _WHITEOUT_BIT:
-            return self._attr(eid)
-        return self._attr(eid)
+        return self._attr(self._check(inode))
 
     async def readlink(self, inode, ctx):
         self._trace("readlink", inode)
@@ -288,20 +307,29 @@ class LayerFS(pyfuse3.Operations):
     async def opendir(self, inode, ctx):
         self._trace("opendir", inode)
         eid = self._check(inode)
-        if self.index._types[eid] != DIR or inode & _WHITEOUT_BIT:
+        if self._type_of(eid) != DIR or inode & _WHITEOUT_BIT:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return eid
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = [eid, None]
+        return fh
 
     async def readdir(self, fh, start_id, token):
         self._trace("readdir", fh, start_id)
-        lst = self._listing(fh)
+        d = self._dirs.get(fh)
+        if d is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        lst = d[1]
+        if lst is None:
+            lst = d[1] = self._listing(d[0])
+        attr, reply = self._attr, pyfuse3.readdir_reply
         for i in range(start_id, len(lst)):
             name, cid = lst[i]
-            if not pyfuse3.readdir_reply(token, name, self._attr(cid), i + 1):
+            if not reply(token, name, attr(cid), i + 1):
                 break
 
     async def releasedir(self, fh):
-        return None
+        self._dirs.pop(fh, None)
 
     async def fsyncdir(self, fh, datasync):
         return None
@@ -313,16 +341,14 @@ class LayerFS(pyfuse3.Operations):
         eid = self._check(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise _erofs()
-        e = self.index.entry(eid)
-        tid = e.target_id
-        code = self.index._types[tid if tid is not None else eid]
+        _name, tid, code, *_ = self.index.stat_row(eid)
         if inode & _WHITEOUT_BIT or code not in (REG, HARDLINK):
             if code == DIR:
                 raise pyfuse3.FUSEError(errno.EISDIR)
             raise pyfuse3.FUSEError(errno.ENXIO)
         fh = self._next_fh
         self._next_fh += 1
-        self._open[fh] = tid if tid is not None else eid
+        self._open[fh] = tid
         self.open_files += 1
         if self.recorder is not None:
             self.recorder.note(self._open[fh])
@@ -369,7 +395,7 @@ class LayerFS(pyfuse3.Operations):
         if tid is not None:
             e = self.index.entry(tid)
         out = {os.fsencode(k): v for k, v in e.xattrs.items()}
-        if e.id in self._opaque:
+        if e.type_code == DIR and self._is_opaque(e.id):
             for k in self.opaque_xattrs:
                 out[k] = b"y"
         return out
@@ -395,8 +421,10 @@ class LayerFS(pyfuse3.Operations):
         ix = self.index
         s.f_bsize = BLKSIZE
         s.f_frsize = 4096
-        total = sum(ix._sizes) // 4096 + len(ix)
-        s.f_blocks = total
+        if self._statfs_blocks is None:  # once: a walk over every entry
+            row = ix.stat_row
+            self._statfs_blocks = sum(row(i)[6] for i in range(len(ix))) // 4096 + len(ix)
+        s.f_blocks = self._statfs_blocks
         s.f_bfree = 0
         s.f_bavail = 0
         s.f_files = len(ix)

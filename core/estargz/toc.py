@@ -398,6 +398,19 @@ class LayerIndex:
             return Entry(self, ids[lo])
         return None
 
+    def stat_row(self, id: int) -> tuple:
+        """``(name, shown_id, type_code, mode, uid, gid, size, mtime, nlink)``
+        of entry ``id`` in one call, the fields after ``name`` from what it
+        shows (a hardlink: its target, ``shown_id``). The FUSE server's stat
+        path (``find -ls`` asks it once per entry) reads it instead of an
+        :class:`Entry`'s properties, a call each."""
+        ex = self._extras.get(id)
+        t = id
+        if ex is not None:
+            t = ex.get("target", id)
+        return (self._names[id], t, self._types[t], self._modes[t], self._uids[t],
+                self._gids[t], self._sizes[t], self._mtimes[t], self._nlinks.get(t, 1))
+
     def lookup(self, path: str) -> Entry | None:
         cur = 0
         for part in path.split("/"):
