@@ -108,6 +108,8 @@ async def open_layer(image: Image, desc: LayerDescriptor, cache=None) -> LayerVi
     try:
         source = image.store.blob_source(desc.digest, desc.size)
         index = await load_layer_index(source)
+        # the children index, off the app's event loop (its first paint lists them)
+        await anyio.to_thread.run_sync(index.prepare)
     except FormatError as e:
         view.format = format_from_media_type(desc.media_type)
         view.error = str(e)

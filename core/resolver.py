@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.to_thread
 
 from .errors import CoreError, DigestMismatchError, FormatError, MountError
 from .estargz import Format, LayerIndex, read_footer
@@ -121,6 +122,8 @@ class Resolver:
                 index = await load_index(
                     self.records, desc, source, expected_toc_digest=expected,
                     expected_manifest_checksum=manifest_checksum)
+                # the children index, off the daemon's FUSE loop
+                await anyio.to_thread.run_sync(index.prepare)
         except TimeoutError:
             await _close(source)
             raise MountError(

@@ -371,6 +371,13 @@ class LayerIndex:
             ci = self._children = _build_children(self._names, self._parents)
         return ci
 
+    def prepare(self) -> None:
+        """Build now what the index otherwise builds on first use (the
+        children index): for a worker thread right after loading, so that
+        the first lookup on an event loop (a FUSE request, the app's first
+        paint) does not sort every entry."""
+        self._child_index()
+
     def children(self, entry: Entry) -> list[Entry]:
         ids, start, count = self._child_index()
         s = start[entry.id]
