@@ -54,6 +54,10 @@ TYPE_MODE_BITS = (0o040000, 0o100000, 0o120000, 0o100000, 0o020000, 0o060000, 0o
 MAX_ENTRIES = 1_250_000
 # JSON objects a TOC may hold: an entry and its xattrs each.
 MAX_OBJECTS = 2 * MAX_ENTRIES + 16
+# Values (commas) a TOC may hold: an entry as writers state it has ~10-20
+# fields. Without this bound a field the decoder takes as any JSON value
+# could hold one array of tens of millions of numbers, each a Python object.
+MAX_VALUES = 24 * MAX_ENTRIES
 MAX_PATH_DEPTH = 1024
 MAX_NAME_BYTES = 4096
 # The most file bytes a chunk of a lazy layer may declare (counting the
@@ -787,9 +791,10 @@ def _entries_of(doc) -> list[_TocEntry]:
 
 
 class ObjectCounter:
-    """Counts the JSON objects of a TOC fed to it piece by piece (its
-    braces: one inside a string counts too, which errs on the safe side) and
-    refuses the TOC past ``MAX_OBJECTS``. Every entry is one object (two
+    """Counts the JSON objects and arrays of a TOC fed to it piece by piece
+    (its braces and brackets: one inside a string counts too, which errs on
+    the safe side) and refuses the TOC past ``MAX_OBJECTS``, or past
+    ``MAX_VALUES`` commas (values in arrays and objects). Every entry is one object (two
     with xattrs): far more is a TOC built to exhaust memory in the decoder,
     refused undecoded, and by the loader before it is all inflated.
     (Counting '"name"' keys too would bound entries to MAX_ENTRIES rather
@@ -800,11 +805,17 @@ class ObjectCounter:
 
     def __init__(self):
         self.count = 0
+        self.values = 0
 
     def feed(self, piece: bytes) -> None:
-        self.count += piece.count(b"{")
+        # '[' too: an array is as much an object to the decoder as '{' is
+        self.count += piece.count(b"{") + piece.count(b"[")
+        self.values += piece.count(b",")
         if self.count > MAX_OBJECTS:
             raise FormatError(f"TOC holds more objects than {MAX_ENTRIES} entries could (the "
+                              "entry limit); refused")
+        if self.values > MAX_VALUES:
+            raise FormatError(f"TOC holds more values than {MAX_ENTRIES} entries could (the "
                               "entry limit); refused")
 
 
@@ -820,6 +831,9 @@ def _decode_toc(toc_json: bytes, counted: bool = False) -> tuple[list[_TocEntry]
         except msgspec.ValidationError:
             checked = False
             ents = _TOC_DECODER.decode(toc_json).entries
+    except RecursionError:
+        # arrays or objects nested thousands deep in a field taking any value
+        raise FormatError("TOC nests values deeper than the decoder allows; refused") from None
     except (msgspec.DecodeError, msgspec.ValidationError):
         # Not JSON, not a TOC, or JSON that json reads and msgspec does not
         # (a BOM, NaN, 1e400, lone surrogates): parsed the way it always was,

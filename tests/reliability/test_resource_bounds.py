@@ -428,6 +428,24 @@ def test_toc_entry_limit_holds_memory(mount_env, tmp_path, rel):
             f"refused ({err.strip()[:90]}) at {peak:.0f} MB (bound {RSS_LIMIT_MB} MB)")
 
 
+@pytest.mark.parametrize("shape", ["long array", "nested arrays"])
+def test_toc_value_bomb_refused_bounded(shape, tmp_path, rel):
+    """A small TOC whose one field holds a huge array (100M numbers, or 2M
+    nested arrays), each a Python object once decoded, is refused with one
+    line under RSS_LIMIT_MB: the decoder takes most fields as any JSON
+    value, so the TOC's bytes alone do not bound its memory."""
+    inner = b"0," * 100_000_000 + b"0" if shape == "long array" else (b"[" * 2_000_000) + (b"]" * 2_000_000)
+    ref = _toc_layout(str(tmp_path / "toc"), [b'{"name":"a","type":"reg","devMajor":[' + inner + b"]}"])
+    del inner
+    rc, out, err, peak, took = run_measured(["ls", "--layer", "0", ref], timeout=300)
+    assert rc not in (0, -9) and len(err.strip().splitlines()) == 1, (rc, err[-300:])
+    assert "Traceback" not in err
+    assert peak <= RSS_LIMIT_MB, f"refusing a TOC with {shape} peaked at {peak:.0f} MB"
+    rel.row("hostile", f"a one-entry TOC whose devMajor holds {shape} "
+            f"({'100M numbers' if shape == 'long array' else '2M levels'})",
+            f"refused ({err.strip()[:90]}) at {peak:.0f} MB (bound {RSS_LIMIT_MB} MB)")
+
+
 def test_window_read_does_not_hold_the_chunk(tmp_path, rel):
     """A read of a few KiB inside a large chunk (the app's preview,
     extraction's pieces) inflates and verifies the chunk a piece at a time
