@@ -12,7 +12,8 @@ The cache root holds a format marker (:data:`FORMAT_FILE`). A root without
 it (or with another one) that holds packs or the old one-file-per-chunk
 ``chunks/`` layout was written by an older build: its packs and ``chunks/``
 are deleted, once, under a lock, with one log line, and the marker written;
-nothing of it is ever read.
+nothing of it is ever read. A root that cannot be marked (read-only, full)
+is neither read nor written until it can be.
 
 A chunk is checked once per store object: the first time it is loaded from
 disk (a pack holding a damaged chunk is deleted and the chunk treated as a
