@@ -12,7 +12,8 @@ The cache root holds a format marker (:data:`FORMAT_FILE`). A root without
 it (or with another one) that holds packs or the old one-file-per-chunk
 ``chunks/`` layout was written by an older build: its packs and ``chunks/``
 are deleted, once, under a lock, with one log line, and the marker written;
-nothing of it is ever read.
+nothing of it is ever read. A root that cannot be marked (read-only, full)
+is neither read nor written until it can be.
 
 A chunk is checked once per store object: the first time it is loaded from
 disk (a pack holding a damaged chunk is deleted and the chunk treated as a
@@ -160,16 +161,28 @@ class PackStore:
         self.corrupt = 0
         self.evicted = 0
         self.warning: str | None = None
+        # False: the root could not be checked or marked as this build's
+        # format (read-only, say): none of its packs is indexed, never misread.
+        self._format_ok = False
+        self._mark()
+        # Chunks loaded from disk are checked by crc32 only in a private cache (module docs).
+        self.private = _is_private(root) and _is_private(self.pack_dir)
+
+    def _mark(self) -> bool:
+        """Make the root this build's cache (:func:`ensure_format`); False
+        (writes off for a while) when it cannot be."""
         try:
             # makedirs applies mode only to the leaf: create the root 0700 too
             # (chunks are image content the user may not want others to read).
-            os.makedirs(root, mode=0o700, exist_ok=True)
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
             os.makedirs(self.pack_dir, mode=0o700, exist_ok=True)
-            ensure_format(root, self.pack_dir)
+            ensure_format(self.root, self.pack_dir)
         except OSError as e:
             self._disable(e)
-        # Chunks loaded from disk are checked by crc32 only in a private cache (module docs).
-        self.private = _is_private(root) and _is_private(self.pack_dir)
+            return False
+        self._format_ok = True
+        self._dir_mtime = None  # list the packs (again)
+        return True
 
     # -- the index ---------------------------------------------------
     def _add_pack(self, name: str, rows) -> None:
@@ -206,7 +219,8 @@ class PackStore:
             if not force and mt == self._dir_mtime:
                 return
             try:
-                names = {n for n in os.listdir(self.pack_dir) if n.endswith(PACK_SUFFIX)}
+                names = {n for n in os.listdir(self.pack_dir)
+                         if n.endswith(PACK_SUFFIX)} if self._format_ok else set()
             except OSError:
                 names = set()
             with self._lock:
@@ -401,7 +415,7 @@ class PackStore:
     def put_many(self, items: list[tuple[str, bytes]]) -> bool:
         """Store verified chunks together in one pack (chunks already on disk
         and memory-only keys are skipped); False when the disk could not keep them."""
-        if time.monotonic() < self._disk_off_until:
+        if time.monotonic() < self._disk_off_until or not (self._format_ok or self._mark()):
             return False
         seen = set()
         todo = []
