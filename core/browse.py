@@ -382,7 +382,7 @@ class LayerBrowser:
         ix = self.index
         needle = text.lower()
         out = []
-        names, tcodes, sizes = ix._names, ix._types, ix._sizes
+        names, tcodes, sizes = ix.scan_columns()
         from .estargz.toc import TYPES
 
         want = {TYPES.index(t) for t in types} if types else None

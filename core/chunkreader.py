@@ -73,7 +73,7 @@ def _assemble(chunks: list[Chunk], got: dict, offset: int, end: int) -> bytes:
 class ChunkReader:
     """Reads of one layer's files through the cache and the fetcher (module docs).
 
-    Why ~21 methods in one class: the cache map, the flights and the
+    Not split: ~21 methods in one class, because the cache map, the flights and the
     per-stream read-ahead state are read on every request without a call
     across objects (the hot path serves tens of thousands of chunks a second
     from one thread); the parts that do not need that are already apart.

@@ -133,7 +133,7 @@ def ensure_format(root: str, pack_dir: str) -> bool:
 class PackStore:
     """Chunks in pack files (module docs); a :class:`core.chunkstore.ChunkStore`.
 
-    Why ~27 methods in one class: the index, the verified set and the budget
+    Not split: ~27 methods in one class, because the index, the verified set and the budget
     share one lock and one pack-drop path (a pack dropped for damage,
     eviction or a prune leaves all three at once); the file-level parts
     (format, writer, descriptors) are in :mod:`core.chunkstore_packio`.

@@ -58,7 +58,10 @@ def _erofs():
 
 class MergedFS(pyfuse3.Operations):
     """pyfuse3 operations serving the merged view of ``layers`` (bottom
-    first: ``(LayerIndex, LayerReader)`` pairs) read-only."""
+    first: ``(LayerIndex, LayerReader)`` pairs) read-only.
+
+    Not split: pyfuse3 calls one Operations object, one method per request
+    kind; the merged tree itself is :class:`core.overlay.MergedTree`."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False

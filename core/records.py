@@ -136,7 +136,11 @@ def toc_key(desc) -> str | None:
 
 
 class Records:
-    """The records under ``root`` (created 0700 on first write)."""
+    """The records under ``root`` (created 0700 on first write).
+
+    Not split: a put/get pair per kind of record (manifest, config, ref,
+    TOC) over one private write / read-and-verify path, plus the listing
+    and pruning that must see every kind at once."""
 
     def __init__(self, root: str):
         self.root = root

@@ -29,22 +29,12 @@ MAX_CLASS_LINES = 400
 MAX_METHODS = 20
 REASON_MARK = "Not split:"
 
-# Pending the LayerReader / ChunkCache split (issue 15 point 1): the 'split'
-# branch makes these classes pass; the lead removes the entries after merging
-# it (test_known_pending_entries_are_still_needed says when). core/mount.py
-# has no class over the limits (it is a module of functions), so it needs no
-# entry.
-KNOWN_PENDING_CLASSES = {
-    "core/layer.py:LayerReader",
-    "core/cache.py:ChunkCache",
-}
 # Underscored names that are documented public API.
 PUBLIC_DESPITE_UNDERSCORE = {"os._exit"}
 PUBLIC_ATTRS = {"_replace", "_asdict", "_fields", "_make", "_exit"}  # namedtuple's, os._exit
 # (module, what it uses) pairs allowed to reach a private name, with why.
 _C_ONLY = ("the launcher's hand-off imports only C modules, so that `stargz-tui mount` "
            "starts fast (bench/README.md, B1)")
-_PENDING_INDEX = "known pending: LayerIndex columns, until the 'index' branch is merged"
 PRIVATE_ACCESS_ALLOWED: dict[tuple[str, str], str] = {
     ("stargz_tui/launcher.py", "from _json import ..."): _C_ONLY,
     ("stargz_tui/launcher.py", "import _socket"): _C_ONLY,
@@ -53,16 +43,6 @@ PRIVATE_ACCESS_ALLOWED: dict[tuple[str, str], str] = {
     ("stargz_tui/resident.py", "import anyio._backends._trio"):
         "pre-imported before the server forks daemons (anyio imports it lazily, in each "
         "child otherwise); nothing of it is called",
-    # Known pending: LayerIndex's private columns read on the FUSE and search
-    # paths. The lazy per-directory index (branch 'index', issue 17 B4/B10)
-    # rewrites these columns; the lead replaces these reads with its public
-    # accessors after merging it, and removes the entries.
-    ("core/fusefs.py", "<object>._types"): _PENDING_INDEX,
-    ("core/fusefs.py", "<object>._sizes"): _PENDING_INDEX,
-    ("core/fusefs.py", "<object>._parents"): _PENDING_INDEX,
-    ("core/browse.py", "<object>._names"): _PENDING_INDEX,
-    ("core/browse.py", "<object>._types"): _PENDING_INDEX,
-    ("core/browse.py", "<object>._sizes"): _PENDING_INDEX,
 }
 
 
@@ -110,10 +90,9 @@ def _comment_above(lines: list[str], node: ast.ClassDef) -> str:
     return " ".join(reversed(above))
 
 
-def oversized_classes(packages=("core",), pending=None) -> list[str]:
+def oversized_classes(packages=("core",)) -> list[str]:
     """``path:Class (N lines, M methods)`` of every class over the limits without
-    a ``Not split:`` reason and not in ``pending`` (default: the known pending)."""
-    pending = KNOWN_PENDING_CLASSES if pending is None else pending
+    a ``Not split:`` reason."""
     found = []
     for rel, path in _sources(*packages):
         tree, lines = _parse(path)
@@ -127,8 +106,6 @@ def oversized_classes(packages=("core",), pending=None) -> list[str]:
                 continue
             reason = (ast.get_docstring(node) or "") + " " + _comment_above(lines, node)
             if REASON_MARK in reason:
-                continue
-            if f"{rel}:{node.name}" in pending:
                 continue
             found.append(f"{rel}:{node.name} ({size} lines, {methods} methods)")
     return found
@@ -281,10 +258,3 @@ def test_private_access_allowlist_is_used(entry):
                for u in private_uses(allowed={})), entry
 
 
-@pytest.mark.parametrize("entry", sorted(KNOWN_PENDING_CLASSES))
-def test_known_pending_entries_are_still_needed(entry):
-    """An entry for a class that is gone, or now within the limits (or says
-    why it is not split), is stale: remove it."""
-    assert any(o.startswith(entry + " ") for o in oversized_classes(pending=set())), (
-        f"{entry} is no longer an oversized class without a reason: remove it from "
-        "KNOWN_PENDING_CLASSES")

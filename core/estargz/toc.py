@@ -264,7 +264,10 @@ class Entry:
 
 
 class LayerIndex:
-    """Column-stored index of one layer's TOC (see docs/CONTRACTS.md)."""
+    """Column-stored index of one layer's TOC (see docs/CONTRACTS.md).
+
+    Not split: its methods are the accessors over one set of columns (the
+    reason it is columns, not an object per entry, is memory: B4/B10)."""
 
     def __init__(self, *, format: str, blob_digest: str, blob_size: int, toc_digest: str,
                  toc_offset: int):
@@ -408,6 +411,12 @@ class LayerIndex:
         if lo < s + n and names[ids[lo]] == name:
             return Entry(self, ids[lo])
         return None
+
+    def scan_columns(self) -> tuple[list[str], list[int], list[int]]:
+        """The name, type-code and size columns, indexed by entry id (0 is the
+        root): for a scan over every entry (the app's search) without an
+        :class:`Entry` each. Read-only by contract: the index's own lists."""
+        return self._names, self._types, self._sizes
 
     def stat_row(self, id: int) -> tuple:
         """``(name, shown_id, type_code, mode, uid, gid, size, mtime, nlink)``
