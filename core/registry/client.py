@@ -46,6 +46,7 @@ from ..errors import (
     InsecureRedirectError,
     NotFoundError,
     RegistryError,
+    RegistryUnreachableError,
 )
 from ..reference import DOCKER_HUB, DOCKER_HUB_API_HOST, is_loopback_host
 from . import credentials as _creds
@@ -210,6 +211,19 @@ def _unknown_host(e: BaseException) -> bool:
     while e is not None and seen < 16:
         if isinstance(e, socket.gaierror):
             return e.errno in _NO_SUCH_NAME
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+def _tls_failure(e: BaseException) -> bool:
+    """Was it TLS that failed (handshake, protocol, certificate)?"""
+    import ssl
+
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, ssl.SSLError):
+            return True
         e = e.__cause__ or e.__context__
         seen += 1
     return False
@@ -574,7 +588,10 @@ class RegistryClient:
             await anyio.sleep(delay)
         if isinstance(failure, Reply):
             return failure
-        raise RegistryError(
+        # typed, so that a caller with a local copy (core.records) can tell "no
+        # answer" from a TLS failure, which it must not paper over
+        cls = RegistryError if _tls_failure(failure) else RegistryUnreachableError
+        raise cls(
             f"cannot reach registry {host}: {describe_transport_error(failure)}"
             + (f" (after {attempt} attempts)" if attempt > 1 else "")
         ) from None
