@@ -38,6 +38,12 @@ class RegistryError(CoreError):
     """A registry answered with an error or could not be reached."""
 
 
+class RegistryUnreachableError(RegistryError):
+    """The registry did not answer at all (connection refused or reset, no
+    route, timeouts), after the retries; not raised for TLS failures, which
+    are the registry (or something in between) answering wrongly."""
+
+
 class AuthError(RegistryError):
     """Credentials are missing, wrong, or a token could not be obtained."""
 

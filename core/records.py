@@ -54,11 +54,10 @@ import anyio.to_thread
 import msgspec
 
 from .errors import (
-    AuthError,
     BlobReadError,
     CoreError,
-    InsecureRedirectError,
-    RegistryError,
+    RegistryUnreachableError,
+    RequestTimeoutError,
 )
 from .estargz import load_layer_index
 from .estargz.loader import MAX_TOC_BYTES, TAIL_READ
@@ -526,9 +525,10 @@ async def load_index(records: Records | None, desc, source, *,
 
 # -- the store ---------------------------------------------------------------------------
 def _unreachable(e: BaseException) -> bool:
-    """Did the registry fail to answer at all (connection refused, timeouts,
-    5xx after the retries), as opposed to answering no (404, 401, 403)?"""
-    return isinstance(e, RegistryError) and not isinstance(e, AuthError | InsecureRedirectError)
+    """Did the registry not answer at all (connection refused, timeouts), as
+    opposed to answering no (404, 401, 403, 5xx) or failing TLS (a
+    misconfiguration or someone in between: shown, never papered over)?"""
+    return isinstance(e, RegistryUnreachableError | RequestTimeoutError)
 
 
 def _media_type(data: bytes) -> str:

@@ -42,6 +42,7 @@ from ..errors import (
     InsecureRedirectError,
     NotFoundError,
     RegistryError,
+    RegistryUnreachableError,
 )
 from ..reference import DOCKER_HUB, DOCKER_HUB_API_HOST, is_loopback_host
 from .auth import (
@@ -151,6 +152,19 @@ def _unknown_host(e: BaseException) -> bool:
     """Did name resolution say the host does not exist?"""
     gai = _caused_by(e, socket.gaierror)
     return gai is not None and gai.errno in _NO_SUCH_NAME
+
+
+def _tls_failure(e: BaseException) -> bool:
+    """Was it TLS that failed (handshake, protocol, certificate)?"""
+    import ssl
+
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, ssl.SSLError):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
 
 
 def same_origin(a: str, b: str) -> bool:
@@ -376,7 +390,10 @@ class RegistryClient:
             await anyio.sleep(delay)
         if isinstance(failure, Reply):
             return failure
-        raise RegistryError(
+        # typed, so that a caller with a local copy (core.records) can tell "no
+        # answer" from a TLS failure, which it must not paper over
+        cls = RegistryError if _tls_failure(failure) else RegistryUnreachableError
+        raise cls(
             f"cannot reach registry {host}: {describe_transport_error(failure)}"
             + (f" (after {attempt} attempts)" if attempt > 1 else "")
         ) from None
