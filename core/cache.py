@@ -279,7 +279,7 @@ class ChunkCache:
     """
 
     def __init__(self, root: str | None = None, *, max_bytes: int | None = None,
-                 memory_bytes: int | None = None):
+                 memory_bytes: int | None = None, direct: bool | None = None):
         self.root = os.path.abspath(root or default_cache_dir())
         self.pack_dir = os.path.join(self.root, "packs")
         self.chunk_dir = os.path.join(self.root, "chunks")  # the old layout (pruned, evicted)
@@ -317,7 +317,10 @@ class ChunkCache:
         self._nowait = bool(_RWF_NOWAIT)  # preadv2(RWF_NOWAIT) works here (page cache probe)
         self._tmp_seq = 0
         self._wbufs: list[mmap.mmap] = []  # free aligned buffers for O_DIRECT writes
-        self._direct_ok = os.environ.get("STARGZ_TUI_CACHE_DIRECT", "1") != "0"
+        # direct=None: the environment's STARGZ_TUI_CACHE_DIRECT (a mount daemon
+        # is given the value its mount read at the edge, core.options.Tuning)
+        self._direct_ok = (os.environ.get("STARGZ_TUI_CACHE_DIRECT", "1") != "0"
+                           if direct is None else direct)
         self.hits = 0
         self.memory_hits = 0
         self.misses = 0

@@ -38,10 +38,6 @@ Run without arguments to open the terminal app.
 """
 
 
-# Built once by a long-lived process (stargz_tui.resident) for its workers.
-PARSER: argparse.ArgumentParser | None = None
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line plus exit status 2.
 
@@ -115,7 +111,7 @@ def run_command(func, args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = PARSER or build_parser()
+    parser = build_parser()
     if not argv:
         argv = ["tui"]
     args = parser.parse_args(argv)

@@ -147,7 +147,8 @@ class MountsScreen(BaseScreen):
         for lay in m.get("layers") or []:
             st = lay.get("stats") or {}
             t.append(f"layer {lay['index']} ", "bold")
-            t.append(printable(f"{lay['digest'][:19]} pid {lay.get('pid')} {lay.get('state')} "))
+            t.append(printable(f"{(lay.get('digest') or 'resolving')[:19]} pid {lay.get('pid')} "
+                               f"{lay.get('state')} "))
             t.append(f"fetched {human_size(st.get('bytesFetched') or 0)} in "
                      f"{st.get('requests', 0)} requests · cached "
                      f"{st.get('chunksCached', 0)}/{st.get('chunksTotal', 0)}")
