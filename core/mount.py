@@ -618,6 +618,7 @@ def _mount_locked(opts: MountOptions, mp: str, starter) -> dict:
 # the window and the mount is marked failed (shown with the daemon's last log line).
 MAX_RESTARTS = 5
 RESTART_WINDOW = 600.0
+RESTORE_LOCK_WAIT = 30.0  # restore waits this long for a restart or mount under way
 
 
 def last_log_line(path: str | None, limit: int = 8192) -> str | None:
@@ -656,7 +657,7 @@ def needs_revival(rec: dict) -> bool:
 
 
 def revive(mountpoint: str, *, starter=None, supervised: bool = False,
-           reset: bool = False) -> dict | None:
+           reset: bool = False, wait: float = 0.0) -> dict | None:
     """Make a recorded mount serve again at the same place, from its record,
     its saved image file and its cache: each dead layer's mount is lazily
     detached and a new daemon started with the same config; a merged mount's
@@ -674,7 +675,8 @@ def revive(mountpoint: str, *, starter=None, supervised: bool = False,
     rec = _find_record(mountpoint)
     if rec is None:
         return None
-    lock = _MountpointLock(rec["mountpoint"], busy="is being mounted or unmounted right now")
+    lock = _MountpointLock(rec["mountpoint"], busy="is being mounted or unmounted right now",
+                           wait=wait)
     try:
         rec = _find_record(rec["mountpoint"])  # as it is now that we hold the lock
         if rec is None:
@@ -766,7 +768,7 @@ def restore(*, starter=None, reset: bool = False) -> list[dict]:
             out.append({"mountpoint": mp, "status": "serving"})
             continue
         try:
-            revive(mp, starter=starter, reset=reset)
+            revive(mp, starter=starter, reset=reset, wait=RESTORE_LOCK_WAIT)
         except MountError as e:
             out.append({"mountpoint": mp, "status": "error", "error": str(e)})
             continue
@@ -820,16 +822,20 @@ class _MountpointLock:
     replaced) is retried, so two holders never hold two different files."""
 
     def __init__(self, mp: str, busy: str = "is already being mounted by another stargz-tui "
-                 "(wait for it, or unmount it first)"):
+                 "(wait for it, or unmount it first)", wait: float = 0.0):
         d = private_dir(os.path.join(state_dir(), "locks"))
         self.path = os.path.join(d, _mount_id(mp) + ".lock")
         self.fd = -1
-        for _ in range(100):
+        deadline = time.monotonic() + wait
+        for _ in range(100 + int(wait * 20)):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
+                if time.monotonic() < deadline:  # (restore: a restart under way ends soon)
+                    time.sleep(0.05)
+                    continue
                 raise MountError(f"{mp} {busy}") from None
             try:
                 same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino

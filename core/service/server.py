@@ -175,13 +175,6 @@ class Service:
         except OSError:
             return
         with conn:
-            if not is_own_peer(conn):
-                log.warning("refused a connection from uid %s", peer_text(conn))
-                with contextlib.suppress(OSError):
-                    conn.settimeout(1.0)
-                    conn.sendall(p.frame(p.Reply(ok=False, kind="MountError", error=(
-                        f"this mount service serves uid {os.getuid()} only"))))
-                return
             self._fork("request", self._request_worker, conn)
 
     def _reap(self) -> bool:
@@ -278,6 +271,15 @@ class Service:
 
     def _request_worker(self, conn: socket.socket) -> int:
         conn.settimeout(REQUEST_TIMEOUT)
+        if not is_own_peer(conn):
+            # its request is read (bounded) and dropped, so the refusal is
+            # what it reads back rather than a reset connection
+            log.warning("refused a connection from uid %s", peer_text(conn))
+            with contextlib.suppress(OSError, EOFError, p.ProtocolError):
+                p.read_frame(conn)
+            _send(conn, p.Reply(ok=False, kind="MountError", error=(
+                f"this mount service serves uid {os.getuid()} only")))
+            return 1
         try:
             req = p.decode_request(p.read_frame(conn))
         except p.ProtocolError as e:
