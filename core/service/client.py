@@ -17,7 +17,6 @@ import contextlib
 import os
 import select
 import socket
-import subprocess
 import sys
 import time
 
@@ -101,9 +100,12 @@ def connect() -> ServiceClient | None:
     return client
 
 
-def spawn(ready_fd: int | None = None) -> subprocess.Popen:
+def spawn(ready_fd: int | None = None):
     """Start ``python -m core.service run`` detached (own session, cwd /),
-    logging to :func:`log_path`; it writes ``ok`` on ``ready_fd`` once it serves."""
+    logging to :func:`log_path`; it writes ``ok`` on ``ready_fd`` once it
+    serves. Returns the ``subprocess.Popen``."""
+    import subprocess  # (not on a mount's path through a running service)
+
     cmd = [sys.executable, "-m", "core.service", "run"]
     if ready_fd is not None:
         cmd += ["--ready-fd", str(ready_fd)]

@@ -10,7 +10,6 @@ import signal
 import sys
 import time
 
-from core import mount as m
 from core.errors import MountError
 from core.options import MountOptions
 from core.units import human_size, plural
@@ -60,7 +59,10 @@ examples:
   stargz-tui service start       start it in the background (mount does that too)
   stargz-tui service status --json
   stargz-tui service stop        the mounts keep serving
-  stargz-tui service install     systemd user unit: `systemctl --user enable --now stargz-tui`
+
+`service install` writes ~/.config/systemd/user/stargz-tui.service (then
+`systemctl --user enable --now stargz-tui` runs it at every login, restoring
+the mounts); `service uninstall` disables and removes it.
 """
 
 CACHE_EXAMPLES = """\
@@ -70,6 +72,19 @@ examples:
   stargz-tui cache prune       delete every cached chunk (refused while a mount uses it)
   stargz-tui cache prune --force   also under live mounts (they fetch again)
 """
+
+
+class _Core:
+    """:mod:`core.mount`, imported when a command needs it: a mount through
+    the service never does (its start-up is on the B1 path)."""
+
+    def __getattr__(self, name):
+        from core import mount
+
+        return getattr(mount, name)
+
+
+m = _Core()
 
 
 def _size_arg(text: str) -> int:
