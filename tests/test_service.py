@@ -443,3 +443,29 @@ def test_simulated_reboot_then_mounts_restore(svc_env, make_registry, tmp_path, 
     compare_tree(mp_m, merged, drop_xattr_prefixes=("trusted.overlay.",))
     for mp in (mp_l, mp_m):
         assert _cli("unmount", mp, env=env).returncode == 0
+
+
+def test_tuning_is_read_by_the_client_and_sent_in_the_daemon_config(svc_env, monkeypatch):
+    """The knobs once read from os.environ deep in the core (here the FUSE
+    loop's polling window) are read by the command the user runs and reach
+    the daemon in its config: the service, started without them, forks a
+    daemon that uses the client's value."""
+    monkeypatch.delenv("STARGZ_TUI_FUSE_SPIN_US", raising=False)
+    _start_service()
+    image = f"oci:{os.path.join(REPO_ROOT, 'tests', 'fixtures', 'estargz-oci')}:{TAG}"
+    logs = {}
+    for spin in ("0", "200", None):
+        mp = svc_env.mountpoint(f"spin-{spin}")
+        env = dict(os.environ)
+        if spin is not None:
+            env["STARGZ_TUI_FUSE_SPIN_US"] = spin
+        r = _cli("mount", image, mp, "--layer", "0", env=env)
+        assert r.returncode == 0, r.stderr
+        rec = _record(mp)
+        assert rec["mountOptions"]["tuning"]["fuse_spin_us"] == float(spin or 50)
+        logs[spin] = open(rec["layers"][0]["log"]).read()
+    assert "FUSE loop polls 0 µs" in logs["0"]
+    assert "FUSE loop polls 200 µs" in logs["200"]
+    assert "FUSE loop polls 50 µs" in logs[None]
+    for spin in ("0", "200", None):
+        assert _cli("unmount", svc_env.mountpoint(f"spin-{spin}")).returncode == 0
