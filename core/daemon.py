@@ -1,21 +1,27 @@
 """The mount daemon: one process serves one layer over FUSE.
 
 pyfuse3 supports one mount per process, so :mod:`core.mount` starts one
-``python -m core.daemon`` per layer it mounts. The daemon resolves the layer
-(footer + TOC, verified against the manifest annotation), mounts it
-read-only (``ro,nosuid,nodev``; ``allow_other`` only when asked), starts
-prefetch and background fetch, and answers JSON lines on a Unix control
-socket (0600; a peer that is not our own uid is refused)::
+daemon per layer it mounts, through a starter (:mod:`core.starter`: a fresh
+``python -m core.daemon --channel-fd N``, or a fork of the mount service).
+Its whole configuration is one :class:`core.options.DaemonConfig`, read from
+the channel (msgspec JSON up to EOF): no other flag, no environment knob.
+The daemon resolves the image (from ``image_file`` when the mount saved it
+there, else from the registry, then saves it there for a restart without
+the registry) and the layer (footer + TOC, verified against the manifest
+annotation), mounts it read-only (``ro,nosuid,nodev``; ``allow_other`` only
+when asked), starts prefetch and background fetch, and answers JSON lines on
+a Unix control socket (0600; a peer that is not our own uid is refused)::
 
     {"op": "ping"}                       -> {"ok": true, "pid": ...}
     {"op": "stats"}                      -> {"ok": true, "stats": {...}}
     {"op": "chunkmap"}                   -> {"ok": true, "map": "<hex, one char per chunk>"}
     {"op": "shutdown", "unmount": true}  -> {"ok": true}; the daemon exits
 
-It reports readiness (``ok``) or the reason it failed (``error <message>``)
-as one line on ``--ready-fd``, then keeps serving until the mount goes away,
-it is asked to shut down, or it gets SIGTERM/SIGINT (then it unmounts).
-It logs to ``--log``; ``--debug`` adds a trace of every FUSE request.
+On the channel it reports ``image`` (with ``announce_image``: the resolved
+image is in ``image_file``), then readiness (``ok {json}``) or the reason it
+failed (``error <message>``), one line each; then it keeps serving until the
+mount goes away, it is asked to shut down, or it gets SIGTERM/SIGINT (then it
+unmounts). It logs to ``log``; ``debug`` adds a trace of every FUSE request.
 This module never imports ``stargz_tui``.
 """
 

@@ -1,20 +1,33 @@
-"""The mount manager: daemons, mount records, merged views, unmount.
+"""The mount manager: daemons, mount records, merged views, unmount,
+supervision and restore.
 
-Python API (the CLI and the Textual app both use it):
+Python API (the mount service, the CLI and the app use it):
 
-* ``await mount_image(image, mountpoint, *, layer=None, ...) -> dict`` mounts
-  one raw layer (``layer`` = index or digest) or, without ``layer``, the
-  merged image: every layer mounted privately under the state dir by its own
-  daemon, then an overlay at ``mountpoint`` (kernel overlayfs as root,
-  ``fuse-overlayfs`` otherwise). Returns the mount record. The mountpoint
-  must be empty unless ``force=True``; a second mount of a mountpoint while
-  one is under way fails (a flock per mountpoint under the state dir).
+* ``mount(opts: MountOptions, *, starter=None) -> dict`` mounts one raw layer
+  (``opts.layer`` = index or digest) or, without it, the merged image: every
+  layer mounted privately under the state dir by its own daemon, then an
+  overlay at the mountpoint (kernel overlayfs as root, ``fuse-overlayfs``
+  otherwise). Blocking, no event loop, no thread; daemons are started by
+  ``starter`` (:mod:`core.starter`; default: spawn ``python -m core.daemon``).
+  The first daemon resolves the image and saves it (``images/<id>.json``);
+  the others read it. Returns the mount record, which keeps every daemon's
+  :class:`core.options.DaemonConfig`, so the same daemon can be started
+  again. The mountpoint must be empty unless ``opts.force``; a second mount
+  of a mountpoint while one is under way fails (a flock per mountpoint under
+  the state dir, also held by unmount and by a restart).
+  ``await mount_image(image, mountpoint, **fields)``: the same for async callers.
 * ``unmount(mountpoint, *, force=False) -> dict``: overlay first, then the
   layers, then the daemons stop. Busy without ``force`` raises
   :class:`MountError` naming the processes that hold it; ``force`` uses
   MNT_FORCE then a lazy detach. Idempotent; cleans up after killed daemons.
 * ``list_mounts() -> list[dict]``: every record with live stats from the
-  daemons' control sockets; ``state`` is ``"serving"`` or ``"stale"``.
+  daemons' control sockets; ``state`` is ``"serving"``, ``"stale"`` or
+  ``"failed"``; ``restarts``, ``lastError``.
+* ``crashed(rec)``: a daemon died and left its mount (kill -9, a crash);
+  ``revive(mountpoint, supervised=...)``: lazily detach the dead mounts and
+  start their daemons again from the record (counted; ``failed`` after
+  :data:`MAX_RESTARTS` in :data:`RESTART_WINDOW`); ``restore()`` /
+  ``repair()``: every record not served made to serve again.
 * ``daemon_request(socket_path, op) -> dict``, ``cache_usage()``,
   ``cache_prune()``; paths: ``core.paths.state_dir()``, ``runtime_dir()``.
 
@@ -256,17 +269,12 @@ def _umount2(path: str, flags: int) -> None:
         raise OSError(e, os.strerror(e), path)
 
 
-# Processes that act for this one (the client a resident-server worker runs a
-# command for): not named as holders of a busy mount, as this process is not.
-OWN_PIDS: set[int] = set()
-
-
 def find_holders(path: str) -> list[dict]:
     """Processes with an open file, cwd or root under ``path`` (other than
-    this process and :data:`OWN_PIDS`)."""
+    this process)."""
     path = os.path.abspath(path)
     prefix = path.rstrip("/") + "/"
-    own = {os.getpid()} | OWN_PIDS
+    own = {os.getpid()}
     out = []
     for pid_s in os.listdir("/proc"):
         if not pid_s.isdigit() or int(pid_s) in own:

@@ -469,3 +469,21 @@ def test_tuning_is_read_by_the_client_and_sent_in_the_daemon_config(svc_env, mon
     assert "FUSE loop polls 50 µs" in logs[None]
     for spin in ("0", "200", None):
         assert _cli("unmount", svc_env.mountpoint(f"spin-{spin}")).returncode == 0
+
+
+def test_busy_unmount_through_service_does_not_name_the_client(svc_env):
+    """The client's cwd or stdin inside the mount keeps it busy: said so,
+    the client (our own process) never named as a holder."""
+    _start_service()
+    mp = svc_env.mountpoint()
+    image = f"oci:{os.path.join(REPO_ROOT, 'tests', 'fixtures', 'estargz-oci')}:{TAG}"
+    assert _cli("mount", image, mp, "--layer", "0").returncode == 0
+    r = _cli("unmount", mp, cwd=os.path.join(mp, "data"))
+    assert r.returncode == 1 and "working directory of this command" in r.stderr, r.stderr
+    assert "pid " not in r.stderr and r.stderr.count("\n") == 1
+    with open(os.path.join(mp, "etc/os-release"), "rb") as stdin:
+        r = subprocess.run([sys.executable, "-m", "stargz_tui", "unmount", mp], stdin=stdin,
+                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert r.returncode == 1 and "standard input of this command" in r.stderr, r.stderr
+    assert os.path.ismount(mp)
+    assert _cli("unmount", mp).returncode == 0
