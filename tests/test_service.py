@@ -157,6 +157,12 @@ def test_mount_through_service_forks_its_daemon(svc_env, registry, tmp_path):
         assert f.read().startswith(b"stargz-tui-daemon layer")
     assert os.getsid(pid) == pid
     compare_tree(mp, raw_expected(layer_blobs(f"{family(TAG)}-gzip")[0]))
+    # watch: the live list, every interval, as many times as asked
+    from core.service import client
+
+    seen = list(client.connect().watch(interval=0.2, count=3))
+    assert len(seen) == 3 and all(x[0]["mountpoint"] == os.path.realpath(mp) for x in seen)
+    assert seen[-1][0]["state"] == "serving"
     # an image that cannot be resolved: one line, nothing left behind
     mp2 = svc_env.mountpoint("bad")
     r = _cli("mount", registry.ref("no-such-tag"), mp2)
@@ -383,8 +389,11 @@ def _detach_all_below(root: str) -> None:
         subprocess.run(["umount", "-l", mp], capture_output=True, timeout=30)
 
 
-@pytest.mark.parametrize("registry_down", [False, True], ids=["registry-up", "registry-down"])
-def test_simulated_reboot_then_mounts_restore(svc_env, make_registry, tmp_path, registry_down):
+@pytest.mark.parametrize("how,registry_down", [("by-hand", False), ("by-hand", True),
+                                                ("service-start", False)],
+                         ids=["registry-up", "registry-down", "service-start"])
+def test_simulated_reboot_then_mounts_restore(svc_env, make_registry, tmp_path, how,
+                                              registry_down):
     """Stop the service, kill every daemon, lazily unmount everything, empty
     the runtime dir (and stop the registry): ``mounts restore`` brings every
     mountpoint back; cached files are byte-exact; with the registry down an
@@ -421,10 +430,15 @@ def test_simulated_reboot_then_mounts_restore(svc_env, make_registry, tmp_path, 
     if registry_down:
         reg.stop()
     env = dict(os.environ, STARGZ_TUI_SERVER="off")  # by hand, in this process
-    r = _cli("mounts", "restore", "--json", env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    got = {x["mountpoint"]: x["status"] for x in json.loads(r.stdout)}
-    assert got == {os.path.realpath(mp_l): "restored", os.path.realpath(mp_m): "restored"}
+    if how == "by-hand":
+        r = _cli("mounts", "restore", "--json", env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        got = {x["mountpoint"]: x["status"] for x in json.loads(r.stdout)}
+        assert got == {os.path.realpath(mp_l): "restored", os.path.realpath(mp_m): "restored"}
+    else:  # what a login does with the systemd unit: the service restores them
+        _start_service()
+        _wait(lambda: all(st["state"] == "serving" for st in core_mount.list_mounts()), 60,
+              "the service's restore")
     for st in core_mount.list_mounts():
         assert st["state"] == "serving", st
     for p, digest in cached.items():
@@ -487,3 +501,31 @@ def test_busy_unmount_through_service_does_not_name_the_client(svc_env):
     assert r.returncode == 1 and "standard input of this command" in r.stderr, r.stderr
     assert os.path.ismount(mp)
     assert _cli("unmount", mp).returncode == 0
+
+
+def test_service_install_writes_a_unit_that_runs_the_service(svc_env, tmp_path, monkeypatch):
+    """``service install`` writes the systemd user unit; its ExecStart runs
+    the service (which serves, and leaves as it came); uninstall removes it."""
+    import shlex
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    r = _cli("service", "install")
+    assert r.returncode == 0, r.stderr
+    unit = tmp_path / "config" / "systemd" / "user" / "stargz-tui.service"
+    assert str(unit) in r.stdout and "systemctl --user enable --now stargz-tui" in r.stdout
+    text = unit.read_text()
+    assert "KillMode=process" in text and "WantedBy=default.target" in text
+    exec_start = next(x for x in text.splitlines() if x.startswith("ExecStart="))
+    argv = shlex.split(exec_start[len("ExecStart="):])
+    assert argv == [sys.executable, "-m", "core.service", "run"]
+    proc = subprocess.Popen(argv, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        info = _wait(lambda: (lambda s: s if s["running"] else None)(_status()), 60,
+                     "the unit's service")
+        assert info["pid"] == proc.pid
+    finally:
+        _stop_service()
+        proc.wait(30)
+    r = _cli("service", "uninstall")
+    assert r.returncode == 0 and "removed" in r.stdout
+    assert not unit.exists()
