@@ -442,6 +442,8 @@ def main(argv=None) -> int:
                                             "(started by core.starter).")
     p.add_argument("--channel-fd", type=int, required=True,
                    help="socket: the DaemonConfig (JSON) in, readiness lines out")
+    p.add_argument("--for", dest="what", metavar="TEXT",
+                   help="what it serves, shown in ps (ignored: the config says it)")
     args = p.parse_args(argv)
     try:
         return run_channel(args.channel_fd)

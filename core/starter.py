@@ -9,7 +9,8 @@ same socket with lines: ``image`` (its resolved image is written to
 ``config.image_file``; only with ``announce_image``), then ``ok {json}`` or
 ``error MESSAGE``. :class:`DaemonProcess` holds the other end.
 
-* :class:`SpawnStarter`: a fresh ``python -m core.daemon --channel-fd N``
+* :class:`SpawnStarter`: a fresh ``python -m core.daemon --channel-fd N --for
+  WHAT``
   (what a CLI or app process that has not imported the daemon's modules
   uses).
 * :class:`ForkStarter`: forks the calling process and runs the daemon in
@@ -113,7 +114,10 @@ class SpawnStarter:
             env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"]
                                               if env.get("PYTHONPATH") else "")
             proc = subprocess.Popen(
-                [sys.executable, "-m", "core.daemon", "--channel-fd", str(theirs.fileno())],
+                # --for: what it serves, in ps; also the room its title
+                # (core.proctitle, written over argv) needs
+                [sys.executable, "-m", "core.daemon", "--channel-fd", str(theirs.fileno()),
+                 "--for", f"layer {config.layer} {config.mountpoint}"],
                 stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd, pass_fds=(theirs.fileno(),),
                 cwd="/", env=env, start_new_session=True)
         except OSError as e:
