@@ -401,12 +401,13 @@ def _start_daemon(starter, cfg: DaemonConfig, entry: dict) -> DaemonProcess:
     return proc
 
 
-def _wait_ready(proc: DaemonProcess, deadline: float, timeout: float, logfile: str) -> dict:
+def _wait_ready(proc: DaemonProcess, deadline: float, timeout: float, logfile: str,
+                cancelled=None) -> dict:
     """Wait for the daemon's ``ok`` line; returns what it says about its layer
     (``index``, ``digest``, ``manifestDigest``). An ``image`` line is skipped."""
     try:
         while True:
-            line = proc.read_line(deadline)
+            line = proc.read_line(deadline, cancelled)
             if line != "image":
                 break
     finally:
@@ -432,12 +433,12 @@ def _exited(proc: DaemonProcess, logfile: str):
 
 
 def _wait_image(proc: DaemonProcess, image_file: str, deadline: float, timeout: float,
-                logfile: str):
+                logfile: str, cancelled=None):
     """A merged mount's first daemon writes the resolved image, then says
     ``image``: the image's layers (the other daemons read the same file)."""
     from .image import image_from_dump
 
-    line = proc.read_line(deadline)
+    line = proc.read_line(deadline, cancelled)
     if line == "image":
         with open(image_file) as f:
             return image_from_dump(json.load(f), None)
@@ -475,7 +476,7 @@ def _overlay_mount(lowers: list[str], mountpoint: str, allow_other: bool) -> str
     return "fuse-overlayfs"
 
 
-def mount(opts: MountOptions, *, starter=None) -> dict:
+def mount(opts: MountOptions, *, starter=None, cancelled=None) -> dict:
     """Mount as ``opts`` says (one raw layer with ``opts.layer``, else the
     merged view); returns the mount record once it is served. Blocking, no
     event loop and no thread: the mount service's single-threaded workers
@@ -484,14 +485,16 @@ def mount(opts: MountOptions, *, starter=None) -> dict:
 
     One mount at a time per mountpoint (:class:`_MountpointLock`); a
     non-empty mountpoint is refused unless ``opts.force`` (a mount would hide
-    what it holds)."""
+    what it holds). ``cancelled()`` is asked while daemons start; what it
+    raises stops the mount, which is undone (the service's worker raises
+    when its client went away: Ctrl-C)."""
     starter = starter if starter is not None else SpawnStarter()
     mp = os.path.realpath(opts.mountpoint)
     if not os.path.isdir(mp):
         raise MountError(f"mountpoint {opts.mountpoint} is not a directory")
     lock = _MountpointLock(mp)  # held until the record is written (or the mount failed)
     try:
-        return _mount_locked(opts, mp, starter)
+        return _mount_locked(opts, mp, starter, cancelled)
     finally:
         lock.release()
 
@@ -530,7 +533,7 @@ def _daemon_config(opts: MountOptions, *, layer: str, mountpoint: str, control: 
         opaque_xattrs="trusted" if merged and os.geteuid() == 0 else "both")
 
 
-def _mount_locked(opts: MountOptions, mp: str, starter) -> dict:
+def _mount_locked(opts: MountOptions, mp: str, starter, cancelled) -> dict:
     existing = _find_record(mp)
     if existing is not None:
         raise MountError(f"{mp} is already a stargz-tui mount of {existing['image']} "
@@ -588,7 +591,8 @@ def _mount_locked(opts: MountOptions, mp: str, starter) -> dict:
         rec["layers"].append(first)
         _write_record(rec)
         if merged:
-            img = _wait_image(procs[0], image_file, deadline, opts.timeout, first["log"])
+            img = _wait_image(procs[0], image_file, deadline, opts.timeout, first["log"],
+                              cancelled)
             if not img.layers:
                 raise MountError(f"{opts.image} has no layers")
             rec["manifestDigest"] = img.manifest_digest
@@ -603,7 +607,7 @@ def _mount_locked(opts: MountOptions, mp: str, starter) -> dict:
                 _write_record(rec)
         # wait for all daemons (they resolve their layers in parallel)
         for proc, entry in zip(procs, rec["layers"], strict=True):
-            info = _wait_ready(proc, deadline, opts.timeout, entry["log"])
+            info = _wait_ready(proc, deadline, opts.timeout, entry["log"], cancelled)
             if entry["digest"] is None:
                 entry["index"], entry["digest"] = info.get("index"), info.get("digest")
                 rec["manifestDigest"] = info.get("manifestDigest")

@@ -61,13 +61,16 @@ class DaemonProcess:
                     self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def read_line(self, deadline: float) -> str | None:
+    def read_line(self, deadline: float, cancelled=None) -> str | None:
         """The daemon's next line on its channel; None when it closed it or
-        the deadline passed (then see :meth:`poll`)."""
+        the deadline passed (then see :meth:`poll`). ``cancelled()``, asked
+        twice a second, raises to stop waiting (the mount's client left)."""
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
+            if cancelled is not None:
+                cancelled()
             ready, _, _ = select.select([self.channel], [], [], min(0.5, left))
             if not ready:
                 if self.poll() is not None:

@@ -529,3 +529,36 @@ def test_service_install_writes_a_unit_that_runs_the_service(svc_env, tmp_path, 
     r = _cli("service", "uninstall")
     assert r.returncode == 0 and "removed" in r.stdout
     assert not unit.exists()
+
+
+def test_ctrl_c_of_a_mount_through_the_service_undoes_it(svc_env):
+    """SIGINT to the client (Ctrl-C) while the service's worker mounts: the
+    worker sees its client gone, the half-done mount is torn down, its daemon
+    stopped; the client exits 130 with one line."""
+    _start_service()
+    hang = socket.socket()  # a "registry" that accepts and never answers
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(8)
+    hang.settimeout(60)
+    mp = svc_env.mountpoint()
+    ref = f"127.0.0.1:{hang.getsockname()[1]}/slow/app:v1"
+    p = subprocess.Popen([sys.executable, "-m", "stargz_tui", "mount", ref, mp, "--layer", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    conns = []
+    try:
+        conns.append(hang.accept()[0])  # the forked daemon is resolving the image
+        rec = _wait(lambda: next(iter(core_mount.read_records()), None), 30, "the record")
+        daemon = rec["layers"][0]["pid"]
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for c in conns:
+            c.close()
+        hang.close()
+    assert p.returncode == 130, (out, err)
+    assert err.strip() == "stargz-tui: interrupted"
+    _wait(lambda: not core_mount.read_records(), 30, "the record to go")
+    _wait(lambda: not _proc_alive(daemon), 30, "the daemon to stop")
+    assert not os.path.ismount(mp)

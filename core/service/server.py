@@ -292,7 +292,7 @@ class Service:
         if isinstance(req, p.Watch):
             return self._watch(conn, req)
         try:
-            data = self._answer(req)
+            data = self._answer(req, conn)
         except CoreError as e:
             _send(conn, p.Reply(ok=False, error=str(e), kind=type(e).__name__))
             return 1
@@ -303,10 +303,11 @@ class Service:
         _send(conn, p.Reply(data=data))
         return 0
 
-    def _answer(self, req):
+    def _answer(self, req, conn: socket.socket):
         if isinstance(req, p.Mount):
             log.info("mount %s at %s", req.options.image, req.options.mountpoint)
-            return core_mount.mount(req.options, starter=ForkStarter())
+            return core_mount.mount(req.options, starter=ForkStarter(),
+                                    cancelled=lambda: _client_gone(conn))
         if isinstance(req, p.Unmount):
             log.info("unmount %s%s", req.mountpoint, " (force)" if req.force else "")
             return core_mount.unmount(req.mountpoint, force=req.force)
@@ -337,6 +338,23 @@ class Service:
             if req.count <= 0 or n < req.count:
                 time.sleep(interval)
         return 0
+
+
+class ClientGone(CoreError):
+    """The client of a mount under way went away (Ctrl-C): the mount is undone."""
+
+
+def _client_gone(conn: socket.socket) -> None:
+    """Raise :class:`ClientGone` when the client closed its end (it sends
+    nothing after its request, so a readable socket means EOF)."""
+    ready, _, _ = select.select([conn], [], [], 0)
+    if ready:
+        try:
+            data = conn.recv(1, socket.MSG_PEEK)
+        except OSError:
+            data = b""
+        if not data:
+            raise ClientGone("the mount's client went away: undoing it")
 
 
 def _send(conn: socket.socket, reply: p.Reply) -> bool:
