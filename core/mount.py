@@ -515,9 +515,14 @@ async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = 
 def _daemon_config(opts: MountOptions, *, layer: str, mountpoint: str, control: str, log: str,
                    image_file: str, merged: bool, uid_ranges, gid_ranges,
                    record: str | None) -> DaemonConfig:
+    from .cache import default_cache_dir
+
     return DaemonConfig(
         image=opts.image, layer=layer, mountpoint=mountpoint, control=control, log=log,
-        image_file=image_file, cache_dir=opts.cache_dir, cache_size=opts.cache_size,
+        # the cache dir is fixed now: a daemon started again (a restart, a
+        # restore at login) uses the same cache whatever its environment
+        image_file=image_file, cache_dir=opts.cache_dir or default_cache_dir(),
+        cache_size=opts.cache_size,
         prefetch=opts.prefetch, background_fetch=opts.background_fetch,
         prefetch_size=opts.prefetch_size, wait_prefetch=opts.wait_prefetch,
         pre_resolve=not merged, allow_other=opts.allow_other,
