@@ -19,8 +19,8 @@ Contract:
   (no argv flags, no environment). The mount record keeps it, so a
   supervisor can start the same daemon again after a crash or a reboot.
 
-Imports only msgspec and ``core.errors`` (the CLI builds options before it
-knows whether the mount service answers).
+Imports only msgspec and ``core.errors`` at start-up (the CLI builds options
+before it knows whether the mount service answers).
 """
 
 from __future__ import annotations
@@ -36,15 +36,12 @@ DEFAULT_SPIN_US = 50.0  # core.fuseloop's default polling window
 
 
 def _size(text: str) -> int | None:
-    """``64M``, ``2G``, ``4096``: bytes, or None when unreadable."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
-        if t.endswith(suffix):
-            t, mult = t[:-1], m
-            break
+    """``64M``, ``2G``, ``4096``: bytes (core.cache's parse_size, imported only
+    when the variable is set), or None when unreadable."""
+    from .cache import parse_size
+
     try:
-        return max(0, int(float(t) * mult))
+        return max(0, parse_size(text))
     except ValueError:
         return None
 
