@@ -549,8 +549,10 @@ def _mount_locked(opts: MountOptions, mp: str, starter, cancelled) -> dict:
         _refuse_non_empty(mp)
     merged = opts.layer is None
     plain_overlay = merged and os.geteuid() != 0  # fuse-overlayfs is one more FUSE mount
+    # a merged mount's FUSE mounts are counted once its image is known (below,
+    # before its first daemon mounts: it resolves its layer first)
     fusecheck.check_mount(mp, allow_other=opts.allow_other, merged=merged,
-                          fuse_mounts=1 + plain_overlay)
+                          fuse_mounts=0 if merged else 1)
     uid_ranges, gid_ranges = _id_ranges(opts.map_owner, opts.uid_map, opts.gid_map)
     mid = _mount_id(mp)
     sd = state_dir()
@@ -603,7 +605,7 @@ def _mount_locked(opts: MountOptions, mp: str, starter, cancelled) -> dict:
             rec["manifestDigest"] = img.manifest_digest
             first["index"], first["digest"] = 0, img.layers[0].digest
             fusecheck.check_mount(mp, allow_other=opts.allow_other, merged=True,
-                                  fuse_mounts=len(img.layers) - 1)
+                                  fuse_mounts=len(img.layers) + plain_overlay)
             for d in img.layers[1:]:
                 entry, cfg = layer_entry(d.index, d.index, d.digest, d.digest)
                 entry["config"] = to_builtins(cfg)
