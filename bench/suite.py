@@ -214,18 +214,18 @@ def fig(id_, **kw) -> dict:
     return d
 
 
-def start_server(ctx: Ctx) -> None:
-    """``stargz-tui server start`` (the suite's own runtime dir)."""
+def start_service(ctx: Ctx) -> None:
+    """``stargz-tui service start`` (the suite's own state and runtime dirs)."""
     exe = os.path.join(os.path.dirname(PY), "stargz-tui")
-    p = subprocess.run([exe, "server", "start"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([exe, "service", "start"], capture_output=True, text=True, timeout=120)
     if p.returncode != 0:
-        raise RuntimeError(f"stargz-tui server start failed: {p.stderr.strip()}")
+        raise RuntimeError(f"stargz-tui service start failed: {p.stderr.strip()}")
 
 
-def stop_server() -> None:
+def stop_service() -> None:
     exe = os.path.join(os.path.dirname(PY), "stargz-tui")
     with contextlib.suppress(Exception):
-        subprocess.run([exe, "server", "stop"], capture_output=True, timeout=60)
+        subprocess.run([exe, "service", "stop"], capture_output=True, timeout=60)
 
 
 def b1(ctx: Ctx) -> dict:
@@ -272,18 +272,18 @@ def b1(ctx: Ctx) -> dict:
 
     mp = ctx.mp("b1")
     if ctx.mode == "cli":
-        # Without the resident server: `stargz-tui mount` starts a Python
+        # Without the mount service: `stargz-tui mount` starts a Python
         # interpreter for the command and another for the daemon.
         off = dict(os.environ, STARGZ_TUI_SERVER="off")
         out["ours_no_server"] = measure(
             lambda: OurMount(ctx, "big", mp, ctx.fresh_dir("b1-cache"), env=off))
         out["notes"].append(
-            f"ours: `stargz-tui mount` with the resident server running (`stargz-tui server "
+            f"ours: `stargz-tui mount` through the running mount service (`stargz-tui service "
             f"start`; stargz-snapshotter's daemon is resident too); without it (fresh "
             f"interpreters for the command and the daemon): "
             f"{out['ours_no_server']['seconds']:.3f} s = "
             f"{out['ours_no_server']['seconds'] / out['reference']['seconds']:.1%}")
-        start_server(ctx)  # (again: a stale one, after a code change, has exited)
+        start_service(ctx)  # (a no-op when it runs)
     ours = measure(lambda: OurMount(ctx, "big", mp, ctx.fresh_dir("b1-cache")))
     out["ours"] = ours
     if ctx.peer:
@@ -934,16 +934,16 @@ def main(argv: list[str] | None = None) -> int:
         ctx.mode = "cli" if args.ours == "cli" or (args.ours == "auto" and _cli_has_mount()) \
             else "daemon"
         ctx.source = "registry" if _core_registry() else "oci"
-        ctx.ours_how = ("`stargz-tui mount` (a daemon per mount, forked by the resident "
-                        "server)" if ctx.mode == "cli"
+        ctx.ours_how = ("`stargz-tui mount` (a daemon per mount, forked by the mount "
+                        "service)" if ctx.mode == "cli"
                         else "`python -m core.daemon` (the CLI has no `mount` yet)")
         if ctx.mode == "cli":
-            # The suite's own state and runtime dirs (its records, its resident
-            # server); "use": the server is started explicitly, never implicitly.
+            # The suite's own state and runtime dirs (its records, its mount
+            # service); "use": the service is started explicitly, never implicitly.
             os.environ["STARGZ_TUI_STATE_DIR"] = os.path.join(tmp, "state")
             os.environ["STARGZ_TUI_RUNTIME_DIR"] = os.path.join(tmp, "run")
             os.environ["STARGZ_TUI_SERVER"] = "use"
-            start_server(ctx)
+            start_service(ctx)
         if ctx.source == "registry":
             ctx.ours_how += " from the loopback registry"
         else:
@@ -974,7 +974,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"bench: {'/'.join(sorted(ids))} done in {time.monotonic() - t0:.0f} s")
     finally:
         if os.environ.get("STARGZ_TUI_SERVER") == "use":  # ours, started above
-            stop_server()
+            stop_service()
         reg.stop()
         for d in (os.path.join(tmp, "mnt", x) for x in
                   (os.listdir(os.path.join(tmp, "mnt")) if os.path.isdir(os.path.join(tmp, "mnt"))

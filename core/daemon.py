@@ -1,33 +1,42 @@
 """The mount daemon: one process serves one layer over FUSE.
 
 pyfuse3 supports one mount per process, so :mod:`core.mount` starts one
-``python -m core.daemon`` per layer it mounts. The daemon resolves the layer
-(footer + TOC, verified against the manifest annotation), mounts it
-read-only (``ro,nosuid,nodev``; ``allow_other`` only when asked), starts
-prefetch and background fetch, and answers JSON lines on a Unix control
-socket (0600; a peer that is not our own uid is refused)::
+daemon per layer it mounts, through a starter (:mod:`core.starter`: a fresh
+``python -m core.daemon --channel-fd N``, or a fork of the mount service).
+Its whole configuration is one :class:`core.options.DaemonConfig`, read from
+the channel (msgspec JSON up to EOF): no other flag, no environment knob.
+The daemon resolves the image (from ``image_file`` when the mount saved it
+there, else from the registry, then saves it there for a restart without
+the registry) and the layer (footer + TOC, verified against the manifest
+annotation), mounts it read-only (``ro,nosuid,nodev``; ``allow_other`` only
+when asked), starts prefetch and background fetch, and answers JSON lines on
+a Unix control socket (0600; a peer that is not our own uid is refused)::
 
     {"op": "ping"}                       -> {"ok": true, "pid": ...}
     {"op": "stats"}                      -> {"ok": true, "stats": {...}}
     {"op": "chunkmap"}                   -> {"ok": true, "map": "<hex, one char per chunk>"}
     {"op": "shutdown", "unmount": true}  -> {"ok": true}; the daemon exits
 
-It reports readiness (``ok``) or the reason it failed (``error <message>``)
-as one line on ``--ready-fd``, then keeps serving until the mount goes away,
-it is asked to shut down, or it gets SIGTERM/SIGINT (then it unmounts).
-It logs to ``--log``; ``--debug`` adds a trace of every FUSE request.
+On the channel it reports ``image`` (with ``announce_image``: the resolved
+image is in ``image_file``), then readiness (``ok {json}``) or the reason it
+failed (``error <message>``), one line each; then it keeps serving until the
+mount goes away, it is asked to shut down, or it gets SIGTERM/SIGINT (then it
+unmounts). It logs to ``log``; ``debug`` adds a trace of every FUSE request.
 This module never imports ``stargz_tui``.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import time
+
+from .errors import MountError
+from .options import DaemonConfig, decode_config
 
 log = logging.getLogger("core.daemon")
 
@@ -40,63 +49,18 @@ log = logging.getLogger("core.daemon")
 DEFAULT_READ_TIMEOUT = 90.0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core.daemon",
-                                description="Serve one lazily fetched image layer over FUSE.")
-    p.add_argument("--image", required=True, help="image reference (oci:/abs/dir:tag or registry)")
-    p.add_argument("--layer", required=True, help="layer index or digest")
-    p.add_argument("--image-file", help="the resolved image (core.image.dump_image JSON) "
-                                        "so the manifest and config are not fetched again")
-    p.add_argument("--mountpoint", required=True)
-    p.add_argument("--control", help="control socket path")
-    p.add_argument("--log", help="log file (default: stderr)")
-    p.add_argument("--ready-fd", type=int, help="write 'ok' or 'error MSG' here once mounted")
-    p.add_argument("--cache-dir")
-    p.add_argument("--cache-size", type=int)
-    p.add_argument("--no-prefetch", action="store_true")
-    p.add_argument("--no-background-fetch", action="store_true")
-    p.add_argument("--prefetch-size", type=int, default=0)
-    p.add_argument("--wait-prefetch", action="store_true")
-    p.add_argument("--no-pre-resolve", action="store_true",
-                   help="do not resolve the image's other layers in the background")
-    p.add_argument("--allow-other", action="store_true")
-    p.add_argument("--allow-unverified", action="store_true")
-    p.add_argument("--silence", type=float, default=None,
-                   help="seconds background work waits after the last on-demand read")
-    p.add_argument("--attr-timeout", type=float, default=None,
-                   help="seconds the kernel trusts entries and attributes (default: "
-                        "core.fusefs.IMMUTABLE_TIMEOUT, a layer never changes)")
-    p.add_argument("--resolve-timeout", type=float, default=30.0)
-    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
-                   help="seconds a read waits for the registry before it fails with EIO "
-                        "(logged); the registry's own request deadline is request-timeout in "
-                        "registries.toml")
-    p.add_argument("--platform")
-    p.add_argument("--insecure-registry", action="append", default=[], dest="insecure_registries",
-                   help="plain HTTP to this registry host (repeatable)")
-    p.add_argument("--fsname", default="stargz")
-    p.add_argument("--opaque-xattrs", choices=["both", "trusted", "user"], default="both",
-                   help="how opaque dirs are marked (an overlay lower of kernel overlayfs "
-                        "only needs trusted.overlay.opaque)")
-    p.add_argument("--uid-map", action="append", default=[], metavar="C:H:N",
-                   help="show image uid C+k as H+k (core.idmap); repeatable")
-    p.add_argument("--gid-map", action="append", default=[], metavar="C:H:N",
-                   help="show image gid C+k as H+k; repeatable")
-    p.add_argument("--record", metavar="FILE",
-                   help="append each regular file opened to FILE (core.record)")
-    p.add_argument("--debug", action="store_true")
-    return p
-
-
 class Daemon:
     def _registry_opts(self) -> dict:
-        """``--insecure-registry`` hosts, for the image's store."""
+        """The image store's options: insecure hosts, bulk reads (the tuning)."""
+        out: dict = {"bulk_reads": self.args.tuning.bulk_reads}
         hosts = list(self.args.insecure_registries or ())
-        return {"insecure_registries": hosts} if hosts else {}
+        if hosts:
+            out["insecure_registries"] = hosts
+        return out
 
-    def __init__(self, args):
-        self.args = args
-        self.ready_fd = args.ready_fd
+    def __init__(self, config: DaemonConfig, channel: int | None = None):
+        self.args = config
+        self.ready_fd = channel
         self.started = time.time()
         self.unmount_on_exit = True
         self.fs = None
@@ -107,15 +71,19 @@ class Daemon:
         self.store = None
 
     # -- readiness -----------------------------------------------------
-    def _report(self, line: str) -> None:
+    def _report(self, line: str, final: bool = True) -> None:
+        """One line to whoever started us (``image``, ``ok {...}``, ``error MSG``);
+        the channel is closed after the final one."""
         if self.ready_fd is None:
             return
         try:
             os.write(self.ready_fd, (line.replace("\n", " ") + "\n").encode())
-            os.close(self.ready_fd)
         except OSError:
             pass
-        self.ready_fd = None
+        if final:
+            with contextlib.suppress(OSError):
+                os.close(self.ready_fd)
+            self.ready_fd = None
 
     # -- control socket --------------------------------------------------
     def stats(self) -> dict:
@@ -223,7 +191,7 @@ class Daemon:
         from .errors import CoreError, MountError
         from .fusefs import OPAQUE_XATTRS, LayerFS
         from .idmap import IdMapper, parse_ranges
-        from .image import image_from_dump, open_image, open_store
+        from .image import dump_image, image_from_dump, open_image, open_store
         from .layer import LayerReader
         from .records import Records, recorded_store
         from .reference import parse_reference
@@ -232,13 +200,7 @@ class Daemon:
 
         a = self.args
         try:
-            dumped = None
-            if a.image_file:
-                try:
-                    with open(a.image_file) as f:
-                        dumped = json.load(f)
-                except (OSError, ValueError) as e:
-                    log.warning("cannot read %s (%s); fetching the image", a.image_file, e)
+            dumped = _read_image_file(a.image_file)
             ref = parse_reference(a.image)
             # the manifest, config and TOC come from the cache dir's records when
             # they verify there: a daemon restarted with the registry down still
@@ -249,16 +211,21 @@ class Daemon:
                 self.image = image_from_dump(dumped, store, ref)
             else:
                 with anyio.fail_after(a.resolve_timeout + 5):
-                    # the config is checked below, while the layer resolves
+                    # the config is checked below, while the layer resolves, unless
+                    # the mount waits for the image file (a merged mount's first daemon)
                     self.image = await open_image(ref, store=store, platform=a.platform,
-                                                  with_config=False)
+                                                  with_config=a.announce_image)
+                if a.announce_image:
+                    _write_image_file(a.image_file, dump_image(self.image))
+                    self._report("image", final=False)
             self.store = self.image.store
             self.desc = self.image.layer(a.layer)
             self.resolver = Resolver(timeout=a.resolve_timeout, records=records)
-            layer = await self._resolve_checking_config(dumped is None)
+            layer = await self._resolve_checking_config(dumped is None and not a.announce_image)
             for w in layer.warnings:
                 log.warning(w)
-            cache = ChunkCache(a.cache_dir, max_bytes=a.cache_size)
+            cache = ChunkCache(a.cache_dir, max_bytes=a.cache_size,
+                               memory_bytes=a.tuning.memory_cache, direct=a.tuning.cache_direct)
             tasks = TaskManager(DEFAULT_SILENCE if a.silence is None else a.silence)
             desc = self.desc
             store = self.store
@@ -276,7 +243,8 @@ class Daemon:
 
             self.reader = LayerReader(layer.index, layer.source, cache, tasks, refresh=refresh,
                                       prefetch_size=a.prefetch_size,
-                                      read_timeout=a.read_timeout,
+                                      read_timeout=DEFAULT_READ_TIMEOUT
+                                      if a.read_timeout is None else a.read_timeout,
                                       name=f"layer {desc.index} {desc.digest[:19]}")
             recorder = None
             if a.record:
@@ -286,7 +254,8 @@ class Daemon:
                                     manifest_digest=self.image.manifest_digest)
             self.fs = LayerFS(layer.index, self.reader, attr_timeout=a.attr_timeout,
                               entry_timeout=a.attr_timeout, debug=a.debug,
-                              idmap=IdMapper(parse_ranges(a.uid_map), parse_ranges(a.gid_map)),
+                              idmap=IdMapper(parse_ranges(list(a.uid_map)),
+                                             parse_ranges(list(a.gid_map))),
                               opaque_xattrs=[x for x in OPAQUE_XATTRS
                                              if a.opaque_xattrs == "both"
                                              or x.startswith(a.opaque_xattrs.encode())],
@@ -323,9 +292,8 @@ class Daemon:
                 if a.control:
                     await tg.start(self._serve_control)
                 tg.start_soon(self._signals)
-                await self.reader.start(tg, prefetch=not a.no_prefetch,
-                                        background=not a.no_background_fetch)
-                if not a.no_pre_resolve and len(self.image.layers) > 1:
+                await self.reader.start(tg, prefetch=a.prefetch, background=a.background_fetch)
+                if a.pre_resolve and len(self.image.layers) > 1:
                     others = [d for d in self.image.layers if d.digest != self.desc.digest]
                     tg.start_soon(self._pre_resolve, others, tasks)
                 if a.wait_prefetch:
@@ -336,9 +304,9 @@ class Daemon:
                     "manifestDigest": self.image.manifest_digest}))
                 from . import fuseloop
 
-                spin = fuseloop.install()  # poll /dev/fuse briefly before sleeping
-                log.info("FUSE loop polls %.0f µs before it sleeps (STARGZ_TUI_FUSE_SPIN_US)",
-                         spin * 1e6)
+                # poll /dev/fuse briefly before sleeping
+                spin = fuseloop.install(a.tuning.fuse_spin_us / 1e6)
+                log.info("FUSE loop polls %.0f µs before it sleeps", spin * 1e6)
                 await pyfuse3.main()
                 tg.cancel_scope.cancel()
         finally:
@@ -369,6 +337,11 @@ class Daemon:
                                             self.image.manifest_digest)
                 if self.image.index is None:  # --platform on a single-platform image
                     check_config_platform(config, self.args.platform)
+                if self.args.image_file:  # kept for a restart without the registry
+                    from .image import dump_image
+
+                    _write_image_file(self.args.image_file,
+                                      dict(dump_image(self.image), config=config))
             except Exception as e:  # noqa: BLE001 - raised below, after the resolve
                 failed.append(e)
 
@@ -392,25 +365,66 @@ class Daemon:
         log.info("pre-resolved %d other layers", self.resolver.pre_resolved)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _read_image_file(path: str | None) -> dict | None:
+    """The resolved image a mount saved (core.image.dump_image), or None."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("cannot read %s (%s); fetching the image", path, e)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_image_file(path: str | None, dumped: dict) -> None:
+    """Write the resolved image atomically (0600); a failure only costs a
+    restart without the registry, so it is logged, not raised."""
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(dumped, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot save the resolved image to %s: %s", path, e)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _read_channel(fd: int, limit: int = 1 << 20) -> bytes:
+    """The config the starter wrote, up to EOF (its side shut for writing)."""
+    buf = b""
+    while len(buf) <= limit:
+        piece = os.read(fd, 65536)
+        if not piece:
+            return buf
+        buf += piece
+    raise MountError("the daemon config is too large")
+
+
+def run_channel(fd: int) -> int:
+    """Serve the config read from the channel ``fd`` (core.starter), reporting
+    on the same fd. Called in a fresh interpreter (:func:`main`) or in a child
+    forked from the mount service."""
+    config = decode_config(_read_channel(fd))
     from .proctitle import set_title
 
-    # in ps: a layer daemon, not the mount service or the resident server it
-    # may have been forked from
-    set_title(f"stargz-tui-daemon layer {args.layer} {args.mountpoint}")
-    handlers = None
-    if args.log:
-        fd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        handlers = [logging.StreamHandler(os.fdopen(fd, "a", buffering=1))]
+    # in ps: a layer daemon, not the mount service it may have been forked from
+    set_title(f"stargz-tui-daemon layer {config.layer} {config.mountpoint}")
+    logfd = os.open(config.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
+        level=logging.DEBUG if config.debug else logging.INFO,
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-        handlers=handlers,
-    )
+        handlers=[logging.StreamHandler(os.fdopen(logfd, "a", buffering=1))], force=True)
     import anyio
 
-    d = Daemon(args)
+    d = Daemon(config, fd)
     # when the mount is unmounted from outside, pyfuse3.main() returns and
     # the session is already gone: do not unmount again
     try:
@@ -420,6 +434,25 @@ def main(argv=None) -> int:
         d._report("error the mount daemon crashed; see its log")
         raise
     return rc
+
+
+def main(argv=None) -> int:
+    """``python -m core.daemon --channel-fd N``: everything else comes over N."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m core.daemon",
+                                description="Serve one lazily fetched image layer over FUSE "
+                                            "(started by core.starter).")
+    p.add_argument("--channel-fd", type=int, required=True,
+                   help="socket: the DaemonConfig (JSON) in, readiness lines out")
+    p.add_argument("--for", dest="what", metavar="TEXT",
+                   help="what it serves, shown in ps (ignored: the config says it)")
+    args = p.parse_args(argv)
+    try:
+        return run_channel(args.channel_fd)
+    except MountError as e:
+        print(f"core.daemon: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ def check_mount(mountpoint: str, *, fuse_mounts: int, allow_other: bool = False,
         raise MountError(f"--allow-other needs `user_allow_other` in {FUSE_CONF} for a plain "
                          f"user; as root: `echo user_allow_other >> {FUSE_CONF}`")
     have = fuse_mount_count()
-    if conf["mount_max"] >= 0 and have + fuse_mounts > conf["mount_max"]:  # -1: no limit
+    # (-1: no limit; fuse_mounts 0: none added, or not known yet)
+    if fuse_mounts and conf["mount_max"] >= 0 and have + fuse_mounts > conf["mount_max"]:
         raise MountError(f"this mount needs {fuse_mounts} FUSE mount(s) and {have} are mounted: "
                          f"more than mount_max = {conf['mount_max']} in {FUSE_CONF} allows; "
                          f"unmount some or raise mount_max there (as root)")

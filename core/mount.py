@@ -1,20 +1,33 @@
-"""The mount manager: daemons, mount records, merged views, unmount.
+"""The mount manager: daemons, mount records, merged views, unmount,
+supervision and restore.
 
-Python API (the CLI and the Textual app both use it):
+Python API (the mount service, the CLI and the app use it):
 
-* ``await mount_image(image, mountpoint, *, layer=None, ...) -> dict`` mounts
-  one raw layer (``layer`` = index or digest) or, without ``layer``, the
-  merged image: every layer mounted privately under the state dir by its own
-  daemon, then an overlay at ``mountpoint`` (kernel overlayfs as root,
-  ``fuse-overlayfs`` otherwise). Returns the mount record. The mountpoint
-  must be empty unless ``force=True``; a second mount of a mountpoint while
-  one is under way fails (a flock per mountpoint under the state dir).
+* ``mount(opts: MountOptions, *, starter=None) -> dict`` mounts one raw layer
+  (``opts.layer`` = index or digest) or, without it, the merged image: every
+  layer mounted privately under the state dir by its own daemon, then an
+  overlay at the mountpoint (kernel overlayfs as root, ``fuse-overlayfs``
+  otherwise). Blocking, no event loop, no thread; daemons are started by
+  ``starter`` (:mod:`core.starter`; default: spawn ``python -m core.daemon``).
+  The first daemon resolves the image and saves it (``images/<id>.json``);
+  the others read it. Returns the mount record, which keeps every daemon's
+  :class:`core.options.DaemonConfig`, so the same daemon can be started
+  again. The mountpoint must be empty unless ``opts.force``; a second mount
+  of a mountpoint while one is under way fails (a flock per mountpoint under
+  the state dir, also held by unmount and by a restart).
+  ``await mount_image(image, mountpoint, **fields)``: the same for async callers.
 * ``unmount(mountpoint, *, force=False) -> dict``: overlay first, then the
   layers, then the daemons stop. Busy without ``force`` raises
   :class:`MountError` naming the processes that hold it; ``force`` uses
   MNT_FORCE then a lazy detach. Idempotent; cleans up after killed daemons.
 * ``list_mounts() -> list[dict]``: every record with live stats from the
-  daemons' control sockets; ``state`` is ``"serving"`` or ``"stale"``.
+  daemons' control sockets; ``state`` is ``"serving"``, ``"stale"`` or
+  ``"failed"``; ``restarts``, ``lastError``.
+* ``crashed(rec)``: a daemon died and left its mount (kill -9, a crash);
+  ``revive(mountpoint, supervised=...)``: lazily detach the dead mounts and
+  start their daemons again from the record (counted; ``failed`` after
+  :data:`MAX_RESTARTS` in :data:`RESTART_WINDOW`); ``restore()`` /
+  ``repair()``: every record not served made to serve again.
 * ``daemon_request(socket_path, op) -> dict``, ``cache_usage()``,
   ``cache_prune()``; paths: ``core.paths.state_dir()``, ``runtime_dir()``.
 
@@ -34,20 +47,21 @@ import hashlib
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
+
+import msgspec
 
 from . import fusecheck, idmap
 from .errors import MountError
+from .options import DaemonConfig, MountOptions, config_from_builtins, to_builtins
 from .paths import private_dir, runtime_socket, state_dir
 from .peer import require_own_peer
+from .starter import DaemonProcess, SpawnStarter
 
 log = logging.getLogger("core.mount")
 
@@ -56,9 +70,6 @@ MNT_DETACH = 2
 READY_TIMEOUT = 120.0
 STOP_TIMEOUT = 5.0
 FUSE_FSTYPE = "fuse.stargz"
-# Set by a process that has pre-imported the daemon's modules and runs
-# mounts single-threaded (stargz_tui.resident): daemons are forked from it.
-FORK_DAEMONS = False
 
 
 # -- directories ----------------------------------------------------------
@@ -101,6 +112,17 @@ def _read_records() -> list[dict]:
         if isinstance(rec, dict) and "mountpoint" in rec:
             out.append(rec)
     return out
+
+
+def read_records() -> list[dict]:
+    """Every mount record of this user (what ``mounts`` lists, the supervisor watches)."""
+    return _read_records()
+
+
+def daemon_alive(entry: dict) -> bool:
+    """Is the daemon a record's layer entry names still running (the same
+    process: its start time is checked, so a reused pid is not it)?"""
+    return _alive(entry.get("pid"), entry.get("startTime"))
 
 
 def layer_cache_dirs(digest: str) -> list[str]:
@@ -247,17 +269,12 @@ def _umount2(path: str, flags: int) -> None:
         raise OSError(e, os.strerror(e), path)
 
 
-# Processes that act for this one (the client a resident-server worker runs a
-# command for): not named as holders of a busy mount, as this process is not.
-OWN_PIDS: set[int] = set()
-
-
 def find_holders(path: str) -> list[dict]:
     """Processes with an open file, cwd or root under ``path`` (other than
-    this process and :data:`OWN_PIDS`)."""
+    this process)."""
     path = os.path.abspath(path)
     prefix = path.rstrip("/") + "/"
-    own = {os.getpid()} | OWN_PIDS
+    own = {os.getpid()}
     out = []
     for pid_s in os.listdir("/proc"):
         if not pid_s.isdigit() or int(pid_s) in own:
@@ -352,169 +369,50 @@ def _unmount_path(path: str, force: bool) -> str:
 
 
 # -- mounting ------------------------------------------------------------------
-def _normalise_image(image: str) -> str:
-    """Make ``oci:DIR`` absolute so the daemon (cwd /) finds it."""
-    if image.startswith("oci:"):
-        from .reference import parse_reference
-
-        ref = parse_reference(image)
-        rest = image[4 + len(ref.layout_dir):]
-        return "oci:" + os.path.abspath(ref.layout_dir) + rest
-    return image
+def _image_file(mid: str) -> str:
+    """Where a mount keeps its resolved image (core.image.dump_image JSON,
+    written by its first daemon): daemons started again after a crash or a
+    reboot read the manifest and config from here, not from the registry."""
+    return os.path.join(private_dir(os.path.join(state_dir(), "images")), mid + ".json")
 
 
-def _daemon_env() -> dict:
-    env = dict(os.environ)
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def _spawn_daemon(*, image: str, layer: str, mountpoint: str, control: str, logfile: str,
-                  options: dict) -> tuple[subprocess.Popen, int]:
-    """Start one daemon; returns (process, read end of its ready pipe)."""
-    r, w = os.pipe()
-    argv = ["--image", image, "--layer", str(layer), "--mountpoint", mountpoint,
-            "--control", control, "--log", logfile, "--ready-fd", str(w)]
-    o = options
-    if o.get("cache_dir"):
-        argv += ["--cache-dir", os.path.abspath(o["cache_dir"])]
-    if o.get("cache_size") is not None:
-        argv += ["--cache-size", str(o["cache_size"])]
-    for key, flag in (("no_prefetch", "--no-prefetch"),
-                      ("no_background_fetch", "--no-background-fetch"),
-                      ("wait_prefetch", "--wait-prefetch"), ("allow_other", "--allow-other"),
-                      ("allow_unverified", "--allow-unverified"), ("debug", "--debug"),
-                      ("no_pre_resolve", "--no-pre-resolve")):
-        if o.get(key):
-            argv.append(flag)
-    if o.get("silence") is not None:
-        argv += ["--silence", str(o["silence"])]
-    if o.get("prefetch_size"):
-        argv += ["--prefetch-size", str(o["prefetch_size"])]
-    if o.get("platform"):
-        argv += ["--platform", o["platform"]]
-    for host in o.get("insecure_registries") or ():
-        argv += ["--insecure-registry", host]
-    if o.get("opaque_xattrs"):
-        argv += ["--opaque-xattrs", o["opaque_xattrs"]]
-    if o.get("image_file"):
-        argv += ["--image-file", o["image_file"]]
-    if o.get("resolve_timeout"):
-        argv += ["--resolve-timeout", str(o["resolve_timeout"])]
-    if o.get("read_timeout"):
-        argv += ["--read-timeout", str(o["read_timeout"])]
-    for key, flag in (("uid_map", "--uid-map"), ("gid_map", "--gid-map")):
-        for id_range in o.get(key) or ():
-            argv += [flag, str(id_range)]
-    if o.get("record"):
-        argv += ["--record", o["record"]]
-    logfd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def _detach(path: str) -> None:
+    """Lazily detach whatever is mounted at ``path`` (a dead daemon's mount:
+    every access fails with ENOTCONN until it is gone)."""
+    if not is_mounted(path):
+        return
     try:
-        if FORK_DAEMONS and threading.active_count() == 1:
-            proc = _fork_daemon(argv, logfd, w)
-        else:
-            proc = subprocess.Popen([sys.executable, "-m", "core.daemon", *argv], stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd,
-                                    pass_fds=(w,), cwd="/", env=_daemon_env(),
-                                    start_new_session=True)
-    finally:
-        os.close(logfd)
-        os.close(w)
-    return proc, r
+        _umount2(path, MNT_DETACH)
+    except OSError as e:
+        if e.errno != errno.EPERM:
+            if is_mounted(path):
+                raise MountError(f"cannot detach {path}: {e.strerror}") from None
+            return
+        try:
+            _fusermount_unmount(path, lazy=True)
+        except OSError as e2:
+            raise MountError(f"cannot detach {path}: {e2.strerror}") from None
 
 
-class _ForkedDaemon:
-    """The part of ``subprocess.Popen`` the mount uses, for a forked daemon."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                self.returncode = -1
-                return self.returncode
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
+def _start_daemon(starter, cfg: DaemonConfig, entry: dict) -> DaemonProcess:
+    proc = starter.start(cfg)
+    entry["pid"] = proc.pid
+    entry["startTime"] = _start_time(proc.pid)
+    return proc
 
 
-def become_forked_child(stdio: tuple[int, int, int], keep: tuple[int, ...] = ()) -> None:
-    """In a child forked from a long-lived process: take ``stdio`` as fds
-    0-2 and as ``sys.std*``, close every other fd but ``keep``, and reset
-    what the parent changed (signal handlers, log handlers)."""
-    for target, fd in enumerate(stdio):
-        os.dup2(fd, target)
-    low = 3
-    for fd in sorted(keep):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 20)
-    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - lives as long as the process
-    sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1,  # noqa: SIM115
-                      closefd=False)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as at interpreter start
-    logging.root.handlers.clear()  # the child configures its own log
-
-
-def _fork_daemon(argv: list[str], logfd: int, ready_w: int) -> _ForkedDaemon:
-    """Run ``core.daemon.main(argv)`` in a forked child: what a process that
-    has already imported the daemon's modules (the resident server) does
-    instead of starting a new interpreter, which costs ~0.2 s of imports.
-    Only called single-threaded: forking a threaded process can deadlock."""
-    pid = os.fork()
-    if pid:
-        return _ForkedDaemon(pid)
-    rc = 1
+def _wait_ready(proc: DaemonProcess, deadline: float, timeout: float, logfile: str,
+                cancelled=None) -> dict:
+    """Wait for the daemon's ``ok`` line; returns what it says about its layer
+    (``index``, ``digest``, ``manifestDigest``). An ``image`` line is skipped."""
     try:
-        os.setsid()
-        os.chdir("/")
-        null = os.open(os.devnull, os.O_RDONLY)
-        # nothing of the parent's (client sockets, its listener) stays open
-        become_forked_child((null, logfd, logfd), keep=(ready_w,))
-        from . import daemon
-
-        rc = daemon.main(argv)
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else 1
-    except BaseException:  # noqa: BLE001 - the child must never return into the parent's code
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(rc or 0)
-
-
-def _wait_ready(proc: subprocess.Popen, rfd: int, timeout: float, logfile: str) -> dict:
-    """Wait for the daemon's ready line; returns what it says about its layer
-    (``index``, ``digest``, ``manifestDigest``; empty from an older daemon)."""
-    deadline = time.monotonic() + timeout
-    buf = b""
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([rfd], [], [], min(0.5, max(0.0, deadline - time.monotonic())))
-            if ready:
-                piece = os.read(rfd, 4096)
-                if not piece:
-                    break
-                buf += piece
-                if buf.endswith(b"\n"):
-                    break
-            elif proc.poll() is not None:
+        while True:
+            line = proc.read_line(deadline, cancelled)
+            if line != "image":
                 break
     finally:
-        os.close(rfd)
-    line = buf.decode(errors="replace").strip()
+        proc.close()
+    line = line or ""
     if line == "ok" or line.startswith("ok "):
         try:
             info = json.loads(line[3:]) if line[3:] else {}
@@ -523,9 +421,33 @@ def _wait_ready(proc: subprocess.Popen, rfd: int, timeout: float, logfile: str) 
         return info if isinstance(info, dict) else {}
     if line.startswith("error"):
         raise MountError(line[5:].strip())
-    if proc.poll() is None:
+    if proc.poll() is None and time.monotonic() >= deadline:
         raise MountError(f"the mount daemon did not become ready in {timeout:g} s (log: {logfile})")
-    raise MountError(f"the mount daemon exited with status {proc.returncode} (log: {logfile})")
+    return _exited(proc, logfile)
+
+
+def _exited(proc: DaemonProcess, logfile: str):
+    rc = proc.poll()
+    how = f"with status {rc}" if rc is not None and rc >= 0 else "early"
+    raise MountError(f"the mount daemon exited {how} (log: {logfile})")
+
+
+def _wait_image(proc: DaemonProcess, image_file: str, deadline: float, timeout: float,
+                logfile: str, cancelled=None):
+    """A merged mount's first daemon writes the resolved image, then says
+    ``image``: the image's layers (the other daemons read the same file)."""
+    from .image import image_from_dump
+
+    line = proc.read_line(deadline, cancelled)
+    if line == "image":
+        with open(image_file) as f:
+            return image_from_dump(json.load(f), None)
+    proc.close()
+    if line and line.startswith("error"):
+        raise MountError(line[5:].strip())
+    if line is None and proc.poll() is None:
+        raise MountError(f"resolving the image took more than {timeout:g} s (log: {logfile})")
+    return _exited(proc, logfile)
 
 
 def _overlay_mount(lowers: list[str], mountpoint: str, allow_other: bool) -> str:
@@ -554,270 +476,360 @@ def _overlay_mount(lowers: list[str], mountpoint: str, allow_other: bool) -> str
     return "fuse-overlayfs"
 
 
-async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = None,
-                      platform: str | None = None, **options) -> dict:
-    """Mount ``image`` (one layer with ``layer``, else the merged view) at
-    ``mountpoint``; returns the mount record once it is served.
-
-    Options: ``prefetch``, ``background_fetch``, ``wait_prefetch``,
-    ``allow_other``, ``allow_unverified``, ``cache_dir``, ``cache_size``,
-    ``debug``, ``silence``, ``prefetch_size``, ``timeout``, ``read_timeout`` (seconds a
-    mounted read waits for the registry before EIO), ``force`` (mount
-    onto a non-empty directory, which is refused otherwise), id mapping
-    (core.idmap): ``map_owner``, ``uid_map``/``gid_map`` (``C:H:N`` strings),
-    ``record`` (a file the daemons append each file opened to, see
-    :mod:`core.record`). A mountpoint that another mount is under way at is
-    refused at once."""
-    import anyio.to_thread
-
-    steps = _mount_steps(image, mountpoint, layer=layer, platform=platform, **options)
-    value, error = None, None
-    for _ in range(1 << 16):  # a few steps per layer
-        try:
-            step = steps.throw(error) if error is not None else steps.send(value)
-        except StopIteration as done:
-            return done.value
-        value, error = None, None
-        try:
-            if step[0] == "open":
-                value = await _open_layers(*step[1:])
-            else:
-                value = await anyio.to_thread.run_sync(*step[1:])
-        except BaseException as e:  # noqa: BLE001 - thrown into the steps, which clean up
-            error = e
-    raise MountError("mounting took too many steps")
-
-
-def mount_blocking(image: str, mountpoint: str, *, layer: str | int | None = None,
-                   platform: str | None = None, **options) -> dict:
-    """:func:`mount_image` without an event loop or a thread in this process:
-    the merged view's image is resolved in a forked child
-    (:func:`_open_in_child`). A process that forks its daemons
-    (``FORK_DAEMONS``) mounts images this way, since it must stay
-    single-threaded."""
-    steps = _mount_steps(image, mountpoint, layer=layer, platform=platform, **options)
-    value, error = None, None
-    for _ in range(1 << 16):
-        try:
-            step = steps.throw(error) if error is not None else steps.send(value)
-        except StopIteration as done:
-            return done.value
-        value, error = None, None
-        try:
-            value = _open_in_child(*step[1:]) if step[0] == "open" else step[1](*step[2:])
-        except BaseException as e:  # noqa: BLE001 - thrown into the steps, which clean up
-            error = e
-    raise MountError("mounting took too many steps")
-
-
-def _open_in_child(image: str, platform: str | None, insecure_registries=(),
-                   cache_dir: str | None = None):
-    """:func:`_open_layers` run in a forked child (the event loop and the
-    threads it may start for name lookups stay there); the resolved image
-    comes back as :func:`core.image.dump_image` JSON over a pipe."""
-    from . import errors
-    from .image import image_from_dump
-
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: resolve, report, exit
-        payload: dict = {"error": "resolving the image failed", "type": "MountError"}
-        try:
-            os.close(r)
-            import anyio
-
-            from .image import dump_image
-
-            payload = {"image": dump_image(anyio.run(_open_layers, image, platform,
-                                                     insecure_registries, cache_dir,
-                                                     backend="trio"))}
-        except errors.CoreError as e:
-            payload = {"error": str(e), "type": type(e).__name__}
-        except BaseException as e:  # noqa: BLE001 - reported to the parent, one line
-            payload = {"error": f"{type(e).__name__}: {e}", "type": "MountError"}
-        finally:
-            with contextlib.suppress(BaseException):
-                data = json.dumps(payload).encode()
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(w, view):]
-            os._exit(0)
-    os.close(w)
-    chunks = []
-    try:
-        while True:
-            piece = os.read(r, 1 << 16)
-            if not piece:
-                break
-            chunks.append(piece)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-        raise
-    finally:
-        os.close(r)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-    try:
-        payload = json.loads(b"".join(chunks))
-    except ValueError:
-        raise MountError("resolving the image failed (its process ended early)") from None
-    if "image" not in payload:
-        cls = getattr(errors, str(payload.get("type")), MountError)
-        if not (isinstance(cls, type) and issubclass(cls, errors.CoreError)):
-            cls = MountError
-        raise cls(str(payload.get("error")))
-    return image_from_dump(payload["image"], None, image)
-
-
-async def _open_layers(image: str, platform: str | None, insecure_registries=(),
-                       cache_dir: str | None = None):
-    from .image import open_image, open_store
-    from .records import Records, recorded_store
-    from .reference import parse_reference
-
-    opts = {"insecure_registries": list(insecure_registries)} if insecure_registries else {}
-    ref = parse_reference(image)
-    # the manifest and config are kept in the cache dir's records (core.records),
-    # where the layer daemons find them again after a crash or a reboot
-    store = recorded_store(open_store(ref, **opts), Records.for_cache_dir(cache_dir))
-    img = await open_image(ref, store=store, platform=platform)
-    try:
-        if not img.layers:
-            raise MountError(f"{image} has no layers")
-    finally:
-        with contextlib.suppress(Exception):
-            await img.store.aclose()
-    return img
-
-
-def _mount_steps(image: str, mountpoint: str, *, layer: str | int | None = None,
-                 force: bool = False, **options):
-    """The mount as a generator of blocking steps (``("call", fn, *args)``,
-    or ``("open", image, platform)`` for the merged view's image) that its
-    driver runs, in a worker thread or directly; it returns the record.
+def mount(opts: MountOptions, *, starter=None, cancelled=None) -> dict:
+    """Mount as ``opts`` says (one raw layer with ``opts.layer``, else the
+    merged view); returns the mount record once it is served. Blocking, no
+    event loop and no thread: the mount service's single-threaded workers
+    call it with a :class:`core.starter.ForkStarter`, the CLI and the app
+    without a service with the default :class:`core.starter.SpawnStarter`.
 
     One mount at a time per mountpoint (:class:`_MountpointLock`); a
-    non-empty mountpoint is refused unless ``force`` (a mount would hide
-    what it holds)."""
-    mp = os.path.realpath(mountpoint)
+    non-empty mountpoint is refused unless ``opts.force`` (a mount would hide
+    what it holds). ``cancelled()`` is asked while daemons start; what it
+    raises stops the mount, which is undone (the service's worker raises
+    when its client went away: Ctrl-C)."""
+    starter = starter if starter is not None else SpawnStarter()
+    mp = os.path.realpath(opts.mountpoint)
     if not os.path.isdir(mp):
-        raise MountError(f"mountpoint {mountpoint} is not a directory")
+        raise MountError(f"mountpoint {opts.mountpoint} is not a directory")
     lock = _MountpointLock(mp)  # held until the record is written (or the mount failed)
     try:
-        return (yield from _mount_locked(image, mp, layer=layer, force=force, **options))
+        return _mount_locked(opts, mp, starter, cancelled)
     finally:
         lock.release()
 
 
-def _mount_locked(image: str, mp: str, *, layer, force: bool, prefetch: bool = True,
-                  background_fetch: bool = True, wait_prefetch: bool = False,
-                  allow_other: bool = False, allow_unverified: bool = False,
-                  cache_dir: str | None = None, cache_size: int | None = None,
-                  debug: bool = False, silence: float | None = None, prefetch_size: int = 0,
-                  platform: str | None = None, insecure_registries=(),
-                  timeout: float = READY_TIMEOUT, read_timeout: float | None = None,
-                  map_owner: bool = False, uid_map=(), gid_map=(), record: str | None = None):
+async def mount_image(image: str, mountpoint: str, *, layer: str | int | None = None,
+                      starter=None, **options) -> dict:
+    """:func:`mount` for async callers (in a worker thread); ``options`` are
+    :class:`core.options.MountOptions` fields, relative paths taken against
+    this process's working directory."""
+    import functools
+
+    import anyio.to_thread
+
+    opts = MountOptions.build(image, mountpoint, layer=layer, **options)
+    return await anyio.to_thread.run_sync(functools.partial(mount, opts, starter=starter))
+
+
+def _daemon_config(opts: MountOptions, *, layer: str, mountpoint: str, control: str, log: str,
+                   image_file: str, merged: bool, uid_ranges, gid_ranges,
+                   record: str | None) -> DaemonConfig:
+    from .cache import default_cache_dir
+
+    return DaemonConfig(
+        image=opts.image, layer=layer, mountpoint=mountpoint, control=control, log=log,
+        # the cache dir is fixed now: a daemon started again (a restart, a
+        # restore at login) uses the same cache whatever its environment
+        image_file=image_file, cache_dir=opts.cache_dir or default_cache_dir(),
+        cache_size=opts.cache_size,
+        prefetch=opts.prefetch, background_fetch=opts.background_fetch,
+        prefetch_size=opts.prefetch_size, wait_prefetch=opts.wait_prefetch,
+        pre_resolve=not merged, allow_other=opts.allow_other,
+        allow_unverified=opts.allow_unverified, silence=opts.silence,
+        read_timeout=opts.read_timeout, platform=opts.platform,
+        insecure_registries=opts.insecure_registries,
+        # each layer's daemon shows the mapped ids: the overlay over them
+        # (kernel or fuse-overlayfs) shows what its lowers show
+        uid_map=tuple(str(r) for r in uid_ranges), gid_map=tuple(str(r) for r in gid_ranges),
+        record=record, debug=opts.debug, tuning=opts.tuning,
+        # a kernel overlay (root) reads trusted.overlay.opaque and would pass
+        # user.overlay.opaque through to the merged view
+        opaque_xattrs="trusted" if merged and os.geteuid() == 0 else "both")
+
+
+def _mount_locked(opts: MountOptions, mp: str, starter, cancelled) -> dict:
     existing = _find_record(mp)
     if existing is not None:
         raise MountError(f"{mp} is already a stargz-tui mount of {existing['image']} "
                          "(unmount it first)")
     if is_mounted(mp):
         raise MountError(f"{mp} is already a mountpoint")
-    if not force:
+    if not opts.force:
         _refuse_non_empty(mp)
-    image = _normalise_image(image)
-    image_file = None
-    if layer is not None:
-        # One layer: the daemon resolves the image itself and says which layer
-        # it serves, so the manifest and config are fetched once, not twice.
-        descs = [_Pending(layer)]
-        manifest_digest = None
-    else:
-        img = yield ("open", image, platform, tuple(insecure_registries), cache_dir)
-        descs = list(img.layers)
-        manifest_digest = img.manifest_digest
-    # a plain user's fuse-overlayfs is one more FUSE mount
-    fusecheck.check_mount(mp, allow_other=allow_other, merged=layer is None,
-                          fuse_mounts=len(descs) + (layer is None and os.geteuid() != 0))
-    uid_ranges, gid_ranges = _id_ranges(map_owner, uid_map, gid_map)
+    merged = opts.layer is None
+    plain_overlay = merged and os.geteuid() != 0  # fuse-overlayfs is one more FUSE mount
+    # a merged mount's FUSE mounts are counted once its image is known (below,
+    # before its first daemon mounts: it resolves its layer first)
+    fusecheck.check_mount(mp, allow_other=opts.allow_other, merged=merged,
+                          fuse_mounts=0 if merged else 1)
+    uid_ranges, gid_ranges = _id_ranges(opts.map_owner, opts.uid_map, opts.gid_map)
     mid = _mount_id(mp)
     sd = state_dir()
-    if record:
-        record = _start_record(record)
+    record = _start_record(opts.record) if opts.record else None
     logs = private_dir(os.path.join(sd, "logs"))
-    if layer is None:
-        # the daemons read the resolved manifest and config from here
-        image_file = _write_image_file(sd, mid, img)
+    image_file = _image_file(mid)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(image_file)  # a former mount's at this mountpoint
     rec = {
-        "id": mid, "mountpoint": mp, "image": image, "manifestDigest": manifest_digest,
-        "kind": "layer" if layer is not None else "merged",
+        "id": mid, "mountpoint": mp, "image": opts.image, "manifestDigest": None,
+        "kind": "merged" if merged else "layer",
         "overlay": None, "created": time.time(), "layers": [],
-        "cacheDir": os.path.abspath(cache_dir) if cache_dir else None, "record": record,
-        "options": {"prefetch": prefetch, "backgroundFetch": background_fetch,
-                    "allowOther": allow_other, "allowUnverified": allow_unverified,
-                    "debug": debug, "uidMap": [str(r) for r in uid_ranges],
+        "cacheDir": opts.cache_dir, "record": record, "imageFile": image_file,
+        "restarts": 0, "restartTimes": [], "lastError": None, "failed": False,
+        "options": {"prefetch": opts.prefetch, "backgroundFetch": opts.background_fetch,
+                    "allowOther": opts.allow_other, "allowUnverified": opts.allow_unverified,
+                    "debug": opts.debug, "uidMap": [str(r) for r in uid_ranges],
                     "gidMap": [str(r) for r in gid_ranges]},
+        "mountOptions": to_builtins(opts),
     }
-    options = {"cache_dir": cache_dir, "cache_size": cache_size,
-               "no_prefetch": not prefetch, "no_background_fetch": not background_fetch,
-               "wait_prefetch": wait_prefetch, "allow_other": allow_other,
-               "allow_unverified": allow_unverified, "debug": debug, "silence": silence,
-               "prefetch_size": prefetch_size, "platform": platform,
-               "read_timeout": read_timeout,
-               "insecure_registries": list(insecure_registries),
-               "no_pre_resolve": layer is None,
-               # each layer's daemon shows the mapped ids: the overlay over them
-               # (kernel or fuse-overlayfs) shows what its lowers show
-               "uid_map": uid_ranges, "gid_map": gid_ranges,
-               "record": record,
-               # a kernel overlay (root) reads trusted.overlay.opaque and would pass
-               # user.overlay.opaque through to the merged view
-               "opaque_xattrs": "trusted" if layer is None and os.geteuid() == 0 else "both"}
-    procs = []
-    fds: list[int] = []
+
+    def layer_entry(n: int, index, digest, selector: str):
+        lmp = mp if not merged else private_dir(os.path.join(sd, "layers", mid, str(n)))
+        entry = {"index": index, "digest": digest, "mountpoint": lmp,
+                 "control": _socket_path(mid, n), "log": os.path.join(logs, f"{mid}-{n}.log"),
+                 "pid": None, "startTime": None}
+        cfg = _daemon_config(opts, layer=selector, mountpoint=lmp, control=entry["control"],
+                             log=entry["log"], image_file=image_file, merged=merged,
+                             uid_ranges=uid_ranges, gid_ranges=gid_ranges, record=record)
+        return entry, cfg
+
+    deadline = time.monotonic() + opts.timeout
+    procs: list[DaemonProcess] = []
     try:
-        for d in descs:
-            if layer is not None:
-                lmp = mp
-            else:
-                lmp = private_dir(os.path.join(sd, "layers", mid, str(d.index)))
-            n = d.index if d.index is not None else 0
-            entry = {"index": d.index, "digest": d.digest, "mountpoint": lmp,
-                     "control": _socket_path(mid, n),
-                     "log": os.path.join(logs, f"{mid}-{n}.log"), "pid": None,
-                     "startTime": None}
-            proc, rfd = _spawn_daemon(image=image, layer=d.digest or d.selector, mountpoint=lmp,
-                                      control=entry["control"], logfile=entry["log"],
-                                      options=dict(options, image_file=image_file))
-            procs.append(proc)
-            fds.append(rfd)
-            entry["pid"] = proc.pid
-            entry["startTime"] = _start_time(proc.pid)
-            rec["layers"].append(entry)
-            _write_record(rec)
-        # wait for all daemons (they resolve in parallel)
-        while procs:
-            proc, rfd, entry = procs[0], fds[0], rec["layers"][len(rec["layers"]) - len(procs)]
-            procs.pop(0)
-            fds.pop(0)
-            info = yield ("call", _wait_ready, proc, rfd, timeout, entry["log"])
+        # the first daemon resolves the image (a merged mount waits for it to
+        # say so, then starts one daemon per other layer, which read the file)
+        sel = opts.layer if not merged else "0"
+        first, cfg = layer_entry(int(sel) if sel.isdigit() else 0,
+                                 int(sel) if sel.isdigit() else None, None, sel)
+        cfg = msgspec.structs.replace(cfg, announce_image=merged)
+        first["config"] = to_builtins(cfg)
+        procs.append(_start_daemon(starter, cfg, first))
+        rec["layers"].append(first)
+        _write_record(rec)
+        if merged:
+            img = _wait_image(procs[0], image_file, deadline, opts.timeout, first["log"],
+                              cancelled)
+            if not img.layers:
+                raise MountError(f"{opts.image} has no layers")
+            rec["manifestDigest"] = img.manifest_digest
+            first["index"], first["digest"] = 0, img.layers[0].digest
+            fusecheck.check_mount(mp, allow_other=opts.allow_other, merged=True,
+                                  fuse_mounts=len(img.layers) + plain_overlay)
+            for d in img.layers[1:]:
+                entry, cfg = layer_entry(d.index, d.index, d.digest, d.digest)
+                entry["config"] = to_builtins(cfg)
+                procs.append(_start_daemon(starter, cfg, entry))
+                rec["layers"].append(entry)
+                _write_record(rec)
+        # wait for all daemons (they resolve their layers in parallel)
+        for proc, entry in zip(procs, rec["layers"], strict=True):
+            info = _wait_ready(proc, deadline, opts.timeout, entry["log"], cancelled)
             if entry["digest"] is None:
                 entry["index"], entry["digest"] = info.get("index"), info.get("digest")
                 rec["manifestDigest"] = info.get("manifestDigest")
-        if layer is None:
+        if merged:
             lowers = [e["mountpoint"] for e in reversed(rec["layers"])]  # top first
-            rec["overlay"] = yield ("call", _overlay_mount, lowers, mp, allow_other)
+            rec["overlay"] = _overlay_mount(lowers, mp, opts.allow_other)
         rec["pid"] = rec["layers"][0]["pid"]
         _write_record(rec)
         return rec
     except BaseException:
-        yield ("call", _cleanup_failed, rec, fds)
+        for p in procs:
+            p.close()
+        with contextlib.suppress(MountError):
+            _teardown(rec, force=True)
         raise
+
+
+# -- supervision: daemons started again ---------------------------------------------
+# A daemon that keeps dying is given up on: more than this many restarts in
+# the window and the mount is marked failed (shown with the daemon's last log line).
+MAX_RESTARTS = 5
+RESTART_WINDOW = 600.0
+RESTORE_LOCK_WAIT = 30.0  # restore waits this long for a restart or mount under way
+
+
+def last_log_line(path: str | None, limit: int = 8192) -> str | None:
+    """The last non-empty line of a daemon's log (why it died, usually)."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            lines = [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return None
+    return lines[-1].strip() if lines else None
+
+
+def _dead_layers(rec: dict, mounted: dict[str, str]) -> list[int]:
+    return [i for i, e in enumerate(rec["layers"])
+            if not _alive(e.get("pid"), e.get("startTime")) or e["mountpoint"] not in mounted]
+
+
+def crashed(rec: dict) -> bool:
+    """Did a daemon of this mount die without unmounting (kill -9, a crash,
+    the OOM killer)? Its mount is still in the table, answering ENOTCONN. A
+    daemon that ended cleanly (SIGTERM, an unmount from outside) took its
+    mount with it: that is a stop, not a crash."""
+    mounted = mount_table()
+    return any(not _alive(e.get("pid"), e.get("startTime")) and e["mountpoint"] in mounted
+               for e in rec["layers"])
+
+
+def needs_revival(rec: dict) -> bool:
+    """Is a recorded mount not served (a daemon gone, a mount missing)?"""
+    mounted = mount_table()
+    return bool(_dead_layers(rec, mounted)) or rec["mountpoint"] not in mounted
+
+
+def revive(mountpoint: str, *, starter=None, supervised: bool = False,
+           reset: bool = False, wait: float = 0.0) -> dict | None:
+    """Make a recorded mount serve again at the same place, from its record,
+    its saved image file and its cache: each dead layer's mount is lazily
+    detached and a new daemon started with the same config; a merged mount's
+    overlay is made again over them. Returns the record (None when there is
+    none any more).
+
+    ``supervised``: a restart after a crash, counted in the record
+    (``restarts``, ``restartTimes``); after :data:`MAX_RESTARTS` in
+    :data:`RESTART_WINDOW` the mount is marked ``failed`` (with the dead
+    daemon's last log line as ``lastError``) and not restarted. A failed
+    mount is left alone unless ``reset`` (``mounts repair``). Raises
+    ``MountError`` when the mountpoint's lock is taken (a mount or unmount
+    is under way) or a daemon cannot be started (recorded as ``lastError``)."""
+    starter = starter if starter is not None else SpawnStarter()
+    rec = _find_record(mountpoint)
+    if rec is None:
+        return None
+    lock = _MountpointLock(rec["mountpoint"], busy="is being mounted or unmounted right now",
+                           wait=wait)
+    try:
+        rec = _find_record(rec["mountpoint"])  # as it is now that we hold the lock
+        if rec is None:
+            return None
+        if reset:
+            rec["failed"], rec["restartTimes"] = False, []
+        if rec.get("failed"):
+            return rec
+        mounted = mount_table()
+        dead = _dead_layers(rec, mounted)
+        if not dead and rec["mountpoint"] in mounted:
+            return rec
+        if supervised:
+            now = time.time()
+            times = [t for t in rec.get("restartTimes") or [] if now - t < RESTART_WINDOW]
+            gone = rec["layers"][dead[0]] if dead else {}
+            tail = last_log_line(gone.get("log"))
+            why = (f"daemon {gone.get('pid')} of layer {gone.get('index')} died without "
+                   f"unmounting" + (f"; its last log line: {tail}" if tail else ""))
+            if len(times) >= MAX_RESTARTS:
+                rec["failed"] = True
+                rec["lastError"] = why
+                rec["restartTimes"] = times
+                _write_record(rec)
+                log.warning("%s: %d restarts in %.0f s: giving up (%s)", rec["mountpoint"],
+                            len(times), RESTART_WINDOW, rec["lastError"])
+                return rec
+            rec["restartTimes"] = times + [now]
+            rec["restarts"] = int(rec.get("restarts") or 0) + 1
+            rec["lastError"] = why
+        try:
+            _revive_locked(rec, dead, mounted, starter)
+        except MountError as e:
+            rec["lastError"] = str(e)
+            raise
+        finally:
+            _write_record(rec)
+        return rec
     finally:
-        if image_file:
-            with contextlib.suppress(OSError):
-                os.unlink(image_file)
+        lock.release()
+
+
+def _revive_locked(rec: dict, dead: list[int], mounted: dict[str, str], starter) -> None:
+    mp = rec["mountpoint"]
+    merged = rec.get("kind") == "merged"
+    if merged and dead:
+        _detach(mp)  # the overlay holds the dead lowers: made again below
+    opts = rec.get("mountOptions") or {}
+    deadline = time.monotonic() + float(opts.get("timeout") or READY_TIMEOUT)
+    started = []
+    for i in dead:
+        e = rec["layers"][i]
+        if _alive(e.get("pid"), e.get("startTime")):
+            _stop_daemon(e, unmount=False)  # alive but its mount is gone
+        _detach(e["mountpoint"])
+        if merged:
+            private_dir(e["mountpoint"])
+        with contextlib.suppress(OSError):
+            os.unlink(e["control"])
+        cfg = config_from_builtins(e.get("config"))
+        started.append((_start_daemon(starter, msgspec.structs.replace(
+            cfg, announce_image=False, wait_prefetch=False), e), e))
+    try:
+        for proc, e in started:
+            _wait_ready(proc, deadline, READY_TIMEOUT, e["log"])
+    except BaseException:
+        for proc, e in started:
+            proc.close()
+            _stop_daemon(e, unmount=True)
+        raise
+    if merged and not is_mounted(mp):
+        lowers = [e["mountpoint"] for e in reversed(rec["layers"])]
+        rec["overlay"] = _overlay_mount(lowers, mp, bool(opts.get("allow_other")))
+    rec["pid"] = rec["layers"][0]["pid"]
+    log.info("%s: serving again (daemons %s)", mp, ", ".join(str(e["pid"]) for _, e in started))
+
+
+def restore(*, starter=None, reset: bool = False) -> list[dict]:
+    """Every recorded mount that is not served, made to serve again (after a
+    reboot, or by the service when it starts): one result per record,
+    ``{"mountpoint", "status": "serving"|"restored"|"failed"|"error", "error"?}``."""
+    out = []
+    for rec in _read_records():
+        mp = rec["mountpoint"]
+        if not reset and rec.get("failed"):
+            out.append({"mountpoint": mp, "status": "failed", "error": rec.get("lastError")})
+            continue
+        if not needs_revival(rec):
+            out.append({"mountpoint": mp, "status": "serving"})
+            continue
+        try:
+            revive(mp, starter=starter, reset=reset, wait=RESTORE_LOCK_WAIT)
+        except MountError as e:
+            out.append({"mountpoint": mp, "status": "error", "error": str(e)})
+            continue
+        out.append({"mountpoint": mp, "status": "restored"})
+    return out
+
+
+def repair(*, starter=None) -> list[dict]:
+    """:func:`restore` for every record, failed ones included; records whose
+    mountpoint is gone are dropped (their mounts detached, daemons stopped),
+    and stargz FUSE mounts no record knows are lazily detached."""
+    out = []
+    for rec in _read_records():
+        if not os.path.isdir(rec["mountpoint"]) and not is_mounted(rec["mountpoint"]):
+            with contextlib.suppress(MountError):
+                _teardown(rec, force=True)
+            out.append({"mountpoint": rec["mountpoint"], "status": "removed",
+                        "error": "the mountpoint no longer exists"})
+    out += restore(starter=starter, reset=True)
+    known = {e["mountpoint"] for r in _read_records() for e in r["layers"]} | \
+        {r["mountpoint"] for r in _read_records()}
+    for path, fstype in mount_table().items():
+        if fstype == FUSE_FSTYPE and path not in known and _owned_by_us(path):
+            with contextlib.suppress(MountError):
+                _detach(path)
+                out.append({"mountpoint": path, "status": "detached",
+                            "error": "a stargz mount without a record"})
+    return out
+
+
+def _owned_by_us(path: str) -> bool:
+    """A FUSE mount's user_id (mountinfo super options) is ours."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                parts = left.split()
+                if len(parts) >= 5 and _unescape(parts[4]) == path:
+                    return f"user_id={os.getuid()}," in right + ","
+    except OSError:
+        pass
+    return False
 
 
 class _MountpointLock:
@@ -828,18 +840,22 @@ class _MountpointLock:
     by its holder; a lock taken on a file that was meanwhile removed (or
     replaced) is retried, so two holders never hold two different files."""
 
-    def __init__(self, mp: str):
+    def __init__(self, mp: str, busy: str = "is already being mounted by another stargz-tui "
+                 "(wait for it, or unmount it first)", wait: float = 0.0):
         d = private_dir(os.path.join(state_dir(), "locks"))
         self.path = os.path.join(d, _mount_id(mp) + ".lock")
         self.fd = -1
-        for _ in range(100):
+        deadline = time.monotonic() + wait
+        for _ in range(100 + int(wait * 20)):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise MountError(f"{mp} is already being mounted by another stargz-tui "
-                                 "(wait for it, or unmount it first)") from None
+                if time.monotonic() < deadline:  # (restore: a restart under way ends soon)
+                    time.sleep(0.05)
+                    continue
+                raise MountError(f"{mp} {busy}") from None
             try:
                 same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -891,36 +907,6 @@ def _start_record(path: str) -> str:
     return path
 
 
-class _Pending:
-    """The layer of a single-layer mount before its daemon resolved it."""
-
-    def __init__(self, selector):
-        s = str(selector).strip()
-        self.selector = s
-        self.digest = None
-        self.index = int(s) if s.isdigit() else None
-
-
-def _write_image_file(sd: str, mid: str, img) -> str:
-    """The resolved image for the daemons of a merged mount (0600, removed once
-    they are ready): they skip fetching the manifest and config again."""
-    from .image import dump_image
-
-    d = private_dir(os.path.join(sd, "images"))
-    fd, path = tempfile.mkstemp(prefix=f"{mid}-", suffix=".json", dir=d)
-    with os.fdopen(fd, "w") as f:
-        json.dump(dump_image(img), f)
-    return path
-
-
-def _cleanup_failed(rec: dict, fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    with contextlib.suppress(MountError):
-        _teardown(rec, force=True)
-
-
 def _teardown(rec: dict, force: bool) -> list[str]:
     done = []
     mp = rec["mountpoint"]
@@ -946,6 +932,9 @@ def _teardown(rec: dict, force: bool) -> list[str]:
         shutil.rmtree(os.path.join(state_dir(), "layers", rec["id"]), ignore_errors=True)
     with contextlib.suppress(OSError):
         os.unlink(_record_path(rec["id"]))
+    if rec.get("imageFile"):
+        with contextlib.suppress(OSError):
+            os.unlink(rec["imageFile"])
     return done
 
 
@@ -971,12 +960,21 @@ def unmount(mountpoint: str, *, force: bool = False) -> dict:
             raise MountError(f"{mp_abs} is a {fstype} mount not made by stargz-tui; not touching it")
         return {"mountpoint": mp_abs, "status": "unmounted",
                 "steps": [f"{mp_abs}: {_unmount_path(mp_abs, force)}"]}
-    # a merged mount: the overlay must go first and, if busy, nothing else moves
-    if rec.get("kind") == "merged" and not force and is_mounted(rec["mountpoint"]):
-        _unmount_path(rec["mountpoint"], False)
-    elif rec.get("kind") == "layer" and not force:
-        _unmount_path(rec["mountpoint"], False)
-    steps = _teardown(rec, force)
+    # the supervisor does not start a daemon again while we stop it
+    lock = _MountpointLock(rec["mountpoint"], busy="is being mounted or restarted right now; "
+                           "try again in a moment")
+    try:
+        rec = _find_record(rec["mountpoint"])
+        if rec is None:
+            return {"mountpoint": mp, "status": "unmounted", "steps": []}
+        # a merged mount: the overlay must go first and, if busy, nothing else moves
+        if rec.get("kind") == "merged" and not force and is_mounted(rec["mountpoint"]):
+            _unmount_path(rec["mountpoint"], False)
+        elif rec.get("kind") == "layer" and not force:
+            _unmount_path(rec["mountpoint"], False)
+        steps = _teardown(rec, force)
+    finally:
+        lock.release()
     return {"mountpoint": rec["mountpoint"], "status": "unmounted", "steps": steps}
 
 
@@ -1014,8 +1012,9 @@ def mount_status(rec: dict, mounted: dict[str, str] | None = None) -> dict:
         "mountpoint": rec["mountpoint"], "image": rec["image"], "kind": rec.get("kind"),
         "overlay": rec.get("overlay"), "manifestDigest": rec.get("manifestDigest"),
         "pid": layers[0]["pid"] if layers else None, "pids": [lay["pid"] for lay in layers],
-        "state": "serving" if serving else "stale", "created": rec.get("created"),
-        "layers": layers, "record": rec.get("record"),
+        "state": "failed" if rec.get("failed") else "serving" if serving else "stale",
+        "created": rec.get("created"), "layers": layers, "record": rec.get("record"),
+        "restarts": int(rec.get("restarts") or 0), "lastError": rec.get("lastError"),
     }
     for k in _SUM_FIELDS:
         out[k] = sum((lay.get("stats") or {}).get(k, 0) or 0 for lay in layers)
@@ -1023,7 +1022,9 @@ def mount_status(rec: dict, mounted: dict[str, str] | None = None) -> dict:
         (lay.get("stats") or {}).get("prefetchDone", False) for lay in layers)
     out["backgroundFetchDone"] = bool(layers) and all(
         (lay.get("stats") or {}).get("backgroundFetchDone", False) for lay in layers)
-    if not serving:
+    if rec.get("failed"):
+        out["reason"] = f"given up after {out['restarts']} restarts: {rec.get('lastError')}"
+    elif not serving:
         reasons = [f"layer {lay['index']}: {lay['reason']}" for lay in layers if lay.get("reason")]
         if rec["mountpoint"] not in mounted:
             reasons.insert(0, "mountpoint is not mounted")

@@ -1,5 +1,5 @@
 """Where stargz-tui keeps per-user state (mount records, logs) and runtime
-files (control sockets, the resident server's socket).
+files (control sockets, the mount service's socket).
 
 Every directory handed out is a real directory (never a symlink), owned by
 our uid and 0700: it is opened with ``O_NOFOLLOW`` and checked and tightened
@@ -14,13 +14,13 @@ sticky bit). Then, instead of failing, we use a fresh private directory made
 under /tmp with an unguessable name (``mkdtemp``-style, ``mkdir`` of a new
 name, so nobody can have planted it) and record its name in the state dir
 (``runtime-dir``), which is under our home and only ours: every later process
-(the launcher, the resident server, a mount, ``mounts``) reads the same
+(the CLI, the mount service, a mount, ``mounts``) reads the same
 record and agrees on it, and the record is replaced when the directory it
 names is gone or no longer safe. Only these fallback locations get an
 alternative; a directory named by ``$STARGZ_TUI_RUNTIME_DIR``, the state dir
 or a cache dir that is unsafe is refused with one line, since the user chose it.
 
-Kept free of heavy imports: the ``stargz-tui`` launcher reads the runtime
+Kept free of heavy imports: the mount service client reads the runtime
 directory before it decides whether to import anything else.
 """
 
@@ -97,7 +97,7 @@ def runtime_dir() -> str:
 def _temp_dir() -> str:
     """``$TMPDIR`` (or ``$TEMP``, ``$TMP``) when it is a directory, else /tmp:
     what ``tempfile.gettempdir()`` finds on Linux, without importing
-    ``tempfile`` (and ``shutil``, ``random``...) on the launcher's path."""
+    ``tempfile`` (and ``shutil``, ``random``...) on the client's path."""
     for var in ("TMPDIR", "TEMP", "TMP"):
         d = os.environ.get(var)
         if d and os.path.isdir(d):

@@ -1,6 +1,6 @@
 """Who is at the other end of a Unix socket.
 
-Every Unix socket stargz-tui connects to (the resident server, a daemon's
+Every Unix socket stargz-tui connects to (the mount service, a daemon's
 control socket) or accepts on must have our own uid at the other end: a
 socket file is only a name in a directory, and whoever managed to serve it
 would otherwise get our environment (tokens included) and terminal, or tell
@@ -8,7 +8,7 @@ us a mount succeeded. ``SO_PEERCRED`` gives the uid of the process that
 called ``connect()`` (for an accepted socket) or ``listen()`` (for a
 connected one), which no peer can forge.
 
-Imports nothing heavy: the launcher checks the resident server with it.
+Imports nothing heavy: every service client checks the service with it.
 """
 
 from __future__ import annotations
@@ -22,19 +22,18 @@ _UCRED_SIZE = 12  # struct ucred: pid_t, uid_t, gid_t
 
 
 def peer_uid(sock) -> int:
-    """The uid of the peer of the connected Unix socket ``sock`` (a
-    ``socket.socket`` or a ``_socket.socket``)."""
-    import _socket
+    """The uid of the peer of the connected Unix socket ``sock``."""
+    import socket
 
-    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED_SIZE)
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED_SIZE)
     return int.from_bytes(raw[4:8], sys.byteorder)
 
 
 def peer_pid(sock) -> int:
     """The pid of the peer of the connected Unix socket ``sock``."""
-    import _socket
+    import socket
 
-    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED_SIZE)
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED_SIZE)
     return int.from_bytes(raw[0:4], sys.byteorder)
 
 

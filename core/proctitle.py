@@ -6,7 +6,7 @@ rewrites the command line (``/proc/PID/cmdline``, what ``ps -f``/``ps aux``
 show) in place: the title is written over the memory that held ``argv``,
 padded with NULs, truncated to that memory's size (as setproctitle and
 PostgreSQL do). A forked layer daemon otherwise shows its parent's command
-line (the resident server's) and could be taken for it. Python's own
+line (the mount service's) and could be taken for it. Python's own
 ``sys.argv`` is a copy and is not affected. Best effort: on failure the
 names stay as they were.
 """

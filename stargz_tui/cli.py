@@ -30,16 +30,30 @@ COMMAND_MODULES = [
     "stargz_tui.commands.completion",  # completion
 ]
 
+# The module that registers each command: a command line builds a parser with
+# that module only (its start-up does not import every other command's code;
+# `mount` through the service stays fast, issue 14 B1). tests/test_cli_args.py
+# checks this map against what the modules register. Top-level --help and
+# `completion` (which describes every command) build them all.
+COMMAND_OWNERS = {
+    "inspect": "stargz_tui.commands.image", "ls": "stargz_tui.commands.image",
+    "cat": "stargz_tui.commands.image", "verify": "stargz_tui.commands.image",
+    "convert": "stargz_tui.commands.image",
+    "repos": "stargz_tui.commands.registry", "tags": "stargz_tui.commands.registry",
+    "login": "stargz_tui.commands.registry", "logout": "stargz_tui.commands.registry",
+    "mount": "stargz_tui.commands.mount", "unmount": "stargz_tui.commands.mount",
+    "umount": "stargz_tui.commands.mount", "mounts": "stargz_tui.commands.mount",
+    "cache": "stargz_tui.commands.mount", "service": "stargz_tui.commands.mount",
+    "optimize": "stargz_tui.commands.optimize",
+    "tui": "stargz_tui.commands.app",
+}
+
 EPILOG = """\
 IMAGE is a registry reference (ubuntu, ghcr.io/org/app:tag, localhost:5000/repo@sha256:...)
 or an OCI layout as skopeo spells it (oci:DIR[:TAG]).
 
 Run without arguments to open the terminal app.
 """
-
-
-# Built once by a long-lived process (stargz_tui.resident) for its workers.
-PARSER: argparse.ArgumentParser | None = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,7 +103,9 @@ class _TopParser(_Parser):
     intermixed = False
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` (one of :data:`COMMAND_OWNERS`), only the
+    module registering it is imported."""
     parser = _TopParser(
         prog="stargz-tui",
         description="Inspect, verify and lazily mount eStargz / zstd:chunked container images.",
@@ -98,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version="stargz-tui 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMAND_MODULES:
+    owner = COMMAND_OWNERS.get(command or "")
+    for name in [owner] if owner else COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     parser.commands = dict(sub.choices)
     return parser
@@ -115,9 +132,9 @@ def run_command(func, args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = PARSER or build_parser()
     if not argv:
         argv = ["tui"]
+    parser = build_parser(argv[0])
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

@@ -201,9 +201,24 @@ class Services:
 
         return mount
 
+    # The app is a client of the mount service (core.service), as the CLI is:
+    # its mounts are forked and supervised there. Without a service (none can
+    # be started, or STARGZ_TUI_SERVER=off) the same core API runs here.
+    @staticmethod
+    def _service(start: bool):
+        from core.service import client
+
+        return client.for_mode(os.environ.get("STARGZ_TUI_SERVER"), start)
+
     def list_mounts(self) -> list[dict]:
-        """Every mount with live stats (blocking: call from a thread)."""
-        return self.mount_manager().list_mounts()
+        """Every mount with live stats, restarts and last error (blocking:
+        call from a thread)."""
+        svc = self._service(False)
+        if svc is None:
+            return self.mount_manager().list_mounts()
+        from core.service import protocol
+
+        return svc.call(protocol.List())
 
     def find_layer_mount(self, mounts: list[dict], digest: str) -> dict | None:
         return self.mount_manager().find_layer_mount(mounts, digest)
@@ -245,12 +260,30 @@ class Services:
     async def mount(self, image: str, mountpoint: str, layer: str | int | None = None,
                     record: str | None = None) -> dict:
         """``record``: a recording mount appending each file opened to that file."""
+        import anyio.to_thread
+
+        from core.options import MountOptions
+
         extra = {"record": record} if record else {}
-        return await self.mount_manager().mount_image(image, mountpoint, layer=layer, **extra)
+        opts = MountOptions.build(image, mountpoint, layer=layer, **extra)
+        return await anyio.to_thread.run_sync(self._mount_blocking, opts)
+
+    def _mount_blocking(self, opts) -> dict:
+        svc = self._service(True)
+        if svc is None:
+            return self.mount_manager().mount(opts)
+        from core.service import protocol
+
+        return svc.call(protocol.Mount(options=opts), timeout=opts.timeout + 60)
 
     def unmount(self, mountpoint: str, force: bool = False) -> dict:
         """Blocking: call from a thread."""
-        return self.mount_manager().unmount(mountpoint, force=force)
+        svc = self._service(False)
+        if svc is None:
+            return self.mount_manager().unmount(mountpoint, force=force)
+        from core.service import protocol
+
+        return svc.call(protocol.Unmount(mountpoint=os.path.abspath(mountpoint), force=force))
 
 
 @dataclass

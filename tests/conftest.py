@@ -7,8 +7,8 @@ keyring fixtures: see ``tests/registry_fixtures.py`` (API in its docstring).
 
 import os
 
-# `stargz-tui mount` starts a resident server in the background by default;
-# tests get one only where they ask for it (tests/test_resident.py).
+# `stargz-tui mount` starts the mount service (core.service) by default;
+# tests get one only where they ask for it (tests/test_service.py).
 os.environ["STARGZ_TUI_SERVER"] = "off"
 
 # --- registry fixtures -----------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import anyio
@@ -231,3 +232,44 @@ def test_shell_key_opens_shell_in_the_mountpoint(mount_env, tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0] == str(mp)
     assert "data" in lines[1:]  # the shell saw the mounted layer
+
+
+async def test_mounts_screen_shows_restarts_and_failure(mount_env):
+    """A daemon killed with -9 and started again (core.mount.revive, what the
+    mount service does) shows as restarted, with why, in the mounts screen;
+    a mount given up on shows as failed with the dead daemon's last log line."""
+    mp = mount_env.mountpoint("restarted")
+    await core_mount.mount_image(f"{LAYOUT_REF}:mini-esgz", mp, layer=0, silence=0.2)
+    try:
+        victim = core_mount.read_records()[0]["layers"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(200):
+            if core_mount.crashed(core_mount.read_records()[0]):
+                break
+            await anyio.sleep(0.05)
+        rec = await anyio.to_thread.run_sync(
+            lambda: core_mount.revive(mp, supervised=True))
+        assert rec["restarts"] == 1 and rec["layers"][0]["pid"] != victim
+        app = StargzApp()
+        async with app.run_test(size=(160, 30)) as pilot:
+            await wait_for(pilot, lambda: screen_named(app, "HomeScreen"), "home")
+            mounts, table = await _mounts_row(pilot, app, mp)
+            detail = mounts.query_one("#mount-detail")
+            await wait_for(pilot, lambda: "serving ↻1" in str(table.get_row_at(0)), "the count")
+            text = str(detail.render())
+            assert "restarted 1 time(s)" in text and f"daemon {victim} of layer 0 died" in text
+            # the service gives up after MAX_RESTARTS in its window: failed
+            rec = core_mount.read_records()[0]
+            for _ in range(core_mount.MAX_RESTARTS):
+                os.kill(rec["layers"][0]["pid"], signal.SIGKILL)
+                for _ in range(200):
+                    if core_mount.crashed(core_mount.read_records()[0]):
+                        break
+                    await anyio.sleep(0.05)
+                rec = await anyio.to_thread.run_sync(
+                    lambda: core_mount.revive(mp, supervised=True))
+            assert rec["failed"]
+            await wait_for(pilot, lambda: "failed" in str(table.get_row_at(0)), "failed")
+            await wait_for(pilot, lambda: "given up after" in str(detail.render()), "why")
+    finally:
+        core_mount.unmount(mp, force=True)

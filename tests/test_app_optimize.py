@@ -65,8 +65,7 @@ async def test_mounts_screen_shows_the_recording_count(mount_env, tmp_path):
     mp = tmp_path / "mnt"
     mp.mkdir()
     rec = tmp_path / "rec.json"
-    await anyio.to_thread.run_sync(functools.partial(
-        core_mount.mount_blocking, f"{LAYOUT_REF}:mini-esgz", str(mp), record=str(rec)))
+    await core_mount.mount_image(f"{LAYOUT_REF}:mini-esgz", str(mp), record=str(rec))
     app = StargzApp(f"{LAYOUT_REF}:mini-esgz")
     async with app.run_test(size=(120, 30)) as pilot:
         await open_image_screen(pilot, app)

@@ -121,3 +121,27 @@ def test_mount_checks_the_platform_of_a_single_platform_image(mount_env):
     mount_env.cli("mount", ref("mini-esgz"), mp, "--layer", "0", "--platform", "linux/amd64",
                   check=True)
     mount_env.cli("unmount", mp, check=True)
+
+
+def test_command_owners_name_the_module_registering_each_command():
+    """A command line imports only the module of its command (start-up cost,
+    issue 14 B1): cli.COMMAND_OWNERS must name, for every command the full
+    parser has, the module that registers it, and that module alone must
+    parse the command as the full parser does."""
+    import argparse
+    import importlib
+
+    from stargz_tui import cli
+
+    full = cli.build_parser()
+    owners = {}
+    for name in cli.COMMAND_MODULES:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(name).register(sub)
+        for command in sub.choices:
+            owners[command] = name
+    assert set(full.commands) == set(owners) == set(cli.COMMAND_OWNERS) | {"completion"}
+    for command, module in cli.COMMAND_OWNERS.items():
+        assert owners[command] == module, command
+    argv = ["mount", "oci:x:y", "/tmp", "--layer", "0", "--insecure-registry", "h:1"]
+    assert vars(cli.build_parser("mount").parse_args(argv)) == vars(full.parse_args(argv))

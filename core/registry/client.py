@@ -236,7 +236,8 @@ class RegistryClient:
                  use_keyring: bool = True, timeout: float = DEFAULT_IDLE_TIMEOUT,
                  deadline: float | None = None, max_attempts: int = 4,
                  max_retry_time: float = 60.0, backoff: float = 0.25, max_backoff: float = 8.0,
-                 max_retry_after: float = 30.0, http_client: httpx.AsyncClient | None = None):
+                 max_retry_after: float = 30.0, http_client: httpx.AsyncClient | None = None,
+                 bulk_reads: bool | None = None):
         self.registry = registry
         self.api_host = DOCKER_HUB_API_HOST if registry == DOCKER_HUB else registry
         self.config = (config if config is not None else load_config()).with_insecure(
@@ -250,6 +251,9 @@ class RegistryClient:
                                     max_retry_time=max_retry_time, backoff=backoff,
                                     max_backoff=max_backoff, max_retry_after=max_retry_after)
         self._own_http = http_client is None
+        # None: $STARGZ_TUI_BULK_READS decides; a mount daemon gets it from its
+        # config (core.options.Tuning, read once where the mount was asked for)
+        self.bulk_reads = bulk_reads
         self._http = http_client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
             follow_redirects=False, headers={"User-Agent": USER_AGENT},
@@ -541,7 +545,9 @@ class RegistryClient:
         ranges, or None when it must not be used (an HTTP client given by the
         caller, a proxy configured in the environment, or
         ``STARGZ_TUI_BULK_READS=0``)."""
-        if not self._own_http or os.environ.get("STARGZ_TUI_BULK_READS") == "0":
+        on = (os.environ.get("STARGZ_TUI_BULK_READS") != "0" if self.bulk_reads is None
+              else self.bulk_reads)
+        if not self._own_http or not on:
             return None
         from .bulk import BulkReader, proxied
 

@@ -125,9 +125,9 @@ SCRIPTS = {"bash": bash_script, "zsh": zsh_script, "fish": fish_script}
 
 
 def cmd_completion(args) -> int:
-    from ..cli import PARSER, build_parser
+    from ..cli import build_parser
 
-    parser = PARSER or build_parser()
+    parser = build_parser()  # every command
     print(SCRIPTS[args.shell](parser), end="")
     return 0
 

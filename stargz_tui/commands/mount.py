@@ -10,8 +10,8 @@ import signal
 import sys
 import time
 
-from core import mount as m
 from core.errors import MountError
+from core.options import MountOptions
 from core.units import human_size, plural
 
 from ..textsafe import safe
@@ -43,12 +43,26 @@ MOUNTS_EXAMPLES = """\
 examples:
   stargz-tui mounts
   stargz-tui mounts --json | jq '.[] | {mountpoint, state, bytesFetched}'
+  stargz-tui mounts restore      after a reboot: every recorded mount at its mountpoint again
+  stargz-tui mounts repair       also retry failed mounts; drop records of vanished mountpoints
 
 --json prints a list of objects with mountpoint, image, kind, layers, pid, pids,
-state ("serving" or "stale"), bytesFetched, requests, chunksCached, chunksTotal,
+state ("serving", "stale" or "failed"), restarts and lastError (the mount service
+starts a daemon that died again), bytesFetched, requests, chunksCached, chunksTotal,
 prefetchDone, backgroundFetchDone, digestErrors, readErrors, record and recorded
 (the record file of a recording mount and how many files it holds so far; reason
 when stale).
+"""
+
+SERVICE_EXAMPLES = """\
+examples:
+  stargz-tui service start       start it in the background (mount does that too)
+  stargz-tui service status --json
+  stargz-tui service stop        the mounts keep serving
+
+`service install` writes ~/.config/systemd/user/stargz-tui.service (then
+`systemctl --user enable --now stargz-tui` runs it at every login, restoring
+the mounts); `service uninstall` disables and removes it.
 """
 
 CACHE_EXAMPLES = """\
@@ -60,6 +74,19 @@ examples:
 """
 
 
+class _Core:
+    """:mod:`core.mount`, imported when a command needs it: a mount through
+    the service never does (its start-up is on the B1 path)."""
+
+    def __getattr__(self, name):
+        from core import mount
+
+        return getattr(mount, name)
+
+
+m = _Core()
+
+
 def _size_arg(text: str) -> int:
     from core.cache import parse_size
 
@@ -69,8 +96,11 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def cmd_mount(args) -> int:
-    opts = dict(
+def mount_options(args) -> MountOptions:
+    """The typed options of ``mount ARGS`` (built here, once: paths absolute
+    against our cwd, tuning from our environment)."""
+    return MountOptions.build(
+        args.image, args.mountpoint,
         layer=args.layer, prefetch=not args.no_prefetch,
         background_fetch=not args.no_background_fetch, wait_prefetch=args.wait_prefetch,
         allow_other=args.allow_other, allow_unverified=args.allow_unverified,
@@ -81,16 +111,27 @@ def cmd_mount(args) -> int:
         map_owner=args.map_owner, uid_map=args.uid_map, gid_map=args.gid_map,
         record=args.record,
     )
-    if args.layer is not None or m.FORK_DAEMONS:
-        # one layer needs no event loop here: the daemon does all the fetching;
-        # a process that forks its daemons must stay single-threaded
-        rec = m.mount_blocking(args.image, args.mountpoint, **opts)
+
+
+def _service(start: bool = False):
+    """A client of the mount service, or None: then the command runs here,
+    through the same core API. ``STARGZ_TUI_SERVER`` (read here, at the
+    edge): ``auto`` (default) uses the running service and, when ``start``,
+    starts one; ``use`` only uses a running one; ``off`` never does."""
+    from core.service import client
+
+    return client.for_mode(os.environ.get("STARGZ_TUI_SERVER"), start)
+
+
+def cmd_mount(args) -> int:
+    opts = mount_options(args)
+    svc = _service(start=True)
+    if svc is not None:
+        from core.service import protocol
+
+        rec = svc.call(protocol.Mount(options=opts), timeout=opts.timeout + 60)
     else:
-        import functools
-
-        import anyio
-
-        rec = anyio.run(functools.partial(m.mount_image, args.image, args.mountpoint, **opts))
+        rec = m.mount(opts)
     if args.allow_unverified:
         print("stargz-tui: warning: layers without a TOC digest are mounted unverified",
               file=sys.stderr)
@@ -98,7 +139,7 @@ def cmd_mount(args) -> int:
         f"{plural(len(rec['layers']), 'layer')} ({rec['overlay']})"
     pids = ", ".join(str(e["pid"]) for e in rec["layers"])
     print(f"mounted {safe(rec['image'])} ({what}) at {safe(rec['mountpoint'])} "
-          f"[daemon pid {pids}]")
+          f"[daemon pid {pids}{'' if svc is None else ', supervised by the mount service'}]")
     if args.foreground:
         return _foreground(rec)
     return 0
@@ -122,18 +163,36 @@ def _foreground(rec: dict) -> int:
                 break
             time.sleep(1.0)
     finally:
-        m.unmount(rec["mountpoint"], force=True)
+        _unmount(rec["mountpoint"], True)
     return 0
+
+
+def _unmount(mountpoint: str, force: bool) -> dict:
+    svc = _service()
+    if svc is None:
+        return m.unmount(mountpoint, force=force)
+    from core.service import protocol
+
+    return svc.call(protocol.Unmount(mountpoint=os.path.abspath(mountpoint), force=force))
+
+
+def _list_mounts() -> list[dict]:
+    svc = _service()
+    if svc is None:
+        return m.list_mounts()
+    from core.service import protocol
+
+    return svc.call(protocol.List())
 
 
 def _unmount_all(force: bool) -> int:
     """Every recorded mount, each on its own: one busy mount does not keep the
     others mounted; one line per failure on stderr, exit 1 if any failed."""
     failed = 0
-    mounts = m.list_mounts()
+    mounts = _list_mounts()
     for st in mounts:
         try:
-            res = m.unmount(st["mountpoint"], force=force)
+            res = _unmount(st["mountpoint"], force)
         except MountError as e:
             print(f"stargz-tui: {safe(e)}", file=sys.stderr)
             failed += 1
@@ -176,7 +235,7 @@ def cmd_unmount(args) -> int:
     if m.is_stargz_mount(args.mountpoint):
         # (a path that is none of ours gets "not mounted" below, wherever we run)
         _refuse_own_use(args.mountpoint, args.force)
-    res = m.unmount(args.mountpoint, force=args.force)
+    res = _unmount(args.mountpoint, args.force)
     if res["status"] == "not-mounted":
         # like umount(8): a path that is none of our mounts is an error
         raise MountError(f"{res['mountpoint']}: not mounted (not a stargz-tui mount)")
@@ -184,8 +243,33 @@ def cmd_unmount(args) -> int:
     return 0
 
 
+def _restore(action: str, as_json: bool) -> int:
+    """``mounts restore`` / ``mounts repair`` (through the service when it
+    runs, so its daemons are forked and supervised; else here)."""
+    svc = _service(start=True)
+    if svc is not None:
+        from core.service import protocol
+
+        req = protocol.Restore() if action == "restore" else protocol.Repair()
+        results = svc.call(req, timeout=600)
+    else:
+        results = m.restore() if action == "restore" else m.repair()
+    if as_json:
+        print(json.dumps(results, indent=2))
+    elif not results:
+        print("no mounts")
+    for r in results if not as_json else ():
+        line = f"{safe(r['mountpoint'])}: {r['status']}"
+        if r.get("error"):
+            line += f" ({safe(r['error'])})"
+        print(line)
+    return 1 if any(r["status"] in ("error", "failed") for r in results) else 0
+
+
 def cmd_mounts(args) -> int:
-    mounts = m.list_mounts()
+    if args.action in ("restore", "repair"):
+        return _restore(args.action, args.json)
+    mounts = _list_mounts()
     if args.json:
         print(json.dumps(mounts, indent=2))
         return 0
@@ -201,6 +285,9 @@ def cmd_mounts(args) -> int:
         print(f"  image   {safe(st['image'])}  ({st['kind']}, {plural(len(st['layers']), 'layer')}"
               + (f", {st['overlay']}" if st.get("overlay") else "") + ")")
         print(f"  pids    {', '.join(str(p) for p in st['pids'])}")
+        if st.get("restarts") or st.get("lastError"):
+            print(f"  restarts {st.get('restarts', 0)}"
+                  + (f"; last error: {safe(st['lastError'])}" if st.get("lastError") else ""))
         if st["state"] == "serving":
             print(f"  fetched {human_size(st['bytesFetched'])} in {st['requests']} requests; "
                   f"chunks {st['chunksCached']}/{total} cached; prefetch {pf}; "
@@ -209,8 +296,12 @@ def cmd_mounts(args) -> int:
                 print(f"  record  {st['recorded']} file(s) recorded to {st['record']}")
             if st["digestErrors"] or st["readErrors"]:
                 print(f"  errors  {st['digestErrors']} digest, {st['readErrors']} read")
+        elif st["state"] == "failed":
+            print(f"  failed: {safe(st.get('reason', ''))} (`stargz-tui mounts repair` tries "
+                  f"again, `stargz-tui unmount --force {safe(st['mountpoint'])}` removes it)")
         else:
-            print(f"  stale:  {safe(st.get('reason', ''))} (`stargz-tui unmount --force "
+            print(f"  stale:  {safe(st.get('reason', ''))} (`stargz-tui mounts restore` "
+                  f"serves it again, `stargz-tui unmount --force "
                   f"{safe(st['mountpoint'])}` cleans it up)")
     return 0
 
@@ -219,7 +310,7 @@ def _mounts_using_cache(cache_dir: str) -> list[str]:
     """Mountpoints of live mounts whose daemons read chunks from ``cache_dir``
     (as each daemon reports it: its stats name its cache's directory)."""
     out = []
-    for st in m.list_mounts():
+    for st in _list_mounts():
         for lay in st["layers"]:
             if ((lay.get("stats") or {}).get("cache") or {}).get("dir") == cache_dir:
                 out.append(st["mountpoint"])
@@ -255,36 +346,47 @@ def cmd_cache(args) -> int:
     return 0
 
 
-def cmd_server(args) -> int:
-    from stargz_tui import resident
+def cmd_service(args) -> int:
+    from core.service import client, protocol
 
-    info = resident.request("status")
+    if args.action == "run":
+        from core.service.server import run
+
+        return run()
+    if args.action in ("install", "uninstall"):
+        from core.service import systemd
+
+        print(systemd.install() if args.action == "install" else systemd.uninstall())
+        return 0
+    svc = client.connect()
+    info = svc.call(protocol.Status()) if svc is not None else None
     if args.action == "status":
         if args.json:
             print(json.dumps({"running": bool(info), **(info or {})}))
         elif info:
-            print(f"resident server running (pid {info['pid']})"
-                  + ("" if info.get("current") else "; it runs older code and exits "
-                     "at the next mount"))
+            print(f"mount service running (pid {info['pid']}, socket {info['socket']})")
         else:
-            print("no resident server running")
+            print("no mount service running")
         return 0
     if args.action == "stop":
         if info is None:
-            print("no resident server running")
+            print("no mount service running")
             return 0
-        resident.request("stop")
-        print(f"stopped the resident server (pid {info['pid']})")
-        return 0
-    if info and info.get("current"):
-        print(f"resident server already running (pid {info['pid']})")
+        svc.call(protocol.Stop())
+        for _ in range(100):  # it exits once its loop sees the signal
+            if not os.path.exists(f"/proc/{info['pid']}"):
+                break
+            time.sleep(0.05)
+        print(f"stopped the mount service (pid {info['pid']}); mounts keep serving")
         return 0
     if info:
-        resident.request("stop")
-    res = resident.start_and_wait()
-    if not res["running"]:
-        raise MountError(f"the resident server did not start (log: {res['log']})")
-    print(f"resident server running (pid {res['pid']})")
+        print(f"mount service already running (pid {info['pid']})")
+        return 0
+    svc = client.start()
+    if svc is None:
+        raise MountError(f"the mount service did not start (log: {client.log_path()})")
+    info = svc.call(protocol.Status())
+    print(f"mount service running (pid {info['pid']})")
     return 0
 
 
@@ -342,8 +444,12 @@ def register(subparsers) -> None:
                    help="force / lazily detach a busy mount and stop its daemons")
     p.set_defaults(func=cmd_unmount)
 
-    p = subparsers.add_parser("mounts", help="list mounts with live fetch state",
+    p = subparsers.add_parser("mounts", help="list mounts with live fetch state; "
+                              "`mounts restore` / `mounts repair` serve them again",
                               epilog=MOUNTS_EXAMPLES, formatter_class=fmt)
+    p.add_argument("action", nargs="?", choices=["list", "restore", "repair"], default="list",
+                   help="restore: every recorded mount that is not served (after a reboot); "
+                        "repair: also failed ones, dropping records whose mountpoint is gone")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mounts)
 
@@ -357,15 +463,19 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_cache)
 
     p = subparsers.add_parser(
-        "server", help="the resident server that makes `mount` start fast",
-        description="A resident process with the mount code already imported runs "
-                    "`mount`/`unmount` for this user by forking, so a mount starts no new "
-                    "Python interpreter. `mount` starts one in the background unless "
-                    "STARGZ_TUI_SERVER=off (or `use`: use one, never start it); it exits "
-                    "after 15 idle minutes. Mounts never depend on it.")
-    p.add_argument("action", nargs="?", choices=["status", "start", "stop"], default="status")
+        "service", help="the per-user mount service (fast mounts, restarts, restore)",
+        description="A per-user process with the mount code imported: `mount` goes through it "
+                    "(its daemons are forked, no new interpreter), it starts a daemon that "
+                    "died again at the same mountpoint, and it restores the recorded mounts "
+                    "when it starts. `mount` starts it unless STARGZ_TUI_SERVER=off (or `use`: "
+                    "use a running one, never start it). Mounts never depend on it. "
+                    "`install` writes a systemd user unit that runs it at login.",
+        epilog=SERVICE_EXAMPLES, formatter_class=fmt)
+    p.add_argument("action", nargs="?",
+                   choices=["status", "start", "stop", "run", "install", "uninstall"],
+                   default="status")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_server)
+    p.set_defaults(func=cmd_service)
 
 
 __all__ = ["register", "MountError"]

@@ -7,14 +7,15 @@ command groups use to give their commands ``--insecure-registry``.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import sys
 
 from core.errors import AuthError, CoreError
-from core.reference import parse_reference, parse_registry
 
 from ..textsafe import safe
+
+# core.reference and getpass are imported where used: `mount` imports this
+# module for its registry options, and its start-up is on the B1 path
 
 
 class UsageError(CoreError):
@@ -58,6 +59,8 @@ def _client(registry: str, args, **kw):
 
 
 async def cmd_repos(args) -> int:
+    from core.reference import parse_registry
+
     registry = parse_registry(args.registry)
     client = _client(registry, args)
     names, truncated = [], False
@@ -81,6 +84,8 @@ async def cmd_repos(args) -> int:
 
 
 async def cmd_tags(args) -> int:
+    from core.reference import parse_reference
+
     ref = parse_reference(args.image)
     if ref.is_oci_layout:
         from core.image import OCILayoutStore
@@ -126,6 +131,8 @@ def _read_secret(args) -> tuple[str, str]:
     else:
         if not sys.stdin.isatty():
             raise UsageError("no terminal to ask for the password: use --password-stdin")
+        import getpass
+
         secret = getpass.getpass("Password: ")
     if not username or not secret:
         raise UsageError("username and password must not be empty")
@@ -133,6 +140,7 @@ def _read_secret(args) -> tuple[str, str]:
 
 
 async def cmd_login(args) -> int:
+    from core.reference import parse_registry
     from core.registry import credentials
     from core.registry.credentials import Credentials
 
@@ -158,6 +166,7 @@ async def cmd_login(args) -> int:
 
 
 def cmd_logout(args) -> int:
+    from core.reference import parse_registry
     from core.registry import credentials
 
     registry = parse_registry(args.registry)

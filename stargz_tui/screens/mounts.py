@@ -92,7 +92,9 @@ class MountsScreen(BaseScreen):
             mp = _tail(printable(m["mountpoint"]), MP_NARROW if narrow else MP_WIDE)
             cells = {
                 "mp": Text(mp), "image": Text(_tail(printable(m.get("image", "")), IMAGE_WIDE)), "kind": plain(m.get("kind") or ""),
-                "state": plain(state, "green" if state == "serving" else "bold red"),
+                # restarts by the mount service: the cell says how many
+                "state": plain(state + (f" ↻{m['restarts']}" if m.get("restarts") else ""),
+                               "green" if state == "serving" else "bold red"),
                 "fetched": human_size(m.get("bytesFetched") or 0),
                 "chunks": f"{cached}/{total}" + (f" {100 * cached // total}%" if total else ""),
                 "prefetch": Text("done", "green") if m.get("prefetchDone") else Text("…", "cyan"),
@@ -141,13 +143,19 @@ class MountsScreen(BaseScreen):
                  + ("done" if m.get("backgroundFetchDone") else "…") + "\n", "dim")
         if m.get("reason"):
             t.append(f"{printable(m['reason'])}\n", "red")
+        if m.get("restarts") or m.get("lastError"):
+            t.append(f"restarted {m.get('restarts', 0)} time(s) by the mount service", "yellow")
+            if m.get("lastError"):
+                t.append(printable(f" · last error: {m['lastError']}"), "yellow")
+            t.append("\n")
         if m.get("record"):
             t.append(printable(f"recording: {m.get('recorded', 0)} file(s) to {m['record']}") + "\n",
                      "magenta")
         for lay in m.get("layers") or []:
             st = lay.get("stats") or {}
             t.append(f"layer {lay['index']} ", "bold")
-            t.append(printable(f"{lay['digest'][:19]} pid {lay.get('pid')} {lay.get('state')} "))
+            t.append(printable(f"{(lay.get('digest') or 'resolving')[:19]} pid {lay.get('pid')} "
+                               f"{lay.get('state')} "))
             t.append(f"fetched {human_size(st.get('bytesFetched') or 0)} in "
                      f"{st.get('requests', 0)} requests · cached "
                      f"{st.get('chunksCached', 0)}/{st.get('chunksTotal', 0)}")

@@ -35,6 +35,21 @@ def scratch():
         shutil.rmtree(d, ignore_errors=True)
 
 
+# One daemon started by core.starter with a DaemonConfig; exit 1 when it
+# reports an error on its channel.
+DAEMON_DIRECT = """
+import sys, time
+from core.options import DaemonConfig
+from core.starter import SpawnStarter
+image, mp, log, ctl = sys.argv[1:5]
+proc = SpawnStarter().start(DaemonConfig(image=image, layer="0", mountpoint=mp, control=ctl,
+                                         log=log))
+line = proc.read_line(time.monotonic() + 60) or ""
+print(line)
+sys.exit(0 if line.startswith("ok") else 1)
+"""
+
+
 def _after(alice, mp: str) -> None:
     assert alice.mounts() == []
     with open("/proc/self/mountinfo") as f:
@@ -48,11 +63,11 @@ def test_dev_fuse_not_accessible(alice):
     try:
         r = alice.cli("mount", alice.image("mini-esgz"), mp, "--layer", "0")
         # the daemon itself, past the check, started as core.mount starts it (its
-        # stderr is its log): libfuse's cause, not "fuse_session_mount failed"
+        # stderr is its log, its config comes over its channel): libfuse's
+        # cause, not "fuse_session_mount failed"
         log = os.path.join(alice.home, "daemon.log")
-        d = alice.run(["sh", "-c", 'exec "$@" >>"$0" 2>&1', log, alice.install.python, "-m",
-                       "core.daemon", "--image", alice.image("mini-esgz"), "--layer", "0",
-                       "--mountpoint", mp, "--log", log])
+        d = alice.run([alice.install.python, "-c", DAEMON_DIRECT, alice.image("mini-esgz"), mp,
+                       log, os.path.join(alice.home, "ctl.sock")])
     finally:
         os.chmod("/dev/fuse", mode)
     msg = _one_line_error(r)

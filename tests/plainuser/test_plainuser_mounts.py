@@ -157,14 +157,14 @@ def test_cache_convert_verify_as_plain_user(alice):
     assert json.loads(r.stdout)["removedChunks"] == usage["chunks"]
 
 
-def test_resident_server_mounts_as_plain_user(alice):
-    """``mount`` through her resident server (the default mode): it runs as
+def test_mount_service_mounts_as_plain_user(alice):
+    """``mount`` through her mount service (the default mode): it runs as
     her, its socket dir is hers, and its mounts equal the ground truth."""
     env = {"STARGZ_TUI_SERVER": "auto"}
     try:
-        r = alice.cli("server", "start", env=env)
-        assert r.returncode == 0 and "resident server running" in r.stdout, r.stderr
-        info = json.loads(alice.cli("server", "status", "--json", env=env, check=True).stdout)
+        r = alice.cli("service", "start", env=env)
+        assert r.returncode == 0 and "mount service running" in r.stdout, r.stderr
+        info = json.loads(alice.cli("service", "status", "--json", env=env, check=True).stdout)
         assert info["running"]
         with open(f"/proc/{info['pid']}/status") as f:
             uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
@@ -183,4 +183,4 @@ def test_resident_server_mounts_as_plain_user(alice):
             r = alice.cli("unmount", mp, env=env)
             assert r.returncode == 0, r.stderr
     finally:
-        alice.cli("server", "stop", env=env)
+        alice.cli("service", "stop", env=env)

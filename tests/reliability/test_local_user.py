@@ -11,7 +11,7 @@ side is the real CLI in subprocesses.
   work, from a private directory of its own.
 * A socket in root's runtime dir is listened on by the attacker (root binds
   it, the attacker calls ``listen``/``connect`` on the passed descriptor, so
-  ``SO_PEERCRED`` names the attacker): root's launcher, ``server status`` and
+  ``SO_PEERCRED`` names the attacker): root's CLI, ``service status`` and
   the mount manager send it nothing and say so in one line; a daemon's control
   socket answers nothing to the attacker even with its permissions loosened.
 """
@@ -227,9 +227,9 @@ def _received(proc: subprocess.Popen) -> bytes:
     return out
 
 
-@pytest.mark.parametrize("command", [["mount", REF, "MP", "--layer", "0"], ["server", "status"]],
-                         ids=["mount", "server-status"])
-def test_resident_socket_served_by_another_user(intruder, tmp_path, command, rel):
+@pytest.mark.parametrize("command", [["mount", REF, "MP", "--layer", "0"], ["service", "status"]],
+                         ids=["mount", "service-status"])
+def test_service_socket_served_by_another_user(intruder, tmp_path, command, rel):
     run = tempfile.mkdtemp(prefix="sgzfs-run-")
     env = _root_env(tmp_path, "/tmp")
     env.update({"STARGZ_TUI_RUNTIME_DIR": run, "STARGZ_TUI_SERVER": "use",
@@ -238,7 +238,7 @@ def test_resident_socket_served_by_another_user(intruder, tmp_path, command, rel
     mp.mkdir()
     argv = [str(mp) if a == "MP" else a for a in command]
     try:
-        with _listened_by(intruder, os.path.join(run, "server.sock")) as proc:
+        with _listened_by(intruder, os.path.join(run, "service.sock")) as proc:
             r = _cli(env, *argv, timeout=60)
         got = _received(proc)
     finally:
@@ -249,7 +249,7 @@ def test_resident_socket_served_by_another_user(intruder, tmp_path, command, rel
     assert f"uid {intruder.uid}" in lines[0] and "refusing" in lines[0], lines
     assert not core_mount.is_mounted(str(mp))
     rel.row("security", f"`stargz-tui {' '.join(command[:2]).replace(REF, 'IMAGE')}` when "
-            "server.sock in the runtime dir is listened on by another user",
+            "service.sock in the runtime dir is listened on by another user",
             f"nothing sent (no environment, no fds); exit {r.returncode}, one line: "
             f"{lines[0][:100]}")
 

@@ -1,0 +1,157 @@
+"""The mount service's wire protocol: versioned, typed, size-limited.
+
+Contract: every message is one frame, a 4-byte big-endian length then that
+many bytes of msgspec JSON, at most :data:`MAX_MESSAGE` bytes. A request is
+an object with ``"v"`` (:data:`VERSION`) and ``"op"`` (``mount``,
+``unmount``, ``list``, ``watch``, ``restore``, ``repair``, ``status``,
+``stop``) and the fields of its struct below, nothing else (unknown fields
+are refused). Every answer is a :class:`Reply`: ``ok`` with ``data``, or
+``error`` (one line) and ``kind`` (the :mod:`core.errors` class a client
+raises). ``watch`` answers with a reply every ``interval`` seconds.
+
+What is refused, with a reply saying why, the connection then closed:
+a frame over the limit (before its body is read), bytes that are not JSON
+or not an object of a known op, a version this service does not speak,
+a peer that is not our uid. No argv, environment or file descriptor
+crosses the socket: a mount is a :class:`core.options.MountOptions`.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+from ..errors import MountError
+from ..options import MountOptions
+
+VERSION = 1
+MAX_MESSAGE = 1 << 20
+SOCKET_NAME = "service.sock"
+_LEN = struct.Struct(">I")
+
+
+class ProtocolError(MountError):
+    """A message this protocol refuses (one line, sent back as the reason)."""
+
+
+class _Base(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="op"):
+    v: int = VERSION
+
+
+class Mount(_Base, tag="mount"):
+    options: MountOptions
+
+
+class Unmount(_Base, tag="unmount"):
+    mountpoint: str
+    force: bool = False
+
+
+class List(_Base, tag="list"):
+    pass
+
+
+class Watch(_Base, tag="watch"):
+    interval: float = 1.0
+    count: int = 0  # replies to send; 0: until the client goes away
+
+
+class Restore(_Base, tag="restore"):
+    pass
+
+
+class Repair(_Base, tag="repair"):
+    pass
+
+
+class Status(_Base, tag="status"):
+    pass
+
+
+class Stop(_Base, tag="stop"):
+    pass
+
+
+Request = Mount | Unmount | List | Watch | Restore | Repair | Status | Stop
+
+
+class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    v: int = VERSION
+    ok: bool = True
+    data: Any = None
+    error: str | None = None
+    kind: str | None = None  # the core.errors class name of ``error``
+
+
+class _Head(msgspec.Struct):
+    v: Any = None
+
+
+_request_decoder = msgspec.json.Decoder(Request)
+_head_decoder = msgspec.json.Decoder(_Head)
+_reply_decoder = msgspec.json.Decoder(Reply)
+_encoder = msgspec.json.Encoder()
+
+
+def frame(msg) -> bytes:
+    body = _encoder.encode(msg)
+    if len(body) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(body)} bytes is over the {MAX_MESSAGE} byte limit")
+    return _LEN.pack(len(body)) + body
+
+
+def body_length(header: bytes) -> int:
+    """The body length a frame header announces; ProtocolError when over the limit."""
+    (n,) = _LEN.unpack(header)
+    if n > MAX_MESSAGE:
+        raise ProtocolError(f"a message of {n} bytes is over the {MAX_MESSAGE} byte limit")
+    return n
+
+
+def decode_request(body: bytes) -> Request:
+    """A request, or ProtocolError saying in one line what is wrong with it."""
+    try:
+        head = _head_decoder.decode(body)
+    except msgspec.DecodeError:
+        raise ProtocolError("malformed request: not a JSON object") from None
+    if head.v != VERSION:
+        raise ProtocolError(f"protocol version {head.v!r} is not spoken here "
+                            f"(this service speaks version {VERSION})")
+    try:
+        return _request_decoder.decode(body)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed request: {e}") from None
+
+
+def decode_reply(body: bytes) -> Reply:
+    try:
+        return _reply_decoder.decode(body)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"the mount service sent a malformed reply: {e}") from None
+
+
+HEADER_SIZE = _LEN.size
+
+
+def _recv_exact(sock, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        piece = sock.recv(min(n - len(buf), 1 << 16))
+        if not piece:
+            raise EOFError("the connection closed mid-message" if buf else "the connection closed")
+        buf += piece
+    return bytes(buf)
+
+
+def read_frame(sock) -> bytes:
+    """One frame's body from ``sock`` (its timeout applies to each recv);
+    ProtocolError when it announces more than the limit (nothing more is
+    read), EOFError when the peer closed, OSError (e.g. a timeout)."""
+    n = body_length(_recv_exact(sock, HEADER_SIZE))
+    return _recv_exact(sock, n)
+
+__all__ = ["VERSION", "MAX_MESSAGE", "SOCKET_NAME", "ProtocolError", "Mount", "Unmount", "List",
+           "Watch", "Restore", "Repair", "Status", "Stop", "Request", "Reply", "frame",
+           "body_length", "decode_request", "decode_reply", "HEADER_SIZE", "read_frame"]
