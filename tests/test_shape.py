@@ -22,8 +22,6 @@ import importlib.util
 import os
 import re
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_CLASS_LINES = 400
 MAX_METHODS = 20
@@ -33,17 +31,9 @@ REASON_MARK = "Not split:"
 PUBLIC_DESPITE_UNDERSCORE = {"os._exit"}
 PUBLIC_ATTRS = {"_replace", "_asdict", "_fields", "_make", "_exit"}  # namedtuple's, os._exit
 # (module, what it uses) pairs allowed to reach a private name, with why.
-_C_ONLY = ("the launcher's hand-off imports only C modules, so that `stargz-tui mount` "
-           "starts fast (bench/README.md, B1)")
-PRIVATE_ACCESS_ALLOWED: dict[tuple[str, str], str] = {
-    ("stargz_tui/launcher.py", "from _json import ..."): _C_ONLY,
-    ("stargz_tui/launcher.py", "import _socket"): _C_ONLY,
-    ("stargz_tui/launcher.py", "import _signal"): _C_ONLY,
-    ("core/peer.py", "import _socket"): _C_ONLY + "; the launcher checks its peer with it",
-    ("stargz_tui/resident.py", "import anyio._backends._trio"):
-        "pre-imported before the server forks daemons (anyio imports it lazily, in each "
-        "child otherwise); nothing of it is called",
-}
+# Empty: nothing of ours needs one (the launcher's C-module hand-off went
+# with the mount service, issue 14).
+PRIVATE_ACCESS_ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def _sources(*packages: str):
@@ -251,10 +241,12 @@ def test_module_map_matches_the_tree():
     assert not mapped - tree, f"rows for modules that do not exist: {sorted(mapped - tree)}"
 
 
-@pytest.mark.parametrize("entry", sorted(PRIVATE_ACCESS_ALLOWED))
-def test_private_access_allowlist_is_used(entry):
+def test_private_access_allowlist_is_used():
     """An allowlist entry nothing needs any more is stale: remove it."""
-    assert any(u.startswith(entry[0] + ":") and u.endswith(": " + entry[1])
-               for u in private_uses(allowed={})), entry
+    uses = private_uses(allowed={})
+    stale = [entry for entry in PRIVATE_ACCESS_ALLOWED
+             if not any(u.startswith(entry[0] + ":") and u.endswith(": " + entry[1])
+                        for u in uses)]
+    assert not stale, f"allowlist entries nothing needs any more: {stale}"
 
 
