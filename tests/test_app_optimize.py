@@ -4,7 +4,6 @@ screen (a real mount, a real reader)."""
 
 from __future__ import annotations
 
-import functools
 import os
 
 import anyio
@@ -121,8 +120,7 @@ async def test_recorded_files_are_marked_in_the_layer_tree(mount_env, tmp_path):
     mp = tmp_path / "mnt"
     mp.mkdir()
     rec = tmp_path / "rec.json"
-    await anyio.to_thread.run_sync(functools.partial(
-        core_mount.mount_blocking, f"{LAYOUT_REF}:mini-esgz", str(mp), record=str(rec)))
+    await core_mount.mount_image(f"{LAYOUT_REF}:mini-esgz", str(mp), record=str(rec))
 
     def reader():
         for p in ("usr/lib/app/mod_05.py", "etc/os-release", "data/new.txt"):
