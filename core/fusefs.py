@@ -124,9 +124,50 @@ def _erofs():
     return pyfuse3.FUSEError(errno.EROFS)
 
 
+class ReadOnlyOperations(pyfuse3.Operations):
+    """Every request that would write answers EROFS: what both of our
+    filesystems (one layer, an image's merged view) share."""
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        raise _erofs()
+
+    async def setxattr(self, inode, name, value, ctx):
+        raise _erofs()
+
+    async def removexattr(self, inode, name, ctx):
+        raise _erofs()
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise _erofs()
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise _erofs()
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise _erofs()
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise _erofs()
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise _erofs()
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise _erofs()
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise _erofs()
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise _erofs()
+
+    async def write(self, fh, off, buf):
+        raise _erofs()
+
+
 # Not split: pyfuse3 calls one Operations object, one method per request kind
 # (30 of its methods); the rest are the small helpers those requests share.
-class LayerFS(pyfuse3.Operations):
+class LayerFS(ReadOnlyOperations):
     """pyfuse3 operations serving one :class:`LayerIndex` read-only."""
 
     supports_dot_lookup = True
@@ -433,39 +474,3 @@ class LayerFS(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
-    # -- everything that writes ---------------------------------------------
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        raise _erofs()
-
-    async def setxattr(self, inode, name, value, ctx):
-        raise _erofs()
-
-    async def removexattr(self, inode, name, ctx):
-        raise _erofs()
-
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        raise _erofs()
-
-    async def mkdir(self, parent_inode, name, mode, ctx):
-        raise _erofs()
-
-    async def unlink(self, parent_inode, name, ctx):
-        raise _erofs()
-
-    async def rmdir(self, parent_inode, name, ctx):
-        raise _erofs()
-
-    async def symlink(self, parent_inode, name, target, ctx):
-        raise _erofs()
-
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        raise _erofs()
-
-    async def link(self, inode, new_parent_inode, new_name, ctx):
-        raise _erofs()
-
-    async def create(self, parent_inode, name, mode, flags, ctx):
-        raise _erofs()
-
-    async def write(self, fh, off, buf):
-        raise _erofs()

@@ -41,7 +41,7 @@ import pyfuse3
 
 from .errors import CoreError
 from .estargz.toc import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, WHITEOUT_PREFIX
-from .fusefs import BLKSIZE, IMMUTABLE_TIMEOUT, negative_entry
+from .fusefs import BLKSIZE, IMMUTABLE_TIMEOUT, ReadOnlyOperations, negative_entry
 from .overlay import MergedTree
 
 log = logging.getLogger("core.mergedfs")
@@ -56,7 +56,7 @@ def _erofs():
     return pyfuse3.FUSEError(errno.EROFS)
 
 
-class MergedFS(pyfuse3.Operations):
+class MergedFS(ReadOnlyOperations):
     """pyfuse3 operations serving the merged view of ``layers`` (bottom
     first: ``(LayerIndex, LayerReader)`` pairs) read-only.
 
@@ -265,40 +265,3 @@ class MergedFS(pyfuse3.Operations):
         s.f_files = sum(len(ix) for ix in self.indexes)
         s.f_namemax = 255
         return s
-
-    # -- everything that writes -----------------------------------------------------
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        raise _erofs()
-
-    async def setxattr(self, inode, name, value, ctx):
-        raise _erofs()
-
-    async def removexattr(self, inode, name, ctx):
-        raise _erofs()
-
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        raise _erofs()
-
-    async def mkdir(self, parent_inode, name, mode, ctx):
-        raise _erofs()
-
-    async def unlink(self, parent_inode, name, ctx):
-        raise _erofs()
-
-    async def rmdir(self, parent_inode, name, ctx):
-        raise _erofs()
-
-    async def symlink(self, parent_inode, name, target, ctx):
-        raise _erofs()
-
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        raise _erofs()
-
-    async def link(self, inode, new_parent_inode, new_name, ctx):
-        raise _erofs()
-
-    async def create(self, parent_inode, name, mode, flags, ctx):
-        raise _erofs()
-
-    async def write(self, fh, off, buf):
-        raise _erofs()
