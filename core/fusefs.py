@@ -126,7 +126,14 @@ def _erofs():
 
 class ReadOnlyOperations(pyfuse3.Operations):
     """Every request that would write answers EROFS: what both of our
-    filesystems (one layer, an image's merged view) share."""
+    filesystems (one layer, an image's merged view) share; flush and fsync
+    have nothing to do."""
+
+    async def flush(self, fh):
+        return None
+
+    async def fsync(self, fh, datasync):
+        return None
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         raise _erofs()
@@ -413,12 +420,6 @@ class LayerFS(ReadOnlyOperations):
         if self._open.pop(fh, None) is not None:
             self.open_files -= 1
         self.reader.forget_stream(fh)
-
-    async def flush(self, fh):
-        return None
-
-    async def fsync(self, fh, datasync):
-        return None
 
     async def access(self, inode, mode, ctx):
         self._check(inode)

@@ -226,12 +226,6 @@ class MergedFS(ReadOnlyOperations):
             self.open_files -= 1
             self.readers[got[0]].forget_stream(fh)
 
-    async def flush(self, fh):
-        return None
-
-    async def fsync(self, fh, datasync):
-        return None
-
     async def access(self, inode, mode, ctx):
         self._node(inode)
         if mode & os.W_OK:
