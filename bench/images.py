@@ -57,45 +57,37 @@ def build_layer(workdir: str, name: str, genfn: str, param, log=print) -> dict:
     os.makedirs(workdir, exist_ok=True)
     key = hashlib.sha256(f"{name}:{param}:{writer_id}:v3".encode()).hexdigest()[:12]
     tar_path = os.path.join(workdir, f"{name}-{param}.tar")
-    blob_path = os.path.join(workdir, f"{name}-{key}.esgz")
-    meta_path = blob_path + ".json"
-    if os.path.exists(meta_path) and os.path.exists(blob_path):
-        with open(meta_path) as f:
-            return json.load(f)
-    t0 = time.monotonic()
-    if not os.path.exists(tar_path):
-        getattr(gen, genfn)(tar_path + ".tmp", param)
-        os.replace(tar_path + ".tmp", tar_path)
-    meta = write(tar_path, blob_path + ".tmp")
-    os.replace(blob_path + ".tmp", blob_path)
-    meta["path"] = blob_path
-    with tarfile.open(tar_path) as tf:
-        members = tf.getmembers()
-    meta["entries"] = len(members)
-    meta["files"] = sum(1 for m in members if m.isreg())
-    meta["tar"] = tar_path
-    meta["writer"] = writer_id
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=1)
-    log(f"  built layer {name}: {meta['size'] / 1e6:.1f} MB blob, {meta['entries']} entries "
-        f"({time.monotonic() - t0:.1f} s, {writer_id})")
-    return meta
+
+    def make_tar(path: str) -> None:
+        if not os.path.exists(path):
+            getattr(gen, genfn)(path + ".tmp", param)
+            os.replace(path + ".tmp", path)
+
+    return _build_cached(os.path.join(workdir, f"{name}-{key}.esgz"), tar_path, make_tar,
+                         keep_tar=True, log=log)
 
 
 def build_extra(workdir: str, name: str, make_tar) -> dict:
     """One more layer, cached like :func:`build_layers`' (B11/B12 build many
     small ones): ``make_tar(path)`` writes its tar; ``name`` must say every
     parameter of it. Returns the layer dict."""
-    write, writer_id = _writer()
+    _, writer_id = _writer()
     key = hashlib.sha256(f"{name}:{writer_id}:v1".encode()).hexdigest()[:12]
     d = os.path.join(workdir, "extra")
     os.makedirs(d, exist_ok=True)
-    blob_path = os.path.join(d, f"{name}-{key}.esgz")
+    return _build_cached(os.path.join(d, f"{name}-{key}.esgz"), os.path.join(d, f"{name}.tar"),
+                         make_tar, keep_tar=False, log=None)
+
+
+def _build_cached(blob_path: str, tar_path: str, make_tar, *, keep_tar: bool, log) -> dict:
+    """The layer dict kept beside ``blob_path``, else: ``make_tar(tar_path)``,
+    the project's writer, the dict written next to the blob."""
     meta_path = blob_path + ".json"
     if os.path.exists(meta_path) and os.path.exists(blob_path):
         with open(meta_path) as f:
             return json.load(f)
-    tar_path = os.path.join(d, f"{name}.tar")
+    write, writer_id = _writer()
+    t0 = time.monotonic()
     make_tar(tar_path)
     meta = write(tar_path, blob_path + ".tmp")
     os.replace(blob_path + ".tmp", blob_path)
@@ -105,7 +97,13 @@ def build_extra(workdir: str, name: str, make_tar) -> dict:
     meta["entries"] = len(members)
     meta["files"] = sum(1 for m in members if m.isreg())
     meta["writer"] = writer_id
-    os.unlink(tar_path)
+    if keep_tar:
+        meta["tar"] = tar_path
+    else:
+        os.unlink(tar_path)
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
+    if log is not None:
+        log(f"  built layer {os.path.basename(blob_path)}: {meta['size'] / 1e6:.1f} MB blob, "
+            f"{meta['entries']} entries ({time.monotonic() - t0:.1f} s, {writer_id})")
     return meta
