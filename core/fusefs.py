@@ -126,13 +126,16 @@ def _erofs():
 
 class ReadOnlyOperations(pyfuse3.Operations):
     """Every request that would write answers EROFS: what both of our
-    filesystems (one layer, an image's merged view) share; flush and fsync
-    have nothing to do."""
+    filesystems (one layer, an image's merged view) share; flush, fsync and fsyncdir have
+    nothing to do."""
 
     async def flush(self, fh):
         return None
 
     async def fsync(self, fh, datasync):
+        return None
+
+    async def fsyncdir(self, fh, datasync):
         return None
 
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -378,9 +381,6 @@ class LayerFS(ReadOnlyOperations):
 
     async def releasedir(self, fh):
         self._dirs.pop(fh, None)
-
-    async def fsyncdir(self, fh, datasync):
-        return None
 
     # -- files -------------------------------------------------------------
     async def open(self, inode, flags, ctx):

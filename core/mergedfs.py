@@ -193,9 +193,6 @@ class MergedFS(ReadOnlyOperations):
     async def releasedir(self, fh):
         self._dirs.pop(fh, None)
 
-    async def fsyncdir(self, fh, datasync):
-        return None
-
     # -- files -------------------------------------------------------------------
     async def open(self, inode, flags, ctx):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):

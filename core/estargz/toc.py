@@ -351,12 +351,6 @@ class LayerIndex:
         for i in range(len(self._names)):
             yield Entry(self, i)
 
-    def ids_named(self, name: str) -> list[int]:
-        """The ids of the entries whose basename is ``name`` (e.g. every
-        opaque-directory marker), in one C-level pass rather than an
-        :class:`Entry` per entry."""
-        return list(compress(range(len(self._names)), map(eq, self._names, repeat(name))))
-
     def path_of(self, id: int) -> str:
         parts = []
         names, parents = self._names, self._parents
