@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterable
 
 from .chunkstore import MEMORY_ONLY, MemoryStore, chunk_key, digestless_scope
 from .chunkstore_pack import PackStore
+from .units import parse_size
 
 __all__ = ["MEMORY_ONLY", "ChunkCache", "chunk_key", "default_cache_dir",
            "default_memory_bytes", "digestless_scope", "parse_size"]
@@ -78,18 +78,6 @@ def default_direct() -> bool:
     """Whether the disk store may use O_DIRECT: ``$STARGZ_TUI_CACHE_DIRECT``
     other than ``0`` (a file system that refuses it is detected anyway)."""
     return os.environ.get("STARGZ_TUI_CACHE_DIRECT", "1") != "0"
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """``"4G"``, ``"512MiB"``, ``"1000000"`` -> bytes (None stays None)."""
-    if text is None or isinstance(text, int):
-        return text
-    s = str(text).strip().lower().replace(" ", "")
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]?)(i?b?)", s)
-    if not m:
-        raise ValueError(f"invalid size {text!r} (use e.g. 512M, 4G, 1000000)")
-    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)]
-    return int(float(m.group(1)) * mult)
 
 
 class ChunkCache:

@@ -30,15 +30,15 @@ import os
 import msgspec
 
 from .errors import MountError
+from .optionfields import DEFAULT_READY_TIMEOUT, absolute_image, mount_fields
 
-DEFAULT_READY_TIMEOUT = 120.0
 DEFAULT_SPIN_US = 50.0  # core.fuseloop's default polling window
 
 
 def _size(text: str) -> int | None:
-    """``64M``, ``2G``, ``4096``: bytes (core.cache's parse_size, imported only
+    """``64M``, ``2G``, ``4096``: bytes (core.units.parse_size, imported only
     when the variable is set), or None when unreadable."""
-    from .cache import parse_size
+    from .units import parse_size
 
     try:
         return max(0, parse_size(text))
@@ -101,38 +101,15 @@ class MountOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     @classmethod
     def build(cls, image: str, mountpoint: str, *, layer=None, cwd: str | None = None,
               tuning: Tuning | None = None, **fields) -> MountOptions:
-        """The options with every path absolute against ``cwd`` (default: ours)
-        and the tuning from this process's environment unless given. Unknown
-        option names raise ``MountError``."""
-        base = cwd or os.getcwd()
-
-        def absolute(p: str | None) -> str | None:
-            return None if p is None else os.path.normpath(os.path.join(base, os.path.expanduser(p)))
-
-        for key in ("insecure_registries", "uid_map", "gid_map"):
-            if key in fields:
-                fields[key] = tuple(str(x) for x in fields[key] or ())
-        for key in ("cache_dir", "record"):
-            if fields.get(key) is not None:
-                fields[key] = absolute(str(fields[key]))
-        fields = {k: v for k, v in fields.items() if v is not None}  # None: the default
+        """The options with every path absolute against ``cwd`` (default: ours;
+        :func:`core.optionfields.mount_fields`) and the tuning from this
+        process's environment unless given. Unknown option names raise
+        ``MountError``."""
         try:
-            return cls(image=absolute_image(image, base), mountpoint=absolute(mountpoint),
-                       layer=None if layer is None else str(layer),
-                       tuning=tuning if tuning is not None else Tuning.from_env(), **fields)
+            return cls(**mount_fields(image, mountpoint, layer=layer, cwd=cwd, **fields),
+                       tuning=tuning if tuning is not None else Tuning.from_env())
         except TypeError as e:
             raise MountError(f"bad mount option: {e}") from None
-
-
-def absolute_image(image: str, cwd: str) -> str:
-    """``oci:DIR[:TAG]`` with DIR absolute (daemons run in /); others as given."""
-    if not image.startswith("oci:"):
-        return image
-    from .reference import parse_reference
-
-    ref = parse_reference(image)
-    rest = image[4 + len(ref.layout_dir):]
-    return "oci:" + os.path.normpath(os.path.join(cwd, ref.layout_dir)) + rest
 
 
 class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -14,7 +14,6 @@ names stay as they were.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 PR_SET_NAME = 15
@@ -42,7 +41,9 @@ def set_title(title: str) -> bool:
     data = title.encode("utf-8", "replace")
     ok = True
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # the libc this process already runs on: find_library would fork and
+        # exec `ldconfig -p` on every daemon start (the B1 path)
+        libc = ctypes.CDLL(None, use_errno=True)
         ok = libc.prctl(PR_SET_NAME, ctypes.c_char_p(data[:15]), 0, 0, 0) == 0
     except (OSError, AttributeError):
         ok = False

@@ -1,6 +1,8 @@
 """The ``stargz-tui`` console entry (and ``python -m stargz_tui``).
 
-It only runs :func:`stargz_tui.cli.main`: ``mount``, ``unmount``, ``mounts``
+It runs :func:`stargz_tui.cli.main`, except for a ``mount`` command line
+that :mod:`stargz_tui.mountclient` can send to a running mount service
+without argparse or msgspec (it hands anything else back). ``mount``, ``unmount``, ``mounts``
 and ``service`` are clients of the mount service (:mod:`core.service`,
 through its typed client) and do the same work in-process when it is not
 running and cannot be started. A command line imports only its command's
@@ -14,9 +16,18 @@ import sys
 
 
 def main() -> int:
+    argv = sys.argv[1:]
+    if argv[:1] == ["mount"]:
+        # through a running service, without argparse or msgspec (B1); None:
+        # the full command line does it
+        from .mountclient import run
+
+        code = run(argv[1:])
+        if code is not None:
+            return code
     from .cli import main as cli_main
 
-    return cli_main(sys.argv[1:])
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

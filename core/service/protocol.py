@@ -18,22 +18,21 @@ crosses the socket: a mount is a :class:`core.options.MountOptions`.
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import msgspec
 
-from ..errors import MountError
 from ..options import MountOptions
-
-VERSION = 1
-MAX_MESSAGE = 1 << 20
-SOCKET_NAME = "service.sock"
-_LEN = struct.Struct(">I")
-
-
-class ProtocolError(MountError):
-    """A message this protocol refuses (one line, sent back as the reason)."""
+from .wire import (
+    HEADER_SIZE,
+    MAX_MESSAGE,
+    SOCKET_NAME,
+    VERSION,
+    ProtocolError,
+    body_length,
+    frame_body,
+    read_frame,
+)
 
 
 class _Base(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="op"):
@@ -96,18 +95,7 @@ _encoder = msgspec.json.Encoder()
 
 
 def frame(msg) -> bytes:
-    body = _encoder.encode(msg)
-    if len(body) > MAX_MESSAGE:
-        raise ProtocolError(f"message of {len(body)} bytes is over the {MAX_MESSAGE} byte limit")
-    return _LEN.pack(len(body)) + body
-
-
-def body_length(header: bytes) -> int:
-    """The body length a frame header announces; ProtocolError when over the limit."""
-    (n,) = _LEN.unpack(header)
-    if n > MAX_MESSAGE:
-        raise ProtocolError(f"a message of {n} bytes is over the {MAX_MESSAGE} byte limit")
-    return n
+    return frame_body(_encoder.encode(msg))
 
 
 def decode_request(body: bytes) -> Request:
@@ -131,26 +119,6 @@ def decode_reply(body: bytes) -> Reply:
     except msgspec.DecodeError as e:
         raise ProtocolError(f"the mount service sent a malformed reply: {e}") from None
 
-
-HEADER_SIZE = _LEN.size
-
-
-def _recv_exact(sock, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        piece = sock.recv(min(n - len(buf), 1 << 16))
-        if not piece:
-            raise EOFError("the connection closed mid-message" if buf else "the connection closed")
-        buf += piece
-    return bytes(buf)
-
-
-def read_frame(sock) -> bytes:
-    """One frame's body from ``sock`` (its timeout applies to each recv);
-    ProtocolError when it announces more than the limit (nothing more is
-    read), EOFError when the peer closed, OSError (e.g. a timeout)."""
-    n = body_length(_recv_exact(sock, HEADER_SIZE))
-    return _recv_exact(sock, n)
 
 __all__ = ["VERSION", "MAX_MESSAGE", "SOCKET_NAME", "ProtocolError", "Mount", "Unmount", "List",
            "Watch", "Restore", "Repair", "Status", "Stop", "Request", "Reply", "frame",

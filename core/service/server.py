@@ -56,9 +56,13 @@ REQUEST_TIMEOUT = 30.0  # a client has this long to send its request
 def preload() -> None:
     """Import (and warm) what a mount and a daemon use, so forked workers and
     daemons start with them loaded."""
+    import encodings.idna  # noqa: F401 - httpx encodes each host name with it
     import importlib
+    import resource  # noqa: F401 - the daemon raises its file limit
 
     import anyio
+    import h11  # noqa: F401
+    import httpcore  # noqa: F401 - httpx imports its transport on the first client
     import httpx  # noqa: F401
     import platformdirs  # noqa: F401 - state and cache dirs
     import pyfuse3  # noqa: F401

@@ -12,8 +12,10 @@ import time
 
 from core.errors import MountError
 from core.options import MountOptions
-from core.units import human_size, plural
+from core.units import human_size, parse_size, plural
 
+from ..mountargs import MOUNT_FLAGS, fields_from
+from ..mountclient import UNVERIFIED_WARNING, mounted_line
 from ..textsafe import safe
 from .registry import add_registry_options
 from .registry import seconds_arg as _seconds
@@ -88,8 +90,6 @@ m = _Core()
 
 
 def _size_arg(text: str) -> int:
-    from core.cache import parse_size
-
     try:
         return parse_size(text)
     except ValueError as e:
@@ -99,18 +99,7 @@ def _size_arg(text: str) -> int:
 def mount_options(args) -> MountOptions:
     """The typed options of ``mount ARGS`` (built here, once: paths absolute
     against our cwd, tuning from our environment)."""
-    return MountOptions.build(
-        args.image, args.mountpoint,
-        layer=args.layer, prefetch=not args.no_prefetch,
-        background_fetch=not args.no_background_fetch, wait_prefetch=args.wait_prefetch,
-        allow_other=args.allow_other, allow_unverified=args.allow_unverified,
-        cache_dir=args.cache_dir, cache_size=args.cache_size, debug=args.debug,
-        prefetch_size=args.prefetch_size or 0, platform=args.platform, force=args.force,
-        read_timeout=args.read_timeout,
-        insecure_registries=args.insecure_registry,
-        map_owner=args.map_owner, uid_map=args.uid_map, gid_map=args.gid_map,
-        record=args.record,
-    )
+    return MountOptions.build(args.image, args.mountpoint, **fields_from(args))
 
 
 def _service(start: bool = False):
@@ -133,13 +122,8 @@ def cmd_mount(args) -> int:
     else:
         rec = m.mount(opts)
     if args.allow_unverified:
-        print("stargz-tui: warning: layers without a TOC digest are mounted unverified",
-              file=sys.stderr)
-    what = f"layer {rec['layers'][0]['index']}" if rec["kind"] == "layer" else \
-        f"{plural(len(rec['layers']), 'layer')} ({rec['overlay']})"
-    pids = ", ".join(str(e["pid"]) for e in rec["layers"])
-    print(f"mounted {safe(rec['image'])} ({what}) at {safe(rec['mountpoint'])} "
-          f"[daemon pid {pids}{'' if svc is None else ', supervised by the mount service'}]")
+        print(UNVERIFIED_WARNING, file=sys.stderr)
+    print(mounted_line(rec, supervised=svc is not None))
     if args.foreground:
         return _foreground(rec)
     return 0
@@ -398,41 +382,12 @@ def register(subparsers) -> None:
                               epilog=MOUNT_EXAMPLES, formatter_class=fmt)
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--layer", metavar="N|DIGEST", help="mount one raw layer (index or digest)")
-    p.add_argument("--foreground", action="store_true",
-                   help="stay attached; unmount on Ctrl-C / SIGTERM")
-    p.add_argument("--no-prefetch", action="store_true", help="skip the prefetch region")
-    p.add_argument("--no-background-fetch", action="store_true",
-                   help="fetch only what is read")
-    p.add_argument("--wait-prefetch", action="store_true",
-                   help="return only after prefetch finished")
-    p.add_argument("--prefetch-size", type=_size_arg, metavar="SIZE",
-                   help="prefetch this many blob bytes when a layer has no landmark")
-    p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
-    p.add_argument("--allow-unverified", action="store_true",
-                   help="mount layers without a TOC digest annotation (warns)")
-    p.add_argument("--cache-dir", metavar="DIR", help="chunk cache directory")
-    p.add_argument("--cache-size", type=_size_arg, metavar="SIZE",
-                   help="chunk cache budget (e.g. 2G; default 4G)")
-    p.add_argument("--platform", help="os/arch of a multi-platform image")
-    p.add_argument("--read-timeout", type=_seconds, metavar="SECONDS",
-                   help="a read waiting longer than this for the registry fails with EIO "
-                        "(logged; default 90); request-timeout in registries.toml bounds "
-                        "each registry request")
-    p.add_argument("--map-owner", action="store_true",
-                   help="show the image's root (uid/gid 0) as you and its other ids in your "
-                        "/etc/subuid, /etc/subgid ranges, as rootless podman does")
-    p.add_argument("--uid-map", action="append", metavar="C:H:N", default=[],
-                   help="show image uids C..C+N-1 as H..H+N-1 (fuse-overlayfs syntax; "
-                        "repeatable, before --map-owner's)")
-    p.add_argument("--gid-map", action="append", metavar="C:H:N", default=[],
-                   help="the same for gids")
-    p.add_argument("--record", metavar="FILE",
-                   help="write each file opened through the mount to FILE, in order, as "
-                        "JSON lines (ctr-remote's --estargz-record-in format)")
-    p.add_argument("--debug", action="store_true", help="trace FUSE requests in the daemon log")
-    p.add_argument("--force", action="store_true",
-                   help="mount onto a non-empty directory (its contents are hidden meanwhile)")
+    kinds = {"true": dict(action="store_true"), "false": dict(action="store_true"),
+             "size": dict(type=_size_arg), "seconds": dict(type=_seconds),
+             "append": dict(action="append", default=[]), "text": {}}
+    for flag in MOUNT_FLAGS:
+        p.add_argument(flag.name, help=flag.help, **kinds[flag.kind],
+                       **({"metavar": flag.metavar} if flag.metavar else {}))
     add_registry_options(p)
     p.set_defaults(func=cmd_mount)
 
