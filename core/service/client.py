@@ -38,10 +38,17 @@ def log_path() -> str:
 
 
 class ServiceClient:
-    def __init__(self, path: str):
+    def __init__(self, path: str, connected: socket.socket | None = None):
         self.path = path
+        # the connection that found the service: the first request uses it
+        # (each connection costs the service a forked worker)
+        self._first = connected
 
     def _open(self, timeout: float) -> socket.socket:
+        first, self._first = self._first, None
+        if first is not None:
+            first.settimeout(timeout)
+            return first
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.settimeout(timeout)
@@ -94,10 +101,9 @@ def connect() -> ServiceClient | None:
         return None
     client = ServiceClient(path)
     try:
-        client._open(5.0).close()
+        return ServiceClient(path, client._open(5.0))
     except OSError:
         return None
-    return client
 
 
 def spawn(ready_fd: int | None = None):

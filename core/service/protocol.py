@@ -1,7 +1,9 @@
 """The mount service's wire protocol: versioned, typed, size-limited.
 
-Contract: every message is one frame, a 4-byte big-endian length then that
-many bytes of msgspec JSON, at most :data:`MAX_MESSAGE` bytes. A request is
+Contract: every message is one frame (:mod:`core.service.wire`), a 4-byte
+big-endian length then that many bytes of JSON, at most :data:`MAX_MESSAGE`
+bytes; this module gives the messages their msgspec types and validates
+every request against them, whoever encoded it. A request is
 an object with ``"v"`` (:data:`VERSION`) and ``"op"`` (``mount``,
 ``unmount``, ``list``, ``watch``, ``restore``, ``repair``, ``status``,
 ``stop``) and the fields of its struct below, nothing else (unknown fields
