@@ -23,7 +23,6 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
-import os
 import re
 import socket
 import ssl
@@ -237,7 +236,7 @@ class RegistryClient:
                  deadline: float | None = None, max_attempts: int = 4,
                  max_retry_time: float = 60.0, backoff: float = 0.25, max_backoff: float = 8.0,
                  max_retry_after: float = 30.0, http_client: httpx.AsyncClient | None = None,
-                 bulk_reads: bool | None = None):
+                 bulk_reads: bool = True):
         self.registry = registry
         self.api_host = DOCKER_HUB_API_HOST if registry == DOCKER_HUB else registry
         self.config = (config if config is not None else load_config()).with_insecure(
@@ -251,8 +250,8 @@ class RegistryClient:
                                     max_retry_time=max_retry_time, backoff=backoff,
                                     max_backoff=max_backoff, max_retry_after=max_retry_after)
         self._own_http = http_client is None
-        # None: $STARGZ_TUI_BULK_READS decides; a mount daemon gets it from its
-        # config (core.options.Tuning, read once where the mount was asked for)
+        # core.options.Tuning.bulk_reads ($STARGZ_TUI_BULK_READS read once at
+        # the edge: a daemon's config, the CLI); this module reads no environment
         self.bulk_reads = bulk_reads
         self._http = http_client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
@@ -543,11 +542,9 @@ class RegistryClient:
     def bulk_reader(self):
         """The client's :class:`core.registry.bulk.BulkReader` for large blob
         ranges, or None when it must not be used (an HTTP client given by the
-        caller, a proxy configured in the environment, or
-        ``STARGZ_TUI_BULK_READS=0``)."""
-        on = (os.environ.get("STARGZ_TUI_BULK_READS") != "0" if self.bulk_reads is None
-              else self.bulk_reads)
-        if not self._own_http or not on:
+        caller, a proxy configured in the environment, or ``bulk_reads``
+        off)."""
+        if not self._own_http or not self.bulk_reads:
             return None
         from .bulk import BulkReader, proxied
 
