@@ -263,6 +263,8 @@ class RegistryClient:
                                   credentials=credentials, use_keyring=use_keyring)
         self._bulk = None
         self.stats = {"requests": 0, "retries": 0, "redirects": 0}
+        # host -> time.monotonic() it was last found down (policy.down_hold)
+        self._down: dict[str, float] = {}
         self._check_origin(self.origin)
         for m in self.mirrors:
             self._check_origin(m)
@@ -347,6 +349,8 @@ class RegistryClient:
                              host, path) -> Reply:
         policy = self.policy
         started = time.monotonic()
+        down = self._down.get(host)
+        held = down is not None and started - down < policy.down_hold
         attempt = 0
         while True:
             attempt += 1
@@ -370,6 +374,8 @@ class RegistryClient:
                     await resp.aclose()
                 reply = Reply(resp.status_code, resp.headers, b"".join(chunks), url, host, path,
                               method, attempts=attempt)
+                self._down.pop(host, None)  # it answered: retry it as usual
+                held = False
                 if reply.status not in RETRY_STATUSES:
                     return reply
                 retry_after = _retry_after(resp.headers.get("retry-after"))
@@ -385,7 +391,7 @@ class RegistryClient:
                                         "to a CA bundle that includes its CA certificate") from None
                 failure = e
             delay = policy.retry_delay(attempt, retry_after)
-            if not policy.may_retry(attempt, started, delay):
+            if held or not policy.may_retry(attempt, started, delay):
                 break
             self.stats["retries"] += 1
             log.debug("retrying %s %s on %s in %.2fs (attempt %d)", method, path, host, delay,
@@ -396,9 +402,12 @@ class RegistryClient:
         # typed, so that a caller with a local copy (core.records) can tell "no
         # answer" from a TLS failure, which it must not paper over
         cls = RegistryError if _tls_failure(failure) else RegistryUnreachableError
+        if cls is RegistryUnreachableError and not held:  # the hold runs from a full budget
+            self._down[host] = time.monotonic()
         raise cls(
             f"cannot reach registry {host}: {describe_transport_error(failure)}"
-            + (f" (after {attempt} attempts)" if attempt > 1 else "")
+            + (f" (after {attempt} attempts)" if attempt > 1 else
+               f" (down {started - down:.1f} s ago: not retried)" if held else "")
         ) from None
 
     async def request(self, method: str, path: str, *, scope: str | None = None,
