@@ -24,15 +24,11 @@ Runs in one event loop; nothing here blocks.
 
 from __future__ import annotations
 
-import logging
-
 import anyio
 
 from .errors import BlobReadError, CoreError, DigestMismatchError
 from .estargz import Chunk, LayerIndex
 from .source import BlobSource
-
-log = logging.getLogger("core.layer")
 
 MAX_GAP = 64 << 10  # join chunks separated by at most this many bytes
 
