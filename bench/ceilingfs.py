@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from core import fuseloop
+from core.options import Tuning
 
 from .gen import text_bytes
 
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> int:
     options.add("fsname=benchceiling")
     options.add("ro")
     pyfuse3.init(fs, mountpoint, options)
-    fuseloop.install()
+    fuseloop.install(Tuning.from_env().fuse_spin_us / 1e6)
     print("ready", flush=True)
 
     async def run():

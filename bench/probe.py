@@ -95,13 +95,15 @@ async def bgfetch(url, repo, digest, size, toc_digest, cache_dir) -> dict:
     from core.cache import ChunkCache
     from core.estargz import load_layer_index
     from core.layer import LayerReader
+    from core.options import Tuning
     from core.tasks import TaskManager
 
     from .httpsource import open_source
 
     src, how = await open_source(url, repo, digest, size)
     ix = await load_layer_index(src, expected_toc_digest=toc_digest)
-    cache = ChunkCache(cache_dir)
+    tuning = Tuning.from_env()  # the bench is an edge: the knobs from its environment
+    cache = ChunkCache(cache_dir, memory_bytes=tuning.memory_cache, direct=tuning.cache_direct)
     reader = LayerReader(ix, src, cache, TaskManager(silence=0))
     async with anyio.create_task_group() as tg:
         await reader.start(tg, prefetch=False, background=False)

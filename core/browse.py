@@ -137,10 +137,11 @@ async def open_layer(image: Image, desc: LayerDescriptor, cache=None) -> LayerVi
     return view
 
 
-def default_cache() -> ChunkCache | None:
-    """The chunk cache the mounts share (None when it cannot be opened)."""
+def default_cache(memory_bytes: int | None = None, direct: bool = True) -> ChunkCache | None:
+    """The chunk cache the mounts share (None when it cannot be opened);
+    ``memory_bytes``/``direct``: the caller's ``core.options.Tuning``."""
     try:
-        return ChunkCache()
+        return ChunkCache(memory_bytes=memory_bytes, direct=direct)
     except OSError:
         return None
 

@@ -42,18 +42,18 @@ MAX_DEFAULT_MEMORY_BYTES = 256 << 20  # ... and cap: 1/64 of the RAM in between
 
 
 def default_cache_dir() -> str:
-    """``$STARGZ_TUI_CACHE_DIR`` or the platform's user cache dir."""
-    env = os.environ.get("STARGZ_TUI_CACHE_DIR")
-    if env:
-        return env
-    import platformdirs
+    """The shared cache dir: :func:`core.paths.cache_dir` (``$STARGZ_TUI_CACHE_DIR``
+    or the platform's user cache dir; where things live is read there)."""
+    from .paths import cache_dir
 
-    return platformdirs.user_cache_dir("stargz-tui")
+    return cache_dir()
 
 
 def default_memory_bytes() -> int:
-    """The memory LRU's default size: ``$STARGZ_TUI_MEMORY_CACHE`` (e.g.
-    ``64M``), else 1/64 of the machine's RAM between 64 and 256 MiB.
+    """The memory LRU's default size: 1/64 of the machine's RAM between 64
+    and 256 MiB (``core.options.Tuning.memory_cache``, read from
+    ``$STARGZ_TUI_MEMORY_CACHE`` once at the edge, overrides it; this module
+    reads no environment).
 
     Random reads over many files (what a program loading a runtime or a
     database does once the kernel has dropped the pages) are served from
@@ -61,12 +61,6 @@ def default_memory_bytes() -> int:
     (never the background fetch), and
     :meth:`ChunkCache.release_memory_if_idle` gives it back when nothing has
     read for a while."""
-    env = os.environ.get("STARGZ_TUI_MEMORY_CACHE")
-    if env:
-        try:
-            return max(0, parse_size(env))
-        except ValueError:
-            log.warning("ignoring STARGZ_TUI_MEMORY_CACHE=%r (use e.g. 64M)", env)
     try:
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
@@ -74,25 +68,22 @@ def default_memory_bytes() -> int:
     return max(DEFAULT_MEMORY_BYTES, min(MAX_DEFAULT_MEMORY_BYTES, ram // 64))
 
 
-def default_direct() -> bool:
-    """Whether the disk store may use O_DIRECT: ``$STARGZ_TUI_CACHE_DIRECT``
-    other than ``0`` (a file system that refuses it is detected anyway)."""
-    return os.environ.get("STARGZ_TUI_CACHE_DIRECT", "1") != "0"
 
 
 class ChunkCache:
     """Memory store + pack store behind one :class:`core.chunkstore.ChunkStore`
     interface (module docs). ``root`` None: :func:`default_cache_dir`;
-    ``memory_bytes`` None: :func:`default_memory_bytes`; ``direct`` None:
-    :func:`default_direct`."""
+    ``memory_bytes`` None: :func:`default_memory_bytes`; ``direct``: whether
+    the pack store may use O_DIRECT (a file system that refuses it is
+    detected anyway). Both come from ``core.options.Tuning`` at the edge."""
 
     def __init__(self, root: str | None = None, *, max_bytes: int | None = None,
-                 memory_bytes: int | None = None, direct: bool | None = None):
+                 memory_bytes: int | None = None, direct: bool = True):
         self.root = os.path.abspath(root or default_cache_dir())
         self.memory_bytes = default_memory_bytes() if memory_bytes is None else memory_bytes
         self.memory = MemoryStore(self.memory_bytes)
         self.disk = PackStore(self.root, max_bytes=DEFAULT_MAX_BYTES if max_bytes is None
-                              else max_bytes, direct=default_direct() if direct is None else direct)
+                              else max_bytes, direct=direct)
         self.max_bytes = self.disk.max_bytes
         self.pack_dir = self.disk.pack_dir
         # Chunks loaded from disk are checked by crc32 only in a private cache

@@ -44,7 +44,7 @@ log = logging.getLogger("core.daemon")
 # normal chunk fetch (a window of at most 8 MiB: seconds) and above one whole
 # registry request (core.registry.policy.DEFAULT_DEADLINE, 60 s), so it only
 # fires when the registry keeps failing slowly (a trickle, a blackhole the
-# layer's refresh-and-retry hits again); an application's read() then gets an
+# registry's retries hit again); an application's read() then gets an
 # error in 1.5 min instead of hanging for ever.
 DEFAULT_READ_TIMEOUT = 90.0
 
@@ -228,20 +228,8 @@ class Daemon:
                                memory_bytes=a.tuning.memory_cache, direct=a.tuning.cache_direct)
             tasks = TaskManager(DEFAULT_SILENCE if a.silence is None else a.silence)
             desc = self.desc
-            store = self.store
 
-            async def refresh(old):
-                r = getattr(old, "refresh", None)
-                if r is not None:
-                    await r()
-                    return old
-                try:
-                    await old.aclose()
-                except Exception:  # noqa: BLE001
-                    pass
-                return store.blob_source(desc.digest, desc.size)
-
-            self.reader = LayerReader(layer.index, layer.source, cache, tasks, refresh=refresh,
+            self.reader = LayerReader(layer.index, layer.source, cache, tasks,
                                       prefetch_size=a.prefetch_size,
                                       read_timeout=DEFAULT_READ_TIMEOUT
                                       if a.read_timeout is None else a.read_timeout,

@@ -4,9 +4,12 @@
 layer's :class:`core.source.BlobSource`: :meth:`BlobFetcher.plan` groups
 them in blob order (joined across gaps of at most ``MAX_GAP``, within a
 window) and adds missing neighbours; :meth:`BlobFetcher.fetch_bytes` reads
-a group's compressed extent. If the source fails (an expired token or
-redirect URL, a registry restart) the fetcher refreshes it and retries
-once, then fails with :class:`core.errors.BlobReadError`.
+a group's compressed extent. It does not retry: the blob source does, by
+one policy (``core.registry.policy.RequestPolicy``: no answer, 429/5xx,
+an expired token or redirect URL, a registry restart); a read that still
+fails is passed up as the source's typed :class:`core.errors.CoreError`
+(an ``OSError`` of a local source as :class:`core.errors.BlobReadError`),
+counted in :class:`ReadStats`, for the FUSE layer's one EIO and log line.
 
 Single flight: every chunk on its way (fetched, or loaded from the disk by
 read-ahead) has one :class:`Flight` in :attr:`BlobFetcher.inflight` that
@@ -21,16 +24,11 @@ Runs in one event loop; nothing here blocks.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
-
 import anyio
 
 from .errors import BlobReadError, CoreError, DigestMismatchError
 from .estargz import Chunk, LayerIndex
 from .source import BlobSource
-
-log = logging.getLogger("core.layer")
 
 MAX_GAP = 64 << 10  # join chunks separated by at most this many bytes
 
@@ -50,7 +48,7 @@ class ReadStats:
     """The live counters of one layer's reads (``LayerReader.stats``)."""
 
     __slots__ = ("bytes_fetched", "requests", "chunks_fetched", "digest_errors",
-                 "read_errors", "retries", "reads", "last_error")
+                 "read_errors", "reads", "last_error")
 
     def __init__(self):
         self.bytes_fetched = 0
@@ -58,7 +56,6 @@ class ReadStats:
         self.chunks_fetched = 0
         self.digest_errors = 0
         self.read_errors = 0
-        self.retries = 0
         self.reads = 0
         self.last_error: str | None = None
 
@@ -67,7 +64,6 @@ class BlobFetcher:
     """Range requests for one layer's chunks (module docs)."""
 
     def __init__(self, index: LayerIndex, source: BlobSource, stats: ReadStats, *,
-                 refresh: Callable[[BlobSource], Awaitable[BlobSource]] | None = None,
                  window: int, neighbours: int, name: str):
         self.index = index
         self.source = source
@@ -76,7 +72,6 @@ class BlobFetcher:
         self.neighbours = neighbours
         self.name = name
         self.inflight: dict[int, Flight] = {}
-        self._refresh_cb = refresh
 
     # -- single flight -------------------------------------------------
     def register(self, chunks: list[Chunk]) -> dict[int, Flight]:
@@ -144,37 +139,20 @@ class BlobFetcher:
         return groups
 
     # -- the blob ----------------------------------------------------------
-    async def _refresh(self) -> None:
-        if self._refresh_cb is not None:
-            old = self.source
-            self.source = await self._refresh_cb(old)
-        else:
-            refresh = getattr(self.source, "refresh", None)
-            if refresh is not None:
-                await refresh()
-
     async def read_blob(self, offset: int, length: int) -> bytes:
-        """``length`` bytes of the blob at ``offset``, refreshing the source
-        and retrying once on failure (a digest mismatch is final)."""
+        """``length`` bytes of the blob at ``offset``; the source's error as
+        it is (module docs: retried below, never here)."""
         st = self.stats
         try:
             data = await self.source.read_range(offset, length)
         except DigestMismatchError:
             raise
         except (CoreError, OSError) as e:
-            log.warning("%s: range read %d+%d failed (%s); refreshing and retrying once",
-                        self.name, offset, length, e)
-            st.retries += 1
-            try:
-                await self._refresh()
-            except (CoreError, OSError) as e2:
-                log.warning("%s: refreshing the blob source failed: %s", self.name, e2)
-            try:
-                data = await self.source.read_range(offset, length)
-            except (CoreError, OSError) as e3:
-                st.read_errors += 1
-                st.last_error = str(e3)
-                raise BlobReadError(f"cannot read {self.index.blob_digest[:19]}: {e3}") from None
+            st.read_errors += 1
+            st.last_error = str(e)
+            if isinstance(e, CoreError):
+                raise
+            raise BlobReadError(f"cannot read {self.index.blob_digest[:19]}: {e}") from None
         st.requests += 1
         st.bytes_fetched += len(data)
         return data

@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import stat
+import time
 
 import pyfuse3
 
@@ -51,6 +52,8 @@ log = logging.getLogger("core.fusefs")
 BLKSIZE = 1 << 20
 OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 _WHITEOUT_BIT = 1 << 40  # inode flag: the char-device view of a whiteout entry
+# A file's repeated EIOs within this many seconds are logged at debug (read())
+REPEAT_QUIET = 10.0
 
 _TYPE_BITS = {DIR: stat.S_IFDIR, REG: stat.S_IFREG, SYMLINK: stat.S_IFLNK,
               HARDLINK: stat.S_IFREG, CHAR: stat.S_IFCHR, BLOCK: stat.S_IFBLK,
@@ -205,6 +208,8 @@ class LayerFS(ReadOnlyOperations):
         # the entries themselves, see IMMUTABLE_TIMEOUT).
         self._dirs: dict[int, list] = {}
         self._open: dict[int, int] = {}  # fh -> entry id
+        # entry id -> time.monotonic() of its last EIO logged at ERROR (read())
+        self._failed: dict[int, float] = {}
         self._next_fh = 1
         self.open_files = 0
         self._dir_nlink: dict[int, int] = {}
@@ -412,7 +417,18 @@ class LayerFS(ReadOnlyOperations):
         try:
             return await self.reader.read_buffer(eid, off, size, stream=fh)
         except CoreError as e:  # a chunk failing its digest included
-            log.error("read %s: %s", self.index.path_of(eid), e)
+            # One failure, one line: the kernel asks again at once for the
+            # page its failed read-ahead left behind (and readers retry), so
+            # further EIOs of the file within REPEAT_QUIET go to debug.
+            now = time.monotonic()
+            last = self._failed.get(eid)
+            if last is not None and now - last < REPEAT_QUIET:
+                log.debug("read %s again: %s", self.index.path_of(eid), e)
+            else:
+                if len(self._failed) >= 4096:  # bounded: forget the old ones
+                    self._failed.clear()
+                self._failed[eid] = now
+                log.error("read %s: %s", self.index.path_of(eid), e)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh):

@@ -6,7 +6,8 @@ On this kind of VM that wake-up is most of what a small request costs
 (~25 of ~35 µs): a process reading a file 4 KiB at a time, or ``find``
 stat-ing a tree, pays it once per request. So, as network stacks do with
 busy polling, after each request the loop polls the device for up to
-``STARGZ_TUI_FUSE_SPIN_US`` µs (default 50; 0 turns it off) before it goes
+``Tuning.fuse_spin_us`` µs (``$STARGZ_TUI_FUSE_SPIN_US`` read at the edge;
+default 50; 0 turns it off) before it goes
 to sleep: a request that comes within that window is picked up at once. A
 pyfuse3 filesystem serving from memory answers ~1.7x the 4 KiB reads per
 second this way (``bench/README.md``).
@@ -31,7 +32,6 @@ there that is trio in everything but ``lowlevel.wait_readable``.
 
 from __future__ import annotations
 
-import os
 import select
 import time
 import types
@@ -41,16 +41,6 @@ import trio
 DEFAULT_SPIN_US = 50.0
 _YIELD_EVERY = 0.0005  # seconds of back-to-back requests between scheduler passes
 _MAX_SKIP = 64  # waits that sleep at once after polling found nothing, at the most
-
-
-def spin_seconds() -> float:
-    """The polling window: ``$STARGZ_TUI_FUSE_SPIN_US`` µs (default 50, 0..1000)."""
-    raw = os.environ.get("STARGZ_TUI_FUSE_SPIN_US", "")
-    try:
-        us = float(raw) if raw.strip() else DEFAULT_SPIN_US
-    except ValueError:
-        us = DEFAULT_SPIN_US
-    return min(max(us, 0.0), 1000.0) / 1e6
 
 
 class _PollingWait:
@@ -125,12 +115,12 @@ def polling_trio(spin: float) -> types.ModuleType:
     return module
 
 
-def install(spin: float | None = None) -> float:
+def install(spin: float = DEFAULT_SPIN_US / 1e6) -> float:
     """Make pyfuse3's loop poll before it sleeps (call before
-    ``pyfuse3.main()``, under trio). Returns the window in seconds (0: the
-    loop is left as it is)."""
+    ``pyfuse3.main()``, under trio) for ``spin`` seconds (the caller's
+    ``core.options.Tuning.fuse_spin_us``; this module reads no environment).
+    Returns the window in seconds (0: the loop is left as it is)."""
     import pyfuse3
 
-    spin = spin_seconds() if spin is None else spin
     pyfuse3.trio = polling_trio(spin) if spin > 0 else trio
     return spin

@@ -1,8 +1,8 @@
 """The lazy, cached reader of one layer (what a FUSE mount reads through).
 
 :class:`LayerReader` composes the parts of the data flow for one layer:
-the :class:`core.fetch.BlobFetcher` (range planning, single flight,
-refresh of the blob source), the :class:`core.decode.ChunkDecoder`
+the :class:`core.fetch.BlobFetcher` (range planning, single flight; the
+blob source retries, core.registry.policy), the :class:`core.decode.ChunkDecoder`
 (decompress + verify), the :class:`core.cache.ChunkCache` (memory and disk
 stores behind one interface), the :class:`core.readahead.DiskReadAhead`
 and the :class:`core.chunkreader.ChunkReader` (the on-demand read path:
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 
 import anyio
 
@@ -57,7 +56,6 @@ class LayerReader:
 
     def __init__(self, index: LayerIndex, source: BlobSource, cache: ChunkCache,
                  tasks: TaskManager | None = None, *,
-                 refresh: Callable[[BlobSource], Awaitable[BlobSource]] | None = None,
                  window: int = DEFAULT_WINDOW, readahead: int = DEFAULT_READAHEAD,
                  prefetch_size: int = 0, neighbours: int = DEFAULT_NEIGHBOURS,
                  readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
@@ -78,7 +76,7 @@ class LayerReader:
         # ... and memory-only ones are not fetched in the background (nowhere to keep them)
         self._memory_only = {i for i, k in enumerate(self._keys) if k.startswith(MEMORY_ONLY)}
         self.counters = ReadStats()
-        self.fetcher = BlobFetcher(index, source, self.counters, refresh=refresh,
+        self.fetcher = BlobFetcher(index, source, self.counters,
                                    window=window, neighbours=neighbours, name=self.name)
         self._reader = r = ChunkReader(
             index, cache, self._keys, self.fetcher, self.tasks, self.counters,
@@ -321,7 +319,9 @@ class LayerReader:
             "backgroundFetchDone": self.background_done,
             "digestErrors": st.digest_errors,
             "readErrors": st.read_errors,
-            "retries": st.retries,
+            # the blob source's retries of wrong answers (a registry's; the
+            # client's own, of requests that got no answer, are in its stats)
+            "retries": getattr(self.fetcher.source, "retries", 0),
             "errors": st.digest_errors + st.read_errors,
             "lastError": st.last_error,
             "cache": self.cache.stats(),

@@ -20,6 +20,13 @@ names is gone or no longer safe. Only these fallback locations get an
 alternative; a directory named by ``$STARGZ_TUI_RUNTIME_DIR``, the state dir
 or a cache dir that is unsafe is refused with one line, since the user chose it.
 
+This module and :mod:`core.options` are the only places in ``core`` that
+read the environment (``tests/test_env_edge.py`` holds it): here, where
+things live (state, runtime and cache dirs, the registries config, the
+credential files of podman and docker, the systemd user dir: the XDG and
+tool conventions); there, the tuning knobs. Every other module is handed
+what it needs.
+
 Kept free of heavy imports: the mount service client reads the runtime
 directory before it decides whether to import anything else.
 """
@@ -82,6 +89,51 @@ def state_dir() -> str:
     import platformdirs
 
     return private_dir(platformdirs.user_state_dir("stargz-tui"))
+
+
+def cache_dir() -> str:
+    """``$STARGZ_TUI_CACHE_DIR`` or the platform's user cache dir (not
+    created here: the chunk cache makes it and checks it)."""
+    env = os.environ.get("STARGZ_TUI_CACHE_DIR")
+    if env:
+        return env
+    import platformdirs
+
+    return platformdirs.user_cache_dir("stargz-tui")
+
+
+def config_home() -> str:
+    """``$XDG_CONFIG_HOME`` or ``~/.config``."""
+    return os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+
+
+def registries_config_file(env_var: str) -> str:
+    """The registries config: ``$<env_var>`` or ``registries.toml`` in the
+    platform's user config dir."""
+    env = os.environ.get(env_var)
+    if env:
+        return env
+    import platformdirs
+
+    return os.path.join(platformdirs.user_config_dir("stargz-tui"), "registries.toml")
+
+
+def containers_auth_files() -> list[str]:
+    """podman/skopeo's credential files, in their order: ``$REGISTRY_AUTH_FILE``,
+    ``$XDG_RUNTIME_DIR/containers/auth.json``, ``<config home>/containers/auth.json``."""
+    files = []
+    if os.environ.get("REGISTRY_AUTH_FILE"):
+        files.append(os.environ["REGISTRY_AUTH_FILE"])
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        files.append(os.path.join(os.environ["XDG_RUNTIME_DIR"], "containers", "auth.json"))
+    files.append(os.path.join(config_home(), "containers", "auth.json"))
+    return files
+
+
+def docker_config_file() -> str:
+    """docker's ``config.json``: in ``$DOCKER_CONFIG`` or ``~/.docker``."""
+    d = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+    return os.path.join(d, "config.json")
 
 
 def runtime_dir() -> str:

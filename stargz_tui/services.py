@@ -38,9 +38,14 @@ class ImageSession:
 
 
 class Services:
-    def __init__(self, config=None, cache=None):
+    def __init__(self, config=None, cache=None, tuning=None):
+        from core.options import Tuning
+
         self.config = config
-        self.cache = cache if cache is not None else browse.default_cache()
+        # the app's edge: the knobs are read from its environment once, here
+        self.tuning = tuning if tuning is not None else Tuning.from_env()
+        self.cache = cache if cache is not None else browse.default_cache(
+            self.tuning.memory_cache, self.tuning.cache_direct)
         self._mounts = None
         self._mount_caches: dict[str, object] = {}
 
@@ -61,7 +66,8 @@ class Services:
                 from core.cache import ChunkCache
 
                 try:
-                    cache = self._mount_caches[d] = ChunkCache(d)
+                    cache = self._mount_caches[d] = ChunkCache(
+                        d, memory_bytes=self.tuning.memory_cache, direct=self.tuning.cache_direct)
                 except OSError:
                     continue
             return cache
@@ -82,7 +88,8 @@ class Services:
 
     # -- images --------------------------------------------------------------
     async def open_image(self, ref_text: str, platform: str | None = None) -> ImageSession:
-        image = await open_image(ref_text, platform=platform)
+        image = await open_image(ref_text, platform=platform,
+                                 bulk_reads=self.tuning.bulk_reads)
         if self.config is not None:
             self.config.remember_image(ref_text)
         return ImageSession(ref_text=ref_text, image=image, views=[None] * len(image.layers))

@@ -17,6 +17,7 @@ from fuse_helpers import FIXTURES, isolated_mount_env, layer_blobs
 
 from core import fuseloop
 from core import mount as core_mount
+from core.options import Tuning
 
 
 @pytest.mark.parametrize(("raw", "seconds"), [
@@ -28,7 +29,8 @@ def test_spin_window_from_the_environment(monkeypatch, raw, seconds):
         monkeypatch.delenv("STARGZ_TUI_FUSE_SPIN_US", raising=False)
     else:
         monkeypatch.setenv("STARGZ_TUI_FUSE_SPIN_US", raw)
-    assert fuseloop.spin_seconds() == pytest.approx(seconds)
+    # read once at the edge (core.options.Tuning), handed to fuseloop.install
+    assert Tuning.from_env().fuse_spin_us / 1e6 == pytest.approx(seconds)
 
 
 def test_stand_in_is_trio_but_for_wait_readable():

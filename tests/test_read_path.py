@@ -284,10 +284,16 @@ def test_small_random_reads_are_not_a_stream(layer, tmp_path):
 
 
 def test_memory_cache_default_and_idle_release(tmp_path, monkeypatch):
-    monkeypatch.setenv("STARGZ_TUI_MEMORY_CACHE", "3M")
-    assert ChunkCache(str(tmp_path)).memory_bytes == 3 << 20
-    monkeypatch.delenv("STARGZ_TUI_MEMORY_CACHE")
+    # the variable is read once at the edge (core.options.Tuning) and the
+    # cache is handed the figure (core reads no environment: test_env_edge.py)
     from core.cache import default_memory_bytes
+    from core.options import Tuning
+
+    monkeypatch.setenv("STARGZ_TUI_MEMORY_CACHE", "3M")
+    assert ChunkCache(str(tmp_path), memory_bytes=Tuning.from_env().memory_cache
+                      ).memory_bytes == 3 << 20
+    monkeypatch.delenv("STARGZ_TUI_MEMORY_CACHE")
+    assert Tuning.from_env().memory_cache is None
 
     assert 64 << 20 <= default_memory_bytes() <= 256 << 20
     c = ChunkCache(str(tmp_path), memory_bytes=1 << 20)

@@ -13,6 +13,7 @@ import pytest
 from registry_helpers import FIXTURE_LAYOUT
 
 from core.image import OCILayoutStore, open_image
+from core.options import Tuning
 from core.reference import parse_reference
 from core.registry import RegistryClient, RegistryStore, push_blob
 from core.registry.config import RegistryConfig
@@ -104,7 +105,9 @@ def test_bulk_not_used_behind_a_proxy_or_when_off(big_blob, monkeypatch, env):
         monkeypatch.setenv(k, v)
 
     async def run():
-        store = _store(f"{reg.host}/bulk/blob:x")
+        # STARGZ_TUI_BULK_READS is read at the edge (core.options.Tuning), as
+        # the CLI's registry options and a daemon's config do
+        store = _store(f"{reg.host}/bulk/blob:x", bulk_reads=Tuning.from_env().bulk_reads)
         src = store.blob_source(digest, len(data))
         try:
             await src.read_range(0, 10)

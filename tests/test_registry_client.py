@@ -18,6 +18,7 @@ from core.errors import (
     FormatError,
     NotFoundError,
     RegistryError,
+    RegistryUnreachableError,
 )
 from core.image import OCILayoutStore, open_image
 from core.reference import Reference, parse_reference
@@ -465,3 +466,34 @@ def test_works_under_trio_with_concurrent_reads(token_registry, isolated_env):
 
     fetched, requests = anyio.run(run, backend="trio")
     assert fetched == 1 and requests == 8
+
+
+def test_a_host_found_down_is_not_retried_again_at_once(make_registry, isolated_env):
+    """RequestPolicy.down_hold: after a request spent its attempts on a stopped
+    registry, the next one (a reader asking again at once) gets one attempt,
+    and a registry that is back answers that attempt."""
+    reg = make_registry()
+
+    async def run():
+        client = RegistryClient(reg.host, config=RegistryConfig(), use_keyring=False)
+        try:
+            assert (await client.request("GET", "/v2/")).status in (200, 401)
+            reg.stop()
+            out = []
+            for _ in range(2):
+                t0 = time.monotonic()
+                with pytest.raises(RegistryUnreachableError) as e:
+                    await client.request("GET", "/v2/")
+                out.append((time.monotonic() - t0, str(e.value)))
+            reg.start()  # same port, within the hold
+            t0 = time.monotonic()
+            back = await client.request("GET", "/v2/")
+            return out, back.status, time.monotonic() - t0
+        finally:
+            await client.aclose()
+
+    out, status, took = anyio.run(run)
+    (first, msg1), (second, msg2) = out
+    assert "(after 4 attempts)" in msg1 and first >= 0.4  # the policy's retries, backoff
+    assert "not retried" in msg2 and second < 0.3  # one attempt, no backoff
+    assert status in (200, 401) and took < 1.0  # back: answered at the first attempt

@@ -23,7 +23,6 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
-import os
 import re
 import socket
 import ssl
@@ -237,7 +236,7 @@ class RegistryClient:
                  deadline: float | None = None, max_attempts: int = 4,
                  max_retry_time: float = 60.0, backoff: float = 0.25, max_backoff: float = 8.0,
                  max_retry_after: float = 30.0, http_client: httpx.AsyncClient | None = None,
-                 bulk_reads: bool | None = None):
+                 bulk_reads: bool = True):
         self.registry = registry
         self.api_host = DOCKER_HUB_API_HOST if registry == DOCKER_HUB else registry
         self.config = (config if config is not None else load_config()).with_insecure(
@@ -251,8 +250,8 @@ class RegistryClient:
                                     max_retry_time=max_retry_time, backoff=backoff,
                                     max_backoff=max_backoff, max_retry_after=max_retry_after)
         self._own_http = http_client is None
-        # None: $STARGZ_TUI_BULK_READS decides; a mount daemon gets it from its
-        # config (core.options.Tuning, read once where the mount was asked for)
+        # core.options.Tuning.bulk_reads ($STARGZ_TUI_BULK_READS read once at
+        # the edge: a daemon's config, the CLI); this module reads no environment
         self.bulk_reads = bulk_reads
         self._http = http_client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
@@ -264,6 +263,8 @@ class RegistryClient:
                                   credentials=credentials, use_keyring=use_keyring)
         self._bulk = None
         self.stats = {"requests": 0, "retries": 0, "redirects": 0}
+        # host -> time.monotonic() it was last found down (policy.down_hold)
+        self._down: dict[str, float] = {}
         self._check_origin(self.origin)
         for m in self.mirrors:
             self._check_origin(m)
@@ -348,6 +349,8 @@ class RegistryClient:
                              host, path) -> Reply:
         policy = self.policy
         started = time.monotonic()
+        down = self._down.get(host)
+        held = down is not None and started - down < policy.down_hold
         attempt = 0
         while True:
             attempt += 1
@@ -371,6 +374,8 @@ class RegistryClient:
                     await resp.aclose()
                 reply = Reply(resp.status_code, resp.headers, b"".join(chunks), url, host, path,
                               method, attempts=attempt)
+                self._down.pop(host, None)  # it answered: retry it as usual
+                held = False
                 if reply.status not in RETRY_STATUSES:
                     return reply
                 retry_after = _retry_after(resp.headers.get("retry-after"))
@@ -386,7 +391,7 @@ class RegistryClient:
                                         "to a CA bundle that includes its CA certificate") from None
                 failure = e
             delay = policy.retry_delay(attempt, retry_after)
-            if not policy.may_retry(attempt, started, delay):
+            if held or not policy.may_retry(attempt, started, delay):
                 break
             self.stats["retries"] += 1
             log.debug("retrying %s %s on %s in %.2fs (attempt %d)", method, path, host, delay,
@@ -397,9 +402,12 @@ class RegistryClient:
         # typed, so that a caller with a local copy (core.records) can tell "no
         # answer" from a TLS failure, which it must not paper over
         cls = RegistryError if _tls_failure(failure) else RegistryUnreachableError
+        if cls is RegistryUnreachableError and not held:  # the hold runs from a full budget
+            self._down[host] = time.monotonic()
         raise cls(
             f"cannot reach registry {host}: {describe_transport_error(failure)}"
-            + (f" (after {attempt} attempts)" if attempt > 1 else "")
+            + (f" (after {attempt} attempts)" if attempt > 1 else
+               f" (down {started - down:.1f} s ago: not retried)" if held else "")
         ) from None
 
     async def request(self, method: str, path: str, *, scope: str | None = None,
@@ -543,11 +551,9 @@ class RegistryClient:
     def bulk_reader(self):
         """The client's :class:`core.registry.bulk.BulkReader` for large blob
         ranges, or None when it must not be used (an HTTP client given by the
-        caller, a proxy configured in the environment, or
-        ``STARGZ_TUI_BULK_READS=0``)."""
-        on = (os.environ.get("STARGZ_TUI_BULK_READS") != "0" if self.bulk_reads is None
-              else self.bulk_reads)
-        if not self._own_http or not on:
+        caller, a proxy configured in the environment, or ``bulk_reads``
+        off)."""
+        if not self._own_http or not self.bulk_reads:
             return None
         from .bulk import BulkReader, proxied
 

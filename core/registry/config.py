@@ -29,11 +29,11 @@ containerd's ``hosts.toml`` and containers' ``registries.conf``).
 
 from __future__ import annotations
 
-import os
 import tomllib
 from dataclasses import dataclass, field
 
 from ..errors import CoreError
+from ..paths import registries_config_file
 from ..reference import is_loopback_host, parse_registry
 
 CONFIG_ENV = "STARGZ_TUI_REGISTRIES_CONFIG"
@@ -44,12 +44,9 @@ class RegistryConfigError(CoreError):
 
 
 def config_path() -> str:
-    env = os.environ.get(CONFIG_ENV)
-    if env:
-        return env
-    import platformdirs
-
-    return os.path.join(platformdirs.user_config_dir("stargz-tui"), "registries.toml")
+    """``$STARGZ_TUI_REGISTRIES_CONFIG`` or the user config dir's
+    ``registries.toml`` (read by :mod:`core.paths`, where locations are)."""
+    return registries_config_file(CONFIG_ENV)
 
 
 @dataclass

@@ -22,12 +22,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 
 from ..errors import CredentialStoreError
+from ..paths import containers_auth_files, docker_config_file
 from ..reference import DOCKER_HUB, DOCKER_HUB_CREDENTIAL_KEY
 
 log = logging.getLogger(__name__)
@@ -185,23 +185,6 @@ def _read_json(path: str) -> dict | None:
         log.debug("ignoring unreadable credential file %s: %s", path, type(e).__name__)
         return None
     return doc if isinstance(doc, dict) else None
-
-
-def containers_auth_files() -> list[str]:
-    files = []
-    if os.environ.get("REGISTRY_AUTH_FILE"):
-        files.append(os.environ["REGISTRY_AUTH_FILE"])
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        files.append(os.path.join(os.environ["XDG_RUNTIME_DIR"], "containers", "auth.json"))
-    config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(
-        os.path.expanduser("~"), ".config")
-    files.append(os.path.join(config_home, "containers", "auth.json"))
-    return files
-
-
-def docker_config_file() -> str:
-    d = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
-    return os.path.join(d, "config.json")
 
 
 def _from_auth_entry(entry, source: str) -> Credentials | None:

@@ -16,6 +16,19 @@ Contract (:class:`RequestPolicy`):
   ``Retry-After`` the registry asked for (at most ``max_retry_after``); no
   retry starts when its wait would end past ``max_retry_time`` or the
   deadline.
+* A host that just left a request unanswered after all its attempts is
+  *down* for ``down_hold`` seconds: a request to it in that time gets one
+  attempt, no backoff. A reader that asks again at once (the kernel reads
+  the page a failed read-ahead left behind a second time) fails at once
+  instead of spending a second retry budget, and a registry that came back
+  is still seen at the first attempt (one connect; any answer ends the hold).
+* A blob range whose answer was wrong (short, another offset; a 401/403/404
+  a stale redirect or token can cause) is asked again after a refresh of
+  the redirect and tokens, within the same ``max_attempts``, backoff and
+  deadline (:class:`core.registry.store.RegistryBlobSource`). These are the
+  only two places that retry, both by this policy: the layers above
+  (:mod:`core.fetch`, the reader, FUSE) pass the typed error through; the
+  FUSE read ends in EIO with one log line.
 * Uploads (requests carrying a body to store) are bounded by the idle timeout
   only: pushing a big layer over a slow link may take longer than any fixed
   deadline, and it cannot be trickled by the server (we send, it waits).
@@ -55,6 +68,7 @@ class RequestPolicy:
     backoff: float = 0.25
     max_backoff: float = 8.0
     max_retry_after: float = 30.0
+    down_hold: float = 2.0
 
     def __post_init__(self):
         if not self.deadline > 0:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 
+import anyio
+
 from ..errors import (
+    AuthError,
     BlobReadError,
     CoreError,
     CredentialsRejectedError,
@@ -51,6 +55,10 @@ SCHEMA1_TYPES = (
 MAX_UNRANGED_BLOB = 64 << 20
 # Errors that a fresh token and a fresh redirect cannot cure: never retried.
 FINAL_ERRORS = (CredentialsRejectedError, RequestTimeoutError, InsecureRedirectError)
+# Wrong answers that they may cure (a short body or another range from a stale
+# redirect, a 401/403 a renewed token answers), retried by the policy. What
+# the client already retried (no answer, 429/5xx) is passed up as it is.
+REFRESHABLE_ERRORS = (BlobReadError, AuthError)
 # Ranges at least this long are first tried on the client's bulk reader (a
 # blocking receive in a worker thread, see core.registry.bulk), once a regular
 # read has shown which URL and credentials serve the blob.
@@ -243,9 +251,11 @@ class RegistryBlobSource:
     """A blob read lazily with HTTP Range GETs (``core.source.BlobSource``).
 
     Redirects to blob storage are cached and reused without credentials; when
-    the cached (signed) URL stops working the registry is asked again. A read
-    that fails after the client's retries is retried once more after
-    refreshing (new token, new redirect).
+    the cached (signed) URL stops working the registry is asked again. A wrong
+    answer (short, another range, 401/403) is asked again after a refresh
+    (new token, new redirect) by the client's ``RequestPolicy``; a read the
+    client has already retried (no answer, 429/5xx, the deadline) fails at
+    once with its typed error: nothing above retries it again.
 
     Reads of at least ``bulk_min`` bytes go through the client's bulk reader
     to the URL the last regular read was served from (with the credentials
@@ -264,6 +274,7 @@ class RegistryBlobSource:
         self.requests = 0
         self.bytes_read = 0
         self.refreshes = 0
+        self.retries = 0  # range reads asked again after a wrong answer
         self.bulk_reads = 0
         self._redirect_url: str | None = None
         # (url, base whose credentials it takes or None) of the last good read
@@ -304,15 +315,25 @@ class RegistryBlobSource:
             self.bulk_reads += 1
             self.bytes_read += len(data)
             return data
-        try:
-            data = await self._fetch(offset, length)
-        except FINAL_ERRORS:
-            raise
-        except (RegistryError, BlobReadError) as e:
-            log.info("range read of %s failed (%s); refreshing and retrying once",
-                     self.digest[:19], e)
-            await self.refresh()
-            data = await self._fetch(offset, length)
+        policy = self.client.policy  # core.registry.policy: the one retry policy
+        started = time.monotonic()
+        attempt = 1
+        while True:
+            try:
+                data = await self._fetch(offset, length)
+                break
+            except FINAL_ERRORS:
+                raise
+            except REFRESHABLE_ERRORS as e:
+                delay = policy.retry_delay(attempt, None)
+                if not policy.may_retry(attempt, started, delay):
+                    raise
+                log.info("range read of %s: %s; refreshing the URL and tokens, attempt %d",
+                         self.digest[:19], e, attempt + 1)
+                self.retries += 1
+                await self.refresh()
+                await anyio.sleep(delay)
+                attempt += 1
         self.requests += 1
         self.bytes_read += len(data)
         return data

@@ -22,8 +22,9 @@ UNIT_NAME = "stargz-tui.service"
 
 
 def unit_path() -> str:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return os.path.join(base, "systemd", "user", UNIT_NAME)
+    from ..paths import config_home
+
+    return os.path.join(config_home(), "systemd", "user", UNIT_NAME)
 
 
 def unit_text() -> str:

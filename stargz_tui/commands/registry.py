@@ -49,6 +49,9 @@ def registry_options(args) -> dict:
         out["insecure_registries"] = hosts
     if getattr(args, "timeout", None) is not None:
         out["deadline"] = args.timeout
+    from core.options import Tuning  # the edge: the knobs come from our environment
+
+    out["bulk_reads"] = Tuning.from_env().bulk_reads
     return out
 
 

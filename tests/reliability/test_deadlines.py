@@ -271,9 +271,9 @@ def test_bulk_read_from_trickling_registry_ends_at_the_deadline(proxy, registry,
 
 @pytest.mark.fuse
 def test_mounted_read_outlasts_two_wrong_answers(proxy, registry, mount_env, rel):
-    """The retry layers fit together in the daemon: the blob source retries a
-    wrong answer once after refreshing, and the layer reader refreshes the
-    source and reads once more (the daemon's refresh awaits the source's)."""
+    """One retry layer in the daemon: the blob source asks again after a
+    wrong answer, refreshing its URL and tokens, by the client's
+    RequestPolicy (up to its attempts); nothing above it retries."""
     from test_network_faults import TRUTH
 
     mp = mount_env.mountpoint("mnt")
@@ -284,11 +284,11 @@ def test_mounted_read_outlasts_two_wrong_answers(proxy, registry, mount_env, rel
     got, _ = _read(os.path.join(mp, name), timeout=60)
     assert got == TRUTH[name], got
     assert len(proxy.faults()) == 2
-    # the reader's own retry got the bytes: no read failed on the way (the
+    # the source's retries got the bytes: no read failed on the way (the
     # kernel retries a failed read once, which would hide a failure)
     with open(core_mount.list_mounts()[0]["layers"][0]["log"]) as f:
         failed = [ln for ln in f if "core.fusefs ERROR" in ln]
     assert not failed, failed
     core_mount.unmount(mp)
     rel.row("network", "mount: the first two range answers for a file come from the wrong "
-            "offset", "the source's retry and the layer's refresh-and-retry: right bytes")
+            "offset", "the blob source's retries (one policy, after a refresh): right bytes")

@@ -263,6 +263,42 @@ def test_mounted_registry_restart(make_registry, mount_env, rel):
         p.stop()
 
 
+def test_mounted_read_with_registry_stopped_fails_once_and_fast(make_registry, mount_env, rel):
+    """The registry stopped (nothing listens on its port): an uncached read
+    ends in EIO after one retry budget (core.registry.policy.RequestPolicy,
+    applied by the registry client alone, not again by the blob source and
+    the fetcher) and leaves one log line naming the file and the cause; once
+    the registry answers again the same read succeeds without a remount."""
+    reg = make_registry(load=["mini-esgz"])
+    mp = _mount(mount_env, reg.ref("mini-esgz"))
+    st = core_mount.list_mounts()[0]["layers"][0]  # nothing read yet: no chunk cached
+    end = time.monotonic() + 30
+    while b"pre-resolved" not in open(st["log"], "rb").read():  # its start-up work done
+        assert time.monotonic() < end, "the daemon never finished its start"
+        time.sleep(0.1)
+    with open(st["log"], "rb") as f:
+        before = len(f.read())
+    reg.stop()
+    t0 = time.monotonic()
+    down = _read_mount(mp, ["data/text.txt"], timeout=60)["data/text.txt"]
+    took = time.monotonic() - t0
+    assert isinstance(down, OSError) and down.errno == errno.EIO, down
+    time.sleep(0.3)  # let the daemon's log reach the file
+    with open(st["log"], "rb") as f:
+        lines = f.read()[before:].decode(errors="replace").splitlines()
+    assert len(lines) == 1, lines
+    assert "read data/text.txt: " in lines[0] and f"cannot reach registry {reg.host}" in lines[0]
+    # one budget: 4 attempts, backoff 0.25 s doubling, with jitter (<= 2.7 s)
+    assert took < 4.0, f"the read took {took:.1f} s"
+    reg.start()  # same port, same storage
+    assert _read_mount(mp, ["data/text.txt"])["data/text.txt"] == TRUTH["data/text.txt"]
+    assert core_mount.list_mounts()[0]["layers"][0]["pid"] == st["pid"]  # no remount
+    core_mount.unmount(mp)
+    rel.row("network", "mount: registry stopped, uncached read; then started again",
+            f"EIO after {took:.1f} s with one log line naming the file and the cause; "
+            "the same read right once it answers, no remount")
+
+
 def test_mounted_token_expiry(make_token_registry, mount_env, rel, monkeypatch):
     """401 mid-session as a registry answers when a token has expired: the
     daemon fetches a new token and reads go on."""
