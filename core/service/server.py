@@ -70,6 +70,8 @@ def preload() -> None:
     import core.fuseloop  # noqa: F401
     import core.image  # noqa: F401
     import core.layer  # noqa: F401
+    import core.mergeddaemon  # noqa: F401 - a merged mount's daemon
+    import core.mergedfs  # noqa: F401
     import core.registry.client  # noqa: F401
     import core.registry.store  # noqa: F401
     import core.resolver  # noqa: F401

@@ -20,13 +20,13 @@ from .registry import seconds_arg as _seconds
 
 MOUNT_EXAMPLES = """\
 examples:
-  stargz-tui mount localhost:5000/app:esgz /mnt/app          merged image (overlay of all layers)
+  stargz-tui mount localhost:5000/app:esgz /mnt/app          merged image (all layers, one daemon)
   stargz-tui mount oci:./layout:mini-esgz /mnt/l0 --layer 0  one raw layer
   stargz-tui mount ghcr.io/org/app:esgz /mnt/app --wait-prefetch --cache-size 2G
   stargz-tui mount localhost:5000/app:esgz ~/mnt/app --map-owner   as a plain user: root's files are yours
   stargz-tui mount oci:./layout:mini-esgz /mnt/app --record app.json   record what gets opened
 
-The mount is served by a background daemon per layer; `stargz-tui mounts` shows
+The mount is served by one background daemon (for every layer of a merged image); `stargz-tui mounts` shows
 live state and `stargz-tui unmount MOUNTPOINT` stops it. MOUNTPOINT must be an
 empty directory (--force mounts over a non-empty one, hiding its contents), and
 only one mount of it can be under way at a time.
@@ -136,8 +136,9 @@ def cmd_mount(args) -> int:
         print("stargz-tui: warning: layers without a TOC digest are mounted unverified",
               file=sys.stderr)
     what = f"layer {rec['layers'][0]['index']}" if rec["kind"] == "layer" else \
-        f"{plural(len(rec['layers']), 'layer')} ({rec['overlay']})"
-    pids = ", ".join(str(e["pid"]) for e in rec["layers"])
+        f"{plural(len(rec['layers']), 'layer')} merged"
+    # a merged mount's layers share one daemon: each pid once
+    pids = ", ".join(str(p) for p in dict.fromkeys(e["pid"] for e in rec["layers"]))
     print(f"mounted {safe(rec['image'])} ({what}) at {safe(rec['mountpoint'])} "
           f"[daemon pid {pids}{'' if svc is None else ', supervised by the mount service'}]")
     if args.foreground:
