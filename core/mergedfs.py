@@ -232,7 +232,8 @@ class MergedFS(ReadOnlyOperations):
         try:
             return await self.readers[layer].read_buffer(eid, off, size, stream=fh)
         except CoreError as e:  # this read fails; every other file and layer serves on
-            log.error("read layer %d %s: %s", layer, self.indexes[layer].path_of(eid), e)
+            # as a layer daemon says it (the path first): "read PATH: why"
+            log.error("read %s: (layer %d) %s", self.indexes[layer].path_of(eid), layer, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh):
