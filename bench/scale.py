@@ -32,7 +32,6 @@ import time
 
 from . import fsutil, gen, images
 
-
 B11_LAYERS = (1, 2, 5, 10, 20)
 B12_MOUNTS = 32
 B12_POINTS = (1, 2, 4, 8, 16, 32)
