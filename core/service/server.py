@@ -79,6 +79,13 @@ def preload() -> None:
 
     # the backend module anyio.run(backend="trio") loads in each daemon
     importlib.import_module("anyio._backends._trio")
+    # what httpx loads only at a daemon's first registry request (its
+    # transport, the HTTP/1.1 parser, the CA bundle's locator, IDNA host
+    # names): ~6 MB private to each daemon when loaded there (issue 17, B12)
+    for name in ("httpcore", "httpcore._backends.trio", "httpcore._backends.anyio", "h11",
+                 "certifi", "encodings.idna", "stringprep", "resource"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
     for name in ("open_signal_receiver", "create_unix_listener", "create_task_group",
                  "fail_after", "move_on_after", "to_thread", "Event", "Lock",
                  "CapacityLimiter"):
