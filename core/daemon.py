@@ -1,7 +1,9 @@
 """The mount daemon: one process serves one layer over FUSE.
 
 pyfuse3 supports one mount per process, so :mod:`core.mount` starts one
-daemon per layer it mounts, through a starter (:mod:`core.starter`: a fresh
+daemon per raw layer it mounts (a merged image gets one
+:mod:`core.mergeddaemon`, a :class:`Daemon` serving every layer under the
+same contract: :func:`run_channel` takes the class), through a starter (:mod:`core.starter`: a fresh
 ``python -m core.daemon --channel-fd N``, or a fork of the mount service).
 Its whole configuration is one :class:`core.options.DaemonConfig`, read from
 the channel (msgspec JSON up to EOF): no other flag, no environment knob.
