@@ -679,6 +679,9 @@ def _daemon_groups(rec: dict) -> list[list[dict]]:
 
 def _revive_locked(rec: dict, dead: list[int], mounted: dict[str, str], starter) -> None:
     mp = rec["mountpoint"]
+    if rec.get("kind") == "merged" and any(e["mountpoint"] != mp for e in rec["layers"]):
+        raise MountError(f"{mp} was mounted by an older stargz-tui (a daemon per layer under "
+                         "an overlay): unmount it and mount it again")
     opts = rec.get("mountOptions") or {}
     deadline = time.monotonic() + float(opts.get("timeout") or READY_TIMEOUT)
     dead_ids = {id(rec["layers"][i]) for i in dead}
@@ -846,15 +849,23 @@ def _start_record(path: str) -> str:
 
 def _teardown(rec: dict, force: bool) -> list[str]:
     done = []
-    for group in _daemon_groups(rec):
-        path = group[0]["mountpoint"]
-        done.append(f"{path}: {_unmount_path(path, force)}")
+    paths = [g[0]["mountpoint"] for g in _daemon_groups(rec)]
+    if rec["mountpoint"] not in paths:
+        # a merged record of the former design (a daemon per layer mounted
+        # privately under an overlay at the mountpoint): the overlay first
+        paths.insert(0, rec["mountpoint"])
+    for path in paths:
+        # after a lazily detached overlay its layers stay busy until it is released
+        how = _unmount_path(path, force or any("detached" in d for d in done))
+        done.append(f"{path}: {how}")
     for group in _daemon_groups(rec):
         e = group[0]
         _stop_daemon(e, unmount=False)
         with contextlib.suppress(OSError):
             if e.get("control"):
                 os.unlink(e["control"])
+    if len(paths) > 1:  # (the former design's private layer mountpoints)
+        shutil.rmtree(os.path.join(state_dir(), "layers", rec["id"]), ignore_errors=True)
     with contextlib.suppress(OSError):
         os.unlink(_record_path(rec["id"]))
     if rec.get("imageFile"):
