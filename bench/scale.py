@@ -2,19 +2,23 @@
 
 * B11: one final tree (:func:`bench.gen.write_tree_part`) as images of
   1, 2, 5, 10 and 20 layers, each mounted merged (``stargz-tui mount IMAGE
-  MP``): mount to first byte of a small file of the bottom layer, the total
-  PSS of every daemon serving the mount (``/proc/PID/smaps_rollup``, pids
-  from ``stargz-tui mounts --json``), ``find -ls`` over the merged tree. The
-  figure is the 20-layer image against the 1-layer one; every size is a
-  point of the "how cost grows" curve.
+  MP``: one ``core.mergeddaemon`` process per image, forked from the mount
+  service): mount to first byte of a small file of the bottom layer, the
+  total PSS of every daemon serving the mount (``/proc/PID/smaps_rollup``,
+  pids from ``stargz-tui mounts --json``), ``find -ls`` over the merged
+  tree. The figure is the 20-layer image against the 1-layer one; every size
+  is a point of the "how cost grows" curve.
 * B12: 32 different images of 3 layers (:func:`bench.gen.write_fleet_layer`)
   mounted one after another and kept mounted: the time of each mount, the
   total PSS after 1, 2, 4 ... 32 mounts, then one small file read from each
   mount and compared with what its top layer holds.
 
-Both need the CLI (``ctx.mode == "cli"``) and the resident server the suite
-started; the Go peer serves one layer per process, so there is no peer
-column (a note says so). Every mount is unmounted at the end, also on error.
+Daemons forked from the service share its pages (the interpreter, the
+imported modules): PSS splits them among the sharers, so the service's own
+PSS is given beside the daemons'. Both need the CLI (``ctx.mode == "cli"``)
+and the mount service the suite started; the Go peer serves one layer per
+process, so there is no peer column (a note says so). Every mount is
+unmounted at the end, also on error.
 """
 
 from __future__ import annotations
@@ -27,8 +31,6 @@ import sys
 import time
 
 from . import fsutil, gen, images
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 B11_LAYERS = (1, 2, 5, 10, 20)
 B12_MOUNTS = 32
@@ -91,13 +93,14 @@ def total_pss_mb(pids) -> float:
     return sum(pss_kb(p) for p in pids) / 1024
 
 
-def one_process(ctx, ref: str, mp: str, cache: str) -> fsutil.MountProcess:
-    """The image served merged by one process (``python -m core.mergeddaemon``,
-    a fresh interpreter: not forked from the resident server)."""
-    return fsutil.MountProcess([sys.executable, "-m", "core.mergeddaemon", ref, mp,
-                                "--cache-dir", cache], mp, ready="line",
-                               env={**os.environ, "PYTHONPATH": ROOT},
-                               log=os.path.join(ctx.tmp, "mergeddaemon.log"))
+def service_pid(ctx) -> int | None:
+    """The mount service's pid (``stargz-tui service status --json``)."""
+    p = _cli(ctx, "service", "status", "--json", timeout=60)
+    try:
+        info = json.loads(p.stdout)
+    except ValueError:
+        return None
+    return info.get("pid") if info.get("running") else None
 
 
 def _push(ctx, repo: str, layers: list[dict]) -> str:
@@ -122,9 +125,11 @@ def b11(ctx, fig, median) -> dict:
         return out
     refs, entries = b11_images(ctx)
     mp = ctx.mp("b11")
+    svc = service_pid(ctx)
     curve = []
     for n in B11_LAYERS:
-        fb, mt, pss, pss_find, finds, procs = [], [], [], [], [], 0
+        fb, mt, pss, pss_find, finds, procs, svc_pss = [], [], [], [], [], 0, []
+        lines = 0
         for _ in range(ctx.runs):
             cache = ctx.fresh_dir("b11-cache")
             fsutil.drop_caches()
@@ -139,32 +144,17 @@ def b11(ctx, fig, median) -> dict:
                 dt, lines = fsutil.find_ls(mp)
                 finds.append(dt)
                 pss_find.append(total_pss_mb(pids))
+                svc_pss.append(total_pss_mb([svc]) if svc else 0.0)
             finally:
                 unmount(ctx, mp)
         pt = {"layers": n, "first_byte_s": median(fb), "mount_s": median(mt),
               "pss_mb": median(pss), "pss_after_find_mb": median(pss_find),
-              "processes": procs, "find_ls_s": median(finds), "find_lines": lines}
-        # the same image served by one process (core.mergeddaemon)
-        fb1, pss1, finds1 = [], [], []
-        for _ in range(ctx.runs):
-            cache = ctx.fresh_dir("b11-cache")
-            fsutil.drop_caches()
-            t0 = time.perf_counter()
-            with one_process(ctx, refs[n], mp, cache) as m:
-                fsutil.first_byte(os.path.join(mp, gen.LAYERED_FILE))
-                fb1.append(time.perf_counter() - t0)
-                dt, lines1 = fsutil.find_ls(mp)
-                finds1.append(dt)
-                pss1.append(total_pss_mb([m.proc.pid]))
-            if lines1 != lines:
-                raise RuntimeError(f"{n} layers: find -ls gave {lines1} lines from one process, "
-                                   f"{lines} from the overlay of layer daemons")
-        pt.update({"one_process_first_byte_s": median(fb1), "one_process_pss_mb": median(pss1),
-                   "one_process_find_ls_s": median(finds1)})
+              "processes": procs, "find_ls_s": median(finds), "find_lines": lines,
+              "service_pss_mb": median(svc_pss)}
         curve.append(pt)
         log(f"  B11 {n} layers: first byte {median(fb):.3f} s, PSS {median(pss):.0f} MB "
-                f"({procs} processes), find -ls {median(finds):.3f} s; one process: first byte "
-            f"{median(fb1):.3f} s, PSS {median(pss1):.0f} MB, find -ls {median(finds1):.3f} s")
+            f"({procs} processes; the service {median(svc_pss):.0f} MB), "
+            f"find -ls {median(finds):.3f} s")
     one, top = curve[0], curve[-1]
     out["ours"] = {"seconds": top["first_byte_s"], "pss_mb": top["pss_mb"],
                    "pss_after_find_mb": top["pss_after_find_mb"],
@@ -181,17 +171,12 @@ def b11(ctx, fig, median) -> dict:
     out["met"] = rf <= 2 and rl <= 1.5 and top["pss_after_find_mb"] <= 100
     out["curve"] = {"over": "layers", "points": curve}
     out["notes"].append(
-        f"the same {top['layers']}-layer image served by one process (core.mergeddaemon, not "
-        f"yet what `stargz-tui mount` starts; a fresh interpreter, so its first byte includes "
-        f"Python's start): {top['one_process_pss_mb']:.0f} MB PSS after find -ls, first byte "
-        f"{top['one_process_first_byte_s']:.3f} s, find -ls {top['one_process_find_ls_s']:.3f} "
-        f"s ({top['one_process_find_ls_s'] / one['find_ls_s']:.2f}x the 1-layer mount)")
-    out["notes"].append(
-        f"{top['layers']} layers: {top['processes']} daemon processes, "
-        f"{top['pss_mb']:.0f} MB PSS after the first byte, {top['pss_after_find_mb']:.0f} MB "
-        f"after find -ls ({top['pss_after_find_mb'] / max(1, top['processes']):.1f} MB per "
-        f"daemon); the 1-layer image: {one['pss_after_find_mb']:.0f} MB. The Go peer serves "
-        "one layer per process: no peer column")
+        f"{top['layers']} layers: {top['processes']} daemon process (one core.mergeddaemon per "
+        f"image, forked from the mount service), {top['pss_mb']:.0f} MB PSS after the first "
+        f"byte, {top['pss_after_find_mb']:.0f} MB after find -ls; the 1-layer image: "
+        f"{one['pss_after_find_mb']:.0f} MB. The service it shares pages with holds "
+        f"{top['service_pss_mb']:.0f} MB PSS itself (not counted: it serves no mount). "
+        "The Go peer serves one layer per process: no peer column")
     return out
 
 
@@ -209,6 +194,7 @@ def b12(ctx, fig, median) -> dict:
         refs.append(_push(ctx, f"bench/fleet{i:02d}", layers))
     mps = [ctx.mp(f"b12-{i:02d}") for i in range(count)]
     cache = ctx.fresh_dir("b12-cache")
+    svc = service_pid(ctx)
     times, points, reads, wrong = [], [], [], []
     mounted: list[str] = []
     try:
@@ -218,8 +204,11 @@ def b12(ctx, fig, median) -> dict:
             mounted.append(mp)
             if i + 1 in B12_POINTS or i + 1 == count:
                 pids = [p for mpids in daemon_pids(ctx).values() for p in mpids]
-                points.append({"mounts": i + 1, "mount_s": times[-1],
-                               "pss_mb": total_pss_mb(pids), "processes": len(pids)})
+                total = total_pss_mb(pids)
+                points.append({"mounts": i + 1, "mount_s": times[-1], "pss_mb": total,
+                               "processes": len(pids),
+                               "with_service_pss_mb": total + (total_pss_mb([svc]) if svc
+                                                               else 0.0)})
         for i, mp in enumerate(mps):
             t0 = time.perf_counter()
             with open(os.path.join(mp, gen.FLEET_FILE), "rb") as f:
@@ -229,11 +218,11 @@ def b12(ctx, fig, median) -> dict:
                 wrong.append(i)
         pids = [p for mpids in daemon_pids(ctx).values() for p in mpids]
         final_pss = total_pss_mb(pids)
+        service_pss = total_pss_mb([svc]) if svc else 0.0
         nproc = len(pids)
     finally:
         for mp in reversed(mounted):
             unmount(ctx, mp)
-    one = _b12_one_process(ctx, refs, mps, cache)
     for pt in points:  # the k-th mount's own time, and the median of the ones up to it
         pt["median_mount_s"] = median(times[: pt["mounts"]])
     first = median(times[: max(1, count // 4)])
@@ -241,38 +230,18 @@ def b12(ctx, fig, median) -> dict:
     growth = last / first
     out["ours"] = {"seconds": median(times), "pss_mb": final_pss, "processes": nproc,
                    "mounts": count, "reads_correct": count - len(wrong),
-                   "read_seconds": median(reads), "mount_times": times}
+                   "read_seconds": median(reads), "mount_times": times,
+                   "service_pss_mb": service_pss}
     out["ratio"] = {"PSS of 400 MB": final_pss / 400, "last/first quarter mount time": growth}
     out["target"] = ("PSS <= 400 MB; every read correct; mount time flat (last quarter's median "
                      "<= 1.5x the first's)")
     out["met"] = final_pss <= 400 and not wrong and growth <= 1.5
-    for pt in points:
-        pt["one_process_pss_mb"] = one["pss_at"].get(pt["mounts"])
     out["curve"] = {"over": "mounts", "points": points}
     out["notes"].append(
-        f"the same {count} images each served by one process (core.mergeddaemon, not yet what "
-        f"`stargz-tui mount` starts): {one['pss_mb']:.0f} MB PSS in {count} processes, "
-        f"{count - len(one['wrong'])}/{count} reads correct")
-    out["notes"].append(
-        f"{count} images x 3 layers: {nproc} daemon processes, {final_pss:.0f} MB PSS after the "
-        f"reads ({final_pss / max(1, nproc):.1f} MB per daemon); {count - len(wrong)}/{count} "
+        f"{count} images x 3 layers: {nproc} daemon processes (one core.mergeddaemon per image, "
+        f"forked from the mount service: they share its pages), {final_pss:.0f} MB PSS after "
+        f"the reads ({final_pss / max(1, nproc):.1f} MB per daemon; with the service's own "
+        f"{service_pss:.0f} MB: {final_pss + service_pss:.0f} MB); {count - len(wrong)}/{count} "
         f"reads correct; mount times {times[0]:.3f} s (first) .. median of the last quarter "
         f"{last:.3f} s")
     return out
-
-
-def _b12_one_process(ctx, refs: list[str], mps: list[str], cache: str) -> dict:
-    """B12's images each served by one ``core.mergeddaemon`` process."""
-    pss_at, wrong = {}, []
-    with contextlib.ExitStack() as stack:
-        procs = []
-        for i, (ref, mp) in enumerate(zip(refs, mps, strict=True)):
-            procs.append(stack.enter_context(one_process(ctx, ref, mp, cache)).proc.pid)
-            if i + 1 in B12_POINTS or i + 1 == len(refs):
-                pss_at[i + 1] = total_pss_mb(procs)
-        for i, mp in enumerate(mps):
-            with open(os.path.join(mp, gen.FLEET_FILE), "rb") as f:
-                if f.read() != gen.fleet_conf(i):
-                    wrong.append(i)
-        total = total_pss_mb(procs)
-    return {"pss_mb": total, "pss_at": pss_at, "wrong": wrong}

@@ -808,13 +808,11 @@ CURVE_COLUMNS = {
                ("pss_mb", "PSS after first byte", "{:.0f} MB"),
                ("pss_after_find_mb", "PSS after find -ls", "{:.0f} MB"),
                ("processes", "processes", "{:d}"), ("find_ls_s", "find -ls", "{:.3f} s"),
-               ("one_process_pss_mb", "one process: PSS", "{:.0f} MB"),
-               ("one_process_first_byte_s", "one process: start + first byte", "{:.3f} s"),
-               ("one_process_find_ls_s", "one process: find -ls", "{:.3f} s")],
+               ("service_pss_mb", "the mount service's own PSS", "{:.0f} MB")],
     "mounts": [("mounts", "mounts", "{:d}"), ("mount_s", "this mount", "{:.3f} s"),
                ("median_mount_s", "median mount so far", "{:.3f} s"),
                ("pss_mb", "total PSS", "{:.0f} MB"), ("processes", "processes", "{:d}"),
-               ("one_process_pss_mb", "one process per image: total PSS", "{:.0f} MB")],
+               ("with_service_pss_mb", "total PSS with the service", "{:.0f} MB")],
 }
 
 

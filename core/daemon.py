@@ -1,7 +1,9 @@
 """The mount daemon: one process serves one layer over FUSE.
 
 pyfuse3 supports one mount per process, so :mod:`core.mount` starts one
-daemon per layer it mounts, through a starter (:mod:`core.starter`: a fresh
+daemon per raw layer it mounts (a merged image gets one
+:mod:`core.mergeddaemon`, a :class:`Daemon` serving every layer under the
+same contract: :func:`run_channel` takes the class), through a starter (:mod:`core.starter`: a fresh
 ``python -m core.daemon --channel-fd N``, or a fork of the mount service).
 Its whole configuration is one :class:`core.options.DaemonConfig`, read from
 the channel (msgspec JSON up to EOF): no other flag, no environment knob.
@@ -104,6 +106,13 @@ class Daemon:
             out["recorded"] = self.fs.recorder.count
         return out
 
+    def _chunkmap(self, req: dict) -> bytes:
+        return self.reader.cached_map() if self.reader else b""
+
+    def title(self) -> str:
+        """What it serves, as ps shows it."""
+        return f"layer {self.args.layer} {self.args.mountpoint}"
+
     async def _handle(self, stream) -> None:
         import anyio
         import pyfuse3
@@ -137,8 +146,7 @@ class Daemon:
                 elif op == "stats":
                     resp = {"ok": True, "stats": self.stats()}
                 elif op == "chunkmap":
-                    m = self.reader.cached_map() if self.reader else b""
-                    resp = {"ok": True, "map": m.hex()}
+                    resp = {"ok": True, "map": self._chunkmap(req).hex()}
                 elif op == "shutdown":
                     self.unmount_on_exit = bool(req.get("unmount", True))
                     resp = {"ok": True}
@@ -200,7 +208,7 @@ class Daemon:
 
         a = self.args
         try:
-            dumped = _read_image_file(a.image_file)
+            dumped = read_image_file(a.image_file)
             ref = parse_reference(a.image)
             # the manifest, config and TOC come from the cache dir's records when
             # they verify there: a daemon restarted with the registry down still
@@ -216,7 +224,7 @@ class Daemon:
                     self.image = await open_image(ref, store=store, platform=a.platform,
                                                   with_config=a.announce_image)
                 if a.announce_image:
-                    _write_image_file(a.image_file, dump_image(self.image))
+                    write_image_file(a.image_file, dump_image(self.image))
                     self._report("image", final=False)
             self.store = self.image.store
             self.desc = self.image.layer(a.layer)
@@ -315,21 +323,11 @@ class Daemon:
         (a mount serves no layer of an image whose config does not verify)."""
         import anyio
 
-        from .image import check_config_platform, fetch_config
-
         failed: list[BaseException] = []
 
         async def check() -> None:
             try:
-                config = await fetch_config(self.store, self.image.manifest,
-                                            self.image.manifest_digest)
-                if self.image.index is None:  # --platform on a single-platform image
-                    check_config_platform(config, self.args.platform)
-                if self.args.image_file:  # kept for a restart without the registry
-                    from .image import dump_image
-
-                    _write_image_file(self.args.image_file,
-                                      dict(dump_image(self.image), config=config))
+                await self._check_config()
             except Exception as e:  # noqa: BLE001 - raised below, after the resolve
                 failed.append(e)
 
@@ -347,13 +345,24 @@ class Daemon:
             raise failed[0]
         return layer
 
+    async def _check_config(self) -> None:
+        """Fetch and verify the image config (raises when it does not verify,
+        or names another platform); saved with the image in ``image_file``."""
+        from .image import check_config_platform, dump_image, fetch_config
+
+        config = await fetch_config(self.store, self.image.manifest, self.image.manifest_digest)
+        if self.image.index is None:  # --platform on a single-platform image
+            check_config_platform(config, self.args.platform)
+        if self.args.image_file:  # kept for a restart without the registry
+            write_image_file(self.args.image_file, dict(dump_image(self.image), config=config))
+
     async def _pre_resolve(self, others, tasks) -> None:
         await self.resolver.pre_resolve(self.store, others, tasks,
                                         allow_unverified=self.args.allow_unverified)
         log.info("pre-resolved %d other layers", self.resolver.pre_resolved)
 
 
-def _read_image_file(path: str | None) -> dict | None:
+def read_image_file(path: str | None) -> dict | None:
     """The resolved image a mount saved (core.image.dump_image), or None."""
     if not path:
         return None
@@ -368,7 +377,7 @@ def _read_image_file(path: str | None) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_image_file(path: str | None, dumped: dict) -> None:
+def write_image_file(path: str | None, dumped: dict) -> None:
     """Write the resolved image atomically (0600); a failure only costs a
     restart without the registry, so it is logged, not raised."""
     if not path:
@@ -396,23 +405,29 @@ def _read_channel(fd: int, limit: int = 1 << 20) -> bytes:
     raise MountError("the daemon config is too large")
 
 
-def run_channel(fd: int) -> int:
+def run_channel(fd: int, daemon_class: type[Daemon] = Daemon) -> int:
     """Serve the config read from the channel ``fd`` (core.starter), reporting
     on the same fd. Called in a fresh interpreter (:func:`main`) or in a child
-    forked from the mount service."""
+    forked from the mount service; ``daemon_class``: :class:`Daemon` or
+    :class:`core.mergeddaemon.MergedDaemon`."""
     config = decode_config(_read_channel(fd))
     from .proctitle import set_title
 
-    # in ps: a layer daemon, not the mount service it may have been forked from
-    set_title(f"stargz-tui-daemon layer {config.layer} {config.mountpoint}")
+    d = daemon_class(config, fd)
+    # in ps: a daemon, not the mount service it may have been forked from
+    set_title(f"stargz-tui-daemon {d.title()}")
     logfd = os.open(config.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     logging.basicConfig(
         level=logging.DEBUG if config.debug else logging.INFO,
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
         handlers=[logging.StreamHandler(os.fdopen(logfd, "a", buffering=1))], force=True)
+    return run_daemon(d)
+
+
+def run_daemon(d: Daemon) -> int:
+    """Run ``d`` under trio (pyfuse3's loop); a crash is logged and reported."""
     import anyio
 
-    d = Daemon(config, fd)
     # when the mount is unmounted from outside, pyfuse3.main() returns and
     # the session is already gone: do not unmount again
     try:

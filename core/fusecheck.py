@@ -9,11 +9,10 @@ cause and the fix for what can be seen beforehand:
 * for a plain user: ``fusermount3`` (which libfuse runs to mount) missing or
   not setuid root; a mountpoint we neither own nor may write (fusermount3
   refuses it); ``allow_other`` without ``user_allow_other`` in
-  /etc/fuse.conf; the FUSE mounts the mount would add passing ``mount_max``;
-* for a merged mount by a plain user: ``fuse-overlayfs`` missing (kernel
-  overlayfs needs root).
+  /etc/fuse.conf; the FUSE mount the mount would add passing ``mount_max``
+  (a merged mount is one FUSE mount too: no overlay, no fuse-overlayfs).
 
-Root needs none of fusermount3, fuse.conf's limits or fuse-overlayfs.
+Root needs neither fusermount3 nor fuse.conf's limits.
 :func:`fuse_failure_cause` picks libfuse's own message out of a daemon log
 for the failures no check foresees.
 """
@@ -127,8 +126,7 @@ def check_mountpoint(path: str) -> None:
                          "of your own, e.g. `mkdir ~/mnt`")
 
 
-def check_mount(mountpoint: str, *, fuse_mounts: int, allow_other: bool = False,
-                merged: bool = False) -> None:
+def check_mount(mountpoint: str, *, fuse_mounts: int, allow_other: bool = False) -> None:
     """Everything above for a mount adding ``fuse_mounts`` FUSE filesystems."""
     check_device()
     if os.geteuid() == 0:
@@ -145,10 +143,6 @@ def check_mount(mountpoint: str, *, fuse_mounts: int, allow_other: bool = False,
         raise MountError(f"this mount needs {fuse_mounts} FUSE mount(s) and {have} are mounted: "
                          f"more than mount_max = {conf['mount_max']} in {FUSE_CONF} allows; "
                          f"unmount some or raise mount_max there (as root)")
-    if merged and shutil.which("fuse-overlayfs") is None:
-        raise MountError("a merged mount needs fuse-overlayfs for a plain user (kernel "
-                         "overlayfs needs root): install it (Debian: `apt install "
-                         "fuse-overlayfs`) or mount one layer with --layer N")
 
 
 def fuse_failure_cause(logfile: str | None, limit: int = 8192) -> str | None:

@@ -1,39 +1,281 @@
-"""Serve one image's merged tree from one process (issue 17, B11/B12).
+"""The merged-mount daemon: one process serves an image's whole merged tree.
 
-    python -m core.mergeddaemon IMAGE MOUNTPOINT [--cache-dir DIR] [--no-prefetch]
-                                [--background-fetch] [--allow-other] [--allow-unverified]
-                                [--insecure-registry HOST] [--log FILE]
+:mod:`core.mount` starts one per merged mount, through the same starters
+and under the same contract as a layer daemon (:mod:`core.daemon`): its
+whole configuration is one :class:`core.options.DaemonConfig` with
+``merged`` set, read from the channel; it reports ``ok {json}`` (the image's
+``manifestDigest`` and ``layers``, ``[{"index", "digest"}]`` bottom first)
+or ``error MESSAGE`` on it; it logs to ``log``; it answers the same control
+socket (``ping``, ``stats``, ``chunkmap``, ``shutdown``; ``stats`` adds
+``layers``: each layer's own stats, bottom first; ``chunkmap`` takes
+``"layer": N``), and SIGTERM/SIGINT unmount.
 
-Resolves every layer of IMAGE (footer + TOC, each verified against the
-manifest as ``core.daemon`` does), gives each a
-:class:`core.layer.LayerReader` over one shared :class:`core.cache.ChunkCache`,
-and mounts :class:`core.mergedfs.MergedFS` at MOUNTPOINT read-only
-(``ro,nosuid,nodev``). Prints ``ready`` on stdout once mounted, or one line
-``stargz-tui: ...`` on stderr and exits 1 when the image cannot be served;
-SIGTERM/SIGINT unmount and exit 0.
+It resolves the image from ``image_file`` when the mount saved it there,
+else from the registry (then saves it, with its verified config, for a
+restart without the registry); every layer (footer + TOC, verified against
+the manifest) at once, with the manifest, config and TOCs taken from the
+cache dir's records first (:mod:`core.records`: a restore after a reboot
+needs no registry); gives each layer a :class:`core.layer.LayerReader` over
+one shared :class:`core.cache.ChunkCache` and mounts
+:class:`core.mergedfs.MergedFS` read-only (``ro,nosuid,nodev``). One
+process per image: a fault (a crash, ``kill -9``) takes down that image's
+mount only, never another's.
 
-It is the one-process-per-image design the bench measures beside today's
-daemon per layer + kernel overlay (``core.mount``); ``core.mount`` does not
-start it yet, so records, the control socket, ``stargz-tui mounts`` and the
-resident server's fork do not know it. This module never imports
-``stargz_tui``.
+``python -m core.mergeddaemon IMAGE MOUNTPOINT [--cache-dir DIR] ...`` serves
+an image in the foreground without a record (prints ``ready`` once mounted,
+or one line ``stargz-tui: ...`` on stderr and exits 1). This module never
+imports ``stargz_tui``.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import json
 import logging
-import signal
+import os
 import sys
+
+from . import daemon as layer_daemon
+from .daemon import DEFAULT_READ_TIMEOUT, Daemon, read_image_file, run_daemon
+from .errors import MountError
+from .options import DaemonConfig
 
 log = logging.getLogger("core.mergeddaemon")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class MergedDaemon(Daemon):
+    """A :class:`core.daemon.Daemon` serving every layer of its image merged."""
+
+    def __init__(self, config: DaemonConfig, channel: int | None = None, *,
+                 foreground: bool = False):
+        super().__init__(config, channel)
+        self.foreground = foreground
+        self.readers: list = []
+
+    def title(self) -> str:
+        return f"image {self.args.mountpoint}"
+
+    def _report(self, line: str, final: bool = True) -> None:
+        if not self.foreground:
+            super()._report(line, final)
+        elif line.startswith("ok"):
+            print("ready", flush=True)
+        elif line.startswith("error"):
+            print(f"stargz-tui: {line[5:].strip()}", file=sys.stderr, flush=True)
+
+    def stats(self) -> dict:
+        per = [r.stats() for r in self.readers]
+        out = {"pid": os.getpid(), "mountpoint": self.args.mountpoint,
+               "image": self.args.image, "startedAt": self.started,
+               "openFiles": self.fs.open_files if self.fs else 0}
+        for st in per:  # the counters summed; the per-layer view under "layers"
+            for k, v in st.items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    out[k] = out.get(k, 0) + v
+        out["prefetchDone"] = all(st.get("prefetchDone", False) for st in per)
+        out["backgroundFetchDone"] = all(st.get("backgroundFetchDone", False) for st in per)
+        recorders = (self.fs.recorders if self.fs is not None else None) or []
+        for i, st in enumerate(per):
+            if recorders:
+                st["recorded"] = recorders[i].count
+            if self.image is not None:
+                st["layer"], st["digest"] = i, self.image.layers[i].digest
+        out["recorded"] = sum(r.count for r in recorders)
+        out["layers"] = per
+        return out
+
+    def _chunkmap(self, req: dict) -> bytes:
+        try:
+            return self.readers[int(req.get("layer") or 0)].cached_map()
+        except (IndexError, TypeError, ValueError):
+            return b""
+
+    async def run(self) -> int:
+        import anyio
+        import pyfuse3
+
+        from .cache import ChunkCache
+        from .errors import CoreError
+        from .idmap import IdMapper, parse_ranges
+        from .image import image_from_dump, open_image, open_store
+        from .layer import LayerReader
+        from .mergedfs import MergedFS
+        from .records import Records, recorded_store
+        from .reference import parse_reference
+        from .resolver import Resolver
+        from .tasks import DEFAULT_SILENCE, TaskManager
+
+        a = self.args
+        try:
+            dumped = read_image_file(a.image_file)
+            ref = parse_reference(a.image)
+            # manifest, config and TOCs from the cache dir's records when they
+            # verify there: restarted with the registry down, it still mounts
+            records = Records.for_cache_dir(a.cache_dir)
+            store = recorded_store(open_store(ref, **self._registry_opts()), records)
+            if dumped is not None:
+                self.image = image_from_dump(dumped, store, ref)
+            else:
+                with anyio.fail_after(a.resolve_timeout + 5):
+                    self.image = await open_image(ref, store=store, platform=a.platform,
+                                                  with_config=False)
+            self.store = self.image.store
+            if not self.image.layers:
+                raise MountError(f"{a.image} has no layers")
+            n = len(self.image.layers)
+            self.resolver = Resolver(timeout=a.resolve_timeout, records=records,
+                                     max_layers=max(8, 2 * n))
+            layers = await self._resolve_all(check_config=dumped is None)
+            for lay in layers:
+                for w in lay.warnings:
+                    log.warning(w)
+            cache = ChunkCache(a.cache_dir, max_bytes=a.cache_size,
+                               memory_bytes=a.tuning.memory_cache, direct=a.tuning.cache_direct)
+            tasks = TaskManager(DEFAULT_SILENCE if a.silence is None else a.silence)
+            self.readers = [
+                LayerReader(lay.index, lay.source, cache, tasks, refresh=self._refresher(desc),
+                            prefetch_size=a.prefetch_size,
+                            read_timeout=DEFAULT_READ_TIMEOUT
+                            if a.read_timeout is None else a.read_timeout,
+                            name=f"layer {desc.index} {desc.digest[:19]}")
+                for lay, desc in zip(layers, self.image.layers, strict=True)]
+            recorders = None
+            if a.record:
+                from .record import Recorder
+
+                recorders = [Recorder(a.record, lay.index.path_of, layer=i,
+                                      manifest_digest=self.image.manifest_digest)
+                             for i, lay in enumerate(layers)]
+            kw = {} if a.attr_timeout is None else {"timeout": a.attr_timeout}
+            self.fs = MergedFS([(lay.index, rd) for lay, rd in zip(layers, self.readers,
+                                                                   strict=True)],
+                               idmap=IdMapper(parse_ranges(list(a.uid_map)),
+                                              parse_ranges(list(a.gid_map))),
+                               recorders=recorders, **kw)
+            options = set(pyfuse3.default_options)
+            options |= {f"fsname={a.fsname}", "subtype=stargz", "ro", "nosuid", "nodev"}
+            if a.allow_other:
+                options.add("allow_other")
+            try:
+                pyfuse3.init(self.fs, a.mountpoint, options)
+            except RuntimeError as e:
+                from .fusecheck import fuse_failure_cause
+
+                cause = fuse_failure_cause(a.log) if a.log else None
+                raise MountError(f"cannot mount {a.mountpoint}: {cause or e}") from None
+            self.fs.tune_kernel_after_init(a.mountpoint)
+        except TimeoutError:
+            self._report(f"error opening {a.image} timed out")
+            return 1
+        except CoreError as e:
+            self._report(f"error {e}")
+            log.error("%s", e)
+            return 1
+        except Exception as e:  # noqa: BLE001 - reported to the parent, logged with traceback
+            log.exception("daemon failed to start")
+            self._report(f"error {type(e).__name__}: {e}")
+            return 1
+        log.info("serving %s merged (%d layers, %d entries) at %s", a.image, n,
+                 sum(len(lay.index) for lay in layers), a.mountpoint)
+        try:
+            async with anyio.create_task_group() as tg:
+                if a.control:
+                    await tg.start(self._serve_control)
+                tg.start_soon(self._signals)
+                for rd in self.readers:
+                    await rd.start(tg, prefetch=a.prefetch, background=a.background_fetch)
+                if a.wait_prefetch:
+                    with anyio.move_on_after(max(60.0, a.resolve_timeout * 4)):
+                        for rd in self.readers:
+                            await rd.wait_prefetch()
+                self._report("ok " + json.dumps({
+                    "manifestDigest": self.image.manifest_digest,
+                    "layers": [{"index": d.index, "digest": d.digest}
+                               for d in self.image.layers]}))
+                from . import fuseloop
+
+                fuseloop.install(a.tuning.fuse_spin_us / 1e6)
+                await pyfuse3.main()
+                tg.cancel_scope.cancel()
+        finally:
+            log.info("stopping (unmount=%s)", self.unmount_on_exit)
+            try:
+                pyfuse3.close(unmount=self.unmount_on_exit)
+            except Exception as e:  # noqa: BLE001
+                log.warning("closing the FUSE session: %s", e)
+            if a.control:
+                with contextlib.suppress(OSError):
+                    os.unlink(a.control)
+            await self.resolver.aclose()
+        return 0
+
+    def _refresher(self, desc):
+        """A layer's blob source made again after it failed (a new URL)."""
+        store = self.store
+
+        async def refresh(old):
+            r = getattr(old, "refresh", None)
+            if r is not None:
+                await r()
+                return old
+            try:
+                await old.aclose()
+            except Exception:  # noqa: BLE001
+                pass
+            return store.blob_source(desc.digest, desc.size)
+
+        return refresh
+
+    async def _resolve_all(self, check_config: bool) -> list:
+        """Every layer resolved at once; meanwhile the config is checked (and
+        the image saved) unless it came from the image file. The first
+        failure is raised as it is (not in an ExceptionGroup)."""
+        import anyio
+
+        failed: list[BaseException] = []
+        out: list = [None] * len(self.image.layers)
+
+        async def one(i, desc) -> None:
+            try:
+                out[i] = await self.resolver.resolve(self.store, desc,
+                                                     allow_unverified=self.args.allow_unverified)
+            except Exception as e:  # noqa: BLE001 - raised below
+                failed.append(e)
+                tg.cancel_scope.cancel()
+
+        async def check() -> None:
+            try:
+                await self._check_config()
+            except Exception as e:  # noqa: BLE001 - raised below
+                failed.append(e)
+                tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            if check_config:
+                tg.start_soon(check)
+            for i, desc in enumerate(self.image.layers):
+                tg.start_soon(one, i, desc)
+        if failed:
+            raise failed[0]
+        return out
+
+
+def run_channel(fd: int) -> int:
+    """:func:`core.daemon.run_channel` serving a merged config (core.starter)."""
+    return layer_daemon.run_channel(fd, MergedDaemon)
+
+
+def build_parser():
+    import argparse
+
     p = argparse.ArgumentParser(prog="python -m core.mergeddaemon",
                                 description="Serve an image's merged tree from one process.")
-    p.add_argument("image")
-    p.add_argument("mountpoint")
+    p.add_argument("image", nargs="?")
+    p.add_argument("mountpoint", nargs="?")
+    p.add_argument("--channel-fd", type=int,
+                   help="started by core.starter: the DaemonConfig (JSON) in, readiness out")
+    p.add_argument("--for", dest="what", metavar="TEXT",
+                   help="what it serves, shown in ps (ignored: the config says it)")
     p.add_argument("--cache-dir")
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--background-fetch", action="store_true")
@@ -45,80 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def serve(a: argparse.Namespace) -> None:
-    import anyio
-    import pyfuse3
-
-    from . import fuseloop
-    from .cache import ChunkCache
-    from .image import open_image
-    from .layer import LayerReader
-    from .mergedfs import MergedFS
-    from .resolver import Resolver
-    from .tasks import TaskManager
-
-    opts = {"insecure_registries": a.insecure} if a.insecure else {}
-    with anyio.fail_after(a.resolve_timeout + 5):
-        image = await open_image(a.image, **opts)
-    resolver = Resolver(timeout=a.resolve_timeout, max_layers=max(8, 2 * len(image.layers)))
-    resolved: list = [None] * len(image.layers)
-
-    async def resolve(i, desc) -> None:
-        resolved[i] = await resolver.resolve(image.store, desc,
-                                             allow_unverified=a.allow_unverified)
-
-    async with anyio.create_task_group() as tg:  # all layers at once
-        for i, desc in enumerate(image.layers):
-            tg.start_soon(resolve, i, desc)
-    cache = ChunkCache(a.cache_dir)
-    tasks = TaskManager()
-    readers = [LayerReader(r.index, r.source, cache, tasks, name=f"layer {i}")
-               for i, r in enumerate(resolved)]
-    fs = MergedFS([(r.index, rd) for r, rd in zip(resolved, readers, strict=True)])
-    options = set(pyfuse3.default_options)
-    options |= {"fsname=stargz-merged", "subtype=stargz", "ro", "nosuid", "nodev"}
-    if a.allow_other:
-        options.add("allow_other")
-    pyfuse3.init(fs, a.mountpoint, options)
-    try:
-        async with anyio.create_task_group() as tg:
-            for rd in readers:
-                await rd.start(tg, prefetch=not a.no_prefetch, background=a.background_fetch)
-
-            async def signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                    async for _ in sigs:
-                        pyfuse3.terminate()
-                        return
-
-            tg.start_soon(signals)
-            log.info("serving %s (%d layers) at %s", a.image, len(readers), a.mountpoint)
-            print("ready", flush=True)
-            fuseloop.install()
-            await pyfuse3.main()
-            tg.cancel_scope.cancel()
-    finally:
-        pyfuse3.close(unmount=True)
-        await resolver.aclose()
-
-
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    logging.basicConfig(filename=a.log, level=logging.INFO,
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.channel_fd is not None:
+        try:
+            return run_channel(a.channel_fd)
+        except MountError as e:
+            print(f"core.mergeddaemon: {e}", file=sys.stderr)
+            return 1
+    if not a.image or not a.mountpoint:
+        p.error("IMAGE and MOUNTPOINT are required without --channel-fd")
+    # without --log nothing is logged: stderr carries the one error line
+    logging.basicConfig(filename=a.log or os.devnull, level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    import anyio
+    from .options import absolute_image
 
-    from .errors import CoreError
-
-    try:
-        anyio.run(serve, a, backend="trio")  # pyfuse3's loop runs under trio
-    except CoreError as e:
-        print(f"stargz-tui: {e}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:  # pyfuse3.init: libfuse said why on stderr
-        print(f"stargz-tui: cannot mount {a.mountpoint}: {e}", file=sys.stderr)
-        return 1
-    return 0
+    config = DaemonConfig(
+        image=absolute_image(a.image, os.getcwd()), layer="0", merged=True,
+        mountpoint=os.path.abspath(a.mountpoint), control="", log=a.log or "",
+        cache_dir=a.cache_dir, prefetch=not a.no_prefetch, background_fetch=a.background_fetch,
+        allow_other=a.allow_other, allow_unverified=a.allow_unverified,
+        insecure_registries=tuple(a.insecure), resolve_timeout=a.resolve_timeout)
+    return run_daemon(MergedDaemon(config, foreground=True))
 
 
 if __name__ == "__main__":

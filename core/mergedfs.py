@@ -1,9 +1,9 @@
 """One FUSE server for an image's whole merged tree (issue 17, B11/B12).
 
-Today a merged mount is one daemon per layer plus a kernel overlay over
+A merged mount used to be one daemon per layer plus a kernel overlay over
 them: ~17 MB PSS and a process per layer (a 20-layer image: 20 processes,
 ~350 MB). :class:`MergedFS` serves the merged view itself, from one process
-per image: the view of :class:`core.overlay.MergedTree` (kernel overlayfs'
+per image (:mod:`core.mergeddaemon`): the view of :class:`core.overlay.MergedTree` (kernel overlayfs'
 rules: upper names hide lower ones, ``.wh.NAME`` and opaque dirs hide what
 is below, a non-directory hides what lower layers have beneath its path),
 each file's data from its own layer's :class:`core.layer.LayerReader`, all
@@ -24,10 +24,10 @@ Inode numbers are handed out on first sight and kept for the life of the
 mount (the tree never changes: :data:`core.fusefs.IMMUTABLE_TIMEOUT`). A
 read that fails in one layer fails with EIO for that read only.
 
-``python -m core.mergeddaemon IMAGE MOUNTPOINT --cache-dir DIR`` serves an image
-in the foreground (prints ``ready`` once mounted; SIGTERM/SIGINT unmount).
-It is not wired into ``stargz-tui mount`` yet: the bench measures it beside
-the per-layer daemons (B11).
+Owners are shown through an optional :class:`core.idmap.IdMapper` (``mount
+--map-owner``, ``--uid-map``); with ``recorders`` (one
+:class:`core.record.Recorder` per layer, ``mount --record``) each regular
+file opened is noted once, in its own layer's terms.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ import pyfuse3
 
 from .errors import CoreError
 from .estargz.toc import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, WHITEOUT_PREFIX
-from .fusefs import BLKSIZE, IMMUTABLE_TIMEOUT, ReadOnlyOperations, negative_entry
+from .fusefs import BLKSIZE, IMMUTABLE_TIMEOUT, ReadOnlyOperations, negative_entry, tune_kernel
+from .idmap import IdMapper
 from .overlay import MergedTree
 
 log = logging.getLogger("core.mergedfs")
@@ -67,12 +68,16 @@ class MergedFS(ReadOnlyOperations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, layers: list, *, timeout: float = IMMUTABLE_TIMEOUT):
+    def __init__(self, layers: list, *, timeout: float = IMMUTABLE_TIMEOUT,
+                 idmap: IdMapper | None = None, recorders: list | None = None):
         super().__init__()
         self.indexes = [ix for ix, _ in layers]
         self.readers = [r for _, r in layers]
         self.tree = MergedTree(self.indexes)
         self.timeout = timeout
+        self.idmap = idmap if idmap else None  # None: the image's ids exactly
+        self.recorders = recorders
+        self._tune_mp: str | None = None
         # inode -> (merged path, layer number, entry id shown); the key of a
         # directory is its path (it merges layers), of anything else the
         # layer and the entry its names show (hardlinks: one inode)
@@ -83,6 +88,11 @@ class MergedFS(ReadOnlyOperations):
         self._open: dict[int, tuple[int, int]] = {}  # fh -> (layer, entry id)
         self._next_fh = 1
         self.open_files = 0
+
+    def tune_kernel_after_init(self, mountpoint: str) -> None:
+        """Raise the mount's kernel read-ahead (:func:`core.fusefs.tune_kernel`)
+        on the first open, once FUSE_INIT's answer (which caps it) is in."""
+        self._tune_mp = mountpoint
 
     # -- nodes -------------------------------------------------------------
     def _node(self, inode: int) -> tuple[str, int, int]:
@@ -109,7 +119,10 @@ class MergedFS(ReadOnlyOperations):
         a.st_blksize = BLKSIZE
         a.attr_timeout = a.entry_timeout = self.timeout
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = int(mtime * 1e9)
-        a.st_uid, a.st_gid = uid, gid
+        if self.idmap is None:
+            a.st_uid, a.st_gid = uid, gid
+        else:
+            a.st_uid, a.st_gid = self.idmap.uid(uid), self.idmap.gid(gid)
         a.st_mode = _TYPE_BITS.get(code, stat.S_IFREG) | (mode & 0o7777)
         if code == DIR:
             a.st_size = 4096
@@ -200,10 +213,15 @@ class MergedFS(ReadOnlyOperations):
         layer, t, code = self._shown(inode)
         if code not in (REG, HARDLINK):
             raise pyfuse3.FUSEError(errno.EISDIR if code == DIR else errno.ENXIO)
+        if self._tune_mp is not None:
+            mp, self._tune_mp = self._tune_mp, None
+            tune_kernel(mp)
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = (layer, t)
         self.open_files += 1
+        if self.recorders is not None:
+            self.recorders[layer].note(t)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh, off, size):
@@ -214,7 +232,8 @@ class MergedFS(ReadOnlyOperations):
         try:
             return await self.readers[layer].read_buffer(eid, off, size, stream=fh)
         except CoreError as e:  # this read fails; every other file and layer serves on
-            log.error("read layer %d %s: %s", layer, self.indexes[layer].path_of(eid), e)
+            # as a layer daemon says it (the path first): "read PATH: why"
+            log.error("read %s: (layer %d) %s", self.indexes[layer].path_of(eid), layer, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh):

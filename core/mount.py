@@ -4,28 +4,30 @@ supervision and restore.
 Python API (the mount service, the CLI and the app use it):
 
 * ``mount(opts: MountOptions, *, starter=None) -> dict`` mounts one raw layer
-  (``opts.layer`` = index or digest) or, without it, the merged image: every
-  layer mounted privately under the state dir by its own daemon, then an
-  overlay at the mountpoint (kernel overlayfs as root, ``fuse-overlayfs``
-  otherwise). Blocking, no event loop, no thread; daemons are started by
-  ``starter`` (:mod:`core.starter`; default: spawn ``python -m core.daemon``).
-  The first daemon resolves the image and saves it (``images/<id>.json``);
-  the others read it. Returns the mount record, which keeps every daemon's
-  :class:`core.options.DaemonConfig`, so the same daemon can be started
-  again. The mountpoint must be empty unless ``opts.force``; a second mount
+  (``opts.layer`` = index or digest; a :mod:`core.daemon`) or, without it,
+  the merged image: one :mod:`core.mergeddaemon` process serves every layer
+  merged at the mountpoint (no overlay, no private layer mounts; the same
+  for root and plain users). Blocking, no event loop, no thread; daemons are
+  started by ``starter`` (:mod:`core.starter`; default: spawn a fresh
+  interpreter). The daemon resolves the image and saves it
+  (``images/<id>.json``) for a restart without the registry. Returns the
+  mount record: ``layers`` lists the image's layers (``index``, ``digest``),
+  each with the daemon serving it (``pid``, ``control``, ``log``,
+  ``config``: a merged mount's layers all name its one daemon), so the same
+  daemon can be started again from its :class:`core.options.DaemonConfig`. The mountpoint must be empty unless ``opts.force``; a second mount
   of a mountpoint while one is under way fails (a flock per mountpoint under
   the state dir, also held by unmount and by a restart).
   ``await mount_image(image, mountpoint, **fields)``: the same for async callers.
-* ``unmount(mountpoint, *, force=False) -> dict``: overlay first, then the
-  layers, then the daemons stop. Busy without ``force`` raises
+* ``unmount(mountpoint, *, force=False) -> dict``: the mount, then its
+  daemon stops. Busy without ``force`` raises
   :class:`MountError` naming the processes that hold it; ``force`` uses
   MNT_FORCE then a lazy detach. Idempotent; cleans up after killed daemons.
 * ``list_mounts() -> list[dict]``: every record with live stats from the
   daemons' control sockets; ``state`` is ``"serving"``, ``"stale"`` or
   ``"failed"``; ``restarts``, ``lastError``.
 * ``crashed(rec)``: a daemon died and left its mount (kill -9, a crash);
-  ``revive(mountpoint, supervised=...)``: lazily detach the dead mounts and
-  start their daemons again from the record (counted; ``failed`` after
+  ``revive(mountpoint, supervised=...)``: lazily detach the dead mount and
+  start its daemon again from the record (counted; ``failed`` after
   :data:`MAX_RESTARTS` in :data:`RESTART_WINDOW`); ``restore()`` /
   ``repair()``: every record not served made to serve again.
 * ``daemon_request(socket_path, op) -> dict``, ``cache_usage()``,
@@ -432,50 +434,6 @@ def _exited(proc: DaemonProcess, logfile: str):
     raise MountError(f"the mount daemon exited {how} (log: {logfile})")
 
 
-def _wait_image(proc: DaemonProcess, image_file: str, deadline: float, timeout: float,
-                logfile: str, cancelled=None):
-    """A merged mount's first daemon writes the resolved image, then says
-    ``image``: the image's layers (the other daemons read the same file)."""
-    from .image import image_from_dump
-
-    line = proc.read_line(deadline, cancelled)
-    if line == "image":
-        with open(image_file) as f:
-            return image_from_dump(json.load(f), None)
-    proc.close()
-    if line and line.startswith("error"):
-        raise MountError(line[5:].strip())
-    if line is None and proc.poll() is None:
-        raise MountError(f"resolving the image took more than {timeout:g} s (log: {logfile})")
-    return _exited(proc, logfile)
-
-
-def _overlay_mount(lowers: list[str], mountpoint: str, allow_other: bool) -> str:
-    """Mount an overlay of ``lowers`` (top first) at ``mountpoint``; returns the kind."""
-    if len(lowers) == 1:  # overlayfs needs two lower dirs without an upper
-        empty = private_dir(os.path.join(state_dir(), "empty"))
-        lowers = lowers + [empty]
-    lowerdir = ":".join(p.replace(":", "\\:").replace(",", "\\,") for p in lowers)
-    if os.geteuid() == 0:
-        opts = f"lowerdir={lowerdir}"
-        r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts + ",ro,nosuid,nodev",
-                            mountpoint], capture_output=True, text=True, timeout=60)
-        if r.returncode == 0:
-            return "overlay"
-        log.warning("kernel overlay mount failed (%s); trying fuse-overlayfs", r.stderr.strip())
-    exe = shutil.which("fuse-overlayfs")
-    if not exe:
-        raise MountError("cannot build the merged view: kernel overlayfs needs root and "
-                         "fuse-overlayfs is not installed")
-    opts = f"lowerdir={lowerdir},ro,nosuid,nodev"
-    if allow_other:
-        opts += ",allow_other"
-    r = subprocess.run([exe, "-o", opts, mountpoint], capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        raise MountError(f"fuse-overlayfs failed: {r.stderr.strip() or r.returncode}")
-    return "fuse-overlayfs"
-
-
 def mount(opts: MountOptions, *, starter=None, cancelled=None) -> dict:
     """Mount as ``opts`` says (one raw layer with ``opts.layer``, else the
     merged view); returns the mount record once it is served. Blocking, no
@@ -518,7 +476,8 @@ def _daemon_config(opts: MountOptions, *, layer: str, mountpoint: str, control: 
     from .cache import default_cache_dir
 
     return DaemonConfig(
-        image=opts.image, layer=layer, mountpoint=mountpoint, control=control, log=log,
+        image=opts.image, layer=layer, merged=merged, mountpoint=mountpoint, control=control,
+        log=log,
         # the cache dir is fixed now: a daemon started again (a restart, a
         # restore at login) uses the same cache whatever its environment
         image_file=image_file, cache_dir=opts.cache_dir or default_cache_dir(),
@@ -529,13 +488,8 @@ def _daemon_config(opts: MountOptions, *, layer: str, mountpoint: str, control: 
         allow_unverified=opts.allow_unverified, silence=opts.silence,
         read_timeout=opts.read_timeout, platform=opts.platform,
         insecure_registries=opts.insecure_registries,
-        # each layer's daemon shows the mapped ids: the overlay over them
-        # (kernel or fuse-overlayfs) shows what its lowers show
         uid_map=tuple(str(r) for r in uid_ranges), gid_map=tuple(str(r) for r in gid_ranges),
-        record=record, debug=opts.debug, tuning=opts.tuning,
-        # a kernel overlay (root) reads trusted.overlay.opaque and would pass
-        # user.overlay.opaque through to the merged view
-        opaque_xattrs="trusted" if merged and os.geteuid() == 0 else "both")
+        record=record, debug=opts.debug, tuning=opts.tuning)
 
 
 def _mount_locked(opts: MountOptions, mp: str, starter, cancelled) -> dict:
@@ -548,11 +502,8 @@ def _mount_locked(opts: MountOptions, mp: str, starter, cancelled) -> dict:
     if not opts.force:
         _refuse_non_empty(mp)
     merged = opts.layer is None
-    plain_overlay = merged and os.geteuid() != 0  # fuse-overlayfs is one more FUSE mount
-    # a merged mount's FUSE mounts are counted once its image is known (below,
-    # before its first daemon mounts: it resolves its layer first)
-    fusecheck.check_mount(mp, allow_other=opts.allow_other, merged=merged,
-                          fuse_mounts=0 if merged else 1)
+    # one FUSE mount either way: a merged mount is one process serving every layer
+    fusecheck.check_mount(mp, allow_other=opts.allow_other, fuse_mounts=1)
     uid_ranges, gid_ranges = _id_ranges(opts.map_owner, opts.uid_map, opts.gid_map)
     mid = _mount_id(mp)
     sd = state_dir()
@@ -573,60 +524,39 @@ def _mount_locked(opts: MountOptions, mp: str, starter, cancelled) -> dict:
                     "gidMap": [str(r) for r in gid_ranges]},
         "mountOptions": to_builtins(opts),
     }
-
-    def layer_entry(n: int, index, digest, selector: str):
-        lmp = mp if not merged else private_dir(os.path.join(sd, "layers", mid, str(n)))
-        entry = {"index": index, "digest": digest, "mountpoint": lmp,
-                 "control": _socket_path(mid, n), "log": os.path.join(logs, f"{mid}-{n}.log"),
-                 "pid": None, "startTime": None}
-        cfg = _daemon_config(opts, layer=selector, mountpoint=lmp, control=entry["control"],
-                             log=entry["log"], image_file=image_file, merged=merged,
-                             uid_ranges=uid_ranges, gid_ranges=gid_ranges, record=record)
-        return entry, cfg
-
+    sel = opts.layer if not merged else "0"
+    n = int(sel) if sel.isdigit() else 0
+    entry = {"index": None if merged else (n if sel.isdigit() else None), "digest": None,
+             "mountpoint": mp, "control": _socket_path(mid, n),
+             "log": os.path.join(logs, f"{mid}-{n}.log"), "pid": None, "startTime": None}
+    cfg = _daemon_config(opts, layer=sel, mountpoint=mp, control=entry["control"],
+                         log=entry["log"], image_file=image_file, merged=merged,
+                         uid_ranges=uid_ranges, gid_ranges=gid_ranges, record=record)
+    entry["config"] = to_builtins(cfg)
     deadline = time.monotonic() + opts.timeout
-    procs: list[DaemonProcess] = []
+    proc = None
     try:
-        # the first daemon resolves the image (a merged mount waits for it to
-        # say so, then starts one daemon per other layer, which read the file)
-        sel = opts.layer if not merged else "0"
-        first, cfg = layer_entry(int(sel) if sel.isdigit() else 0,
-                                 int(sel) if sel.isdigit() else None, None, sel)
-        cfg = msgspec.structs.replace(cfg, announce_image=merged)
-        first["config"] = to_builtins(cfg)
-        procs.append(_start_daemon(starter, cfg, first))
-        rec["layers"].append(first)
+        proc = _start_daemon(starter, cfg, entry)
+        rec["layers"].append(entry)
         _write_record(rec)
+        info = _wait_ready(proc, deadline, opts.timeout, entry["log"], cancelled)
+        rec["manifestDigest"] = info.get("manifestDigest")
         if merged:
-            img = _wait_image(procs[0], image_file, deadline, opts.timeout, first["log"],
-                              cancelled)
-            if not img.layers:
+            # the image's layers, bottom first, each served by the one daemon
+            rec["layers"] = [dict(entry, index=lay.get("index"), digest=lay.get("digest"))
+                             for lay in info.get("layers") or []]
+            if not rec["layers"]:
                 raise MountError(f"{opts.image} has no layers")
-            rec["manifestDigest"] = img.manifest_digest
-            first["index"], first["digest"] = 0, img.layers[0].digest
-            fusecheck.check_mount(mp, allow_other=opts.allow_other, merged=True,
-                                  fuse_mounts=len(img.layers) + plain_overlay)
-            for d in img.layers[1:]:
-                entry, cfg = layer_entry(d.index, d.index, d.digest, d.digest)
-                entry["config"] = to_builtins(cfg)
-                procs.append(_start_daemon(starter, cfg, entry))
-                rec["layers"].append(entry)
-                _write_record(rec)
-        # wait for all daemons (they resolve their layers in parallel)
-        for proc, entry in zip(procs, rec["layers"], strict=True):
-            info = _wait_ready(proc, deadline, opts.timeout, entry["log"], cancelled)
-            if entry["digest"] is None:
-                entry["index"], entry["digest"] = info.get("index"), info.get("digest")
-                rec["manifestDigest"] = info.get("manifestDigest")
-        if merged:
-            lowers = [e["mountpoint"] for e in reversed(rec["layers"])]  # top first
-            rec["overlay"] = _overlay_mount(lowers, mp, opts.allow_other)
-        rec["pid"] = rec["layers"][0]["pid"]
+        else:
+            entry["index"], entry["digest"] = info.get("index"), info.get("digest")
+        rec["pid"] = entry["pid"]
         _write_record(rec)
         return rec
     except BaseException:
-        for p in procs:
-            p.close()
+        if proc is not None:
+            proc.close()
+        if not rec["layers"]:
+            rec["layers"].append(entry)
         with contextlib.suppress(MountError):
             _teardown(rec, force=True)
         raise
@@ -678,9 +608,9 @@ def needs_revival(rec: dict) -> bool:
 def revive(mountpoint: str, *, starter=None, supervised: bool = False,
            reset: bool = False, wait: float = 0.0) -> dict | None:
     """Make a recorded mount serve again at the same place, from its record,
-    its saved image file and its cache: each dead layer's mount is lazily
-    detached and a new daemon started with the same config; a merged mount's
-    overlay is made again over them. Returns the record (None when there is
+    its saved image file and its cache: a dead daemon's mount is lazily
+    detached and a new daemon started with the same config (a merged mount:
+    its one daemon, for every layer). Returns the record (None when there is
     none any more).
 
     ``supervised``: a restart after a crash, counted in the record
@@ -738,26 +668,39 @@ def revive(mountpoint: str, *, starter=None, supervised: bool = False,
         lock.release()
 
 
+def _daemon_groups(rec: dict) -> list[list[dict]]:
+    """A record's daemons, each as the layer entries it serves (a merged
+    mount: one daemon for every layer; a raw layer: one for its one)."""
+    groups: dict[str, list[dict]] = {}
+    for e in rec["layers"]:
+        groups.setdefault(e.get("control") or e["mountpoint"], []).append(e)
+    return list(groups.values())
+
+
 def _revive_locked(rec: dict, dead: list[int], mounted: dict[str, str], starter) -> None:
     mp = rec["mountpoint"]
-    merged = rec.get("kind") == "merged"
-    if merged and dead:
-        _detach(mp)  # the overlay holds the dead lowers: made again below
+    if rec.get("kind") == "merged" and any(e["mountpoint"] != mp for e in rec["layers"]):
+        raise MountError(f"{mp} was mounted by an older stargz-tui (a daemon per layer under "
+                         "an overlay): unmount it and mount it again")
     opts = rec.get("mountOptions") or {}
     deadline = time.monotonic() + float(opts.get("timeout") or READY_TIMEOUT)
+    dead_ids = {id(rec["layers"][i]) for i in dead}
     started = []
-    for i in dead:
-        e = rec["layers"][i]
+    for group in _daemon_groups(rec):
+        if not any(id(e) in dead_ids for e in group):
+            continue
+        e = group[0]
         if _alive(e.get("pid"), e.get("startTime")):
             _stop_daemon(e, unmount=False)  # alive but its mount is gone
         _detach(e["mountpoint"])
-        if merged:
-            private_dir(e["mountpoint"])
         with contextlib.suppress(OSError):
             os.unlink(e["control"])
         cfg = config_from_builtins(e.get("config"))
-        started.append((_start_daemon(starter, msgspec.structs.replace(
-            cfg, announce_image=False, wait_prefetch=False), e), e))
+        proc = _start_daemon(starter, msgspec.structs.replace(
+            cfg, announce_image=False, wait_prefetch=False), e)
+        for other in group[1:]:  # the same daemon serves them all
+            other["pid"], other["startTime"] = e["pid"], e["startTime"]
+        started.append((proc, e))
     try:
         for proc, e in started:
             _wait_ready(proc, deadline, READY_TIMEOUT, e["log"])
@@ -766,11 +709,8 @@ def _revive_locked(rec: dict, dead: list[int], mounted: dict[str, str], starter)
             proc.close()
             _stop_daemon(e, unmount=True)
         raise
-    if merged and not is_mounted(mp):
-        lowers = [e["mountpoint"] for e in reversed(rec["layers"])]
-        rec["overlay"] = _overlay_mount(lowers, mp, bool(opts.get("allow_other")))
     rec["pid"] = rec["layers"][0]["pid"]
-    log.info("%s: serving again (daemons %s)", mp, ", ".join(str(e["pid"]) for _, e in started))
+    log.info("%s: serving again (daemon %s)", mp, ", ".join(str(e["pid"]) for _, e in started))
 
 
 def restore(*, starter=None, reset: bool = False) -> list[dict]:
@@ -909,26 +849,22 @@ def _start_record(path: str) -> str:
 
 def _teardown(rec: dict, force: bool) -> list[str]:
     done = []
-    mp = rec["mountpoint"]
-    if rec.get("kind") == "merged":
-        done.append(f"{mp}: {_unmount_path(mp, force)}")
-    # after a lazily detached overlay, the layers stay busy until it is released
-    layer_force = force or any("detached" in d for d in done)
-    for e in reversed(rec["layers"]):
-        try:
-            how = _unmount_path(e["mountpoint"], layer_force)
-        except MountError:
-            if rec.get("kind") == "merged" and not force:
-                how = _unmount_path(e["mountpoint"], True)
-            else:
-                raise
-        done.append(f"{e['mountpoint']}: {how}")
-    for e in rec["layers"]:
+    paths = [g[0]["mountpoint"] for g in _daemon_groups(rec)]
+    if rec["mountpoint"] not in paths:
+        # a merged record of the former design (a daemon per layer mounted
+        # privately under an overlay at the mountpoint): the overlay first
+        paths.insert(0, rec["mountpoint"])
+    for path in paths:
+        # after a lazily detached overlay its layers stay busy until it is released
+        how = _unmount_path(path, force or any("detached" in d for d in done))
+        done.append(f"{path}: {how}")
+    for group in _daemon_groups(rec):
+        e = group[0]
         _stop_daemon(e, unmount=False)
         with contextlib.suppress(OSError):
             if e.get("control"):
                 os.unlink(e["control"])
-    if rec.get("kind") == "merged":
+    if len(paths) > 1:  # (the former design's private layer mountpoints)
         shutil.rmtree(os.path.join(state_dir(), "layers", rec["id"]), ignore_errors=True)
     with contextlib.suppress(OSError):
         os.unlink(_record_path(rec["id"]))
@@ -967,10 +903,7 @@ def unmount(mountpoint: str, *, force: bool = False) -> dict:
         rec = _find_record(rec["mountpoint"])
         if rec is None:
             return {"mountpoint": mp, "status": "unmounted", "steps": []}
-        # a merged mount: the overlay must go first and, if busy, nothing else moves
-        if rec.get("kind") == "merged" and not force and is_mounted(rec["mountpoint"]):
-            _unmount_path(rec["mountpoint"], False)
-        elif rec.get("kind") == "layer" and not force:
+        if not force:  # busy: nothing is torn down
             _unmount_path(rec["mountpoint"], False)
         steps = _teardown(rec, force)
     finally:
@@ -983,7 +916,9 @@ _SUM_FIELDS = ("bytesFetched", "requests", "chunksCached", "chunksTotal", "diges
                "readErrors", "errors", "retries", "blobSize", "prefetchBytes", "recorded")
 
 
-def _layer_status(e: dict, mounted: dict[str, str]) -> dict:
+def _layer_status(e: dict, mounted: dict[str, str], answers: dict) -> dict:
+    """One layer's state and stats; ``answers`` keeps each daemon's answer,
+    so a merged mount's one daemon is asked once for all its layers."""
     out = {"index": e["index"], "digest": e["digest"], "pid": e.get("pid"),
            "mountpoint": e["mountpoint"], "log": e.get("log"), "state": "stale"}
     if not _alive(e.get("pid"), e.get("startTime")):
@@ -992,26 +927,38 @@ def _layer_status(e: dict, mounted: dict[str, str]) -> dict:
     if e["mountpoint"] not in mounted:
         out["reason"] = "layer is not mounted"
         return out
-    try:
-        resp = daemon_request(e["control"], "stats", timeout=2.0)
-    except MountError as err:
-        out["reason"] = str(err)
+    key = e["control"]
+    if key not in answers:
+        try:
+            answers[key] = daemon_request(key, "stats", timeout=2.0)["stats"]
+        except MountError as err:
+            answers[key] = err
+    stats = answers[key]
+    if isinstance(stats, MountError):
+        out["reason"] = str(stats)
         return out
+    per = stats.get("layers")  # a merged daemon: each layer's own stats
+    if isinstance(per, list):
+        i = e.get("index")
+        stats = per[i] if isinstance(i, int) and 0 <= i < len(per) else {}
     out["state"] = "serving"
-    out["stats"] = resp["stats"]
+    out["stats"] = stats
     return out
 
 
 def mount_status(rec: dict, mounted: dict[str, str] | None = None) -> dict:
-    """A record plus live state and summed stats (the ``mounts --json`` object)."""
+    """A record plus live state and summed stats (the ``mounts --json`` object);
+    ``pids`` names each daemon once (a merged mount: one)."""
     if mounted is None:
         mounted = mount_table()
-    layers = [_layer_status(e, mounted) for e in rec["layers"]]
+    answers: dict = {}
+    layers = [_layer_status(e, mounted, answers) for e in rec["layers"]]
     serving = all(lay["state"] == "serving" for lay in layers) and rec["mountpoint"] in mounted
     out = {
         "mountpoint": rec["mountpoint"], "image": rec["image"], "kind": rec.get("kind"),
         "overlay": rec.get("overlay"), "manifestDigest": rec.get("manifestDigest"),
-        "pid": layers[0]["pid"] if layers else None, "pids": [lay["pid"] for lay in layers],
+        "pid": layers[0]["pid"] if layers else None,
+        "pids": list(dict.fromkeys(lay["pid"] for lay in layers)),
         "state": "failed" if rec.get("failed") else "serving" if serving else "stale",
         "created": rec.get("created"), "layers": layers, "record": rec.get("record"),
         "restarts": int(rec.get("restarts") or 0), "lastError": rec.get("lastError"),

@@ -12,10 +12,12 @@ Contract:
   deep in the core (the memory LRU, O_DIRECT pack writes, the FUSE loop's
   polling window, bulk range reads). :meth:`Tuning.from_env` reads them
   once, at the edge (the process the user runs), into the options.
-* :class:`DaemonConfig` is one layer daemon's whole configuration:
+* :class:`DaemonConfig` is one daemon's whole configuration (a layer
+  daemon, :mod:`core.daemon`, or with ``merged`` the daemon serving an
+  image's whole merged tree, :mod:`core.mergeddaemon`):
   :mod:`core.mount` derives it from the options and the mount record,
   :mod:`core.starter` hands it to the daemon in one serialized form
-  (:func:`encode_config`), and :mod:`core.daemon` reads nothing else
+  (:func:`encode_config`), and the daemon reads nothing else
   (no argv flags, no environment). The mount record keeps it, so a
   supervisor can start the same daemon again after a crash or a reboot.
 
@@ -113,10 +115,11 @@ class MountOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Everything one layer daemon (:mod:`core.daemon`) needs."""
+    """Everything one daemon (:mod:`core.daemon`, or :mod:`core.mergeddaemon`
+    with ``merged``) needs."""
 
     image: str
-    layer: str  # index or digest
+    layer: str  # index or digest (ignored with ``merged``: every layer is served)
     mountpoint: str
     control: str  # its control socket
     log: str  # its log file
@@ -144,6 +147,7 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     record: str | None = None
     debug: bool = False
     tuning: Tuning = Tuning()
+    merged: bool = False  # serve the image's merged tree (core.mergeddaemon), not one layer
 
 
 _config_decoder = msgspec.json.Decoder(DaemonConfig)

@@ -1,7 +1,8 @@
-"""How a layer daemon process is started: an object the mount is given.
+"""How a daemon process is started: an object the mount is given.
 
 Contract: a starter's ``start(config) -> DaemonProcess`` starts one
-:mod:`core.daemon` serving ``config`` (:class:`core.options.DaemonConfig`)
+:mod:`core.daemon` serving ``config`` (:class:`core.options.DaemonConfig`),
+or :mod:`core.mergeddaemon` when ``config.merged`` (the same contract),
 in its own session, cwd ``/``, stdin ``/dev/null``, stdout and stderr
 appended to ``config.log``. The daemon gets its config, and only that, over
 one end of a Unix socket pair (msgspec JSON, then EOF) and answers on the
@@ -10,7 +11,7 @@ same socket with lines: ``image`` (its resolved image is written to
 ``error MESSAGE``. :class:`DaemonProcess` holds the other end.
 
 * :class:`SpawnStarter`: a fresh ``python -m core.daemon --channel-fd N --for
-  WHAT``
+  WHAT`` (``core.mergeddaemon`` for a merged config)
   (what a CLI or app process that has not imported the daemon's modules
   uses).
 * :class:`ForkStarter`: forks the calling process and runs the daemon in
@@ -103,8 +104,15 @@ def _open_log(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
 
+def _what(config: DaemonConfig) -> tuple[str, str]:
+    """(the daemon's module, what it serves as ps shows it)."""
+    if config.merged:
+        return "core.mergeddaemon", f"image {config.mountpoint}"
+    return "core.daemon", f"layer {config.layer} {config.mountpoint}"
+
+
 class SpawnStarter:
-    """Start ``python -m core.daemon`` (a new interpreter)."""
+    """Start ``python -m core.daemon`` (or ``core.mergeddaemon``; a new interpreter)."""
 
     name = "spawn"
 
@@ -116,11 +124,12 @@ class SpawnStarter:
             pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"]
                                               if env.get("PYTHONPATH") else "")
+            module, what = _what(config)
             proc = subprocess.Popen(
                 # --for: what it serves, in ps; also the room its title
                 # (core.proctitle, written over argv) needs
-                [sys.executable, "-m", "core.daemon", "--channel-fd", str(theirs.fileno()),
-                 "--for", f"layer {config.layer} {config.mountpoint}"],
+                [sys.executable, "-m", module, "--channel-fd", str(theirs.fileno()),
+                 "--for", what],
                 stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd, pass_fds=(theirs.fileno(),),
                 cwd="/", env=env, start_new_session=True)
         except OSError as e:
@@ -154,9 +163,11 @@ class ForkStarter:
             null = os.open(os.devnull, os.O_RDONLY)
             # nothing of the parent's (client sockets, its listener) stays open
             become_forked_child((null, logfd, logfd), keep=(theirs.fileno(),))
-            from . import daemon
-
-            rc = daemon.run_channel(theirs.fileno())
+            if config.merged:
+                from .mergeddaemon import run_channel
+            else:
+                from .daemon import run_channel
+            rc = run_channel(theirs.fileno())
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else 1
         except BaseException:  # noqa: BLE001 - the child must never return into the parent's code

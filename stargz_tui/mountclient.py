@@ -153,7 +153,8 @@ def mounted_line(rec: dict, supervised: bool) -> str:
     from .textsafe import safe
 
     what = f"layer {rec['layers'][0]['index']}" if rec["kind"] == "layer" else \
-        f"{plural(len(rec['layers']), 'layer')} ({rec['overlay']})"
-    pids = ", ".join(str(e["pid"]) for e in rec["layers"])
+        f"{plural(len(rec['layers']), 'layer')} merged"
+    # a merged mount's layers share one daemon: each pid once
+    pids = ", ".join(str(p) for p in dict.fromkeys(e["pid"] for e in rec["layers"]))
     return (f"mounted {safe(rec['image'])} ({what}) at {safe(rec['mountpoint'])} "
             f"[daemon pid {pids}{', supervised by the mount service' if supervised else ''}]")

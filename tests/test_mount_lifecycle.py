@@ -8,6 +8,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -72,6 +73,29 @@ def test_busy_unmount_fails_cleanly_then_force_succeeds(mount_env):
     assert core_mount.list_mounts() == []
     # no private layer mounts left behind
     assert not [m for m in core_mount.mount_table() if m.startswith(str(mount_env.state))]
+
+
+def test_merged_mount_is_one_daemon_and_one_fuse_mount(mount_env):
+    """Issue 17 (B11/B12): every layer of a merged image is served by one
+    process at the mountpoint itself: one pid, one FUSE mount, no overlay and
+    no private layer mounts; `mounts` still lists each layer with its stats."""
+    mp = mount_env.mountpoint()
+    mount_env.cli("mount", IMAGE, mp, "--no-background-fetch", check=True)
+    with open(os.path.join(mp, "data/text.txt"), "rb") as f:
+        assert f.read(5)
+    st = mount_env.status(mp)
+    assert st["state"] == "serving" and st["kind"] == "merged" and st["overlay"] is None
+    assert len(st["layers"]) == 2 and len(set(_pids(st))) == 1 and st["pids"] == [st["pid"]]
+    assert [lay["index"] for lay in st["layers"]] == [0, 1]
+    # each layer's own stats from the one daemon; the mount's are their sums
+    assert all(lay["stats"]["chunksTotal"] > 0 for lay in st["layers"])
+    assert st["chunksTotal"] == sum(lay["stats"]["chunksTotal"] for lay in st["layers"])
+    ours = [m for m in core_mount.mount_table() if m == os.path.realpath(mp)
+            or m.startswith(str(mount_env.state))]
+    assert ours == [os.path.realpath(mp)]
+    assert core_mount.mount_table()[os.path.realpath(mp)] == "fuse.stargz"
+    r = mount_env.cli("mount", IMAGE, mount_env.mountpoint("second"), check=True)
+    assert "2 layers merged" in r.stdout and re.search(r"\[daemon pid \d+\]$", r.stdout.strip())
 
 
 def test_busy_raw_layer_cwd_is_reported(mount_env):

@@ -56,13 +56,9 @@ REQUEST_TIMEOUT = 30.0  # a client has this long to send its request
 def preload() -> None:
     """Import (and warm) what a mount and a daemon use, so forked workers and
     daemons start with them loaded."""
-    import encodings.idna  # noqa: F401 - httpx encodes each host name with it
     import importlib
-    import resource  # noqa: F401 - the daemon raises its file limit
 
     import anyio
-    import h11  # noqa: F401
-    import httpcore  # noqa: F401 - httpx imports its transport on the first client
     import httpx  # noqa: F401
     import platformdirs  # noqa: F401 - state and cache dirs
     import pyfuse3  # noqa: F401
@@ -74,6 +70,8 @@ def preload() -> None:
     import core.fuseloop  # noqa: F401
     import core.image  # noqa: F401
     import core.layer  # noqa: F401
+    import core.mergeddaemon  # noqa: F401 - a merged mount's daemon
+    import core.mergedfs  # noqa: F401
     import core.registry.client  # noqa: F401
     import core.registry.store  # noqa: F401
     import core.resolver  # noqa: F401
@@ -81,6 +79,13 @@ def preload() -> None:
 
     # the backend module anyio.run(backend="trio") loads in each daemon
     importlib.import_module("anyio._backends._trio")
+    # what httpx loads only at a daemon's first registry request (its
+    # transport, the HTTP/1.1 parser, the CA bundle's locator, IDNA host
+    # names): ~6 MB private to each daemon when loaded there (issue 17, B12)
+    for name in ("httpcore", "httpcore._backends.trio", "httpcore._backends.anyio", "h11",
+                 "certifi", "encodings.idna", "stringprep", "resource"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
     for name in ("open_signal_receiver", "create_unix_listener", "create_task_group",
                  "fail_after", "move_on_after", "to_thread", "Event", "Lock",
                  "CapacityLimiter"):

@@ -22,13 +22,13 @@ from .registry import seconds_arg as _seconds
 
 MOUNT_EXAMPLES = """\
 examples:
-  stargz-tui mount localhost:5000/app:esgz /mnt/app          merged image (overlay of all layers)
+  stargz-tui mount localhost:5000/app:esgz /mnt/app          merged image (all layers, one daemon)
   stargz-tui mount oci:./layout:mini-esgz /mnt/l0 --layer 0  one raw layer
   stargz-tui mount ghcr.io/org/app:esgz /mnt/app --wait-prefetch --cache-size 2G
   stargz-tui mount localhost:5000/app:esgz ~/mnt/app --map-owner   as a plain user: root's files are yours
   stargz-tui mount oci:./layout:mini-esgz /mnt/app --record app.json   record what gets opened
 
-The mount is served by a background daemon per layer; `stargz-tui mounts` shows
+The mount is served by one background daemon (for every layer of a merged image); `stargz-tui mounts` shows
 live state and `stargz-tui unmount MOUNTPOINT` stops it. MOUNTPOINT must be an
 empty directory (--force mounts over a non-empty one, hiding its contents), and
 only one mount of it can be under way at a time.

@@ -118,7 +118,7 @@ def test_root_mounts_nosuid_nodev_allow_other_only_when_asked(mount_env, bob, al
         assert ("allow_other" in sopts) == allow_other
         rec = next(s for s in core_mount.list_mounts() if s["mountpoint"] == merged_mp)
         fstype, mopts, sopts = _super_options(merged_mp)
-        assert fstype == "overlay" and {"ro", "nosuid", "nodev"} <= mopts
+        assert fstype == "fuse.stargz" and {"ro", "nosuid", "nodev"} <= mopts  # no overlay
         for lay in rec["layers"]:
             _, lopts, lsopts = _super_options(lay["mountpoint"])
             assert {"ro", "nosuid", "nodev"} <= lopts
