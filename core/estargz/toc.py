@@ -486,6 +486,23 @@ class LayerIndex:
         for i in range(len(self._c_off)):
             yield self.chunk(i)
 
+    def chunk_digest_hexes(self) -> list[str | None]:
+        """Each chunk's sha256 (hex, no ``sha256:``), None when it has none,
+        in blob order: what :meth:`chunk` would say of every chunk's digest,
+        without a :class:`Chunk` each (a layer-wide cache look, the app's
+        chunk map, costs ~0.2 s for a million chunks instead of ~2 s)."""
+        if self._c_digests is None:  # every chunk's digest is its file's
+            blob, has, owner = self._f_digests, self._f_has_digest, self._c_entry
+        else:
+            blob, has, owner = self._c_digests, self._c_has_digest, None
+        if not has:
+            return []
+        # one hex string cut in C, not a slice per chunk in Python
+        out: list = blob.hex(" ", -32).split(" ")
+        if not all(has):
+            out = [x if f else None for x, f in zip(out, has, strict=True)]
+        return out if owner is None else list(map(out.__getitem__, owner))
+
     def chunk_entry_path(self, chunk: Chunk) -> str:
         return self.path_of(chunk.entry_id)
 
