@@ -142,6 +142,8 @@ def test_chunk_digest_hexes_say_what_each_chunk_says():
         ix = _ix(ents)
         want = [c.digest.partition(":")[2] if c.digest else None for c in ix.all_chunks()]
         assert ix.chunk_digest_hexes() == want
+        for lo, hi in ((0, 1), (1, None), (1, 2), (2, 2)):  # slices of them (the app's)
+            assert ix.chunk_digest_hexes(lo, hi) == want[lo:hi]
 
 
 def test_chunks_out_of_blob_order_and_stated_sizes():
