@@ -9,7 +9,9 @@ what these functions return.
 from __future__ import annotations
 
 import stat
+import time
 from dataclasses import dataclass, field
+from itertools import compress
 
 import anyio
 import anyio.to_thread
@@ -22,6 +24,9 @@ from .extract import extract
 from .image import Image, LayerDescriptor
 from .overlay import MergedTree
 from .units import human_size
+
+# Chunks whose cache state layer_chunk_states asks at a time.
+STATES_SLICE = 1 << 15
 
 # TOC digest states of a layer.
 TOC_VERIFIED = "verified"
@@ -183,7 +188,20 @@ def count_cached(index: LayerIndex, cache) -> int:
     """How many of the layer's chunks the cache holds (blocking: disk lookups)."""
     if _cache_empty(cache):
         return 0
-    return sum(_cached_flags(index, list(index.all_chunks()), cache))
+    return sum(cache.cached(_layer_keys(index)))
+
+
+def _layer_keys(index: LayerIndex, start: int = 0, stop: int | None = None) -> list[str]:
+    """The cache key of chunks ``start:stop`` of the layer, in blob order,
+    from the index's digest columns (a :class:`Chunk` only for a chunk
+    without a digest): what :func:`_cache_key` gives each, ~3x faster on a
+    layer of a million chunks, which the app's screens look at every few
+    seconds."""
+    hexes = index.chunk_digest_hexes(start, stop)
+    if None not in hexes:
+        return list(map("sha256-".__add__, hexes))
+    return [("sha256-" + h) if h is not None else _cache_key(index, index.chunk(i))
+            for i, h in enumerate(hexes, start)]
 
 
 def chunk_states(index: LayerIndex, chunks: list[Chunk], *, cache=None,
@@ -207,17 +225,29 @@ def chunk_states(index: LayerIndex, chunks: list[Chunk], *, cache=None,
 
 
 def layer_chunk_states(index: LayerIndex, *, cache=None,
-                       failed: set[int] | frozenset = frozenset()) -> list[str]:
-    """:func:`chunk_states` of every chunk of the layer, in blob order."""
-    if _cache_empty(cache):
-        n = index.num_chunks
-        pf = min(n, index.prefetch_chunk_count)
-        states = [CHUNK_PREFETCH] * pf + [CHUNK_MISSING] * (n - pf)
-        for i in failed:
-            if 0 <= i < n:
-                states[i] = CHUNK_FAILED
-        return states
-    return chunk_states(index, list(index.all_chunks()), cache=cache, failed=failed)
+                       failed: set[int] | frozenset = frozenset(),
+                       pause: float = 0.0) -> list[str]:
+    """:func:`chunk_states` of every chunk of the layer, in blob order (without
+    a :class:`Chunk` each: the chunks are in blob order, so the prefetch
+    region is the first ``prefetch_chunk_count`` of them). The cache is
+    asked ``STATES_SLICE`` chunks at a time, sleeping ``pause`` seconds
+    between slices: a worker thread beside an event loop (the app's) then
+    leaves it the GIL often, rather than holding it for the whole layer
+    (~0.3-0.8 s at a million chunks on this 2-core VM)."""
+    n = index.num_chunks
+    pf = min(n, index.prefetch_chunk_count)
+    states = [CHUNK_PREFETCH] * pf + [CHUNK_MISSING] * (n - pf)
+    if not _cache_empty(cache):  # (empty: not even the cache keys are needed)
+        for lo in range(0, n, STATES_SLICE):
+            if lo and pause:
+                time.sleep(pause)
+            hi = min(n, lo + STATES_SLICE)
+            for i in compress(range(lo, hi), cache.cached(_layer_keys(index, lo, hi))):
+                states[i] = CHUNK_CACHED
+    for i in failed:
+        if 0 <= i < n:
+            states[i] = CHUNK_FAILED
+    return states
 
 
 def chunk_map(states: list[str], width: int) -> list[str]:

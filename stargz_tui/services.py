@@ -12,6 +12,9 @@ from core.errors import CoreError
 from core.image import Image, OCILayoutStore, open_image
 from core.reference import parse_reference
 
+# Seconds the layer-wide chunk states sleep between slices (browse.STATES_SLICE chunks).
+STATES_PAUSE = 0.002
+
 
 @dataclass
 class ImageSession:
@@ -137,7 +140,10 @@ class Services:
             return []  # (a plain layer's "chunks" are tar offsets: nothing is cached)
         cache = self._cache_for(session, n)
         if chunks is None:
-            return browse.layer_chunk_states(view.index, cache=cache, failed=view.failed_chunks)
+            # (from the screens' worker threads: paced, so the UI's event loop
+            # keeps the GIL most of the time on a layer of a million chunks)
+            return browse.layer_chunk_states(view.index, cache=cache, failed=view.failed_chunks,
+                                             pause=STATES_PAUSE)
         return browse.chunk_states(view.index, chunks, cache=cache, failed=view.failed_chunks)
 
     # -- registries ----------------------------------------------------------

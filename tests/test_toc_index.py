@@ -124,6 +124,28 @@ def test_single_chunk_digests_reused_or_decoded():
     assert z.lookup("a").digest == zero and next(z.all_chunks()).digest == zero
 
 
+def test_chunk_digest_hexes_say_what_each_chunk_says():
+    """The bulk digest column (the app's layer-wide cache look) agrees with
+    every chunk's own digest: one digest per file, several, none, all-zero."""
+    zero = "sha256:" + "0" * 64
+    layers = [
+        [_reg("a", off=0, chunkDigest=H1), _reg("b", off=10, chunkDigest=H1),
+         _reg("e", size=0, off=0)],
+        [_reg("a", off=0, chunkDigest=H1), _reg("b", off=10),
+         {"name": "c", "type": "reg", "size": 5, "offset": 20}],
+        [_reg("a", off=0, chunkDigest=H1), _reg("b", size=20, off=10, chunkDigest=H1, chunkSize=10),
+         {"name": "b", "type": "chunk", "offset": 30, "chunkOffset": 10, "chunkDigest": H2}],
+        [_reg("a", off=0, digest=zero, chunkDigest=zero)],
+        [_dir("d")],
+    ]
+    for ents in layers:
+        ix = _ix(ents)
+        want = [c.digest.partition(":")[2] if c.digest else None for c in ix.all_chunks()]
+        assert ix.chunk_digest_hexes() == want
+        for lo, hi in ((0, 1), (1, None), (1, 2), (2, 2)):  # slices of them (the app's)
+            assert ix.chunk_digest_hexes(lo, hi) == want[lo:hi]
+
+
 def test_chunks_out_of_blob_order_and_stated_sizes():
     ix = _ix([_reg("b", size=10, off=500), _reg("a", size=10, off=100, chunkSize=10),
               _reg("c", size=10, off=300, chunkSize=0)], toc_offset=900)

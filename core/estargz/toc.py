@@ -486,6 +486,30 @@ class LayerIndex:
         for i in range(len(self._c_off)):
             yield self.chunk(i)
 
+    def chunk_digest_hexes(self, start: int = 0, stop: int | None = None) -> list[str | None]:
+        """The sha256 (hex, no ``sha256:``) of chunks ``start:stop`` in blob
+        order, None for a chunk without one: what :meth:`chunk` says of
+        each chunk's digest, without a :class:`Chunk` each (a layer-wide
+        cache look, the app's chunk map, then costs ~0.3 s for a million
+        chunks instead of ~2 s)."""
+        start, stop, _ = slice(start, stop).indices(len(self._c_off))
+        if stop <= start:
+            return []
+        if self._c_digests is None:  # every chunk's digest is its file's
+            owner = self._c_entry[start:stop]
+            blob, has = self._f_digests, self._f_has_digest
+            lo, hi = min(owner), max(owner) + 1  # (files are in blob order: a short span)
+            owner = map(sub, owner, repeat(lo))
+        else:
+            owner, blob, has, lo, hi = None, self._c_digests, self._c_has_digest, start, stop
+        # one hex string cut in C, not a slice per chunk in Python
+        out: list = blob[lo * 32 : hi * 32].hex(" ", -32).split(" ")
+        has = has[lo:hi]
+        if not all(has):  # (the span of files holds directories too: a few holes)
+            for k in compress(range(len(out)), map(not_, has)):
+                out[k] = None
+        return out if owner is None else list(map(out.__getitem__, owner))
+
     def chunk_entry_path(self, chunk: Chunk) -> str:
         return self.path_of(chunk.entry_id)
 

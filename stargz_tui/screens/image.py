@@ -238,7 +238,9 @@ class ImageScreen(BaseScreen):
     @work(exclusive=True, group="cached", thread=True)
     def refresh_cached(self) -> None:
         session = self.session
-        if session is None:
+        # Not while a screen above this one (a layer's) shows: on a layer of a
+        # million chunks each look holds the GIL for a good part of a second.
+        if session is None or not self.is_current:
             return
         counts = {}
         for n, v in enumerate(session.views):
