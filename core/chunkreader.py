@@ -15,7 +15,11 @@ read fails with :class:`core.errors.ChunkDigestError`.
 
 Sequential reads of a file (by ``stream``: a FUSE file handle) keep
 ``readahead_bytes`` of the file on their way from the network and
-``DISK_AHEAD`` of it loaded from the disk store. A read waits for fetches
+``DISK_AHEAD`` of it loaded from the disk store (queued from the read's own
+chunks on, so a read never loads a chunk the window is loading). Fetches
+send their requests, and disk loads start, in the order they were asked
+for: the daemon runs under trio, which starts the tasks of one scheduling
+batch in random order, and a reader waits for the first of them. A read waits for fetches
 at most ``read_timeout`` seconds (None: no bound), then fails with
 :class:`core.errors.BlobReadError` while the fetch goes on.
 
@@ -73,7 +77,7 @@ def _assemble(chunks: list[Chunk], got: dict, offset: int, end: int) -> bytes:
 class ChunkReader:
     """Reads of one layer's files through the cache and the fetcher (module docs).
 
-    Not split: ~21 methods in one class, because the cache map, the flights and the
+    Not split: ~23 methods in one class, because the cache map, the flights and the
     per-stream read-ahead state are read on every request without a call
     across objects (the hot path serves tens of thousands of chunks a second
     from one thread); the parts that do not need that are already apart.
@@ -97,6 +101,8 @@ class ChunkReader:
         self.disk = DiskReadAhead(cache, keys, fetcher, self._refetch)
         self.tg = None  # the long-lived task group (LayerReader.start)
         self._pending: list = []  # fetches launched before there was one
+        # set once the last launch started its request (None: none yet)
+        self._last_launch: anyio.Event | None = None
         # The cache map: one byte per chunk. Holes (zstd:chunked "zeros"
         # chunks) are made, never fetched: they count as cached, so no plan,
         # prefetch or background fetch asks for them.
@@ -149,12 +155,31 @@ class ChunkReader:
 
     # -- fetching --------------------------------------------------------
     def launch(self, group: list[Chunk], prioritized: bool) -> None:
-        """Register flights for ``group`` and fetch it in the task group."""
+        """Register flights for ``group`` and fetch it in the task group.
+        Launches send their requests in the order made (trio starts the
+        tasks of one batch in random order; a reader waits for the first)."""
         flights = self.fetcher.register(group)
         if self.tg is not None:
-            self.tg.start_soon(self.fetch_group, group, flights, prioritized)
+            after, self._last_launch = self._last_launch, anyio.Event()
+            self.tg.start_soon(self._fetch_after, group, flights, prioritized,
+                               after, self._last_launch)
         else:  # no long-lived task group: the caller awaits the flights itself
             self._pending.append((group, flights, prioritized))
+
+    async def _fetch_after(self, group: list[Chunk], flights: dict[int, Flight],
+                           prioritized: bool, after: anyio.Event | None,
+                           started: anyio.Event) -> None:
+        """:meth:`fetch_group` once the launch before it has started its
+        request (``after``); ``started`` lets the next one go."""
+        try:
+            if after is not None:
+                await after.wait()
+        except BaseException as e:
+            self.fetcher.fail(flights, e)
+            started.set()
+            raise
+        started.set()  # the next launch runs once this one reaches its request
+        await self.fetch_group(group, flights, prioritized)
 
     async def fetch_group(self, group: list[Chunk], flights: dict[int, Flight],
                           prioritized: bool, remember: bool = True) -> None:
@@ -377,7 +402,7 @@ class ChunkReader:
                 offset == 0 or (prev is not None and abs(offset - prev) <= _SEQ_SLACK))
             self.seq[key] = end if prev is None or not sequential else max(prev, end)
             if sequential and end < fsize and self.readahead and self.tg is not None:
-                self._read_ahead(key, target, end)
+                self._read_ahead(key, target, offset, end)
         if self.zeros and any(c.index in self.zeros for c in chunks):
             # Holes stay zeros in the answer: nothing fetched, nothing the
             # size of a hole (which may be gigabytes) allocated.
@@ -403,54 +428,58 @@ class ChunkReader:
         return _assemble(chunks, got, offset, end)
 
     # -- sequential read-ahead ---------------------------------------------------
-    def _read_ahead(self, key: tuple, target, pos: int) -> None:
-        if key in self._ahead:
-            return
+    def _read_ahead(self, key: tuple, target, offset: int, pos: int) -> None:
+        """A sequential read of ``[offset, pos)``: keep the stream's
+        read-ahead going. Disk loads are queued at once, from ``offset``
+        (the chunks this very read needs first: it then waits on their
+        loads instead of reading them a second time); fetches start in a task."""
         size = target.size
-        done = self.ahead_to.get(key, 0)
-        fetch = not (pos <= done and (done >= size or done - pos >= self.readahead_bytes // 2))
-        disk = False
         if self.ncached:
             done = self.disk_to.get(key, 0)
-            disk = not (pos <= done and (done >= size or done - pos > DISK_AHEAD - DISK_LOAD_PART))
-        if fetch or disk:
+            if not (offset <= done and (done >= size or done - offset > DISK_AHEAD - DISK_LOAD_PART)):
+                self._disk_ahead(key, target, offset)
+        if key in self._ahead:
+            return
+        done = self.ahead_to.get(key, 0)
+        if not (pos <= done and (done >= size or done - pos >= self.readahead_bytes // 2)):
             self._ahead.add(key)
-            self.tg.start_soon(self._read_ahead_task, key, target, pos, fetch, disk)
+            self.tg.start_soon(self._read_ahead_task, key, target, pos)
 
-    async def _read_ahead_task(self, key: tuple, target, pos: int, fetch: bool,
-                               disk: bool) -> None:
+    def _disk_ahead(self, key: tuple, target, pos: int) -> None:
+        """Queue loads of ``DISK_AHEAD`` of the file from ``pos`` from the
+        disk store into the read-ahead window, so request handlers neither
+        wait for the disk nor copy."""
+        done = self.disk_to.get(key, 0)
+        start = done if pos <= done < pos + DISK_AHEAD else pos
+        stop = min(pos + DISK_AHEAD, target.size)
+        self.disk_to[key] = stop
+        if stop > start:
+            cached, inflight = self.cached, self.inflight
+            in_memory, keys, win = self.cache.in_memory, self.keys, self.disk.window
+            load = [c for c in self._chunks_for_range(target, start, stop - start)
+                    if cached[c.index] and c.index not in inflight
+                    and c.index not in win and not in_memory(keys[c.index])]
+            if load:
+                self.disk.launch(load, self.tg)
+
+    async def _read_ahead_task(self, key: tuple, target, pos: int) -> None:
         """Keep ``readahead_bytes`` of the file ahead of a sequential reader
-        on their way (missing chunks fetched, prioritized), and
-        ``DISK_AHEAD`` of it loaded from the disk store into the read-ahead
-        window, so request handlers neither wait for the disk nor copy."""
+        on their way (missing chunks fetched, prioritized)."""
         try:
             inflight, cached = self.inflight, self.cached
-            if fetch:
-                span = self.readahead_bytes
-                done = self.ahead_to.get(key, 0)
-                start = done if pos <= done < pos + span else pos
-                stop = min(pos + span, target.size)
-                self.ahead_to[key] = stop
-                ahead = self._chunks_for_range(target, start, stop - start) if stop > start else []
-                need = [c for c in ahead if not cached[c.index] and c.index not in inflight]
-                if need:
-                    need = await self.adopt(need)
-                need = [c for c in need if not cached[c.index] and c.index not in inflight]
-                window = max(self.fetcher.window, READAHEAD_WINDOW)
-                for g in self.fetcher.plan(need, cached, extend=False, window=window):
-                    self.launch(g, True)
-            if disk:
-                done = self.disk_to.get(key, 0)
-                start = done if pos <= done < pos + DISK_AHEAD else pos
-                stop = min(pos + DISK_AHEAD, target.size)
-                self.disk_to[key] = stop
-                if stop > start:
-                    in_memory, keys, win = self.cache.in_memory, self.keys, self.disk.window
-                    load = [c for c in self._chunks_for_range(target, start, stop - start)
-                            if cached[c.index] and c.index not in inflight
-                            and c.index not in win and not in_memory(keys[c.index])]
-                    if load:
-                        self.disk.launch(load, self.tg)
+            span = self.readahead_bytes
+            done = self.ahead_to.get(key, 0)
+            start = done if pos <= done < pos + span else pos
+            stop = min(pos + span, target.size)
+            self.ahead_to[key] = stop
+            ahead = self._chunks_for_range(target, start, stop - start) if stop > start else []
+            need = [c for c in ahead if not cached[c.index] and c.index not in inflight]
+            if need:
+                need = await self.adopt(need)
+            need = [c for c in need if not cached[c.index] and c.index not in inflight]
+            window = max(self.fetcher.window, READAHEAD_WINDOW)
+            for g in self.fetcher.plan(need, cached, extend=False, window=window):
+                self.launch(g, True)
         finally:
             self._ahead.discard(key)
 
