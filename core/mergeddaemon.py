@@ -133,7 +133,7 @@ class MergedDaemon(Daemon):
                                memory_bytes=a.tuning.memory_cache, direct=a.tuning.cache_direct)
             tasks = TaskManager(DEFAULT_SILENCE if a.silence is None else a.silence)
             self.readers = [
-                LayerReader(lay.index, lay.source, cache, tasks, refresh=self._refresher(desc),
+                LayerReader(lay.index, lay.source, cache, tasks,
                             prefetch_size=a.prefetch_size,
                             read_timeout=DEFAULT_READ_TIMEOUT
                             if a.read_timeout is None else a.read_timeout,
@@ -208,23 +208,6 @@ class MergedDaemon(Daemon):
                     os.unlink(a.control)
             await self.resolver.aclose()
         return 0
-
-    def _refresher(self, desc):
-        """A layer's blob source made again after it failed (a new URL)."""
-        store = self.store
-
-        async def refresh(old):
-            r = getattr(old, "refresh", None)
-            if r is not None:
-                await r()
-                return old
-            try:
-                await old.aclose()
-            except Exception:  # noqa: BLE001
-                pass
-            return store.blob_source(desc.digest, desc.size)
-
-        return refresh
 
     async def _resolve_all(self, check_config: bool) -> list:
         """Every layer resolved at once; meanwhile the config is checked (and
