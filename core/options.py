@@ -27,6 +27,7 @@ before it knows whether the mount service answers).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import msgspec
@@ -37,15 +38,23 @@ from .optionfields import DEFAULT_READY_TIMEOUT, absolute_image, mount_fields
 DEFAULT_SPIN_US = 50.0  # core.fuseloop's default polling window
 
 
-def _size(text: str) -> int | None:
+def _size(name: str, text: str) -> int | None:
     """``64M``, ``2G``, ``4096``: bytes (core.units.parse_size, imported only
-    when the variable is set), or None when unreadable."""
+    when the variable is set), or None (the default, said in one line) when
+    unreadable."""
     from .units import parse_size
 
     try:
         return max(0, parse_size(text))
     except ValueError:
+        _ignored(name, text, "a size such as 64M")
         return None
+
+
+def _ignored(name: str, text: str, wanted: str) -> None:
+    # a tuning knob never stops a mount: one line says it is not used
+    logging.getLogger("core.options").warning(
+        "stargz-tui: %s=%r is not %s; using the default", name, text, wanted)
 
 
 class Tuning(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -63,10 +72,13 @@ class Tuning(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         ``STARGZ_TUI_BULK_READS`` (``0``: off): read here, once, by the process
         the user started."""
         env = os.environ if environ is None else environ
-        mem = _size(env["STARGZ_TUI_MEMORY_CACHE"]) if env.get("STARGZ_TUI_MEMORY_CACHE") else None
+        mem_text = env.get("STARGZ_TUI_MEMORY_CACHE")
+        mem = _size("STARGZ_TUI_MEMORY_CACHE", mem_text) if mem_text else None
+        spin_text = env.get("STARGZ_TUI_FUSE_SPIN_US")
         try:
-            spin = float(env.get("STARGZ_TUI_FUSE_SPIN_US") or DEFAULT_SPIN_US)
+            spin = float(spin_text or DEFAULT_SPIN_US)
         except ValueError:
+            _ignored("STARGZ_TUI_FUSE_SPIN_US", spin_text, "a number of microseconds")
             spin = DEFAULT_SPIN_US
         return cls(memory_cache=mem, cache_direct=env.get("STARGZ_TUI_CACHE_DIRECT", "1") != "0",
                    fuse_spin_us=min(max(spin, 0.0), 1000.0),

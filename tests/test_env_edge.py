@@ -19,9 +19,13 @@ a lookup and is allowed; proxies are found by httpx/urllib themselves.
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 CORE = pathlib.Path(__file__).resolve().parent.parent / "core"
+ROOT = str(CORE.parent)
 EDGE = {"options.py", "paths.py"}
 
 
@@ -55,3 +59,16 @@ def test_core_reads_the_environment_only_at_its_edge():
 def test_the_edge_modules_do_read_it():
     # the check above sees real lookups: both edge modules have some
     assert _env_lookups(CORE / "options.py") and _env_lookups(CORE / "paths.py")
+
+
+def test_an_unreadable_tuning_value_is_said_in_one_line_and_not_used():
+    """A bad knob never stops a mount, and never passes silently."""
+    r = subprocess.run(
+        [sys.executable, "-c", "from core.options import Tuning; print(Tuning.from_env())"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env=dict(os.environ, STARGZ_TUI_MEMORY_CACHE="lots", STARGZ_TUI_FUSE_SPIN_US="fast"))
+    assert r.returncode == 0, r.stderr
+    assert "memory_cache=None" in r.stdout and "fuse_spin_us=50.0" in r.stdout
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2 and "Traceback" not in r.stderr
+    assert "STARGZ_TUI_MEMORY_CACHE='lots'" in lines[0] and "STARGZ_TUI_FUSE_SPIN_US='fast'" in lines[1]
