@@ -2,9 +2,9 @@
 
 :meth:`DiskReadAhead.launch` takes cached chunks (file order), asks the
 chunk cache to group them into loads (runs stored one after the other, at
-most ``DISK_LOAD_PART`` bytes each: one O_DIRECT read into a reused mmap
-buffer) and loads them in worker threads (at most ``DISK_THREADS`` at once,
-started in file order), each as flights (:class:`core.fetch.Flight`)
+most ``DISK_LOAD_PART`` bytes each: one O_DIRECT read into a reused,
+pre-faulted mmap buffer) and loads them in worker threads (at most
+``DISK_THREADS`` at once, started in file order), each as flights (:class:`core.fetch.Flight`)
 readers wait on. Loaded chunks (checked once per process by the cache) stay
 in :attr:`DiskReadAhead.window` as views of their buffer, so a request
 handler answers with a view: no disk wait, no copy. The window keeps the
@@ -100,14 +100,11 @@ class DiskReadAhead:
             buf.close()
 
     def _load_sync(self, load, length: int, buf: mmap.mmap | None) -> tuple[mmap.mmap, list]:
-        """Worker thread: the load (``length`` bytes) into ``buf`` (or a new
-        buffer). A new one is not pre-faulted (``MAP_POPULATE``): CPython's
-        ``mmap`` holds the GIL while the kernel faults the pages in (1-5 ms
-        for 4 MiB here), which stalled the event loop and the other loads;
-        the O_DIRECT read faults them in with the GIL released instead."""
+        """Worker thread: the load (``length`` bytes) into ``buf`` (or a new,
+        pre-faulted buffer: first touches of fresh pages cost more than the read)."""
         if buf is None:
             size = max(length, DISK_LOAD_PART) + 2 * _ALIGN
-            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0))
         return buf, self._cache.load(load, buf)
 
     async def _load(self, load, run: list[Chunk], flights: dict[int, Flight]) -> None:
