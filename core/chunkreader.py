@@ -15,11 +15,7 @@ read fails with :class:`core.errors.ChunkDigestError`.
 
 Sequential reads of a file (by ``stream``: a FUSE file handle) keep
 ``readahead_bytes`` of the file on their way from the network and
-``DISK_AHEAD`` of it loaded from the disk store (queued from the read's own
-chunks on, so a read never loads a chunk the window is loading). Fetches
-send their requests, and disk loads start, in the order they were asked
-for: the daemon runs under trio, which starts the tasks of one scheduling
-batch in random order, and a reader waits for the first of them. A read waits for fetches
+``DISK_AHEAD`` of it loaded from the disk store. A read waits for fetches
 at most ``read_timeout`` seconds (None: no bound), then fails with
 :class:`core.errors.BlobReadError` while the fetch goes on.
 
@@ -77,7 +73,7 @@ def _assemble(chunks: list[Chunk], got: dict, offset: int, end: int) -> bytes:
 class ChunkReader:
     """Reads of one layer's files through the cache and the fetcher (module docs).
 
-    Not split: ~23 methods in one class, because the cache map, the flights and the
+    Not split: ~21 methods in one class, because the cache map, the flights and the
     per-stream read-ahead state are read on every request without a call
     across objects (the hot path serves tens of thousands of chunks a second
     from one thread); the parts that do not need that are already apart.
