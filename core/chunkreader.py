@@ -43,6 +43,7 @@ from .tasks import TaskManager
 
 log = logging.getLogger("core.layer")
 
+
 READAHEAD_WINDOW = 8 << 20    # range request size of sequential read-ahead
 _FILE_CHUNKS_CACHED = 4096    # per-file chunk lists kept
 _SEQ_SLACK = 8 << 20          # a read this near a stream's position is sequential
@@ -97,8 +98,6 @@ class ChunkReader:
         self.disk = DiskReadAhead(cache, keys, fetcher, self._refetch)
         self.tg = None  # the long-lived task group (LayerReader.start)
         self._pending: list = []  # fetches launched before there was one
-        # set once the last launch started its request (None: none yet)
-        self._last_launch: anyio.Event | None = None
         # The cache map: one byte per chunk. Holes (zstd:chunked "zeros"
         # chunks) are made, never fetched: they count as cached, so no plan,
         # prefetch or background fetch asks for them.
@@ -151,31 +150,12 @@ class ChunkReader:
 
     # -- fetching --------------------------------------------------------
     def launch(self, group: list[Chunk], prioritized: bool) -> None:
-        """Register flights for ``group`` and fetch it in the task group.
-        Launches send their requests in the order made (trio starts the
-        tasks of one batch in random order; a reader waits for the first)."""
+        """Register flights for ``group`` and fetch it in the task group."""
         flights = self.fetcher.register(group)
         if self.tg is not None:
-            after, self._last_launch = self._last_launch, anyio.Event()
-            self.tg.start_soon(self._fetch_after, group, flights, prioritized,
-                               after, self._last_launch)
+            self.tg.start_soon(self.fetch_group, group, flights, prioritized)
         else:  # no long-lived task group: the caller awaits the flights itself
             self._pending.append((group, flights, prioritized))
-
-    async def _fetch_after(self, group: list[Chunk], flights: dict[int, Flight],
-                           prioritized: bool, after: anyio.Event | None,
-                           started: anyio.Event) -> None:
-        """:meth:`fetch_group` once the launch before it has started its
-        request (``after``); ``started`` lets the next one go."""
-        try:
-            if after is not None:
-                await after.wait()
-        except BaseException as e:
-            self.fetcher.fail(flights, e)
-            started.set()
-            raise
-        started.set()  # the next launch runs once this one reaches its request
-        await self.fetch_group(group, flights, prioritized)
 
     async def fetch_group(self, group: list[Chunk], flights: dict[int, Flight],
                           prioritized: bool, remember: bool = True) -> None:

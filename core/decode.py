@@ -3,7 +3,7 @@
 :meth:`ChunkDecoder.decode` takes a group's compressed extent, decompresses
 each chunk and checks it against its ``chunkDigest`` in worker threads (at
 most ``DECODE_THREADS`` at once; a group bigger than ``DECODE_PART`` decodes
-as parallel runs, started in blob order), and answers each chunk's :class:`core.fetch.Flight` as
+as parallel runs), and answers each chunk's :class:`core.fetch.Flight` as
 soon as its run is done: with the bytes, or with the
 :class:`core.errors.ChunkDigestError` (a chunk that fails is never served
 nor cached). The flight of a good chunk stays registered, holding the
@@ -14,7 +14,6 @@ are also kept in the memory store (``remember``).
 from __future__ import annotations
 
 import logging
-from collections import deque
 
 import anyio
 import anyio.to_thread
@@ -110,14 +109,8 @@ class ChunkDecoder:
         if len(parts) == 1:
             await run(group)
         else:  # parts decode in parallel threads, each answering its waiters at once
-            todo = deque(parts)  # taken in blob order (trio starts tasks in random order)
-
-            async def lane() -> None:
-                while todo:
-                    await run(todo.popleft())
-
             async with anyio.create_task_group() as tg:
-                for _ in range(min(DECODE_THREADS, len(parts))):
-                    tg.start_soon(lane)
+                for part in parts:
+                    tg.start_soon(run, part)
         good.sort(key=lambda c: c.index)
         return good

@@ -8,7 +8,6 @@ import hashlib
 import io
 import os
 import random
-import shutil
 import tarfile
 
 import anyio
@@ -339,95 +338,3 @@ def test_a_cache_dir_of_an_older_build_is_rebuilt_and_reads_are_right(layer, tmp
     assert _run(reader2, lambda: read_all(reader2)) == files
     assert reader2.requests > 0 and cache2.corrupt == 0 and _chunk_files(cache2)
     assert cache2.is_verified(key)
-
-
-class _OrderedSource(LocalBlobSource):
-    """The layer's file as a blob source that notes the offset of every
-    range read, in the order they are asked for."""
-
-    def __init__(self, path, digest, asked):
-        super().__init__(path, digest)
-        self.asked = asked
-
-    async def read_range(self, offset: int, length: int) -> bytes:
-        self.asked.append(offset)
-        return await super().read_range(offset, length)
-
-
-def _run_trio(reader, fn):
-    """:func:`_run` under trio, as the mount daemon runs (pyfuse3): trio
-    starts the tasks of one scheduling batch in random order."""
-    async def main():
-        async with anyio.create_task_group() as tg:
-            await reader.start(tg, prefetch=False, background=False)
-            out = await fn()
-            tg.cancel_scope.cancel()
-        return out
-
-    return anyio.run(main, backend="trio")
-
-
-def test_sequential_read_from_the_disk_cache_loads_each_chunk_once(layer, tmp_path):
-    """A fresh reader of a warm cache reads a file sequentially: every chunk
-    comes through the read-ahead window's pack loads, the first read's
-    chunk too (it waits for that load instead of reading it a second time)."""
-    _path, _res, files = layer
-    reader, _cache = _reader(layer, tmp_path)
-    big = reader.index.lookup("big.bin")
-    _run(reader, lambda: reader.read(big.id, 0, big.size))
-    for _ in range(3):
-        reader2, cache2 = _reader(layer, tmp_path)
-
-        async def reads(reader2=reader2):
-            return b"".join([bytes(await reader2.read_buffer(big.id, off, CHUNK, stream=3))
-                             for off in range(0, big.size, CHUNK)])
-
-        assert _run_trio(reader2, reads) == files["big.bin"]
-        assert reader2.requests == 0 and cache2.corrupt == 0
-        assert cache2.stats()["hits"] == 0  # no chunk read outside the window's loads
-        assert all(cache2.is_verified(reader2._keys[c.index])
-                   for c in reader2.index.chunks(big))
-
-
-def test_read_ahead_fetches_start_in_file_order(layer, tmp_path):
-    """Read-ahead that needs several range requests at once (the chunks
-    between them are cached) sends them in file order, every time: the
-    reader waits for the first."""
-    path, res, files = layer
-    template = tmp_path / "template"
-    reader, _cache = _reader(layer, template, neighbours=0)
-    ix = reader.index
-    big = ix.lookup("big.bin")
-    chunks = ix.chunks(big)
-
-    async def every_other():
-        for c in chunks[::2]:
-            await reader.read(big.id, c.chunk_offset, 1)
-
-    _run(reader, every_other)
-    assert bytes(reader._reader.cached[c.index] for c in chunks[:10]) == b"\1\0" * 5
-    for i in range(6):  # a random start order would keep this order 1 time in 2^6 or less
-        cache_dir = tmp_path / f"cache{i}"
-        shutil.copytree(template, cache_dir)  # every other chunk cached
-        asked: list[int] = []
-
-        async def open_(asked=asked):
-            src = _OrderedSource(path, res.blob_digest, asked)
-            return await load_layer_index(src, expected_toc_digest=res.toc_digest), src
-
-        ix2, src = anyio.run(open_)
-        reader2 = LayerReader(ix2, src, ChunkCache(str(cache_dir), memory_bytes=0),
-                              TaskManager(silence=0), neighbours=0)
-        asked.clear()  # the index's own reads
-
-        async def reads(reader2=reader2):
-            out = [bytes(await reader2.read_buffer(big.id, off, CHUNK, stream=5))
-                   for off in range(0, big.size, CHUNK)]
-            for _ in range(1000):  # the cache writes of the fetched chunks land (bounded)
-                if not reader2._inflight:
-                    break
-                await anyio.sleep(0.01)
-            return b"".join(out)
-
-        assert _run_trio(reader2, reads) == files["big.bin"]
-        assert len(asked) >= 3 and asked == sorted(asked), (asked, reader2.requests)
