@@ -43,7 +43,6 @@ from .tasks import TaskManager
 
 log = logging.getLogger("core.layer")
 
-
 READAHEAD_WINDOW = 8 << 20    # range request size of sequential read-ahead
 _FILE_CHUNKS_CACHED = 4096    # per-file chunk lists kept
 _SEQ_SLACK = 8 << 20          # a read this near a stream's position is sequential
@@ -378,7 +377,7 @@ class ChunkReader:
                 offset == 0 or (prev is not None and abs(offset - prev) <= _SEQ_SLACK))
             self.seq[key] = end if prev is None or not sequential else max(prev, end)
             if sequential and end < fsize and self.readahead and self.tg is not None:
-                self._read_ahead(key, target, offset, end)
+                self._read_ahead(key, target, end)
         if self.zeros and any(c.index in self.zeros for c in chunks):
             # Holes stay zeros in the answer: nothing fetched, nothing the
             # size of a hole (which may be gigabytes) allocated.
@@ -404,58 +403,54 @@ class ChunkReader:
         return _assemble(chunks, got, offset, end)
 
     # -- sequential read-ahead ---------------------------------------------------
-    def _read_ahead(self, key: tuple, target, offset: int, pos: int) -> None:
-        """A sequential read of ``[offset, pos)``: keep the stream's
-        read-ahead going. Disk loads are queued at once, from ``offset``
-        (the chunks this very read needs first: it then waits on their
-        loads instead of reading them a second time); fetches start in a task."""
-        size = target.size
-        if self.ncached:
-            done = self.disk_to.get(key, 0)
-            if not (offset <= done and (done >= size or done - offset > DISK_AHEAD - DISK_LOAD_PART)):
-                self._disk_ahead(key, target, offset)
+    def _read_ahead(self, key: tuple, target, pos: int) -> None:
         if key in self._ahead:
             return
+        size = target.size
         done = self.ahead_to.get(key, 0)
-        if not (pos <= done and (done >= size or done - pos >= self.readahead_bytes // 2)):
+        fetch = not (pos <= done and (done >= size or done - pos >= self.readahead_bytes // 2))
+        disk = False
+        if self.ncached:
+            done = self.disk_to.get(key, 0)
+            disk = not (pos <= done and (done >= size or done - pos > DISK_AHEAD - DISK_LOAD_PART))
+        if fetch or disk:
             self._ahead.add(key)
-            self.tg.start_soon(self._read_ahead_task, key, target, pos)
+            self.tg.start_soon(self._read_ahead_task, key, target, pos, fetch, disk)
 
-    def _disk_ahead(self, key: tuple, target, pos: int) -> None:
-        """Queue loads of ``DISK_AHEAD`` of the file from ``pos`` from the
-        disk store into the read-ahead window, so request handlers neither
-        wait for the disk nor copy."""
-        done = self.disk_to.get(key, 0)
-        start = done if pos <= done < pos + DISK_AHEAD else pos
-        stop = min(pos + DISK_AHEAD, target.size)
-        self.disk_to[key] = stop
-        if stop > start:
-            cached, inflight = self.cached, self.inflight
-            in_memory, keys, win = self.cache.in_memory, self.keys, self.disk.window
-            load = [c for c in self._chunks_for_range(target, start, stop - start)
-                    if cached[c.index] and c.index not in inflight
-                    and c.index not in win and not in_memory(keys[c.index])]
-            if load:
-                self.disk.launch(load, self.tg)
-
-    async def _read_ahead_task(self, key: tuple, target, pos: int) -> None:
+    async def _read_ahead_task(self, key: tuple, target, pos: int, fetch: bool,
+                               disk: bool) -> None:
         """Keep ``readahead_bytes`` of the file ahead of a sequential reader
-        on their way (missing chunks fetched, prioritized)."""
+        on their way (missing chunks fetched, prioritized), and
+        ``DISK_AHEAD`` of it loaded from the disk store into the read-ahead
+        window, so request handlers neither wait for the disk nor copy."""
         try:
             inflight, cached = self.inflight, self.cached
-            span = self.readahead_bytes
-            done = self.ahead_to.get(key, 0)
-            start = done if pos <= done < pos + span else pos
-            stop = min(pos + span, target.size)
-            self.ahead_to[key] = stop
-            ahead = self._chunks_for_range(target, start, stop - start) if stop > start else []
-            need = [c for c in ahead if not cached[c.index] and c.index not in inflight]
-            if need:
-                need = await self.adopt(need)
-            need = [c for c in need if not cached[c.index] and c.index not in inflight]
-            window = max(self.fetcher.window, READAHEAD_WINDOW)
-            for g in self.fetcher.plan(need, cached, extend=False, window=window):
-                self.launch(g, True)
+            if fetch:
+                span = self.readahead_bytes
+                done = self.ahead_to.get(key, 0)
+                start = done if pos <= done < pos + span else pos
+                stop = min(pos + span, target.size)
+                self.ahead_to[key] = stop
+                ahead = self._chunks_for_range(target, start, stop - start) if stop > start else []
+                need = [c for c in ahead if not cached[c.index] and c.index not in inflight]
+                if need:
+                    need = await self.adopt(need)
+                need = [c for c in need if not cached[c.index] and c.index not in inflight]
+                window = max(self.fetcher.window, READAHEAD_WINDOW)
+                for g in self.fetcher.plan(need, cached, extend=False, window=window):
+                    self.launch(g, True)
+            if disk:
+                done = self.disk_to.get(key, 0)
+                start = done if pos <= done < pos + DISK_AHEAD else pos
+                stop = min(pos + DISK_AHEAD, target.size)
+                self.disk_to[key] = stop
+                if stop > start:
+                    in_memory, keys, win = self.cache.in_memory, self.keys, self.disk.window
+                    load = [c for c in self._chunks_for_range(target, start, stop - start)
+                            if cached[c.index] and c.index not in inflight
+                            and c.index not in win and not in_memory(keys[c.index])]
+                    if load:
+                        self.disk.launch(load, self.tg)
         finally:
             self._ahead.discard(key)
 

@@ -4,7 +4,7 @@
 chunk cache to group them into loads (runs stored one after the other, at
 most ``DISK_LOAD_PART`` bytes each: one O_DIRECT read into a reused,
 pre-faulted mmap buffer) and loads them in worker threads (at most
-``DISK_THREADS`` at once, started in file order), each as flights (:class:`core.fetch.Flight`)
+``DISK_THREADS`` at once), each as flights (:class:`core.fetch.Flight`)
 readers wait on. Loaded chunks (checked once per process by the cache) stay
 in :attr:`DiskReadAhead.window` as views of their buffer, so a request
 handler answers with a view: no disk wait, no copy. The window keeps the
@@ -17,7 +17,7 @@ which fetches it again.
 from __future__ import annotations
 
 import mmap
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -49,38 +49,18 @@ class DiskReadAhead:
         self.window: dict[int, tuple[memoryview, int]] = {}
         self.buffers: OrderedDict[int, tuple[mmap.mmap, list[int]]] = OrderedDict()
         self._free: list[mmap.mmap] = []
-        self._queue: deque = deque()  # (load, chunks, flights) not started yet, file order
-        self._workers = 0
+        self._limiter: anyio.CapacityLimiter | None = None
 
     def launch(self, chunks: list[Chunk], tg) -> None:
         """Load cached ``chunks`` (file order) into the window in ``tg``;
         chunks the cache does not hold as asked are left to the caller's
-        on-demand path. Loads are issued in the order asked (a queue that
-        at most ``DISK_THREADS`` workers take from the front): a reader
-        waits for the first of them, so none may overtake it."""
+        on-demand path."""
         keys = self._keys
         plans = self._cache.plan_loads([(keys[c.index], c.chunk_size) for c in chunks],
                                        DISK_LOAD_PART)
         for load, positions in plans:
             run = [chunks[p] for p in positions]
-            self._queue.append((load, run, self._fetcher.register(run)))
-        while self._workers < DISK_THREADS and self._queue:
-            self._workers += 1
-            tg.start_soon(self._work)
-
-    async def _work(self) -> None:
-        """A worker: loads from the front of the queue until it is empty.
-        Cancelled, the last worker answers the flights still queued."""
-        try:
-            while self._queue:
-                await self._load(*self._queue.popleft())
-        except BaseException as e:
-            if self._workers == 1:
-                while self._queue:
-                    self._fetcher.fail(self._queue.popleft()[2], e)
-            raise
-        finally:
-            self._workers -= 1
+            tg.start_soon(self._load, load, run, self._fetcher.register(run))
 
     def _take_buffer(self, length: int) -> mmap.mmap | None:
         """A free buffer for a load of ``length`` bytes (None: make one)."""
@@ -108,11 +88,14 @@ class DiskReadAhead:
         return buf, self._cache.load(load, buf)
 
     async def _load(self, load, run: list[Chunk], flights: dict[int, Flight]) -> None:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(DISK_THREADS)
         buf = None
         try:
-            length = sum(c.chunk_size for c in run)  # a load is one contiguous run
-            buf = self._take_buffer(length)
-            buf, got = await anyio.to_thread.run_sync(self._load_sync, load, length, buf)
+            async with self._limiter:
+                length = sum(c.chunk_size for c in run)  # a load is one contiguous run
+                buf = self._take_buffer(length)
+                buf, got = await anyio.to_thread.run_sync(self._load_sync, load, length, buf)
         except BaseException as e:
             self._fetcher.fail(flights, e)
             if buf is not None:
