@@ -71,6 +71,7 @@ class Daemon:
         self.image = None
         self.desc = None
         self.store = None
+        self.tasks = None
 
     # -- readiness -----------------------------------------------------
     def _report(self, line: str, final: bool = True) -> None:
@@ -192,83 +193,22 @@ class Daemon:
 
     # -- main ----------------------------------------------------------
     async def run(self) -> int:
+        """Open the image, build and mount the filesystem (:meth:`_build`),
+        report ``ok`` once served (:meth:`_serve`), run the FUSE loop until
+        told to stop. A failure to start is reported on the channel in one
+        line and returns 1. :class:`core.mergeddaemon.MergedDaemon` runs the
+        same steps over every layer of the image."""
         import anyio
         import pyfuse3
 
-        from .cache import ChunkCache
-        from .errors import CoreError, MountError
-        from .fusefs import OPAQUE_XATTRS, LayerFS
-        from .idmap import IdMapper, parse_ranges
-        from .image import dump_image, image_from_dump, open_image, open_store
-        from .layer import LayerReader
-        from .records import Records, recorded_store
-        from .reference import parse_reference
-        from .resolver import Resolver
-        from .tasks import DEFAULT_SILENCE, TaskManager
+        from .errors import CoreError
 
         a = self.args
         try:
-            dumped = read_image_file(a.image_file)
-            ref = parse_reference(a.image)
-            # the manifest, config and TOC come from the cache dir's records when
-            # they verify there: a daemon restarted with the registry down still
-            # mounts, and asks the registry only for chunks
-            records = Records.for_cache_dir(a.cache_dir)
-            store = recorded_store(open_store(ref, **self._registry_opts()), records)
-            if dumped is not None:
-                self.image = image_from_dump(dumped, store, ref)
-            else:
-                with anyio.fail_after(a.resolve_timeout + 5):
-                    # the config is checked below, while the layer resolves, unless
-                    # the mount waits for the image file (a merged mount's first daemon)
-                    self.image = await open_image(ref, store=store, platform=a.platform,
-                                                  with_config=a.announce_image)
-                if a.announce_image:
-                    write_image_file(a.image_file, dump_image(self.image))
-                    self._report("image", final=False)
-            self.store = self.image.store
-            self.desc = self.image.layer(a.layer)
-            self.resolver = Resolver(timeout=a.resolve_timeout, records=records)
-            layer = await self._resolve_checking_config(dumped is None and not a.announce_image)
-            for w in layer.warnings:
-                log.warning(w)
-            cache = ChunkCache(a.cache_dir, max_bytes=a.cache_size,
-                               memory_bytes=a.tuning.memory_cache, direct=a.tuning.cache_direct)
-            tasks = TaskManager(DEFAULT_SILENCE if a.silence is None else a.silence)
-            desc = self.desc
-
-            self.reader = LayerReader(layer.index, layer.source, cache, tasks,
-                                      prefetch_size=a.prefetch_size,
-                                      read_timeout=DEFAULT_READ_TIMEOUT
-                                      if a.read_timeout is None else a.read_timeout,
-                                      name=f"layer {desc.index} {desc.digest[:19]}")
-            recorder = None
-            if a.record:
-                from .record import Recorder
-
-                recorder = Recorder(a.record, layer.index.path_of, layer=desc.index,
-                                    manifest_digest=self.image.manifest_digest)
-            self.fs = LayerFS(layer.index, self.reader, attr_timeout=a.attr_timeout,
-                              entry_timeout=a.attr_timeout, debug=a.debug,
-                              idmap=IdMapper(parse_ranges(list(a.uid_map)),
-                                             parse_ranges(list(a.gid_map))),
-                              opaque_xattrs=[x for x in OPAQUE_XATTRS
-                                             if a.opaque_xattrs == "both"
-                                             or x.startswith(a.opaque_xattrs.encode())],
-                              recorder=recorder)
-            options = set(pyfuse3.default_options)
-            options |= {f"fsname={a.fsname}", "subtype=stargz", "ro", "nosuid", "nodev"}
-            if a.allow_other:
-                options.add("allow_other")
-            try:
-                pyfuse3.init(self.fs, a.mountpoint, options)
-            except RuntimeError as e:
-                # libfuse prints the cause on stderr (our log), not in the exception
-                from .fusecheck import fuse_failure_cause
-
-                cause = fuse_failure_cause(a.log)
-                raise MountError(f"cannot mount {a.mountpoint}: {cause or e}") from None
-            self.fs.tune_kernel_after_init(a.mountpoint)  # bigger kernel reads (perf hook)
+            dumped, records = await self._open_image()
+            fs = await self._build(dumped, records)
+            self._mount(fs)
+            log.info("serving %s", self._serving())
         except TimeoutError:
             self._report(f"error opening {a.image} timed out")
             return 1
@@ -280,24 +220,12 @@ class Daemon:
             log.exception("daemon failed to start")
             self._report(f"error {type(e).__name__}: {e}")
             return 1
-        log.info("serving %s layer %s (%s, %d entries, %d chunks) at %s",
-                 a.image, self.desc.index, layer.index.format, len(layer.index),
-                 layer.index.num_chunks, a.mountpoint)
         try:
             async with anyio.create_task_group() as tg:
                 if a.control:
                     await tg.start(self._serve_control)
                 tg.start_soon(self._signals)
-                await self.reader.start(tg, prefetch=a.prefetch, background=a.background_fetch)
-                if a.pre_resolve and len(self.image.layers) > 1:
-                    others = [d for d in self.image.layers if d.digest != self.desc.digest]
-                    tg.start_soon(self._pre_resolve, others, tasks)
-                if a.wait_prefetch:
-                    with anyio.move_on_after(max(60.0, a.resolve_timeout * 4)):
-                        await self.reader.wait_prefetch()
-                self._report("ok " + json.dumps({
-                    "index": self.desc.index, "digest": self.desc.digest,
-                    "manifestDigest": self.image.manifest_digest}))
+                await self._serve(tg)
                 from . import fuseloop
 
                 # poll /dev/fuse briefly before sleeping
@@ -312,11 +240,121 @@ class Daemon:
             except Exception as e:  # noqa: BLE001
                 log.warning("closing the FUSE session: %s", e)
             if a.control:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(a.control)
-                except OSError:
-                    pass
+            if self.resolver is not None:
+                await self.resolver.aclose()
         return 0
+
+    async def _open_image(self):
+        """Set :attr:`image` and :attr:`store`: from the image file when the
+        mount saved one, else resolved with the cache dir's records first (the
+        manifest, config and TOCs come from there when they verify: a daemon
+        restarted with the registry down still mounts, and asks the registry
+        only for chunks). Returns (the image file's dump or None, the records)."""
+        import anyio
+
+        from .image import dump_image, image_from_dump, open_image, open_store
+        from .records import Records, recorded_store
+        from .reference import parse_reference
+
+        a = self.args
+        dumped = read_image_file(a.image_file)
+        ref = parse_reference(a.image)
+        records = Records.for_cache_dir(a.cache_dir)
+        store = recorded_store(open_store(ref, **self._registry_opts()), records)
+        if dumped is not None:
+            self.image = image_from_dump(dumped, store, ref)
+        else:
+            with anyio.fail_after(a.resolve_timeout + 5):
+                # the config is checked while the layers resolve, unless the
+                # mount waits for the image file (announce_image)
+                self.image = await open_image(ref, store=store, platform=a.platform,
+                                              with_config=a.announce_image)
+            if a.announce_image:
+                write_image_file(a.image_file, dump_image(self.image))
+                self._report("image", final=False)
+        self.store = self.image.store
+        return dumped, records
+
+    def _reader(self, layer, desc, cache, tasks):
+        """The :class:`core.layer.LayerReader` of one resolved layer."""
+        from .layer import LayerReader
+
+        a = self.args
+        return LayerReader(layer.index, layer.source, cache, tasks,
+                           prefetch_size=a.prefetch_size,
+                           read_timeout=DEFAULT_READ_TIMEOUT
+                           if a.read_timeout is None else a.read_timeout,
+                           name=f"layer {desc.index} {desc.digest[:19]}")
+
+    def _mount(self, fs) -> None:
+        """Mount ``fs`` read-only at the mountpoint."""
+        import pyfuse3
+
+        a = self.args
+        self.fs = fs
+        options = set(pyfuse3.default_options)
+        options |= {f"fsname={a.fsname}", "subtype=stargz", "ro", "nosuid", "nodev"}
+        if a.allow_other:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(fs, a.mountpoint, options)
+        except RuntimeError as e:
+            # libfuse prints the cause on stderr (our log), not in the exception
+            from .fusecheck import fuse_failure_cause
+
+            cause = fuse_failure_cause(a.log) if a.log else None
+            raise MountError(f"cannot mount {a.mountpoint}: {cause or e}") from None
+        fs.tune_kernel_after_init(a.mountpoint)  # bigger kernel reads (perf hook)
+
+    async def _build(self, dumped, records):
+        """Resolve this daemon's layer and make its filesystem."""
+        from .fusefs import OPAQUE_XATTRS, LayerFS
+        from .resolver import Resolver
+
+        a = self.args
+        self.desc = self.image.layer(a.layer)
+        self.resolver = Resolver(timeout=a.resolve_timeout, records=records)
+        layer = await self._resolve_checking_config(dumped is None and not a.announce_image)
+        for w in layer.warnings:
+            log.warning(w)
+        cache, self.tasks = cache_and_tasks(a)
+        desc = self.desc
+        self.reader = self._reader(layer, desc, cache, self.tasks)
+        recorder = None
+        if a.record:
+            from .record import Recorder
+
+            recorder = Recorder(a.record, layer.index.path_of, layer=desc.index,
+                                manifest_digest=self.image.manifest_digest)
+        return LayerFS(layer.index, self.reader, attr_timeout=a.attr_timeout,
+                       entry_timeout=a.attr_timeout, debug=a.debug, idmap=id_mapper(a),
+                       opaque_xattrs=[x for x in OPAQUE_XATTRS if a.opaque_xattrs == "both"
+                                      or x.startswith(a.opaque_xattrs.encode())],
+                       recorder=recorder)
+
+    def _serving(self) -> str:
+        """What the log says is served, once mounted."""
+        ix = self.reader.index
+        return (f"{self.args.image} layer {self.desc.index} ({ix.format}, {len(ix)} entries, "
+                f"{ix.num_chunks} chunks) at {self.args.mountpoint}")
+
+    async def _serve(self, tg) -> None:
+        """Start the reader's background work, then report ``ok``."""
+        import anyio
+
+        a = self.args
+        await self.reader.start(tg, prefetch=a.prefetch, background=a.background_fetch)
+        if a.pre_resolve and len(self.image.layers) > 1:
+            others = [d for d in self.image.layers if d.digest != self.desc.digest]
+            tg.start_soon(self._pre_resolve, others, self.tasks)
+        if a.wait_prefetch:
+            with anyio.move_on_after(max(60.0, a.resolve_timeout * 4)):
+                await self.reader.wait_prefetch()
+        self._report("ok " + json.dumps({
+            "index": self.desc.index, "digest": self.desc.digest,
+            "manifestDigest": self.image.manifest_digest}))
 
     async def _resolve_checking_config(self, check_config: bool):
         """Resolve the layer; meanwhile fetch and verify the image config
@@ -360,6 +398,24 @@ class Daemon:
         await self.resolver.pre_resolve(self.store, others, tasks,
                                         allow_unverified=self.args.allow_unverified)
         log.info("pre-resolved %d other layers", self.resolver.pre_resolved)
+
+
+def cache_and_tasks(config: DaemonConfig):
+    """The chunk cache and task manager a daemon's readers share."""
+    from .cache import ChunkCache
+    from .tasks import DEFAULT_SILENCE, TaskManager
+
+    cache = ChunkCache(config.cache_dir, max_bytes=config.cache_size,
+                       memory_bytes=config.tuning.memory_cache,
+                       direct=config.tuning.cache_direct)
+    return cache, TaskManager(DEFAULT_SILENCE if config.silence is None else config.silence)
+
+
+def id_mapper(config: DaemonConfig):
+    """The image-to-shown id mapping a daemon's filesystem applies."""
+    from .idmap import IdMapper, parse_ranges
+
+    return IdMapper(parse_ranges(list(config.uid_map)), parse_ranges(list(config.gid_map)))
 
 
 def read_image_file(path: str | None) -> dict | None:

@@ -29,14 +29,13 @@ imports ``stargz_tui``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import sys
 
 from . import daemon as layer_daemon
-from .daemon import DEFAULT_READ_TIMEOUT, Daemon, read_image_file, run_daemon
+from .daemon import Daemon, cache_and_tasks, id_mapper, run_daemon
 from .errors import MountError
 from .options import DaemonConfig
 
@@ -90,124 +89,53 @@ class MergedDaemon(Daemon):
         except (IndexError, TypeError, ValueError):
             return b""
 
-    async def run(self) -> int:
-        import anyio
-        import pyfuse3
-
-        from .cache import ChunkCache
-        from .errors import CoreError
-        from .idmap import IdMapper, parse_ranges
-        from .image import image_from_dump, open_image, open_store
-        from .layer import LayerReader
+    async def _build(self, dumped, records):
+        """Resolve every layer and make the merged filesystem over them."""
         from .mergedfs import MergedFS
-        from .records import Records, recorded_store
-        from .reference import parse_reference
         from .resolver import Resolver
-        from .tasks import DEFAULT_SILENCE, TaskManager
 
         a = self.args
-        try:
-            dumped = read_image_file(a.image_file)
-            ref = parse_reference(a.image)
-            # manifest, config and TOCs from the cache dir's records when they
-            # verify there: restarted with the registry down, it still mounts
-            records = Records.for_cache_dir(a.cache_dir)
-            store = recorded_store(open_store(ref, **self._registry_opts()), records)
-            if dumped is not None:
-                self.image = image_from_dump(dumped, store, ref)
-            else:
-                with anyio.fail_after(a.resolve_timeout + 5):
-                    self.image = await open_image(ref, store=store, platform=a.platform,
-                                                  with_config=False)
-            self.store = self.image.store
-            if not self.image.layers:
-                raise MountError(f"{a.image} has no layers")
-            n = len(self.image.layers)
-            self.resolver = Resolver(timeout=a.resolve_timeout, records=records,
-                                     max_layers=max(8, 2 * n))
-            layers = await self._resolve_all(check_config=dumped is None)
-            for lay in layers:
-                for w in lay.warnings:
-                    log.warning(w)
-            cache = ChunkCache(a.cache_dir, max_bytes=a.cache_size,
-                               memory_bytes=a.tuning.memory_cache, direct=a.tuning.cache_direct)
-            tasks = TaskManager(DEFAULT_SILENCE if a.silence is None else a.silence)
-            self.readers = [
-                LayerReader(lay.index, lay.source, cache, tasks,
-                            prefetch_size=a.prefetch_size,
-                            read_timeout=DEFAULT_READ_TIMEOUT
-                            if a.read_timeout is None else a.read_timeout,
-                            name=f"layer {desc.index} {desc.digest[:19]}")
-                for lay, desc in zip(layers, self.image.layers, strict=True)]
-            recorders = None
-            if a.record:
-                from .record import Recorder
+        if not self.image.layers:
+            raise MountError(f"{a.image} has no layers")
+        n = len(self.image.layers)
+        self.resolver = Resolver(timeout=a.resolve_timeout, records=records,
+                                 max_layers=max(8, 2 * n))
+        layers = await self._resolve_all(check_config=dumped is None)
+        for lay in layers:
+            for w in lay.warnings:
+                log.warning(w)
+        cache, self.tasks = cache_and_tasks(a)
+        self.readers = [self._reader(lay, desc, cache, self.tasks)
+                        for lay, desc in zip(layers, self.image.layers, strict=True)]
+        recorders = None
+        if a.record:
+            from .record import Recorder
 
-                recorders = [Recorder(a.record, lay.index.path_of, layer=i,
-                                      manifest_digest=self.image.manifest_digest)
-                             for i, lay in enumerate(layers)]
-            kw = {} if a.attr_timeout is None else {"timeout": a.attr_timeout}
-            self.fs = MergedFS([(lay.index, rd) for lay, rd in zip(layers, self.readers,
-                                                                   strict=True)],
-                               idmap=IdMapper(parse_ranges(list(a.uid_map)),
-                                              parse_ranges(list(a.gid_map))),
-                               recorders=recorders, **kw)
-            options = set(pyfuse3.default_options)
-            options |= {f"fsname={a.fsname}", "subtype=stargz", "ro", "nosuid", "nodev"}
-            if a.allow_other:
-                options.add("allow_other")
-            try:
-                pyfuse3.init(self.fs, a.mountpoint, options)
-            except RuntimeError as e:
-                from .fusecheck import fuse_failure_cause
+            recorders = [Recorder(a.record, lay.index.path_of, layer=i,
+                                  manifest_digest=self.image.manifest_digest)
+                         for i, lay in enumerate(layers)]
+        kw = {} if a.attr_timeout is None else {"timeout": a.attr_timeout}
+        return MergedFS([(lay.index, rd) for lay, rd in zip(layers, self.readers, strict=True)],
+                        idmap=id_mapper(a), recorders=recorders, **kw)
 
-                cause = fuse_failure_cause(a.log) if a.log else None
-                raise MountError(f"cannot mount {a.mountpoint}: {cause or e}") from None
-            self.fs.tune_kernel_after_init(a.mountpoint)
-        except TimeoutError:
-            self._report(f"error opening {a.image} timed out")
-            return 1
-        except CoreError as e:
-            self._report(f"error {e}")
-            log.error("%s", e)
-            return 1
-        except Exception as e:  # noqa: BLE001 - reported to the parent, logged with traceback
-            log.exception("daemon failed to start")
-            self._report(f"error {type(e).__name__}: {e}")
-            return 1
-        log.info("serving %s merged (%d layers, %d entries) at %s", a.image, n,
-                 sum(len(lay.index) for lay in layers), a.mountpoint)
-        try:
-            async with anyio.create_task_group() as tg:
-                if a.control:
-                    await tg.start(self._serve_control)
-                tg.start_soon(self._signals)
+    def _serving(self) -> str:
+        return (f"{self.args.image} merged ({len(self.readers)} layers, "
+                f"{sum(len(rd.index) for rd in self.readers)} entries) at {self.args.mountpoint}")
+
+    async def _serve(self, tg) -> None:
+        """Start every reader's background work, then report ``ok``."""
+        import anyio
+
+        a = self.args
+        for rd in self.readers:
+            await rd.start(tg, prefetch=a.prefetch, background=a.background_fetch)
+        if a.wait_prefetch:
+            with anyio.move_on_after(max(60.0, a.resolve_timeout * 4)):
                 for rd in self.readers:
-                    await rd.start(tg, prefetch=a.prefetch, background=a.background_fetch)
-                if a.wait_prefetch:
-                    with anyio.move_on_after(max(60.0, a.resolve_timeout * 4)):
-                        for rd in self.readers:
-                            await rd.wait_prefetch()
-                self._report("ok " + json.dumps({
-                    "manifestDigest": self.image.manifest_digest,
-                    "layers": [{"index": d.index, "digest": d.digest}
-                               for d in self.image.layers]}))
-                from . import fuseloop
-
-                fuseloop.install(a.tuning.fuse_spin_us / 1e6)
-                await pyfuse3.main()
-                tg.cancel_scope.cancel()
-        finally:
-            log.info("stopping (unmount=%s)", self.unmount_on_exit)
-            try:
-                pyfuse3.close(unmount=self.unmount_on_exit)
-            except Exception as e:  # noqa: BLE001
-                log.warning("closing the FUSE session: %s", e)
-            if a.control:
-                with contextlib.suppress(OSError):
-                    os.unlink(a.control)
-            await self.resolver.aclose()
-        return 0
+                    await rd.wait_prefetch()
+        self._report("ok " + json.dumps({
+            "manifestDigest": self.image.manifest_digest,
+            "layers": [{"index": d.index, "digest": d.digest} for d in self.image.layers]}))
 
     async def _resolve_all(self, check_config: bool) -> list:
         """Every layer resolved at once; meanwhile the config is checked (and
