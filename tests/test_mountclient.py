@@ -12,7 +12,8 @@ import sys
 
 import msgspec
 import pytest
-from fuse_helpers import compare_tree, family, isolated_mount_env, layer_blobs, raw_expected
+from fuse_helpers import compare_tree, family, layer_blobs, raw_expected
+from test_service import svc_env  # noqa: F401 - the fixture (private dirs, the service stopped after)
 
 from core import mount as core_mount
 from core.optionfields import mount_fields
@@ -99,19 +100,6 @@ def test_a_tuning_variable_or_server_off_takes_the_full_path(monkeypatch, tmp_pa
     assert mountclient.run(["img", "mp"]) is None  # no socket: the full path says so
 
 
-@pytest.fixture
-def svc_env(tmp_path, monkeypatch, isolated_env):
-    monkeypatch.setenv("STARGZ_TUI_SERVER", "auto")
-    env = isolated_mount_env(tmp_path, monkeypatch)
-    value = next(env)
-    try:
-        yield value
-    finally:
-        subprocess.run([sys.executable, "-m", "stargz_tui", "service", "stop"],
-                       capture_output=True, timeout=60, cwd=REPO_ROOT)
-        next(env, None)
-
-
 def _imported(stderr: str) -> set[str]:
     return {line.split("|")[-1].strip() for line in stderr.splitlines()
             if line.startswith("import time:")}
@@ -119,8 +107,8 @@ def _imported(stderr: str) -> set[str]:
 
 @pytest.mark.fuse
 @pytest.mark.registry
-def test_mount_through_the_service_imports_neither_argparse_nor_msgspec(svc_env, registry,
-                                                                          tmp_path):
+@pytest.mark.usefixtures("svc_env")
+def test_mount_through_the_service_imports_neither_argparse_nor_msgspec(registry, tmp_path):
     run = dict(cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
     r = subprocess.run([sys.executable, "-m", "stargz_tui", "service", "start"], **run)
     assert r.returncode == 0, r.stderr

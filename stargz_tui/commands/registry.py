@@ -12,6 +12,7 @@ import sys
 
 from core.errors import AuthError, CoreError
 
+from ..mountargs import positive_seconds
 from ..textsafe import safe
 
 # core.reference and getpass are imported where used: `mount` imports this
@@ -25,12 +26,9 @@ class UsageError(CoreError):
 def seconds_arg(text: str) -> float:
     """argparse type: a positive number of seconds."""
     try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
-    return v
+        return positive_seconds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_registry_options(p: argparse.ArgumentParser) -> None:
