@@ -304,7 +304,7 @@ class Daemon:
             # libfuse prints the cause on stderr (our log), not in the exception
             from .fusecheck import fuse_failure_cause
 
-            cause = fuse_failure_cause(a.log) if a.log else None
+            cause = fuse_failure_cause(a.log)
             raise MountError(f"cannot mount {a.mountpoint}: {cause or e}") from None
         fs.tune_kernel_after_init(a.mountpoint)  # bigger kernel reads (perf hook)
 

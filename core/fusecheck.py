@@ -145,19 +145,23 @@ def check_mount(mountpoint: str, *, fuse_mounts: int, allow_other: bool = False)
                          f"unmount some or raise mount_max there (as root)")
 
 
-def fuse_failure_cause(logfile: str | None, limit: int = 8192) -> str | None:
-    """libfuse's or fusermount3's last message in a daemon log, e.g.
-    ``fuse: failed to open /dev/fuse: Permission denied``."""
-    if not logfile:
-        return None
+def log_tail(path: str | None, limit: int = 8192) -> list[str]:
+    """The lines of the last ``limit`` bytes of a daemon log ([] when unreadable)."""
+    if not path:
+        return []
     try:
-        with open(logfile, "rb") as f:
+        with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - limit))
-            lines = f.read().decode(errors="replace").splitlines()
+            return f.read().decode(errors="replace").splitlines()
     except OSError:
-        return None
-    for line in reversed(lines):
+        return []
+
+
+def fuse_failure_cause(logfile: str | None) -> str | None:
+    """libfuse's or fusermount3's last message in a daemon log, e.g.
+    ``fuse: failed to open /dev/fuse: Permission denied``."""
+    for line in reversed(log_tail(logfile)):
         line = line.strip()
         if line.startswith(("fuse:", "fusermount3:", "fusermount:")):
             return line

@@ -130,6 +130,26 @@ def _erofs():
     return pyfuse3.FUSEError(errno.EROFS)
 
 
+class ReadErrorLog:
+    """One log line per failing file: the kernel asks again at once for the
+    page its failed read-ahead left behind (and readers retry), so a file's
+    further failures within :data:`REPEAT_QUIET` seconds go to debug."""
+
+    def __init__(self):
+        self._last: dict[object, float] = {}
+
+    def failed(self, key, path: str, error, context: str = "") -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < REPEAT_QUIET:
+            log.debug("read %s again: %s%s", path, context, error)
+            return
+        if len(self._last) >= 4096:  # bounded: forget the old ones
+            self._last.clear()
+        self._last[key] = now
+        log.error("read %s: %s%s", path, context, error)
+
+
 class ReadOnlyOperations(pyfuse3.Operations):
     """Every request that would write answers EROFS: what both of our
     filesystems (one layer, an image's merged view) share; flush, fsync and fsyncdir have
@@ -212,7 +232,7 @@ class LayerFS(ReadOnlyOperations):
         self._dirs: dict[int, list] = {}
         self._open: dict[int, int] = {}  # fh -> entry id
         # entry id -> time.monotonic() of its last EIO logged at ERROR (read())
-        self._failed: dict[int, float] = {}
+        self._read_errors = ReadErrorLog()
         self._next_fh = 1
         self.open_files = 0
         self._dir_nlink: dict[int, int] = {}
@@ -432,18 +452,7 @@ class LayerFS(ReadOnlyOperations):
         try:
             return await self.reader.read_buffer(eid, off, size, stream=fh)
         except CoreError as e:  # a chunk failing its digest included
-            # One failure, one line: the kernel asks again at once for the
-            # page its failed read-ahead left behind (and readers retry), so
-            # further EIOs of the file within REPEAT_QUIET go to debug.
-            now = time.monotonic()
-            last = self._failed.get(eid)
-            if last is not None and now - last < REPEAT_QUIET:
-                log.debug("read %s again: %s", self.index.path_of(eid), e)
-            else:
-                if len(self._failed) >= 4096:  # bounded: forget the old ones
-                    self._failed.clear()
-                self._failed[eid] = now
-                log.error("read %s: %s", self.index.path_of(eid), e)
+            self._read_errors.failed(eid, self.index.path_of(eid), e)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh):

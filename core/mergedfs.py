@@ -41,7 +41,14 @@ import pyfuse3
 
 from .errors import CoreError
 from .estargz.toc import BLOCK, CHAR, DIR, FIFO, HARDLINK, REG, SYMLINK, WHITEOUT_PREFIX
-from .fusefs import BLKSIZE, IMMUTABLE_TIMEOUT, ReadOnlyOperations, negative_entry, tune_kernel
+from .fusefs import (
+    BLKSIZE,
+    IMMUTABLE_TIMEOUT,
+    ReadErrorLog,
+    ReadOnlyOperations,
+    negative_entry,
+    tune_kernel,
+)
 from .idmap import IdMapper
 from .overlay import MergedTree
 
@@ -71,6 +78,7 @@ class MergedFS(ReadOnlyOperations):
     def __init__(self, layers: list, *, timeout: float = IMMUTABLE_TIMEOUT,
                  idmap: IdMapper | None = None, recorders: list | None = None):
         super().__init__()
+        self._read_errors = ReadErrorLog()
         self.indexes = [ix for ix, _ in layers]
         self.readers = [r for _, r in layers]
         self.tree = MergedTree(self.indexes)
@@ -233,7 +241,8 @@ class MergedFS(ReadOnlyOperations):
             return await self.readers[layer].read_buffer(eid, off, size, stream=fh)
         except CoreError as e:  # this read fails; every other file and layer serves on
             # as a layer daemon says it (the path first): "read PATH: why"
-            log.error("read %s: (layer %d) %s", self.indexes[layer].path_of(eid), layer, e)
+            self._read_errors.failed((layer, eid), self.indexes[layer].path_of(eid), e,
+                                     f"(layer {layer}) ")
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh):

@@ -570,18 +570,10 @@ RESTART_WINDOW = 600.0
 RESTORE_LOCK_WAIT = 30.0  # restore waits this long for a restart or mount under way
 
 
-def last_log_line(path: str | None, limit: int = 8192) -> str | None:
+def last_log_line(path: str | None) -> str | None:
     """The last non-empty line of a daemon's log (why it died, usually)."""
-    if not path:
-        return None
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - limit))
-            lines = [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
-    except OSError:
-        return None
-    return lines[-1].strip() if lines else None
+    lines = [x.strip() for x in fusecheck.log_tail(path) if x.strip()]
+    return lines[-1] if lines else None
 
 
 def _dead_layers(rec: dict, mounted: dict[str, str]) -> list[int]:
