@@ -19,9 +19,8 @@ a Unix control socket (0600; a peer that is not our own uid is refused)::
     {"op": "chunkmap"}                   -> {"ok": true, "map": "<hex, one char per chunk>"}
     {"op": "shutdown", "unmount": true}  -> {"ok": true}; the daemon exits
 
-On the channel it reports ``image`` (with ``announce_image``: the resolved
-image is in ``image_file``), then readiness (``ok {json}``) or the reason it
-failed (``error <message>``), one line each; then it keeps serving until the
+On the channel it reports readiness (``ok {json}``) or the reason it
+failed (``error <message>``), one line; then it keeps serving until the
 mount goes away, it is asked to shut down, or it gets SIGTERM/SIGINT (then it
 unmounts). It logs to ``log``; ``debug`` adds a trace of every FUSE request.
 This module never imports ``stargz_tui``.
@@ -254,7 +253,7 @@ class Daemon:
         only for chunks). Returns (the image file's dump or None, the records)."""
         import anyio
 
-        from .image import dump_image, image_from_dump, open_image, open_store
+        from .image import image_from_dump, open_image, open_store
         from .records import Records, recorded_store
         from .reference import parse_reference
 
@@ -267,13 +266,9 @@ class Daemon:
             self.image = image_from_dump(dumped, store, ref)
         else:
             with anyio.fail_after(a.resolve_timeout + 5):
-                # the config is checked while the layers resolve, unless the
-                # mount waits for the image file (announce_image)
+                # the config is checked while the layers resolve (_resolve_checking_config)
                 self.image = await open_image(ref, store=store, platform=a.platform,
-                                              with_config=a.announce_image)
-            if a.announce_image:
-                write_image_file(a.image_file, dump_image(self.image))
-                self._report("image", final=False)
+                                              with_config=False)
         self.store = self.image.store
         return dumped, records
 
@@ -316,7 +311,7 @@ class Daemon:
         a = self.args
         self.desc = self.image.layer(a.layer)
         self.resolver = Resolver(timeout=a.resolve_timeout, records=records)
-        layer = await self._resolve_checking_config(dumped is None and not a.announce_image)
+        layer = await self._resolve_checking_config(dumped is None)
         for w in layer.warnings:
             log.warning(w)
         cache, self.tasks = cache_and_tasks(a)

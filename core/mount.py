@@ -406,12 +406,9 @@ def _start_daemon(starter, cfg: DaemonConfig, entry: dict) -> DaemonProcess:
 def _wait_ready(proc: DaemonProcess, deadline: float, timeout: float, logfile: str,
                 cancelled=None) -> dict:
     """Wait for the daemon's ``ok`` line; returns what it says about its layer
-    (``index``, ``digest``, ``manifestDigest``). An ``image`` line is skipped."""
+    (``index``, ``digest``, ``manifestDigest``)."""
     try:
-        while True:
-            line = proc.read_line(deadline, cancelled)
-            if line != "image":
-                break
+        line = proc.read_line(deadline, cancelled)
     finally:
         proc.close()
     line = line or ""
@@ -671,9 +668,6 @@ def _daemon_groups(rec: dict) -> list[list[dict]]:
 
 def _revive_locked(rec: dict, dead: list[int], mounted: dict[str, str], starter) -> None:
     mp = rec["mountpoint"]
-    if rec.get("kind") == "merged" and any(e["mountpoint"] != mp for e in rec["layers"]):
-        raise MountError(f"{mp} was mounted by an older stargz-tui (a daemon per layer under "
-                         "an overlay): unmount it and mount it again")
     opts = rec.get("mountOptions") or {}
     deadline = time.monotonic() + float(opts.get("timeout") or READY_TIMEOUT)
     dead_ids = {id(rec["layers"][i]) for i in dead}
@@ -688,8 +682,7 @@ def _revive_locked(rec: dict, dead: list[int], mounted: dict[str, str], starter)
         with contextlib.suppress(OSError):
             os.unlink(e["control"])
         cfg = config_from_builtins(e.get("config"))
-        proc = _start_daemon(starter, msgspec.structs.replace(
-            cfg, announce_image=False, wait_prefetch=False), e)
+        proc = _start_daemon(starter, msgspec.structs.replace(cfg, wait_prefetch=False), e)
         for other in group[1:]:  # the same daemon serves them all
             other["pid"], other["startTime"] = e["pid"], e["startTime"]
         started.append((proc, e))
@@ -739,8 +732,7 @@ def repair(*, starter=None) -> list[dict]:
             out.append({"mountpoint": rec["mountpoint"], "status": "removed",
                         "error": "the mountpoint no longer exists"})
     out += restore(starter=starter, reset=True)
-    known = {e["mountpoint"] for r in _read_records() for e in r["layers"]} | \
-        {r["mountpoint"] for r in _read_records()}
+    known = {r["mountpoint"] for r in _read_records()}
     for path, fstype in mount_table().items():
         if fstype == FUSE_FSTYPE and path not in known and _owned_by_us(path):
             with contextlib.suppress(MountError):
@@ -841,23 +833,15 @@ def _start_record(path: str) -> str:
 
 def _teardown(rec: dict, force: bool) -> list[str]:
     done = []
-    paths = [g[0]["mountpoint"] for g in _daemon_groups(rec)]
-    if rec["mountpoint"] not in paths:
-        # a merged record of the former design (a daemon per layer mounted
-        # privately under an overlay at the mountpoint): the overlay first
-        paths.insert(0, rec["mountpoint"])
-    for path in paths:
-        # after a lazily detached overlay its layers stay busy until it is released
-        how = _unmount_path(path, force or any("detached" in d for d in done))
-        done.append(f"{path}: {how}")
+    for group in _daemon_groups(rec):
+        path = group[0]["mountpoint"]
+        done.append(f"{path}: {_unmount_path(path, force)}")
     for group in _daemon_groups(rec):
         e = group[0]
         _stop_daemon(e, unmount=False)
         with contextlib.suppress(OSError):
             if e.get("control"):
                 os.unlink(e["control"])
-    if len(paths) > 1:  # (the former design's private layer mountpoints)
-        shutil.rmtree(os.path.join(state_dir(), "layers", rec["id"]), ignore_errors=True)
     with contextlib.suppress(OSError):
         os.unlink(_record_path(rec["id"]))
     if rec.get("imageFile"):

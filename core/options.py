@@ -136,7 +136,6 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     control: str  # its control socket
     log: str  # its log file
     image_file: str | None = None  # the resolved image: read when there, else written
-    announce_image: bool = False  # say "image" on the ready channel once image_file is written
     cache_dir: str | None = None
     cache_size: int | None = None
     prefetch: bool = True

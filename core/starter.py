@@ -6,9 +6,8 @@ or :mod:`core.mergeddaemon` when ``config.merged`` (the same contract),
 in its own session, cwd ``/``, stdin ``/dev/null``, stdout and stderr
 appended to ``config.log``. The daemon gets its config, and only that, over
 one end of a Unix socket pair (msgspec JSON, then EOF) and answers on the
-same socket with lines: ``image`` (its resolved image is written to
-``config.image_file``; only with ``announce_image``), then ``ok {json}`` or
-``error MESSAGE``. :class:`DaemonProcess` holds the other end.
+same socket with one line: ``ok {json}`` or ``error MESSAGE``.
+:class:`DaemonProcess` holds the other end.
 
 * :class:`SpawnStarter`: a fresh ``python -m core.daemon --channel-fd N --for
   WHAT`` (``core.mergeddaemon`` for a merged config)

@@ -266,8 +266,8 @@ def cmd_mounts(args) -> int:
         pct = 100.0 * st["chunksCached"] / total if total else 100.0
         bg = "done" if st["backgroundFetchDone"] else f"{pct:.0f}%"
         print(f"{safe(st['mountpoint'])}  {st['state']}")
-        print(f"  image   {safe(st['image'])}  ({st['kind']}, {plural(len(st['layers']), 'layer')}"
-              + (f", {st['overlay']}" if st.get("overlay") else "") + ")")
+        print(f"  image   {safe(st['image'])}  ({st['kind']}, "
+              f"{plural(len(st['layers']), 'layer')})")
         print(f"  pids    {', '.join(str(p) for p in st['pids'])}")
         if st.get("restarts") or st.get("lastError"):
             print(f"  restarts {st.get('restarts', 0)}"
