@@ -234,6 +234,18 @@ def test_shell_key_opens_shell_in_the_mountpoint(mount_env, tmp_path):
     assert "data" in lines[1:]  # the shell saw the mounted layer
 
 
+async def _kill_and_revive(mp: str, pid: int) -> dict:
+    """``kill -9`` the only mount's daemon ``pid``, wait (bounded) until the
+    mount shows as crashed, and start it again as the mount service does
+    (core.mount.revive, supervised: counted); returns the record."""
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(200):
+        if core_mount.crashed(core_mount.read_records()[0]):
+            break
+        await anyio.sleep(0.05)
+    return await anyio.to_thread.run_sync(lambda: core_mount.revive(mp, supervised=True))
+
+
 async def test_mounts_screen_shows_restarts_and_failure(mount_env):
     """A daemon killed with -9 and started again (core.mount.revive, what the
     mount service does) shows as restarted, with why, in the mounts screen;
@@ -242,13 +254,7 @@ async def test_mounts_screen_shows_restarts_and_failure(mount_env):
     await core_mount.mount_image(f"{LAYOUT_REF}:mini-esgz", mp, layer=0, silence=0.2)
     try:
         victim = core_mount.read_records()[0]["layers"][0]["pid"]
-        os.kill(victim, signal.SIGKILL)
-        for _ in range(200):
-            if core_mount.crashed(core_mount.read_records()[0]):
-                break
-            await anyio.sleep(0.05)
-        rec = await anyio.to_thread.run_sync(
-            lambda: core_mount.revive(mp, supervised=True))
+        rec = await _kill_and_revive(mp, victim)
         assert rec["restarts"] == 1 and rec["layers"][0]["pid"] != victim
         app = StargzApp()
         async with app.run_test(size=(160, 30)) as pilot:
@@ -261,13 +267,7 @@ async def test_mounts_screen_shows_restarts_and_failure(mount_env):
             # the service gives up after MAX_RESTARTS in its window: failed
             rec = core_mount.read_records()[0]
             for _ in range(core_mount.MAX_RESTARTS):
-                os.kill(rec["layers"][0]["pid"], signal.SIGKILL)
-                for _ in range(200):
-                    if core_mount.crashed(core_mount.read_records()[0]):
-                        break
-                    await anyio.sleep(0.05)
-                rec = await anyio.to_thread.run_sync(
-                    lambda: core_mount.revive(mp, supervised=True))
+                rec = await _kill_and_revive(mp, rec["layers"][0]["pid"])
             assert rec["failed"]
             await wait_for(pilot, lambda: "failed" in str(table.get_row_at(0)), "failed")
             await wait_for(pilot, lambda: "given up after" in str(detail.render()), "why")

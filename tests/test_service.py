@@ -297,17 +297,21 @@ def test_killed_service_leaves_mounts_serving_and_a_new_one_adopts_them(svc_env,
     assert _cli("unmount", mp).returncode == 0
 
 
+def _until_eof(read) -> bytes:
+    """All that ``read(n)`` (a socket's recv, a pipe's read) gives until the
+    other end closes (an empty read)."""
+    buf = b""
+    while piece := read(65536):
+        buf += piece
+    return buf
+
+
 def _raw(path: str, payload: bytes, *, header: bytes | None = None) -> dict:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect(path)
     s.sendall((header if header is not None else struct.pack(">I", len(payload))) + payload)
-    buf = b""
-    while True:
-        piece = s.recv(65536)
-        if not piece:
-            break
-        buf += piece
+    buf = _until_eof(s.recv)
     s.close()
     (n,) = struct.unpack(">I", buf[:4])
     assert len(buf) == 4 + n
@@ -352,25 +356,14 @@ def test_api_refuses_bad_messages_and_other_users(svc_env):
                 s.settimeout(10)
                 s.connect(path)
                 s.sendall(struct.pack(">I", 21) + b'{"op":"status","v":1}')
-                got = b""
-                while True:
-                    piece = s.recv(65536)
-                    if not piece:
-                        break
-                    got += piece
-                os.write(w, got)
+                os.write(w, _until_eof(s.recv))
                 code = 0
             except BaseException as e:  # noqa: BLE001 - told to the parent
                 os.write(w, repr(e).encode())
             finally:
                 os._exit(code)
         os.close(w)
-        got = b""
-        while True:
-            piece = os.read(r, 65536)
-            if not piece:
-                break
-            got += piece
+        got = _until_eof(lambda n: os.read(r, n))
         os.close(r)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, got
