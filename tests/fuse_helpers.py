@@ -15,7 +15,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+from cli_helpers import stargz_cli
 
 from core import mount as core_mount
 
@@ -293,8 +293,7 @@ class MountEnv:
         return anyio.run(functools.partial(core_mount.mount_image, image, mountpoint, **kw))
 
     def cli(self, *args, timeout: float = 120, check: bool = False):
-        r = subprocess.run([sys.executable, "-m", "stargz_tui", *args], capture_output=True,
-                           text=True, timeout=timeout, cwd=ROOT, env=dict(os.environ))
+        r = stargz_cli(*args, timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"stargz-tui {' '.join(args)} failed: {r.stderr}")
         return r

@@ -60,9 +60,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
+from cli_helpers import stargz_cli
 from registry_helpers import (
     CdnServer,
     FrontProxy,
@@ -74,7 +74,6 @@ from registry_helpers import (
     write_htpasswd,
 )
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_USERS = {"alice": "wonderland-secret-42"}
 AUTH_TAGS = ["mini-esgz", "mini-gzip"]
 
@@ -264,5 +263,4 @@ def keyring_env(monkeypatch, tmp_path, secret_service):
 def run_cli(args: list[str], env: dict, *, input: str | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess:
     """``python -m stargz_tui ARGS`` as a subprocess (text mode, bounded)."""
-    return subprocess.run([sys.executable, "-m", "stargz_tui", *args], env=env, input=input,
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+    return stargz_cli(*args, env=env, input=input, timeout=timeout)

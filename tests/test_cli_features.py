@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from cli_helpers import stargz_cli
 from fixture_truth import LAYOUT, REPO, cli, config, ref
 from fuse_helpers import isolated_mount_env
 from registry_fixtures import run_cli
@@ -251,14 +252,11 @@ def test_busy_message_does_not_name_our_own_process(mount_env):
     holder = subprocess.Popen(["sleep", "60"], cwd=os.path.join(mp, "data"))
     try:
         # run from inside the mount: our own cwd is the reason, said as such
-        r = subprocess.run([sys.executable, "-m", "stargz_tui", "unmount", mp],
-                           capture_output=True, text=True, timeout=60, cwd=mp,
-                           env=dict(os.environ, PYTHONPATH=REPO))
+        r = stargz_cli("unmount", mp, cwd=mp, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
         assert r.returncode == 1 and "working directory of this command" in r.stderr, r.stderr
         assert "pid" not in r.stderr and r.stderr.count("\n") == 1
         with open(os.path.join(mp, "etc/os-release"), "rb") as stdin:
-            r = subprocess.run([sys.executable, "-m", "stargz_tui", "unmount", mp], stdin=stdin,
-                               capture_output=True, text=True, timeout=60, cwd=REPO)
+            r = stargz_cli("unmount", mp, stdin=stdin, timeout=60)
         assert r.returncode == 1 and "standard input of this command" in r.stderr, r.stderr
         # from outside: the other holder is named, this command is not
         r = mount_env.cli("unmount", mp)

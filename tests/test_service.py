@@ -29,6 +29,7 @@ import threading
 import time
 
 import pytest
+from cli_helpers import stargz_cli
 from fuse_helpers import (
     compare_tree,
     family,
@@ -49,13 +50,8 @@ TAG = "mini-esgz"
 MAX_ERROR_WINDOW = 15.0
 
 
-def _cli(*args, env=None, timeout=120, cwd=REPO_ROOT):
-    return subprocess.run([sys.executable, "-m", "stargz_tui", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd, env=env or dict(os.environ))
-
-
 def _status() -> dict:
-    r = _cli("service", "status", "--json")
+    r = stargz_cli("service", "status", "--json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -63,7 +59,7 @@ def _status() -> dict:
 def _stop_service() -> None:
     info = _status()
     if info["running"]:
-        _cli("service", "stop")
+        stargz_cli("service", "stop")
         _wait(lambda: not _proc_alive(info["pid"]), 10, "the service to exit")
 
 
@@ -101,7 +97,7 @@ def svc_env(tmp_path, monkeypatch, isolated_env):
 
 
 def _start_service() -> dict:
-    r = _cli("service", "start")
+    r = stargz_cli("service", "start")
     assert r.returncode == 0, r.stderr
     info = _status()
     assert info["running"] and info["version"] == 1
@@ -146,7 +142,7 @@ def test_mount_through_service_forks_its_daemon(svc_env, registry, tmp_path):
     info = _start_service()
     (tmp_path / "rel").mkdir()
     # a relative mountpoint: resolved by the client, the service has no cwd of ours
-    r = _cli("mount", registry.ref(TAG), "rel", "--layer", "0", cwd=str(tmp_path))
+    r = stargz_cli("mount", registry.ref(TAG), "rel", "--layer", "0", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "supervised by the mount service" in r.stdout
     mp = str(tmp_path / "rel")
@@ -165,12 +161,12 @@ def test_mount_through_service_forks_its_daemon(svc_env, registry, tmp_path):
     assert seen[-1][0]["state"] == "serving"
     # an image that cannot be resolved: one line, nothing left behind
     mp2 = svc_env.mountpoint("bad")
-    r = _cli("mount", registry.ref("no-such-tag"), mp2)
+    r = stargz_cli("mount", registry.ref("no-such-tag"), mp2)
     assert r.returncode == 1 and r.stderr.startswith("stargz-tui: "), r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not os.path.ismount(mp2)
     assert [m["mountpoint"] for m in core_mount.list_mounts()] == [os.path.realpath(mp)]
-    r = _cli("unmount", mp)
+    r = stargz_cli("unmount", mp)
     assert r.returncode == 0, r.stderr
     assert not os.path.ismount(mp) and core_mount.list_mounts() == []
 
@@ -207,7 +203,7 @@ def test_kill9_daemon_mid_read_loop_is_restarted(svc_env, registry, kind):
     _start_service()
     mp = svc_env.mountpoint(kind)
     extra = ["--layer", "1"] if kind == "layer" else []
-    r = _cli("mount", registry.ref(TAG), mp, *extra)
+    r = stargz_cli("mount", registry.ref(TAG), mp, *extra)
     assert r.returncode == 0, r.stderr
     truth = layer_blobs(f"{family(TAG)}-gzip")
     expected = raw_expected(truth[1]) if kind == "layer" else merged_expected(truth)
@@ -245,16 +241,16 @@ def test_kill9_daemon_mid_read_loop_is_restarted(svc_env, registry, kind):
     assert new["pid"] != victim["pid"] and core_mount.daemon_alive(new)
     assert st["restarts"] == 1 and "died without unmounting" in st["lastError"]
     compare_tree(mp, expected, drop_xattr_prefixes=("trusted.overlay.",))
-    out = _cli("mounts").stdout
+    out = stargz_cli("mounts").stdout
     assert "restarts 1" in out and "serving" in out
-    assert _cli("unmount", mp).returncode == 0
+    assert stargz_cli("unmount", mp).returncode == 0
     assert not os.path.ismount(mp)
 
 
 def test_daemon_that_keeps_dying_is_marked_failed(svc_env, registry):
     _start_service()
     mp = svc_env.mountpoint()
-    assert _cli("mount", registry.ref(TAG), mp, "--layer", "0").returncode == 0
+    assert stargz_cli("mount", registry.ref(TAG), mp, "--layer", "0").returncode == 0
     for n in range(core_mount.MAX_RESTARTS):
         pid = _record(mp)["layers"][0]["pid"]
         os.kill(pid, signal.SIGKILL)
@@ -265,20 +261,20 @@ def test_daemon_that_keeps_dying_is_marked_failed(svc_env, registry):
                "the failed state")
     assert st["restarts"] == core_mount.MAX_RESTARTS
     assert "died without unmounting" in st["lastError"] and "last log line" in st["lastError"]
-    out = _cli("mounts").stdout
+    out = stargz_cli("mounts").stdout
     assert "failed" in out and "mounts repair" in out
     # repair tries again, from the same record
-    r = _cli("mounts", "repair")
+    r = stargz_cli("mounts", "repair")
     assert r.returncode == 0, r.stdout + r.stderr
     assert _mount_state(mp)["state"] == "serving"
     compare_tree(mp, raw_expected(layer_blobs(f"{family(TAG)}-gzip")[0]))
-    assert _cli("unmount", mp).returncode == 0
+    assert stargz_cli("unmount", mp).returncode == 0
 
 
 def test_killed_service_leaves_mounts_serving_and_a_new_one_adopts_them(svc_env, registry):
     info = _start_service()
     mp = svc_env.mountpoint()
-    assert _cli("mount", registry.ref(TAG), mp, "--layer", "0").returncode == 0
+    assert stargz_cli("mount", registry.ref(TAG), mp, "--layer", "0").returncode == 0
     expected = raw_expected(layer_blobs(f"{family(TAG)}-gzip")[0])
     os.kill(info["pid"], signal.SIGKILL)
     _wait(lambda: not _proc_alive(info["pid"]), 10, "the service to die")
@@ -294,7 +290,7 @@ def test_killed_service_leaves_mounts_serving_and_a_new_one_adopts_them(svc_env,
     _wait(lambda: _mount_state(mp)["restarts"] == 1 and _mount_state(mp)["state"] == "serving",
           60, "the restart by the new service")
     compare_tree(mp, expected)
-    assert _cli("unmount", mp).returncode == 0
+    assert stargz_cli("unmount", mp).returncode == 0
 
 
 def _until_eof(read) -> bytes:
@@ -404,8 +400,8 @@ def test_simulated_reboot_then_mounts_restore(svc_env, make_registry, tmp_path, 
     merged = merged_expected(truth)
     mp_l, mp_m = svc_env.mountpoint("layer"), svc_env.mountpoint("merged")
     lazy = ["--no-prefetch", "--no-background-fetch"]
-    assert _cli("mount", reg.ref(TAG), mp_l, "--layer", "0", *lazy).returncode == 0
-    assert _cli("mount", reg.ref(TAG), mp_m, *lazy).returncode == 0
+    assert stargz_cli("mount", reg.ref(TAG), mp_l, "--layer", "0", *lazy).returncode == 0
+    assert stargz_cli("mount", reg.ref(TAG), mp_m, *lazy).returncode == 0
     files = sorted(_files(raw0, 50).items())
     # Layer 0 is small enough that one read fetches all of it (a fetch takes
     # at least 64 KiB, neighbours coalesce); the merged mount's top layer is
@@ -431,7 +427,7 @@ def test_simulated_reboot_then_mounts_restore(svc_env, make_registry, tmp_path, 
         reg.stop()
     env = dict(os.environ, STARGZ_TUI_SERVER="off")  # by hand, in this process
     if how == "by-hand":
-        r = _cli("mounts", "restore", "--json", env=env)
+        r = stargz_cli("mounts", "restore", "--json", env=env)
         assert r.returncode == 0, r.stdout + r.stderr
         got = {x["mountpoint"]: x["status"] for x in json.loads(r.stdout)}
         assert got == {os.path.realpath(mp_l): "restored", os.path.realpath(mp_m): "restored"}
@@ -456,7 +452,7 @@ def test_simulated_reboot_then_mounts_restore(svc_env, make_registry, tmp_path, 
         assert _sha(os.path.join(mp_m, p)) == digest
     compare_tree(mp_m, merged, drop_xattr_prefixes=("trusted.overlay.",))
     for mp in (mp_l, mp_m):
-        assert _cli("unmount", mp, env=env).returncode == 0
+        assert stargz_cli("unmount", mp, env=env).returncode == 0
 
 
 def test_tuning_is_read_by_the_client_and_sent_in_the_daemon_config(svc_env, monkeypatch):
@@ -473,7 +469,7 @@ def test_tuning_is_read_by_the_client_and_sent_in_the_daemon_config(svc_env, mon
         env = dict(os.environ)
         if spin is not None:
             env["STARGZ_TUI_FUSE_SPIN_US"] = spin
-        r = _cli("mount", image, mp, "--layer", "0", env=env)
+        r = stargz_cli("mount", image, mp, "--layer", "0", env=env)
         assert r.returncode == 0, r.stderr
         rec = _record(mp)
         assert rec["mountOptions"]["tuning"]["fuse_spin_us"] == float(spin or 50)
@@ -482,7 +478,7 @@ def test_tuning_is_read_by_the_client_and_sent_in_the_daemon_config(svc_env, mon
     assert "FUSE loop polls 200 µs" in logs["200"]
     assert "FUSE loop polls 50 µs" in logs[None]
     for spin in ("0", "200", None):
-        assert _cli("unmount", svc_env.mountpoint(f"spin-{spin}")).returncode == 0
+        assert stargz_cli("unmount", svc_env.mountpoint(f"spin-{spin}")).returncode == 0
 
 
 def test_busy_unmount_through_service_does_not_name_the_client(svc_env):
@@ -491,16 +487,15 @@ def test_busy_unmount_through_service_does_not_name_the_client(svc_env):
     _start_service()
     mp = svc_env.mountpoint()
     image = f"oci:{os.path.join(REPO_ROOT, 'tests', 'fixtures', 'estargz-oci')}:{TAG}"
-    assert _cli("mount", image, mp, "--layer", "0").returncode == 0
-    r = _cli("unmount", mp, cwd=os.path.join(mp, "data"))
+    assert stargz_cli("mount", image, mp, "--layer", "0").returncode == 0
+    r = stargz_cli("unmount", mp, cwd=os.path.join(mp, "data"))
     assert r.returncode == 1 and "working directory of this command" in r.stderr, r.stderr
     assert "pid " not in r.stderr and r.stderr.count("\n") == 1
     with open(os.path.join(mp, "etc/os-release"), "rb") as stdin:
-        r = subprocess.run([sys.executable, "-m", "stargz_tui", "unmount", mp], stdin=stdin,
-                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+        r = stargz_cli("unmount", mp, stdin=stdin)
     assert r.returncode == 1 and "standard input of this command" in r.stderr, r.stderr
     assert os.path.ismount(mp)
-    assert _cli("unmount", mp).returncode == 0
+    assert stargz_cli("unmount", mp).returncode == 0
 
 
 def test_service_install_writes_a_unit_that_runs_the_service(svc_env, tmp_path, monkeypatch):
@@ -509,7 +504,7 @@ def test_service_install_writes_a_unit_that_runs_the_service(svc_env, tmp_path, 
     import shlex
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    r = _cli("service", "install")
+    r = stargz_cli("service", "install")
     assert r.returncode == 0, r.stderr
     unit = tmp_path / "config" / "systemd" / "user" / "stargz-tui.service"
     assert str(unit) in r.stdout and "systemctl --user enable --now stargz-tui" in r.stdout
@@ -526,7 +521,7 @@ def test_service_install_writes_a_unit_that_runs_the_service(svc_env, tmp_path, 
     finally:
         _stop_service()
         proc.wait(30)
-    r = _cli("service", "uninstall")
+    r = stargz_cli("service", "uninstall")
     assert r.returncode == 0 and "removed" in r.stdout
     assert not unit.exists()
 

@@ -31,6 +31,7 @@ import tempfile
 import time
 
 import pytest
+from cli_helpers import stargz_cli
 
 from core import mount as core_mount
 from core.errors import MountError
@@ -38,7 +39,6 @@ from core.errors import MountError
 pytestmark = [pytest.mark.reliability, pytest.mark.fuse]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 FIXTURES = os.path.abspath(os.path.join(HERE, "..", "fixtures", "estargz-oci"))
 REF = f"oci:{FIXTURES}:mini-esgz"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -110,11 +110,6 @@ def _root_env(tmp_path, tmpdir: str) -> dict:
     return env
 
 
-def _cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stargz_tui", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def _tree(d: str) -> dict:
     out = {}
     for root, dirs, files in os.walk(d):
@@ -153,7 +148,7 @@ def test_planted_runtime_dir_fallback(intruder, shared_tmp, tmp_path, plant, sti
     mp.mkdir()
     alternative = None
     try:
-        r = _cli(env, "mount", REF, str(mp), "--layer", "0")
+        r = stargz_cli("mount", REF, str(mp), "--layer", "0", env=env)
         assert r.returncode == 0, r.stderr
         assert (mp / "etc" / "os-release").is_file()
         control = _records(env)[0]["layers"][0]["control"]
@@ -163,7 +158,7 @@ def test_planted_runtime_dir_fallback(intruder, shared_tmp, tmp_path, plant, sti
         assert os.path.realpath(alternative) == alternative
         assert not alternative.startswith((name, victim))
     finally:
-        u = _cli(env, "unmount", "--force", str(mp))
+        u = stargz_cli("unmount", "--force", str(mp), env=env)
         assert u.returncode == 0, u.stderr
         if alternative and alternative.startswith("/tmp/stargz-tui-"):
             shutil.rmtree(alternative, ignore_errors=True)
@@ -239,7 +234,7 @@ def test_service_socket_served_by_another_user(intruder, tmp_path, command, rel)
     argv = [str(mp) if a == "MP" else a for a in command]
     try:
         with _listened_by(intruder, os.path.join(run, "service.sock")) as proc:
-            r = _cli(env, *argv, timeout=60)
+            r = stargz_cli(*argv, env=env, timeout=60)
         got = _received(proc)
     finally:
         shutil.rmtree(run, ignore_errors=True)
