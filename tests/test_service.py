@@ -1,7 +1,8 @@
 """The mount service (core.service, issue 14): real service processes, real
 FUSE mounts from the real loopback registry, real ``kill -9``.
 
-- a mount through the service forks its daemon (no new interpreter, B1);
+- a mount through the service forks its daemon (no new interpreter, B1),
+  preloaded: its first ``mounts`` and ``unmount`` requests import nothing;
 - a daemon killed in the middle of a read loop is started again at the same
   mountpoint: the loop sees a bounded window of errors, then right bytes,
   never a wrong byte; a daemon that keeps dying ends ``failed`` with its
@@ -558,3 +559,29 @@ def test_ctrl_c_of_a_mount_through_the_service_undoes_it(svc_env):
         for c in conns:
             c.close()
         hang.close()
+
+
+
+def _imports(text: str) -> list[str]:
+    """The modules a log says were imported (PYTHONVERBOSE's ``import 'x'`` lines)."""
+    return [line.split("'")[1] for line in text.splitlines() if line.startswith("import '")]
+
+
+def test_a_forked_daemon_imports_nothing_to_answer_mounts_and_unmount(svc_env):
+    """The service preloads what a daemon's control socket needs: the first
+    ``mounts`` (stats) and ``unmount`` (shutdown) requests a forked daemon
+    answers import no module (PYTHONVERBOSE, inherited from the service,
+    writes every import to the daemon's log)."""
+    r = stargz_cli("service", "start", env=dict(os.environ, PYTHONVERBOSE="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    mp = svc_env.mountpoint()
+    image = f"oci:{os.path.join(REPO_ROOT, 'tests', 'fixtures', 'estargz-oci')}:{TAG}"
+    assert stargz_cli("mount", image, mp, "--layer", "0").returncode == 0
+    entry = _record(mp)["layers"][0]
+    with open(entry["log"]) as f:
+        f.seek(0, os.SEEK_END)
+        r = stargz_cli("mounts", "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)[0]["state"] == "serving", r.stderr
+        assert stargz_cli("unmount", mp).returncode == 0
+        _wait(lambda: not _proc_alive(entry["pid"]), 10, "the daemon to exit")
+        assert _imports(f.read()) == []

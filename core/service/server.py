@@ -79,6 +79,9 @@ def preload() -> None:
 
     # the backend module anyio.run(backend="trio") loads in each daemon
     importlib.import_module("anyio._backends._trio")
+    # what a daemon's control socket loads at its first request (a mounts
+    # listing, an unmount): imported there, the answer waits for it
+    importlib.import_module("anyio.streams.buffered")
     # what httpx loads only at a daemon's first registry request (its
     # transport, the HTTP/1.1 parser, the CA bundle's locator, IDNA host
     # names): ~6 MB private to each daemon when loaded there (issue 17, B12)
