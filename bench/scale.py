@@ -15,7 +15,8 @@
 
 Daemons forked from the service share its pages (the interpreter, the
 imported modules): PSS splits them among the sharers, so the service's own
-PSS is given beside the daemons'. Both need the CLI (``ctx.mode == "cli"``)
+PSS (with its spare daemon's, the next mount's daemon waiting) is given
+beside the daemons'. Both need the CLI (``ctx.mode == "cli"``)
 and the mount service the suite started; the Go peer serves one layer per
 process, so there is no peer column (a note says so). Every mount is
 unmounted at the end, also on error.
@@ -93,14 +94,17 @@ def total_pss_mb(pids) -> float:
     return sum(pss_kb(p) for p in pids) / 1024
 
 
-def service_pid(ctx) -> int | None:
-    """The mount service's pid (``stargz-tui service status --json``)."""
+def service_pss_mb(ctx) -> float:
+    """PSS of the mount service and of its spare daemon, if it has one now
+    (``stargz-tui service status --json``); 0 without a service."""
     p = _cli(ctx, "service", "status", "--json", timeout=60)
     try:
         info = json.loads(p.stdout)
     except ValueError:
-        return None
-    return info.get("pid") if info.get("running") else None
+        return 0.0
+    if not info.get("running"):
+        return 0.0
+    return total_pss_mb([pid for pid in (info.get("pid"), info.get("spare")) if pid])
 
 
 def _push(ctx, repo: str, layers: list[dict]) -> str:
@@ -125,7 +129,6 @@ def b11(ctx, fig, median) -> dict:
         return out
     refs, entries = b11_images(ctx)
     mp = ctx.mp("b11")
-    svc = service_pid(ctx)
     curve = []
     for n in B11_LAYERS:
         fb, mt, pss, pss_find, finds, procs, svc_pss = [], [], [], [], [], 0, []
@@ -144,7 +147,7 @@ def b11(ctx, fig, median) -> dict:
                 dt, lines = fsutil.find_ls(mp)
                 finds.append(dt)
                 pss_find.append(total_pss_mb(pids))
-                svc_pss.append(total_pss_mb([svc]) if svc else 0.0)
+                svc_pss.append(service_pss_mb(ctx))
             finally:
                 unmount(ctx, mp)
         pt = {"layers": n, "first_byte_s": median(fb), "mount_s": median(mt),
@@ -194,7 +197,6 @@ def b12(ctx, fig, median) -> dict:
         refs.append(_push(ctx, f"bench/fleet{i:02d}", layers))
     mps = [ctx.mp(f"b12-{i:02d}") for i in range(count)]
     cache = ctx.fresh_dir("b12-cache")
-    svc = service_pid(ctx)
     times, points, reads, wrong = [], [], [], []
     mounted: list[str] = []
     try:
@@ -207,8 +209,7 @@ def b12(ctx, fig, median) -> dict:
                 total = total_pss_mb(pids)
                 points.append({"mounts": i + 1, "mount_s": times[-1], "pss_mb": total,
                                "processes": len(pids),
-                               "with_service_pss_mb": total + (total_pss_mb([svc]) if svc
-                                                               else 0.0)})
+                               "with_service_pss_mb": total + service_pss_mb(ctx)})
         for i, mp in enumerate(mps):
             t0 = time.perf_counter()
             with open(os.path.join(mp, gen.FLEET_FILE), "rb") as f:
@@ -218,7 +219,7 @@ def b12(ctx, fig, median) -> dict:
                 wrong.append(i)
         pids = [p for mpids in daemon_pids(ctx).values() for p in mpids]
         final_pss = total_pss_mb(pids)
-        service_pss = total_pss_mb([svc]) if svc else 0.0
+        service_pss = service_pss_mb(ctx)
         nproc = len(pids)
     finally:
         for mp in reversed(mounted):
@@ -240,7 +241,8 @@ def b12(ctx, fig, median) -> dict:
     out["notes"].append(
         f"{count} images x 3 layers: {nproc} daemon processes (one core.mergeddaemon per image, "
         f"forked from the mount service: they share its pages), {final_pss:.0f} MB PSS after "
-        f"the reads ({final_pss / max(1, nproc):.1f} MB per daemon; with the service's own "
+        f"the reads ({final_pss / max(1, nproc):.1f} MB per daemon; with the service's and its "
+        f"spare's own "
         f"{service_pss:.0f} MB: {final_pss + service_pss:.0f} MB); {count - len(wrong)}/{count} "
         f"reads correct; mount times {times[0]:.3f} s (first) .. median of the last quarter "
         f"{last:.3f} s")

@@ -445,7 +445,7 @@ def write_image_file(path: str | None, dumped: dict) -> None:
             os.unlink(tmp)
 
 
-def _read_channel(fd: int, limit: int = 1 << 20) -> bytes:
+def read_channel(fd: int, limit: int = 1 << 20) -> bytes:
     """The config the starter wrote, up to EOF (its side shut for writing)."""
     buf = b""
     while len(buf) <= limit:
@@ -461,7 +461,11 @@ def run_channel(fd: int, daemon_class: type[Daemon] = Daemon) -> int:
     on the same fd. Called in a fresh interpreter (:func:`main`) or in a child
     forked from the mount service; ``daemon_class``: :class:`Daemon` or
     :class:`core.mergeddaemon.MergedDaemon`."""
-    config = decode_config(_read_channel(fd))
+    return serve_config(decode_config(read_channel(fd)), fd, daemon_class)
+
+
+def serve_config(config: DaemonConfig, fd: int, daemon_class: type[Daemon] = Daemon) -> int:
+    """Serve ``config`` (read from the channel ``fd``), reporting on ``fd``."""
     from .proctitle import set_title
 
     d = daemon_class(config, fd)

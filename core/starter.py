@@ -18,6 +18,11 @@ same socket with one line: ``ok {json}`` or ``error MESSAGE``.
   already (the mount service and its workers), so a mount starts no
   interpreter. Forking a process with threads can deadlock the child, so it
   refuses (``MountError``) when other threads run.
+* :class:`SpareStarter`: hands the config to the mount service's
+  :class:`Spare`, a daemon it forked ahead of time and warmed up
+  (:mod:`core.warmup`), when this process is the first to take it; else
+  forks (:class:`ForkStarter`). The daemon is then not this process's
+  child: :class:`DaemonProcess` watches it through a pidfd.
 """
 
 from __future__ import annotations
@@ -40,17 +45,24 @@ from .options import DaemonConfig, encode_config
 class DaemonProcess:
     """A started daemon: its pid and the parent's end of its channel."""
 
-    def __init__(self, pid: int, channel: socket.socket, popen: subprocess.Popen | None = None):
+    def __init__(self, pid: int, channel: socket.socket, popen: subprocess.Popen | None = None,
+                 pidfd: int | None = None):
         self.pid = pid
         self.channel = channel
         self._popen = popen
+        # a daemon that is not our child (a spare the mount service forked):
+        # its pidfd turns readable when it ends; its status is the service's
+        self._pidfd = pidfd
         self.returncode: int | None = None
         self._buf = b""
 
     def poll(self) -> int | None:
-        """The exit status once it ended (only for our own child)."""
+        """The exit status once it ended (-1 when it is not our child)."""
         if self._popen is not None:
             self.returncode = self._popen.poll()
+        elif self._pidfd is not None:
+            if self.returncode is None and select.select([self._pidfd], [], [], 0)[0]:
+                self.returncode = -1
         elif self.returncode is None:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -89,6 +101,10 @@ class DaemonProcess:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.channel.close()
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = None
 
 
 def _channel(config: DaemonConfig) -> tuple[socket.socket, socket.socket]:
@@ -180,6 +196,140 @@ class ForkStarter:
             os._exit(rc or 0)
 
 
+class Spare:
+    """A daemon forked ahead of its mount, waiting for a config (the mount
+    service keeps one; :class:`SpareStarter` hands it a config).
+
+    A mount through the service then neither forks nor pays, while the
+    user waits, for the first run of the code every daemon runs (the
+    pages a forked child writes are copied at its first write: a fresh
+    daemon's first trio run, first TOC indexed, first FUSE session).
+
+    Whoever holds the channel may offer the spare a config, but only one
+    may: the first to take the *token* (one byte in a pipe, read without
+    blocking by every would-be user; a pipe read is atomic) owns it. The
+    spare ends quietly when every holder closed the channel without a
+    config (the service stopped, or replaced it)."""
+
+    def __init__(self, pid: int, channel: socket.socket, token: int):
+        self.pid = pid
+        self.channel = channel  # the parent's end
+        self.token = token  # read end of the token pipe (non-blocking)
+
+    @classmethod
+    def fork(cls) -> Spare:
+        """Fork a spare from this (preloaded, single-threaded) process."""
+        if threading.active_count() != 1:
+            raise MountError("cannot fork a spare daemon from a process with threads")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        token_r, token_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.write(token_w, b"t")
+        os.close(token_w)
+        pid = os.fork()
+        if pid:
+            theirs.close()
+            return cls(pid, ours, token_r)
+        rc = 1
+        try:
+            os.setsid()
+            os.chdir("/")
+            null = os.open(os.devnull, os.O_RDWR)
+            become_forked_child((null, null, null), keep=(theirs.fileno(),))
+            rc = _serve_spare(theirs.fileno())
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # noqa: BLE001 - the child must never return into the parent's code
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(rc or 0)
+
+    def fds(self) -> tuple[int, int]:
+        """What a process that may use the spare keeps open."""
+        return (self.channel.fileno(), self.token)
+
+    def taken(self) -> bool:
+        """Has someone taken the token (the spare is theirs now)?"""
+        import fcntl
+        import struct
+        import termios
+
+        try:
+            buf = fcntl.ioctl(self.token, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return True
+        return struct.unpack("i", buf)[0] == 0
+
+    def take(self) -> bool:
+        try:
+            return os.read(self.token, 1) == b"t"
+        except (BlockingIOError, OSError):
+            return False
+
+    def close(self) -> None:
+        """Let go of it (a spare nobody took then ends by itself)."""
+        with contextlib.suppress(OSError):
+            self.channel.close()
+        with contextlib.suppress(OSError):
+            os.close(self.token)
+
+
+def _serve_spare(fd: int) -> int:
+    """The spare's life: warm up, wait for a config, serve it as a daemon."""
+    from .daemon import Daemon, read_channel, serve_config
+    from .options import decode_config
+    from .proctitle import set_title
+    from .warmup import warm_up
+
+    set_title("stargz-tui-spare")
+    with contextlib.suppress(Exception):
+        warm_up()  # only saves time: a spare that could not warm up still serves
+    data = read_channel(fd)
+    if not data:
+        return 0  # nobody needed it: the service stopped or let it go
+    config = decode_config(data)
+    logfd = _open_log(config.log)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+    os.close(logfd)
+    if config.merged:
+        from .mergeddaemon import MergedDaemon
+
+        return serve_config(config, fd, MergedDaemon)
+    return serve_config(config, fd, Daemon)
+
+
+class SpareStarter:
+    """Start the daemon in the mount service's spare when this process can
+    take it, else fork one (:class:`ForkStarter`)."""
+
+    name = "spare"
+
+    def __init__(self, spare: Spare | None):
+        self.spare = spare
+
+    def start(self, config: DaemonConfig) -> DaemonProcess:
+        spare = self.spare
+        if spare is not None and spare.take():
+            try:
+                pidfd = os.pidfd_open(spare.pid)
+            except OSError:
+                pidfd = None
+            if pidfd is not None:
+                try:
+                    spare.channel.sendall(encode_config(config))
+                    spare.channel.shutdown(socket.SHUT_WR)
+                except OSError:
+                    os.close(pidfd)
+                else:
+                    return DaemonProcess(spare.pid, spare.channel, pidfd=pidfd)
+        return ForkStarter().start(config)
+
+
 def become_forked_child(stdio: tuple[int, int, int], keep: tuple[int, ...] = ()) -> None:
     """In a child forked from a long-lived process: take ``stdio`` as fds
     0-2 and as ``sys.std*``, close every other fd but ``keep``, and reset
@@ -202,4 +352,5 @@ def become_forked_child(stdio: tuple[int, int, int], keep: tuple[int, ...] = ())
     logging.root.handlers.clear()  # the child configures its own log
 
 
-__all__ = ["DaemonProcess", "SpawnStarter", "ForkStarter", "become_forked_child"]
+__all__ = ["DaemonProcess", "SpawnStarter", "ForkStarter", "Spare", "SpareStarter",
+           "become_forked_child"]

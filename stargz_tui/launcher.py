@@ -12,6 +12,7 @@ fast without any private interpreter module.
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -24,10 +25,24 @@ def main() -> int:
 
         code = run(argv[1:])
         if code is not None:
-            return code
+            return _exit_now(code)
     from .cli import main as cli_main
 
     return cli_main(argv)
+
+
+def _exit_now(code: int) -> int:
+    """End the process with ``code`` once its output is out, without the
+    interpreter's teardown (module dicts, a last collection: ~6 ms of a
+    ~0.2 s mount, B1). The fast path ran only the standard library's json
+    and socket and its own modules: no atexit handler, nothing to close.
+    If the output cannot be flushed, Python's own exit reports it."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        return code
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import time
 from .. import mount as core_mount
 from ..errors import CoreError
 from ..peer import is_own_peer, peer_text
-from ..starter import ForkStarter, become_forked_child
+from ..starter import ForkStarter, Spare, SpareStarter, become_forked_child
 from . import protocol as p
 
 log = logging.getLogger("core.service")
@@ -51,6 +51,7 @@ log = logging.getLogger("core.service")
 SCAN_INTERVAL = 1.0  # seconds between looks at the mount records (new mounts, adoption)
 RETRY_DELAY = 2.0  # seconds before a mountpoint whose restart failed is tried again
 REQUEST_TIMEOUT = 30.0  # a client has this long to send its request
+SPARE_DELAY = 0.2  # seconds from a spare daemon's use (or death) to the next one's fork
 
 
 def preload() -> None:
@@ -76,6 +77,9 @@ def preload() -> None:
     import core.registry.store  # noqa: F401
     import core.resolver  # noqa: F401
     import core.tasks  # noqa: F401
+    import core.warmup
+
+    core.warmup.prepare()  # the sample layer every spare daemon indexes first
 
     # the backend module anyio.run(backend="trio") loads in each daemon
     importlib.import_module("anyio._backends._trio")
@@ -112,6 +116,8 @@ class Service:
         self.watched: dict[int, tuple[int, str]] = {}  # pidfd -> (daemon pid, mountpoint)
         self.restarting: dict[str, int] = {}  # mountpoint -> restart worker pid
         self.next_try: dict[str, float] = {}
+        self.spare: Spare | None = None  # the next mount's daemon, forked ahead
+        self.spare_due = 0.0  # when a new spare may be forked
 
     # -- setup -----------------------------------------------------------------
     def start(self) -> bool:
@@ -141,6 +147,7 @@ class Service:
             return False
 
     def close(self) -> None:
+        self._drop_spare()
         for fd in list(self.watched):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -158,8 +165,11 @@ class Service:
         last_scan = 0.0
         while not self.stop:
             fds = [self.listener, *self.watched]
+            wait = SCAN_INTERVAL / 2
+            if self.spare is None:
+                wait = min(wait, max(0.0, self.spare_due - time.monotonic()))
             try:
-                ready, _, _ = select.select(fds, [], [], SCAN_INTERVAL / 2)
+                ready, _, _ = select.select(fds, [], [], wait)
             except InterruptedError:
                 continue
             event = False
@@ -175,6 +185,7 @@ class Service:
             if event or time.monotonic() - last_scan >= SCAN_INTERVAL:
                 last_scan = time.monotonic()
                 self._scan()
+            self._renew_spare()
             if not self._still_ours():
                 log.info("socket %s is gone: exiting", self.path)
                 break
@@ -187,7 +198,30 @@ class Service:
         except OSError:
             return
         with conn:
-            self._fork("request", self._request_worker, conn)
+            self._fork("request", self._request_worker, conn,
+                       keep=self.spare.fds() if self.spare is not None else ())
+
+    def _renew_spare(self) -> None:
+        """Fork a spare daemon ``SPARE_DELAY`` after the last one was taken
+        or died: its fork and first run then do not compete with the first
+        reads of the mount that took the last."""
+        now = time.monotonic()
+        if self.spare is not None:
+            if not self.spare.taken():
+                return
+            self._drop_spare()
+            self.spare_due = now + SPARE_DELAY
+        if now < self.spare_due:
+            return
+        try:
+            self.spare = Spare.fork()
+        except (OSError, CoreError) as e:
+            log.warning("cannot fork a spare daemon: %s", e)
+
+    def _drop_spare(self) -> None:
+        if self.spare is not None:
+            self.spare.close()
+            self.spare = None
 
     def _reap(self) -> bool:
         any_done = False
@@ -199,6 +233,10 @@ class Service:
             if not pid:
                 return any_done
             any_done = True
+            if self.spare is not None and pid == self.spare.pid:
+                # it died before a mount took it (killed?): a new one later
+                self._drop_spare()
+                self.spare_due = time.monotonic() + SPARE_DELAY
             what = self.workers.pop(pid, "?")
             if what.startswith("restart "):
                 mp = what[len("restart "):]
@@ -239,7 +277,8 @@ class Service:
                     self.restarting[mp] = pid
 
     # -- workers ------------------------------------------------------------------
-    def _fork(self, what: str, fn, conn: socket.socket | None = None, *args) -> int | None:
+    def _fork(self, what: str, fn, conn: socket.socket | None = None, *args,
+              keep: tuple[int, ...] = ()) -> int | None:
         try:
             pid = os.fork()
         except OSError as e:
@@ -252,7 +291,8 @@ class Service:
         try:
             null = os.open(os.devnull, os.O_RDONLY)
             # the listener, the lock and the pidfds stay with the service
-            become_forked_child((null, 1, 2), keep=(conn.fileno(),) if conn is not None else ())
+            become_forked_child((null, 1, 2),
+                                keep=(*keep, conn.fileno()) if conn is not None else keep)
             _log_setup()
             rc = fn(conn, *args) if conn is not None else fn(*args)
         except BaseException:  # noqa: BLE001 - a worker never returns into the service's loop
@@ -318,7 +358,7 @@ class Service:
     def _answer(self, req, conn: socket.socket):
         if isinstance(req, p.Mount):
             log.info("mount %s at %s", req.options.image, req.options.mountpoint)
-            return core_mount.mount(req.options, starter=ForkStarter(),
+            return core_mount.mount(req.options, starter=SpareStarter(self.spare),
                                     cancelled=lambda: _client_gone(conn))
         if isinstance(req, p.Unmount):
             log.info("unmount %s%s", req.mountpoint, " (force)" if req.force else "")
@@ -331,7 +371,8 @@ class Service:
             return core_mount.repair(starter=ForkStarter())
         if isinstance(req, p.Stop):
             os.kill(os.getppid(), signal.SIGTERM)
-        return {"pid": os.getppid(), "started": self.started, "version": p.VERSION,
+        spare = self.spare.pid if self.spare is not None and not self.spare.taken() else None
+        return {"pid": os.getppid(), "started": self.started, "version": p.VERSION, "spare": spare,
                 "socket": self.path, "log": _log_path_hint()}
 
     @staticmethod

@@ -348,7 +348,8 @@ def cmd_service(args) -> int:
         if args.json:
             print(json.dumps({"running": bool(info), **(info or {})}))
         elif info:
-            print(f"mount service running (pid {info['pid']}, socket {info['socket']})")
+            spare = f", spare daemon {info['spare']}" if info.get("spare") else ""
+            print(f"mount service running (pid {info['pid']}, socket {info['socket']}{spare})")
         else:
             print("no mount service running")
         return 0
