@@ -73,19 +73,18 @@ class Daemon:
         self.tasks = None
 
     # -- readiness -----------------------------------------------------
-    def _report(self, line: str, final: bool = True) -> None:
-        """One line to whoever started us (``image``, ``ok {...}``, ``error MSG``);
-        the channel is closed after the final one."""
+    def _report(self, line: str) -> None:
+        """The one line to whoever started us (``ok {...}`` or ``error MSG``);
+        the channel is closed after it."""
         if self.ready_fd is None:
             return
         try:
             os.write(self.ready_fd, (line.replace("\n", " ") + "\n").encode())
         except OSError:
             pass
-        if final:
-            with contextlib.suppress(OSError):
-                os.close(self.ready_fd)
-            self.ready_fd = None
+        with contextlib.suppress(OSError):
+            os.close(self.ready_fd)
+        self.ready_fd = None
 
     # -- control socket --------------------------------------------------
     def stats(self) -> dict:

@@ -54,9 +54,9 @@ class MergedDaemon(Daemon):
     def title(self) -> str:
         return f"image {self.args.mountpoint}"
 
-    def _report(self, line: str, final: bool = True) -> None:
+    def _report(self, line: str) -> None:
         if not self.foreground:
-            super()._report(line, final)
+            super()._report(line)
         elif line.startswith("ok"):
             print("ready", flush=True)
         elif line.startswith("error"):

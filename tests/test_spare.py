@@ -20,6 +20,7 @@ import sys
 import time
 
 import pytest
+from cli_helpers import stargz_cli
 from fuse_helpers import compare_tree, family, layer_blobs, raw_expected
 from test_service import (
     REPO_ROOT,
@@ -40,11 +41,6 @@ TAG = "mini-esgz"
 def env(request):
     """test_service's ``svc_env``: private dirs, the service stopped after."""
     return request.getfixturevalue("svc_env")
-
-
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stargz_tui", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO_ROOT)
 
 
 def _spare(other_than: int | None = None, timeout: float = 10.0) -> int:
@@ -73,9 +69,9 @@ def test_a_mount_is_served_by_the_spare_and_a_new_spare_follows(env, registry):
     # forked from the service, waiting: a process of its own in ps
     assert _ppid(spare) == info["pid"] and os.getsid(spare) == spare
     assert _title(spare).startswith(b"stargz-tui-spare")
-    assert "spare daemon" in _cli("service", "status").stdout
+    assert "spare daemon" in stargz_cli("service", "status").stdout
     mp = env.mountpoint()
-    r = _cli("mount", registry.ref(TAG), mp, "--layer", "0")
+    r = stargz_cli("mount", registry.ref(TAG), mp, "--layer", "0")
     assert r.returncode == 0, r.stderr
     pid = _record(mp)["layers"][0]["pid"]
     assert pid == spare, "the mount did not take the spare"
@@ -86,7 +82,7 @@ def test_a_mount_is_served_by_the_spare_and_a_new_spare_follows(env, registry):
         assert "serving" in f.read()
     nxt = _spare(other_than=spare)
     assert _proc_alive(nxt) and _title(nxt).startswith(b"stargz-tui-spare")
-    assert _cli("unmount", mp).returncode == 0
+    assert stargz_cli("unmount", mp).returncode == 0
     assert not os.path.ismount(mp)
 
 
@@ -106,7 +102,7 @@ def test_two_mounts_at_once_both_serve(env, registry):
     truth = layer_blobs(f"{family(TAG)}-gzip")
     for i, mp in enumerate(mps):
         compare_tree(mp, raw_expected(truth[i]))
-        assert _cli("unmount", mp).returncode == 0
+        assert stargz_cli("unmount", mp).returncode == 0
 
 
 def test_a_killed_spare_is_replaced(env, registry):
@@ -115,12 +111,12 @@ def test_a_killed_spare_is_replaced(env, registry):
     os.kill(spare, signal.SIGKILL)
     _wait(lambda: not _proc_alive(spare), 10, "the spare to die")
     mp = env.mountpoint()
-    r = _cli("mount", registry.ref(TAG), mp, "--layer", "0")  # forks, or takes a new spare
+    r = stargz_cli("mount", registry.ref(TAG), mp, "--layer", "0")  # forks, or takes a new spare
     assert r.returncode == 0, r.stderr
     assert _record(mp)["layers"][0]["pid"] != spare
     compare_tree(mp, raw_expected(layer_blobs(f"{family(TAG)}-gzip")[0]))
     assert _proc_alive(_spare(other_than=spare))
-    assert _cli("unmount", mp).returncode == 0
+    assert stargz_cli("unmount", mp).returncode == 0
 
 
 def test_a_spare_dying_under_a_mount_fails_it_in_one_line(env, registry):
@@ -144,20 +140,20 @@ def test_a_spare_dying_under_a_mount_fails_it_in_one_line(env, registry):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "exited" in err, err
     assert not os.path.ismount(mp)
-    assert _cli("mounts", "--json").stdout.strip() in ("[]", "")
+    assert stargz_cli("mounts", "--json").stdout.strip() in ("[]", "")
     # and the next mount works
-    r = _cli("mount", registry.ref(TAG), mp, "--layer", "0")
+    r = stargz_cli("mount", registry.ref(TAG), mp, "--layer", "0")
     assert r.returncode == 0, r.stderr
-    assert _cli("unmount", mp).returncode == 0
+    assert stargz_cli("unmount", mp).returncode == 0
 
 
 def test_a_stopped_service_ends_its_spare_and_mounts_keep_serving(env, registry):
     _start_service()
     mp = env.mountpoint()
-    assert _cli("mount", registry.ref(TAG), mp, "--layer", "0").returncode == 0
+    assert stargz_cli("mount", registry.ref(TAG), mp, "--layer", "0").returncode == 0
     daemon = _record(mp)["layers"][0]["pid"]
     spare = _spare(other_than=daemon)
-    assert _cli("service", "stop").returncode == 0
+    assert stargz_cli("service", "stop").returncode == 0
     _wait(lambda: not _proc_alive(spare), 10, "the spare to end with the service")
     assert _proc_alive(daemon) and os.path.ismount(mp)
     compare_tree(mp, raw_expected(layer_blobs(f"{family(TAG)}-gzip")[0]))
