@@ -155,5 +155,7 @@ def test_a_stopped_service_ends_its_spare_and_mounts_keep_serving(env, registry)
     spare = _spare(other_than=daemon)
     assert stargz_cli("service", "stop").returncode == 0
     _wait(lambda: not _proc_alive(spare), 10, "the spare to end with the service")
-    assert _proc_alive(daemon) and os.path.ismount(mp)
+    with open(_record(mp)["layers"][0]["log"]) as f:
+        log = f.read()[-2000:]
+    assert _proc_alive(daemon) and os.path.ismount(mp), log
     compare_tree(mp, raw_expected(layer_blobs(f"{family(TAG)}-gzip")[0]))
