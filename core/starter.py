@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import NoReturn
 
 from .errors import MountError
 from .options import DaemonConfig, encode_config
@@ -171,29 +172,15 @@ class ForkStarter:
             os.close(logfd)
             theirs.close()
             return DaemonProcess(pid, ours)
-        rc = 1
-        try:
-            os.setsid()
-            os.chdir("/")
-            null = os.open(os.devnull, os.O_RDONLY)
-            # nothing of the parent's (client sockets, its listener) stays open
-            become_forked_child((null, logfd, logfd), keep=(theirs.fileno(),))
+
+        def serve() -> int:
             if config.merged:
                 from .mergeddaemon import run_channel
             else:
                 from .daemon import run_channel
-            rc = run_channel(theirs.fileno())
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-        except BaseException:  # noqa: BLE001 - the child must never return into the parent's code
-            import traceback
+            return run_channel(theirs.fileno())
 
-            traceback.print_exc()
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(rc or 0)
+        _run_child(os.open(os.devnull, os.O_RDONLY), logfd, theirs.fileno(), serve)
 
 
 class Spare:
@@ -229,24 +216,9 @@ class Spare:
         if pid:
             theirs.close()
             return cls(pid, ours, token_r)
-        rc = 1
-        try:
-            os.setsid()
-            os.chdir("/")
-            null = os.open(os.devnull, os.O_RDWR)
-            become_forked_child((null, null, null), keep=(theirs.fileno(),))
-            rc = _serve_spare(theirs.fileno())
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-        except BaseException:  # noqa: BLE001 - the child must never return into the parent's code
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(rc or 0)
+        # stdout and stderr go to the mount's log once a config names it
+        null = os.open(os.devnull, os.O_RDWR)
+        _run_child(null, null, theirs.fileno(), lambda: _serve_spare(theirs.fileno()))
 
     def fds(self) -> tuple[int, int]:
         """What a process that may use the spare keeps open."""
@@ -328,6 +300,31 @@ class SpareStarter:
                 else:
                     return DaemonProcess(spare.pid, spare.channel, pidfd=pidfd)
         return ForkStarter().start(config)
+
+
+def _run_child(stdin: int, output: int, channel: int, serve) -> NoReturn:
+    """In a child just forked to be a daemon: its own session, cwd ``/``,
+    ``stdin`` and ``output`` (stdout and stderr) as fds 0-2, nothing of the
+    parent's open but ``channel`` (client sockets, the service's listener);
+    exits with what ``serve()`` returns, never returning into the parent's
+    code."""
+    rc = 1
+    try:
+        os.setsid()
+        os.chdir("/")
+        become_forked_child((stdin, output, output), keep=(channel,))
+        rc = serve()
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - the child must never return into the parent's code
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(rc or 0)
 
 
 def become_forked_child(stdio: tuple[int, int, int], keep: tuple[int, ...] = ()) -> None:
