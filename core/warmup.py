@@ -6,8 +6,10 @@ run's setup, the thread pool): done while a user waits, that is several
 milliseconds of page copies on each mount. A spare daemon
 (:class:`core.starter.Spare`) runs :func:`warm_up` before it is needed: one
 trio run that indexes a tiny eStargz layer built in memory, the way a mount
-indexes its layer's TOC. Nothing of a mount's (no registry, no cache dir,
-no config) is touched, so nothing it does can be stale when the mount comes.
+indexes its layer's TOC, while the registry client sends one request that
+this process answers itself on loopback (the first request is the costliest
+first run). Nothing of a mount's (no registry, no cache dir, no config file)
+is touched, so nothing it does can be stale when the mount comes.
 
 :func:`prepare` builds that layer in the service (its bytes are then shared
 by every spare forked after).
@@ -66,7 +68,8 @@ class _SampleSource:
 
 
 def warm_up() -> None:
-    """One trio run indexing the sample layer, as a daemon's first steps do."""
+    """One trio run indexing the sample layer and sending one registry-client
+    request, as a daemon's first steps do."""
     import anyio
 
     from .estargz.loader import load_layer_index
